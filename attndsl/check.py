@@ -1,0 +1,391 @@
+"""Checker: ir.Spec -> typed ir.Spec, with lets inlined. Every rule of LANGUAGE.md 3 and 7.
+
+Each expression node gets a `Type`: its kind (vector / float / integer / boolean), the size
+name of a vector, and its side (query, key, pair or constant), which the planner uses to hoist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import NoReturn
+
+from . import ir
+from .errors import SpecError, did_you_mean
+from .ir import Kind, Side, Type
+
+SIZE_NAMES = ("heads", "kv_heads", "d", "dv", "n_q", "n_k", "n")
+POSITION_NAMES = {"i": Side.QUERY, "j": Side.KEY, "h": Side.CONST, "b": Side.CONST}
+CLAUSE_KEYWORDS = (
+    "attention", "score", "scale", "bias", "softcap", "mask", "normalize", "heads", "kv_heads",
+    "param", "index", "let",
+)
+RESERVED = frozenset(
+    ("q", "k", "v", "out", "lse", "dout", "s", "i", "j", "h", "b", "d", "dv", "n", "n_q", "n_k",
+     "heads", "kv_heads", "softmax", "none", "and", "or", "not")
+    + CLAUSE_KEYWORDS
+    + tuple(ir.FUNCTIONS)
+)
+# Functions that keep integers integers; every other function gives a float.
+INTEGER_PRESERVING = ("abs", "min", "max", "clamp", "where")
+
+FLOAT = Type(Kind.FLOAT)
+INT = Type(Kind.INT)
+BOOL = Type(Kind.BOOL)
+
+
+def _fail(message: str, node: object, hint: str | None = None) -> NoReturn:
+    pos = getattr(node, "pos", ir.NOPOS)
+    raise SpecError(message, pos.line, pos.column, hint=hint)
+
+
+def _describe(expr: ir.Expr) -> str:
+    return ir.to_text(expr)
+
+
+class Checker:
+    """Types expressions against the declarations of one spec."""
+
+    def __init__(self, spec: ir.Spec) -> None:
+        self.spec = spec
+        self.params = {p.name: p for p in spec.params}
+        self.indices = {x.name: x for x in spec.indices}
+        self.lets: dict[str, ir.Expr] = {}  # checked, inlined bodies
+        self.allow_s = False
+
+    # ---- declarations ----
+    def declarations(self) -> None:
+        declared: dict[str, object] = {}
+        for decl in (*self.spec.params, *self.spec.indices, *self.spec.lets):
+            kind = type(decl).__name__.lower()
+            if decl.name in RESERVED:
+                _fail(f"'{decl.name}' is reserved and cannot name a {kind}", decl,
+                      hint="choose another name")
+            if decl.name in declared:
+                first = declared[decl.name]
+                _fail(f"'{decl.name}' is declared twice", decl,
+                      hint=f"first declared on line {getattr(first, 'pos').line}")
+            declared[decl.name] = decl
+        for decl in (*self.spec.params, *self.spec.indices):
+            for dim in decl.dims:
+                if isinstance(dim, int):
+                    if dim < 1:
+                        _fail(f"size {dim} of '{decl.name}' must be at least 1", decl)
+                elif dim in declared:
+                    _fail(f"size name '{dim}' of '{decl.name}' clashes with the "
+                          f"{type(declared[dim]).__name__.lower()} '{dim}'", decl,
+                          hint="a size is a name such as 'd', 'heads' or a fresh name like 'r'")
+        for index in self.spec.indices:
+            if len(index.dims) > 1:
+                _fail(f"index '{index.name}' has {len(index.dims)} dimensions; an index has at "
+                      "most one (positions), and is passed with shape [B, *DIMS]", index)
+        heads, kv_heads = self.spec.heads, self.spec.kv_heads
+        for value, clause in ((heads, "heads"), (kv_heads, "kv_heads")):
+            if value is not None and value < 1:
+                _fail(f"'{clause}' must be at least 1, got {value}", self.spec.score)
+        if heads is not None and kv_heads is not None and heads % kv_heads:
+            raise SpecError(
+                f"kv_heads {kv_heads} does not divide heads {heads}", 1, 1,
+                hint="grouped-query attention shares each key/value head among "
+                "heads / kv_heads query heads",
+            )
+
+    # ---- expressions ----
+    def expr(self, node: ir.Expr) -> ir.Expr:
+        method = getattr(self, "_" + type(node).__name__.lower())
+        return method(node)
+
+    def _num(self, node: ir.Num) -> ir.Expr:
+        return dataclasses.replace(node, type=INT if node.is_int else FLOAT)
+
+    def _name(self, node: ir.Name) -> ir.Expr:
+        name = node.name
+        if name in ("q", "k"):
+            return dataclasses.replace(node, type=Type(Kind.VECTOR, "d",
+                                                       Side.QUERY if name == "q" else Side.KEY))
+        if name in POSITION_NAMES:
+            return dataclasses.replace(node, type=Type(Kind.INT, side=POSITION_NAMES[name]))
+        if name in SIZE_NAMES:
+            return dataclasses.replace(node, type=INT)
+        if name == "s":
+            if not self.allow_s:
+                _fail("'s' (the logit) may only be used in the normalize clause", node)
+            return dataclasses.replace(node, type=Type(Kind.FLOAT, side=Side.PAIR))
+        if name == "v":
+            _fail("'v' cannot be used in an expression", node,
+                  hint="values enter only through the weights: out = sum_j weights * v")
+        if name in self.lets:
+            return self.lets[name]
+        if name in self.params:
+            return self._bare_param(node, self.params[name])
+        if name in self.indices:
+            index = self.indices[name]
+            if index.dims:
+                _fail(f"index '{name}' needs {len(index.dims)} subscript"
+                      f"{'s' if len(index.dims) > 1 else ''}", node,
+                      hint=f"write {name}[i] or {name}[j]")
+            return dataclasses.replace(node, type=INT)
+        self._unknown(name, node)
+
+    def _bare_param(self, node: ir.Name, param: ir.Param) -> ir.Expr:
+        if not param.dims:
+            return dataclasses.replace(node, type=FLOAT)
+        if len(param.dims) == 1:
+            return dataclasses.replace(node, type=Type(Kind.VECTOR, str(param.dims[0])))
+        _fail(f"'{param.name}' is a matrix [{', '.join(map(str, param.dims))}]", node,
+              hint=f"use it as the right operand of '@' (q @ {param.name}) or index it")
+
+    def _unknown(self, name: str, node: object) -> NoReturn:
+        if name.startswith("__") or "__" in name:
+            _fail(f"unknown name '{name}'", node, hint="a spec is not Python")
+        known = [*self.params, *self.indices, *self.lets, *POSITION_NAMES, *SIZE_NAMES, "q", "k"]
+        if self.allow_s:
+            known.append("s")
+        _fail(f"unknown name '{name}'", node, hint=did_you_mean(name, known))
+
+    def _subscript(self, node: ir.Subscript) -> ir.Expr:
+        array = self.params.get(node.name) or self.indices.get(node.name)
+        if array is None:
+            if node.name in ir.FUNCTIONS:
+                _fail(f"'{node.name}' is a function", node, hint=f"call it as {node.name}(...)")
+            self._unknown(node.name, node)
+        indices = tuple(self.expr(i) for i in node.indices)
+        for index in indices:
+            assert index.type is not None
+            if index.type.kind is not Kind.INT:
+                _fail(f"subscript {_describe(index)} of '{node.name}' is {index.type}; "
+                      "subscripts must be integers", index)
+        side = _join(i.type.side for i in indices if i.type)
+        rank = len(array.dims)
+        is_param = isinstance(array, ir.Param)
+        if len(indices) == rank:
+            return dataclasses.replace(node, indices=indices,
+                                       type=Type(Kind.FLOAT if is_param else Kind.INT, side=side))
+        if is_param and len(indices) == rank - 1:
+            return dataclasses.replace(node, indices=indices,
+                                       type=Type(Kind.VECTOR, str(array.dims[-1]), side))
+        what = "param" if is_param else "index"
+        _fail(f"{what} '{node.name}' has {rank} dimension{'s' if rank != 1 else ''} "
+              f"[{', '.join(map(str, array.dims))}] but is used with {len(indices)} "
+              f"subscript{'s' if len(indices) != 1 else ''}", node,
+              hint=f"write all {rank} subscripts" + (" (or one fewer for a vector)"
+                                                     if is_param else ""))
+
+    def _unary(self, node: ir.Unary) -> ir.Expr:
+        operand = self.expr(node.operand)
+        assert operand.type is not None
+        if node.op == "not":
+            self._need_bool(operand, "'not'")
+            return dataclasses.replace(node, operand=operand, type=operand.type)
+        self._need_number(operand, "'-'")
+        return dataclasses.replace(node, operand=operand, type=operand.type)
+
+    def _binary(self, node: ir.Binary) -> ir.Expr:
+        if node.op == "@":
+            return self._project(node)
+        left, right = self.expr(node.left), self.expr(node.right)
+        assert left.type is not None and right.type is not None
+        side = left.type.side.join(right.type.side)
+        if node.op in ir.LOGIC_OPS:
+            self._need_bool(left, f"'{node.op}'")
+            self._need_bool(right, f"'{node.op}'")
+            return dataclasses.replace(node, left=left, right=right, type=Type(Kind.BOOL, None,
+                                                                                side))
+        if node.op in ir.COMPARISON_OPS:
+            for operand in (left, right):
+                self._need_scalar(operand, f"'{node.op}'")
+            return dataclasses.replace(node, left=left, right=right,
+                                       type=Type(Kind.BOOL, None, side))
+        if node.op == ".":
+            return self._reduce_dot(node, left, right)
+        for operand in (left, right):
+            self._need_number(operand, f"'{node.op}'")
+        if node.op in ("//", "%"):
+            for operand in (left, right):
+                if operand.type.kind is not Kind.INT:  # type: ignore[union-attr]
+                    _fail(f"'{node.op}' takes integers, but {_describe(operand)} is "
+                          f"{operand.type}", operand, hint="use '/' for float division")
+        result = self._broadcast(node, left, right)
+        if result.kind is Kind.INT and node.op in ("/", "^"):
+            result = dataclasses.replace(result, kind=Kind.FLOAT)
+        return dataclasses.replace(node, left=left, right=right, type=result)
+
+    def _broadcast(self, node: ir.Expr, *operands: ir.Expr) -> Type:
+        """The type of an element-wise combination: vectors must share a size."""
+        types = [o.type for o in operands if o.type is not None]
+        side = _join(t.side for t in types)
+        vectors = [(o, o.type) for o in operands if o.type and o.type.kind is Kind.VECTOR]
+        if vectors:
+            first, ftype = vectors[0]
+            for other, otype in vectors[1:]:
+                if otype.size != ftype.size:
+                    _fail(f"size mismatch: {_describe(first)} is a vector over {ftype.size} "
+                          f"but {_describe(other)} is a vector over {otype.size}", node)
+            return Type(Kind.VECTOR, ftype.size, side)
+        if all(t.kind is Kind.INT for t in types):
+            return Type(Kind.INT, None, side)
+        return Type(Kind.FLOAT, None, side)
+
+    def _project(self, node: ir.Binary) -> ir.Expr:
+        left = self.expr(node.left)
+        assert left.type is not None
+        matrix = self.params.get(node.right.name) if isinstance(node.right, ir.Name) else None
+        if matrix is None or len(matrix.dims) != 2:
+            _fail(f"the right operand of '@' must be a param matrix, not "
+                  f"{_describe(node.right)}", node.right,
+                  hint="declare it as 'param W[d, r]' and write q @ W")
+        if left.type.kind is not Kind.VECTOR:
+            _fail(f"the left operand of '@' must be a vector, but {_describe(left)} is "
+                  f"{left.type}", left)
+        rows, cols = (str(x) for x in matrix.dims)
+        if left.type.size != rows:
+            _fail(f"size mismatch: {_describe(left)} is a vector over {left.type.size} but "
+                  f"'{matrix.name}' has {rows} rows", node,
+                  hint=f"declare it as 'param {matrix.name}[{left.type.size}, {cols}]'")
+        right = dataclasses.replace(node.right, type=Type(Kind.VECTOR, cols))
+        return dataclasses.replace(node, left=left, right=right,
+                                   type=Type(Kind.VECTOR, cols, left.type.side))
+
+    def _reduce_dot(self, node: ir.Expr, left: ir.Expr, right: ir.Expr) -> ir.Expr:
+        for operand in (left, right):
+            if operand.type is None or operand.type.kind is not Kind.VECTOR:
+                _fail(f"'.' takes two vectors, but {_describe(operand)} is {operand.type}",
+                      operand, hint="use '*' to multiply scalars")
+        if left.type.size != right.type.size:  # type: ignore[union-attr]
+            _fail(f"size mismatch: {_describe(left)} is a vector over "
+                  f"{left.type.size} but {_describe(right)} is a vector over "  # type: ignore
+                  f"{right.type.size}", node)  # type: ignore[union-attr]
+        side = left.type.side.join(right.type.side)  # type: ignore[union-attr]
+        typed = Type(Kind.FLOAT, None, side)
+        if isinstance(node, ir.Call):
+            return dataclasses.replace(node, args=(left, right), type=typed)
+        return dataclasses.replace(node, left=left, right=right, type=typed)
+
+    def _call(self, node: ir.Call) -> ir.Expr:
+        arity = ir.FUNCTIONS.get(node.func)
+        if arity is None:
+            known = [*ir.FUNCTIONS]
+            _fail(f"unknown function '{node.func}'", node, hint=did_you_mean(node.func, known))
+        if len(node.args) != arity:
+            _fail(f"{node.func}() takes {arity} argument{'s' if arity > 1 else ''}, "
+                  f"got {len(node.args)}", node)
+        args = tuple(self.expr(a) for a in node.args)
+        if node.func == "dot":
+            return self._reduce_dot(node, args[0], args[1])
+        if node.func in ("sum", "norm"):
+            (arg,) = args
+            if arg.type is None or arg.type.kind is not Kind.VECTOR:
+                _fail(f"{node.func}() reduces a vector, but {_describe(arg)} is {arg.type}", arg)
+            return dataclasses.replace(node, args=args, type=Type(Kind.FLOAT, None,
+                                                                  arg.type.side))
+        if node.func == "where":
+            cond, *branches = args
+            self._need_bool(cond, "where()")
+            for branch in branches:
+                self._need_number(branch, "where()")
+            kinds = {(b.type.kind is Kind.VECTOR, b.type.size) for b in branches if b.type}
+            if len(kinds) > 1 and any(v for v, _ in kinds):
+                _fail("where() needs two branches of the same kind (both scalars, or vectors of "
+                      "the same size)", node)
+            typed = self._broadcast(node, *branches)
+            side = typed.side.join(cond.type.side)  # type: ignore[union-attr]
+            return dataclasses.replace(node, args=args, type=dataclasses.replace(typed, side=side))
+        for arg in args:
+            self._need_number(arg, f"{node.func}()")
+        typed = self._broadcast(node, *args)
+        if typed.kind is Kind.INT and node.func not in INTEGER_PRESERVING:
+            typed = dataclasses.replace(typed, kind=Kind.FLOAT)
+        return dataclasses.replace(node, args=args, type=typed)
+
+    # ---- kind requirements ----
+    def _need_bool(self, node: ir.Expr, where: str) -> None:
+        if node.type is None or node.type.kind is not Kind.BOOL:
+            _fail(f"{where} needs a boolean, but {_describe(node)} is {node.type}", node,
+                  hint="compare it, e.g. 'x > 0'")
+
+    def _need_number(self, node: ir.Expr, where: str) -> None:
+        if node.type is not None and node.type.kind is Kind.BOOL:
+            _fail(f"{where} needs a number, but {_describe(node)} is a boolean", node,
+                  hint="use where(c, x, y) to pick a number from a condition")
+
+    def _need_scalar(self, node: ir.Expr, where: str) -> None:
+        self._need_number(node, where)
+        if node.type is not None and node.type.kind is Kind.VECTOR:
+            _fail(f"{_describe(node)} is a vector over {node.type.size}; reduce it with '.', "
+                  "sum() or norm()", node)
+
+    # ---- clauses ----
+    def let(self, let: ir.Let) -> None:
+        self.lets[let.name] = self.expr(let.expr)
+
+    def scalar_clause(self, clause: str, node: ir.Expr | None) -> ir.Expr | None:
+        if node is None:
+            return None
+        typed = self.expr(node)
+        self._need_scalar(typed, f"'{clause}'")
+        return typed
+
+    def mask(self, node: ir.Expr | None) -> ir.Expr | None:
+        if node is None:
+            return None
+        typed = self.expr(node)
+        for sub in ir.walk(typed):
+            if sub.type is not None and sub.type.kind is Kind.VECTOR:
+                _fail(f"a mask may not use {_describe(sub)} (a vector)", sub,
+                      hint="masks use positions, indices and params only")
+        if typed.type is None or typed.type.kind is not Kind.BOOL:
+            _fail(f"'mask' needs a boolean, but {_describe(typed)} is {typed.type}", typed,
+                  hint="write a comparison such as 'j <= i'")
+        return typed
+
+    def normalize(self, norm: ir.Normalize) -> ir.Normalize:
+        if norm.expr is None:
+            return norm
+        self.allow_s = True
+        try:
+            typed = self.expr(norm.expr)
+        finally:
+            self.allow_s = False
+        self._need_scalar(typed, "'normalize'")
+        if not any(isinstance(n, ir.Name) and n.name == "s" for n in ir.walk(norm.expr)):
+            names = ["softmax", "sum", "none", *(f for f, a in ir.FUNCTIONS.items() if a == 1)]
+            text = _describe(norm.expr)
+            hint = did_you_mean(text, names) or "write softmax, sum, none, or an expression in s"
+            _fail(f"'normalize {text}' does not use the logit 's'", norm.expr, hint=hint)
+        for sub in ir.walk(typed):
+            if sub.type is not None and sub.type.kind is Kind.VECTOR:
+                _fail(f"normalize may not use {_describe(sub)} (a vector)", sub)
+        return dataclasses.replace(norm, expr=typed)
+
+
+def _join(sides: Iterable[Side]) -> Side:
+    result = Side.CONST
+    for side in sides:
+        result = result.join(side)
+    return result
+
+
+def check(spec: ir.Spec) -> ir.Spec:
+    """The typed spec, lets inlined; raises SpecError on the first rule broken."""
+    if spec.checked:
+        return spec
+    checker = Checker(spec)
+    checker.declarations()
+    for let in spec.lets:
+        checker.let(let)
+    score = checker.scalar_clause("score", spec.score)
+    scale = checker.scalar_clause("scale", spec.scale)
+    bias = checker.scalar_clause("bias", spec.bias)
+    softcap = checker.scalar_clause("softcap", spec.softcap)
+    if softcap is not None and softcap.type is not None and softcap.type.side is not Side.CONST:
+        _fail("'softcap' must not depend on i or j", softcap)
+    if softcap is not None:
+        for sub in ir.walk(softcap):
+            if isinstance(sub, ir.Name) and sub.name in ("q", "k"):
+                _fail(f"'softcap' may not use '{sub.name}'", sub)
+    mask = checker.mask(spec.mask)
+    normalize = checker.normalize(spec.normalize)
+    return dataclasses.replace(
+        spec, score=score, scale=scale, bias=bias, softcap=softcap, mask=mask,
+        normalize=normalize, checked=True,
+    )
