@@ -1,0 +1,473 @@
+"""Low-level building blocks that generated Numba CPU attention kernels call.
+
+Everything here is callable from inside ``@njit(cache=True, parallel=True, fastmath=...)``
+functions and keeps on-disk caching possible (no ctypes pointers held in globals):
+
+* :func:`gemm` / :func:`gemm_unchecked` -- row-major ``C = alpha*op(A) @ op(B) + beta*C`` on
+  sub-tiles addressed in place (element offsets + leading dimensions) through SciPy's
+  single/double precision BLAS, bound by symbol name.
+* :func:`fmax` -- ``llvm.maxnum`` with fast-math flags; unlike Numba's ``max`` it vectorizes.
+* :func:`row_max` -- vectorized max of a contiguous run of a 1-D array.
+* :func:`exp2` -- scalar 2**y: polynomial + exponent bit trick for float32, ``math.exp`` for
+  float64. :func:`exp2_shift_sum` -- the fused softmax step ``x <- 2**(x - m)``, returns the sum.
+* :func:`single_threaded_blas` -- BLAS must not spawn threads inside ``prange``.
+* :func:`cpu_features_prefer_512` / :func:`enable_512bit_vectors` -- let LLVM use zmm vectors.
+
+How a generated kernel module uses it::
+
+    from attndsl.codegen.cpu_intrinsics import (
+        FASTMATH, gemm_unchecked, row_max, exp2, exp2_shift_sum, single_threaded_blas)
+
+    @njit(cache=True, parallel=True, fastmath=FASTMATH)
+    def _fwd(q, kt, v, o, lse, scale_log2): ...   # calls gemm_unchecked(...), row_max(...)
+
+    def forward(q, k, v):                          # plain-Python launcher
+        ...
+        with single_threaded_blas():
+            _fwd(q, kt, v, o, lse, scale_log2)
+
+Pitfall for cached kernels: Numba's cache index is keyed on the *kernel's* bytecode only, not
+on the helpers here; a code generator should embed a version tag of this module
+(:data:`INTRINSICS_VERSION`) in the generated source so a change here invalidates old caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import math
+import os
+from collections.abc import Iterator
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+__all__ = [
+    "FASTMATH",
+    "INTRINSICS_VERSION",
+    "blas_num_threads",
+    "cpu_features_prefer_512",
+    "enable_512bit_vectors",
+    "exp2",
+    "exp2_f32",
+    "exp2_f64",
+    "exp2_shift_sum",
+    "fmax",
+    "gemm",
+    "gemm_unchecked",
+    "row_max",
+    "set_blas_num_threads",
+    "single_threaded_blas",
+]
+
+# Bump whenever generated code calling these helpers must be recompiled (see module docstring).
+INTRINSICS_VERSION = "1"
+
+# Fast-math flags for kernels: everything but 'ninf' -- masked scores are -inf and must stay so.
+FASTMATH: set[str] = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
+
+# ----------------------------------------------------------------------------------------------
+# BLAS binding: SciPy exports Fortran sgemm/dgemm as PyCapsules; register their addresses under
+# fixed names so compiled (and cached) code links against the name, not a pointer value.
+# ----------------------------------------------------------------------------------------------
+
+_SGEMM_SYMBOL = "attndsl_scipy_sgemm"
+_DGEMM_SYMBOL = "attndsl_scipy_dgemm"
+
+
+def _capsule_address(capsule: object) -> int:
+    """Return the raw pointer stored in a PyCapsule (SciPy's ``__pyx_capi__`` entries)."""
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype = ctypes.c_char_p
+    get_name.argtypes = [ctypes.py_object]
+    get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+    get_ptr.restype = ctypes.c_void_p
+    get_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    return int(get_ptr(capsule, get_name(capsule)))
+
+
+def _register_blas_symbols() -> None:
+    """Bind SciPy's sgemm/dgemm to stable symbol names in LLVM's process-wide symbol table."""
+    from scipy.linalg import cython_blas
+
+    capi = cython_blas.__pyx_capi__
+    llvm.add_symbol(_SGEMM_SYMBOL, _capsule_address(capi["sgemm"]))
+    llvm.add_symbol(_DGEMM_SYMBOL, _capsule_address(capi["dgemm"]))
+
+
+# Must run before any cached kernel that calls gemm is loaded: importing this module does it.
+_register_blas_symbols()
+
+
+@intrinsic
+def _blas_gemm_colmajor(
+    typingctx,
+    trans_a,
+    trans_b,
+    m,
+    n,
+    k,
+    alpha,
+    a,
+    a_off,
+    lda,
+    b,
+    b_off,
+    ldb,
+    beta,
+    c,
+    c_off,
+    ldc,
+):
+    """Column-major Fortran ``?gemm`` on ``a[a_off:]``, ``b[b_off:]``, ``c[c_off:]``."""
+    arrays = (a, b, c)
+    if not all(isinstance(t, types.Array) for t in arrays):
+        return None
+    dtype = c.dtype
+    if dtype not in (types.float32, types.float64) or a.dtype != dtype or b.dtype != dtype:
+        raise TypeError(f"gemm needs float32 or float64 arrays of one dtype, got {arrays}")
+    if any(t.layout != "C" for t in arrays):
+        raise TypeError(f"gemm needs C-contiguous arrays (pass whole arrays + offsets): {arrays}")
+    symbol = _SGEMM_SYMBOL if dtype == types.float32 else _DGEMM_SYMBOL
+    sig = types.void(
+        trans_a, trans_b, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc
+    )
+
+    def codegen(context, builder, signature, args):
+        (ta, tb, m_, n_, k_, al, a_, ao, lda_, b_, bo, ldb_, be, c_, co, ldc_) = args
+        tys = signature.args
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        fty = context.get_value_type(dtype)
+        cp, ip, fp = i8.as_pointer(), i32.as_pointer(), fty.as_pointer()
+        # ?gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), all by reference.
+        fnty = ir.FunctionType(ir.VoidType(), [cp, cp, ip, ip, ip, fp, fp, ip, fp, ip, fp, fp, ip])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
+
+        def float_ref(value, ty):
+            # Fortran passes every scalar by reference: spill to an entry-block alloca.
+            return cgutils.alloca_once_value(builder, context.cast(builder, value, ty, dtype))
+
+        def int_ref(value, ty):
+            # SciPy's cython_blas uses 32-bit Fortran integers (LP64), even with a 64-bit NumPy.
+            as_i64 = context.cast(builder, value, ty, types.int64)
+            return cgutils.alloca_once_value(builder, builder.trunc(as_i64, i32))
+
+        def trans_char(value, ty):
+            flag = context.cast(builder, value, ty, types.boolean)
+            ch = builder.select(flag, ir.Constant(i8, ord("T")), ir.Constant(i8, ord("N")))
+            return cgutils.alloca_once_value(builder, ch)
+
+        def data_ptr(arr, arr_ty, off, off_ty):
+            data = context.make_array(arr_ty)(context, builder, arr).data
+            return builder.gep(data, [context.cast(builder, off, off_ty, types.int64)])
+
+        builder.call(
+            fn,
+            [
+                trans_char(ta, tys[0]),
+                trans_char(tb, tys[1]),
+                int_ref(m_, tys[2]),
+                int_ref(n_, tys[3]),
+                int_ref(k_, tys[4]),
+                float_ref(al, tys[5]),
+                data_ptr(a_, tys[6], ao, tys[7]),
+                int_ref(lda_, tys[8]),
+                data_ptr(b_, tys[9], bo, tys[10]),
+                int_ref(ldb_, tys[11]),
+                float_ref(be, tys[12]),
+                data_ptr(c_, tys[13], co, tys[14]),
+                int_ref(ldc_, tys[15]),
+            ],
+        )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def gemm_unchecked(
+    trans_a, trans_b, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc
+):  # pragma: no cover - compiled
+    """Row-major ``C = alpha * op(A) @ op(B) + beta * C`` without argument checks.
+
+    ``A`` is the ``m x k`` (``k x m`` if ``trans_a``) tile starting at flat element ``a_off`` of
+    the C-contiguous array ``a`` with row stride ``lda``; likewise ``B`` (``k x n``/``n x k``)
+    and ``C`` (``m x n``). ``alpha``/``beta`` are cast to the arrays' dtype.
+    """
+    # Row-major C is column-major C^T = op(B)^T op(A)^T: swap operands, keep the flags.
+    _blas_gemm_colmajor(
+        trans_b, trans_a, n, m, k, alpha, b, b_off, ldb, a, a_off, lda, beta, c, c_off, ldc
+    )
+
+
+@njit
+def _check_tile(size, off, rows, cols, ld):  # pragma: no cover - compiled
+    """Raise unless a ``rows x cols`` row-major tile at ``off`` with stride ``ld`` fits."""
+    if rows > 0 and cols > 0 and (off < 0 or ld < cols or off + (rows - 1) * ld + cols > size):
+        raise ValueError("gemm: tile out of bounds or leading dimension too small")
+
+
+@njit
+def gemm(
+    trans_a, trans_b, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc
+):  # pragma: no cover - compiled
+    """Bounds-checked :func:`gemm_unchecked` (raises ValueError); checks cost a few compares.
+
+    For serial code and tests. Inside ``prange`` use :func:`gemm_unchecked` and validate shapes
+    in the launcher: an exception raised in a Numba parallel region surfaces as a SystemError
+    ("returned a result with an exception set"), not as the ValueError.
+    """
+    if m < 0 or n < 0 or k < 0:
+        raise ValueError("gemm: negative dimension")
+    if trans_a:
+        _check_tile(a.size, a_off, k, m, lda)
+    else:
+        _check_tile(a.size, a_off, m, k, lda)
+    if trans_b:
+        _check_tile(b.size, b_off, n, k, ldb)
+    else:
+        _check_tile(b.size, b_off, k, n, ldb)
+    _check_tile(c.size, c_off, m, n, ldc)
+    gemm_unchecked(
+        trans_a, trans_b, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Vectorizable max. Numba lowers max()/ternaries to compare+select that LLVM will not vectorize
+# as a reduction; llvm.maxnum with nnan/nsz is recognised as an fmax reduction.
+# ----------------------------------------------------------------------------------------------
+
+_MAXNUM_FLAGS = ("nnan", "nsz")
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """``llvm.maxnum(a, b)`` for two floats of the same type (float32 or float64)."""
+    if a not in (types.float32, types.float64) or b != a:
+        return None
+
+    def codegen(context, builder, signature, args):
+        llty = context.get_value_type(a)
+        fnty = ir.FunctionType(llty, [llty, llty])
+        name = "llvm.maxnum.f32" if a == types.float32 else "llvm.maxnum.f64"
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        return builder.call(fn, list(args), fastmath=_MAXNUM_FLAGS)
+
+    return a(a, b), codegen
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def row_max(x, off, n):  # pragma: no cover - compiled
+    """Max of ``x[off:off+n]`` (1-D array); ``-inf`` for ``n == 0`` or an all ``-inf`` run."""
+    # A view indexed by range() lets LLVM drop the negative-index wraparound and vectorize.
+    xs = x[off : off + n]
+    m = x.dtype.type(-np.inf)
+    for i in range(xs.size):
+        m = fmax(m, xs[i])
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# exp2. float32: 2**y = 2**n * 2**f with n = round(y), f in [-0.5, 0.5]; 2**f by a degree-7
+# minimax polynomial (max rel. error ~6.5e-8 in float32 Horner), 2**n by adding n << 23 to the
+# exponent bits. float64: math.exp(y * ln 2), exact to ~1e-13 relative for |y| < 1000.
+# ----------------------------------------------------------------------------------------------
+
+# Coefficients of 2**f on [-0.5, 0.5], relative-error minimax, rounded to float32.
+_P0 = np.float32(1.0)
+_P1 = np.float32(0.6931471824645996)
+_P2 = np.float32(0.24022650718688965)
+_P3 = np.float32(0.055504102259874344)
+_P4 = np.float32(0.00961802713572979)
+_P5 = np.float32(0.0013333922252058983)
+_P6 = np.float32(0.00015469291247427464)
+_P7 = np.float32(1.5201921087282244e-05)
+_HALF32 = np.float32(0.5)
+_ZERO32 = np.float32(0.0)
+# Below 2**-126 (the smallest normal) the result is flushed to 0: keeps n << 23 from wrapping.
+_MIN_EXP32 = np.float32(-126.0)
+_LN2 = math.log(2.0)
+
+
+@intrinsic
+def _scale_by_pow2_bits(typingctx, p, n):
+    """float32 ``p * 2**n`` for integral float32 ``n`` by adding ``n << 23`` to p's bits."""
+    if p != types.float32 or n != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        pv, nv = args
+        i32 = ir.IntType(32)
+        shift = builder.shl(builder.fptosi(nv, i32), ir.Constant(i32, 23))
+        bits = builder.add(builder.bitcast(pv, i32), shift)
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(types.float32, types.float32), codegen
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def exp2_f32(y):  # pragma: no cover - compiled
+    """2**y for float32 y: rel. error < 1e-7 on [-126, 127]; 0 below -126, for -inf and NaN."""
+    yc = fmax(y, _MIN_EXP32)
+    # np.floor keeps float32 (math.floor returns int64 and drags the loop into float64).
+    nf = np.floor(yc + _HALF32)
+    f = yc - nf
+    p = _P7 * f + _P6
+    p = p * f + _P5
+    p = p * f + _P4
+    p = p * f + _P3
+    p = p * f + _P2
+    p = p * f + _P1
+    p = p * f + _P0
+    r = _scale_by_pow2_bits(p, nf)
+    return r if y >= _MIN_EXP32 else _ZERO32
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def exp2_f64(y):  # pragma: no cover - compiled
+    """2**y for float64 y via math.exp (libm accuracy; -inf -> 0)."""
+    return math.exp(y * _LN2)
+
+
+def exp2(y):  # pragma: no cover - replaced by the overload inside compiled code
+    """2**y for a float32 or float64 scalar (dispatches to exp2_f32 / exp2_f64); njit only."""
+    raise NotImplementedError("exp2 is only callable from Numba-compiled code")
+
+
+@overload(exp2, inline="always", fastmath=FASTMATH)
+def _exp2_overload(y):
+    if y == types.float32:
+        return lambda y: exp2_f32(y)
+    if y == types.float64:
+        return lambda y: exp2_f64(y)
+    return None
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def exp2_shift_sum(x, off, n, shift):  # pragma: no cover - compiled
+    """``x[off+i] = 2**(x[off+i] - shift)`` for i < n, returning the sum (in x's dtype).
+
+    The softmax step on a score row in base 2: ``shift`` is the row max (must be finite;
+    the kernel substitutes 0 for a fully masked row), masked ``-inf`` entries become 0.
+    """
+    xs = x[off : off + n]  # view: range() indices need no wraparound check, so this vectorizes
+    s = x.dtype.type(shift)
+    acc = x.dtype.type(0.0)
+    for i in range(xs.size):
+        e = exp2(xs[i] - s)
+        xs[i] = e
+        acc += e
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# BLAS threading. OpenBLAS threads its own GEMMs (>= ~64x64x64); inside a prange every worker
+# would then fork BLAS threads too -> oversubscription. Kernels calling gemm from prange must
+# run with BLAS single-threaded: either OPENBLAS_NUM_THREADS=1 in the environment before NumPy or
+# SciPy is first imported, or wrap each launch in `with single_threaded_blas():`.
+# ----------------------------------------------------------------------------------------------
+
+
+def _scipy_openblas() -> ctypes.CDLL | None:
+    """The OpenBLAS that scipy.linalg.cython_blas uses (already loaded), if found."""
+    import scipy
+
+    libdir = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
+        try:
+            return ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+        except OSError:
+            continue
+    return None
+
+
+def _openblas_fns() -> tuple[object, object] | None:
+    lib = _scipy_openblas()
+    if lib is None:
+        return None
+    for prefix in ("scipy_openblas", "openblas"):
+        try:
+            get_fn = getattr(lib, f"{prefix}_get_num_threads")
+            set_fn = getattr(lib, f"{prefix}_set_num_threads")
+        except AttributeError:
+            continue
+        get_fn.restype, get_fn.argtypes = ctypes.c_int, []
+        set_fn.restype, set_fn.argtypes = None, [ctypes.c_int]
+        return get_fn, set_fn
+    return None
+
+
+_OPENBLAS = _openblas_fns()
+
+
+def blas_num_threads() -> int | None:
+    """Threads SciPy's OpenBLAS (the one gemm calls) currently uses; None if unknown."""
+    return None if _OPENBLAS is None else int(_OPENBLAS[0]())
+
+
+def set_blas_num_threads(n: int) -> int | None:
+    """Set SciPy's OpenBLAS thread count process-wide; returns the previous count."""
+    if _OPENBLAS is not None:
+        prev = int(_OPENBLAS[0]())
+        _OPENBLAS[1](int(n))
+        return prev
+    try:  # Non-OpenBLAS SciPy builds: fall back to threadpoolctl when it is installed.
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    threadpool_limits(limits=int(n), user_api="blas")
+    return None
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run the body with gemm's BLAS single-threaded; restores the previous count on exit.
+
+    Enter it in the Python launcher around every call of a parallel kernel that calls gemm
+    (about 1 us per entry). It changes process-wide state, so don't run other BLAS work on
+    other Python threads meanwhile.
+    """
+    prev = set_blas_num_threads(1)
+    try:
+        yield
+    finally:
+        if prev is not None and prev != 1:
+            set_blas_num_threads(prev)
+
+
+# ----------------------------------------------------------------------------------------------
+# 512-bit vectors. LLVM's tuning for recent Intel cores includes 'prefer-256-bit' (avoid zmm
+# frequency drops); for exp/max-heavy kernels zmm wins. NUMBA_CPU_FEATURES is read when Numba's
+# JIT codegen is created, i.e. at the first compilation in the process.
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_features_prefer_512() -> str:
+    """Host CPU feature string with '-prefer-256-bit' appended (a NUMBA_CPU_FEATURES value)."""
+    feats = llvm.get_host_cpu_features().flatten()
+    return f"{feats},-prefer-256-bit" if feats else "-prefer-256-bit"
+
+
+def enable_512bit_vectors() -> bool:
+    """Set NUMBA_CPU_FEATURES to :func:`cpu_features_prefer_512`; True if it can still apply.
+
+    Must run before Numba compiles (or loads from cache) anything in this process -- the
+    feature string is frozen into the JIT target machine at first use; afterwards this only sets
+    the variable (for child processes) and returns False. The features are part of the cache
+    index key, so kernels cached without it are compiled again (both variants stay cached).
+    Only useful on AVX-512 hosts; elsewhere LLVM ignores the flag.
+    """
+    value = cpu_features_prefer_512()
+    os.environ["NUMBA_CPU_FEATURES"] = value
+    from numba.core import config
+    from numba.core.registry import cpu_target
+
+    config.CPU_FEATURES = value
+    # The codegen (and its target machine) exists once the target context was built.
+    return "_toplevel_target_context" not in vars(cpu_target)

@@ -1,0 +1,224 @@
+"""Tests for attndsl.codegen.cpu_intrinsics: gemm, vectorized max, exp2, caching, BLAS threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numba import njit
+
+from attndsl.codegen import cpu_intrinsics as ci
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@njit(cache=False)
+def _gemm_2d(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
+    ci.gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc)
+
+
+def _tile(flat: np.ndarray, off: int, rows: int, cols: int, ld: int) -> np.ndarray:
+    """The row-major rows x cols tile of a flat array at off with row stride ld (a view)."""
+    return np.lib.stride_tricks.as_strided(
+        flat[off:], shape=(rows, cols), strides=(ld * flat.itemsize, flat.itemsize)
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_gemm_transposes_offsets_odd_sizes(dtype, ta: bool, tb: bool) -> None:
+    rng = np.random.default_rng(0)
+    m, n, k = 13, 7, 11
+    lda, ldb, ldc = 19, 17, 9  # padded rows: tiles live inside bigger flat buffers
+    a_off, b_off, c_off = 5, 3, 4
+    a_rows, a_cols = (k, m) if ta else (m, k)
+    b_rows, b_cols = (n, k) if tb else (k, n)
+    a = rng.standard_normal(a_off + a_rows * lda).astype(dtype)
+    b = rng.standard_normal(b_off + b_rows * ldb).astype(dtype)
+    c = rng.standard_normal(c_off + m * ldc).astype(dtype)
+    opa = _tile(a, a_off, a_rows, a_cols, lda).astype(np.float64)
+    opb = _tile(b, b_off, b_rows, b_cols, ldb).astype(np.float64)
+    opa, opb = (opa.T if ta else opa), (opb.T if tb else opb)
+    expect = c.astype(np.float64).copy()
+    exp_tile = _tile(expect, c_off, m, n, ldc)
+    exp_tile[...] = 0.75 * (opa @ opb) - 0.5 * exp_tile
+    _gemm_2d(ta, tb, m, n, k, 0.75, a, a_off, lda, b, b_off, ldb, -0.5, c, c_off, ldc)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, expect, rtol=tol, atol=tol)  # padding untouched too
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_on_2d_arrays_with_row_offset(dtype) -> None:
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((40, 8)).astype(dtype)
+    kt = rng.standard_normal((8, 50)).astype(dtype)
+    s = np.zeros((16, 50), dtype)
+    # Rows 24..39 of q times columns 10..39 of kt into s[:, 10:40] -- addressed in place.
+    _gemm_2d(False, False, 16, 30, 8, 2.0, q, 24 * 8, 8, kt, 10, 50, 0.0, s, 10, 50)
+    expect = np.zeros((16, 50))
+    expect[:, 10:40] = 2.0 * q[24:].astype(np.float64) @ kt[:, 10:40]
+    np.testing.assert_allclose(s, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_rejects_out_of_bounds_tiles() -> None:
+    a = np.zeros(10, np.float32)
+    c = np.zeros(9, np.float32)
+    with pytest.raises(ValueError):
+        _gemm_2d(False, False, 3, 3, 4, 1.0, a, 0, 4, a, 0, 3, 0.0, c, 0, 3)  # a needs 12
+    with pytest.raises(ValueError):
+        _gemm_2d(False, False, 3, 3, 2, 1.0, a, 0, 1, a, 0, 3, 0.0, c, 0, 3)  # lda < k
+
+
+@njit(cache=False, fastmath=ci.FASTMATH)
+def _row_max_rows(x, n_rows, n):
+    out = np.empty(n_rows, x.dtype)
+    for r in range(n_rows):
+        out[r] = ci.row_max(x, r * n, n)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, 31, 128, 133])
+def test_row_max(dtype, n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((5, n)).astype(dtype) - 10.0
+    x[1, :] = -np.inf  # fully masked row
+    x[2, : n // 2] = -np.inf  # partly masked row
+    x[3, n - 1] = 5.0  # max in the vector tail
+    got = _row_max_rows(x.ravel(), 5, n)
+    np.testing.assert_array_equal(got, x.max(axis=1))
+    assert ci.row_max(x.ravel(), 0, 0) == -np.inf
+
+
+def test_row_max_uses_vector_max() -> None:
+    x = np.zeros(64, np.float32)
+    _row_max_rows(x, 2, 32)
+    sig = next(s for s in _row_max_rows.signatures if str(s[0].dtype) == "float32")
+    asm = _native_asm(_row_max_rows, sig)
+    vector_max = [ln for ln in asm.splitlines() if "vmaxps" in ln and ("ymm" in ln or "zmm" in ln)]
+    assert vector_max, "row_max did not vectorize"
+
+
+@njit(cache=False, fastmath=ci.FASTMATH)
+def _exp2_shift_sum(x, shift):
+    return ci.exp2_shift_sum(x, 0, x.size, shift)
+
+
+@njit(cache=False, fastmath=ci.FASTMATH)
+def _exp2_scalar(y):
+    return ci.exp2(y)
+
+
+def test_exp2_float32_accuracy_and_masking() -> None:
+    y = np.linspace(-125.0, 0.0, 300_001).astype(np.float32)
+    x = y.copy()
+    total = _exp2_shift_sum(x, np.float32(0.0))
+    ref = np.exp2(y.astype(np.float64))
+    assert x.dtype == np.float32
+    assert np.max(np.abs(x - ref) / ref) <= 1.2e-7
+    assert abs(total - ref.sum()) / ref.sum() < 1e-5
+    z = np.array([-np.inf, -1e30, -126.5, -200.0, 0.0], np.float32)
+    _exp2_shift_sum(z, np.float32(0.0))
+    np.testing.assert_array_equal(z, [0.0, 0.0, 0.0, 0.0, 1.0])
+    assert _exp2_scalar(np.float32(-1.0)) == np.float32(0.5)
+    assert _exp2_scalar(np.float32(-np.inf)) == 0.0
+
+
+def _native_asm(dispatcher, sig: tuple) -> str:
+    """Assembly of the compiled functions for sig, minus the CPython wrapper (boxes to double)."""
+    asm = dispatcher.inspect_asm(sig)
+    funcs = asm.split("\t.type\t")[1:]
+    return "\n".join(f for f in funcs if not f.startswith("_ZN7cpython"))
+
+
+def test_exp2_float32_stays_float32() -> None:
+    x = np.zeros(8, np.float32)
+    _exp2_shift_sum(x, np.float32(0.0))
+    sig = next(s for s in _exp2_shift_sum.signatures if str(s[0].dtype) == "float32")
+    asm = _native_asm(_exp2_shift_sum, sig)
+    assert "vcvtps2pd" not in asm and "vcvtss2sd" not in asm
+    assert "vfmadd" in asm and ("ymm" in asm or "zmm" in asm)
+
+
+def test_exp2_float64_accuracy() -> None:
+    y = np.concatenate([np.linspace(-1000.0, 0.0, 100_001), [-np.inf]])
+    x = y.copy()
+    _exp2_shift_sum(x, 0.0)
+    ref = np.exp2(y)
+    ok = ref > 0
+    assert np.max(np.abs(x[ok] - ref[ok]) / ref[ok]) < 1e-10
+    assert x[-1] == 0.0
+    assert _exp2_scalar(-3.0) == pytest.approx(0.125, rel=1e-15)
+
+
+def test_single_threaded_blas_restores_thread_count() -> None:
+    before = ci.blas_num_threads()
+    if before is None:
+        pytest.skip("SciPy's BLAS is not OpenBLAS")
+    with ci.single_threaded_blas():
+        assert ci.blas_num_threads() == 1
+    assert ci.blas_num_threads() == before
+
+
+def test_cpu_features_prefer_512() -> None:
+    feats = ci.cpu_features_prefer_512()
+    assert feats.endswith("-prefer-256-bit")
+    assert all(f[0] in "+-" for f in feats.split(","))
+
+
+_CACHED_MODULE = """
+import numpy as np
+from numba import njit, prange
+from attndsl.codegen.cpu_intrinsics import FASTMATH, gemm_unchecked, row_max
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def tiles(a, b, c, nt):
+    for t in prange(nt):  # one 4x4 tile of C per work item, like a kernel's query tiles
+        gemm_unchecked(False, False, 4, 4, 4, 1.0, a, 16 * t, 4, b, 0, 4, 0.0, c, 16 * t, 4)
+        c[16 * t] = row_max(c, 16 * t, 16)
+"""
+
+_CACHED_DRIVER = """
+import sys, warnings
+import numpy as np
+warnings.simplefilter("error")  # NumbaWarning "cannot cache ... dynamic globals" -> failure
+sys.path.insert(0, sys.argv[1])
+import cached_kernel as m
+rng = np.random.default_rng(0)
+a = rng.standard_normal(48).astype(np.float32)
+b = rng.standard_normal(16).astype(np.float32)
+c = np.zeros(48, np.float32)
+m.tiles(a, b, c, 3)
+ref = (a.reshape(3, 4, 4) @ b.reshape(4, 4)).reshape(3, 16)
+ref[:, 0] = ref.max(axis=1)
+assert np.allclose(c.reshape(3, 16), ref, atol=1e-5), (c, ref)
+st = m.tiles.stats
+print("hits", sum(st.cache_hits.values()), "misses", sum(st.cache_misses.values()))
+"""
+
+
+def test_gemm_kernel_loads_from_cache_in_new_process(tmp_path: Path) -> None:
+    (tmp_path / "cached_kernel.py").write_text(textwrap.dedent(_CACHED_MODULE))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_NUM_THREADS="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", _CACHED_DRIVER, str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        runs.append(proc.stdout.split())
+    assert runs[0] == ["hits", "0", "misses", "1"]  # compiled and saved
+    assert runs[1] == ["hits", "1", "misses", "0"]  # loaded, nothing compiled
+    assert list((tmp_path / "cache").rglob("*.nbi")), "no cache index written"
