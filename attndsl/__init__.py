@@ -21,6 +21,9 @@ def parse(text: str, filename: str | None = None) -> ir.Spec:
         spec = _check.check(spec)
     except SpecError as err:
         raise err.located(text, filename) from None
+    except RecursionError:
+        raise SpecError("the spec is nested too deeply to read", 1, 1,
+                        hint="split the expression with 'let'").located(text, filename) from None
     return _with_source(spec, text, filename)
 
 

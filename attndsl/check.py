@@ -26,6 +26,8 @@ RESERVED = frozenset(
     + CLAUSE_KEYWORDS
     + tuple(ir.FUNCTIONS)
 )
+# Tensors of the call, never values inside an expression.
+TENSORS = ("v", "out", "lse", "dout")
 # Functions that keep integers integers; every other function gives a float.
 INTEGER_PRESERVING = ("abs", "min", "max", "clamp", "where")
 
@@ -51,6 +53,7 @@ class Checker:
         self.params = {p.name: p for p in spec.params}
         self.indices = {x.name: x for x in spec.indices}
         self.lets: dict[str, ir.Expr] = {}  # checked, inlined bodies
+        self.let_lines = {let.name: let.pos.line for let in spec.lets}
         self.allow_s = False
 
     # ---- declarations ----
@@ -68,27 +71,34 @@ class Checker:
             declared[decl.name] = decl
         for decl in (*self.spec.params, *self.spec.indices):
             for dim in decl.dims:
-                if isinstance(dim, int):
-                    if dim < 1:
-                        _fail(f"size {dim} of '{decl.name}' must be at least 1", decl)
-                elif dim in declared:
-                    _fail(f"size name '{dim}' of '{decl.name}' clashes with the "
-                          f"{type(declared[dim]).__name__.lower()} '{dim}'", decl,
-                          hint="a size is a name such as 'd', 'heads' or a fresh name like 'r'")
-        for index in self.spec.indices:
-            if len(index.dims) > 1:
-                _fail(f"index '{index.name}' has {len(index.dims)} dimensions; an index has at "
-                      "most one (positions), and is passed with shape [B, *DIMS]", index)
+                self._dim(decl, dim, declared)
         heads, kv_heads = self.spec.heads, self.spec.kv_heads
         for value, clause in ((heads, "heads"), (kv_heads, "kv_heads")):
             if value is not None and value < 1:
-                _fail(f"'{clause}' must be at least 1, got {value}", self.spec.score)
+                pos = self.spec.clause_at(clause)
+                raise SpecError(f"'{clause}' must be at least 1, got {value}", pos.line,
+                                pos.column)
         if heads is not None and kv_heads is not None and heads % kv_heads:
+            pos = self.spec.clause_at("kv_heads")
             raise SpecError(
-                f"kv_heads {kv_heads} does not divide heads {heads}", 1, 1,
+                f"kv_heads {kv_heads} does not divide heads {heads}", pos.line, pos.column,
                 hint="grouped-query attention shares each key/value head among "
                 "heads / kv_heads query heads",
             )
+
+    def _dim(self, decl: ir.Param | ir.Index, dim: ir.Dim, declared: dict[str, object]) -> None:
+        """A size in DIMS: a size name, a positive integer literal, or a fresh name."""
+        if isinstance(dim, int):
+            if dim < 1:
+                _fail(f"size {dim} of '{decl.name}' must be at least 1", decl)
+        elif dim in declared:
+            _fail(f"size name '{dim}' of '{decl.name}' clashes with the "
+                  f"{type(declared[dim]).__name__.lower()} '{dim}'", decl,
+                  hint="a size is a name such as 'd', 'heads' or a fresh name like 'r'")
+        elif dim in RESERVED and dim not in SIZE_NAMES:
+            _fail(f"'{dim}' is not a size (in the dimensions of '{decl.name}')", decl,
+                  hint=f"a size is one of {', '.join(SIZE_NAMES)}, an integer, or a fresh "
+                  "name such as 'r'")
 
     # ---- expressions ----
     def expr(self, node: ir.Expr) -> ir.Expr:
@@ -114,17 +124,27 @@ class Checker:
         if name == "v":
             _fail("'v' cannot be used in an expression", node,
                   hint="values enter only through the weights: out = sum_j weights * v")
+        if name in TENSORS:
+            _fail(f"'{name}' cannot be used in an expression", node,
+                  hint="a spec computes out and lse; it cannot read them")
         if name in self.lets:
             return self.lets[name]
+        if name in self.let_lines:
+            _fail(f"'{name}' is defined by a later let (line {self.let_lines[name]})", node,
+                  hint="a let may use only the lets above it")
         if name in self.params:
             return self._bare_param(node, self.params[name])
         if name in self.indices:
             index = self.indices[name]
             if index.dims:
-                _fail(f"index '{name}' needs {len(index.dims)} subscript"
+                _fail(f"index '{name}' is an integer array [{', '.join(map(str, index.dims))}]"
+                      f" and needs {len(index.dims)} subscript"
                       f"{'s' if len(index.dims) > 1 else ''}", node,
-                      hint=f"write {name}[i] or {name}[j]")
+                      hint=f"write, e.g., {name}[{', '.join(['i'] * len(index.dims))}]; "
+                      "index arrays are never vectors")
             return dataclasses.replace(node, type=INT)
+        if name in ir.FUNCTIONS:
+            _fail(f"'{name}' is a function", node, hint=f"call it as {name}(...)")
         self._unknown(name, node)
 
     def _bare_param(self, node: ir.Name, param: ir.Param) -> ir.Expr:
@@ -136,7 +156,7 @@ class Checker:
               hint=f"use it as the right operand of '@' (q @ {param.name}) or index it")
 
     def _unknown(self, name: str, node: object) -> NoReturn:
-        if name.startswith("__") or "__" in name:
+        if "__" in name:
             _fail(f"unknown name '{name}'", node, hint="a spec is not Python")
         known = [*self.params, *self.indices, *self.lets, *POSITION_NAMES, *SIZE_NAMES, "q", "k"]
         if self.allow_s:
@@ -148,6 +168,9 @@ class Checker:
         if array is None:
             if node.name in ir.FUNCTIONS:
                 _fail(f"'{node.name}' is a function", node, hint=f"call it as {node.name}(...)")
+            if self._is_known(node.name):
+                _fail(f"'{node.name}' cannot be subscripted", node,
+                      hint="only params and indices take [...]")
             self._unknown(node.name, node)
         indices = tuple(self.expr(i) for i in node.indices)
         for index in indices:
@@ -165,11 +188,18 @@ class Checker:
             return dataclasses.replace(node, indices=indices,
                                        type=Type(Kind.VECTOR, str(array.dims[-1]), side))
         what = "param" if is_param else "index"
+        if rank == 0:
+            _fail(f"{what} '{node.name}' is a scalar and takes no subscripts", node,
+                  hint=f"write {node.name}")
         _fail(f"{what} '{node.name}' has {rank} dimension{'s' if rank != 1 else ''} "
               f"[{', '.join(map(str, array.dims))}] but is used with {len(indices)} "
               f"subscript{'s' if len(indices) != 1 else ''}", node,
               hint=f"write all {rank} subscripts" + (" (or one fewer for a vector)"
                                                      if is_param else ""))
+
+    def _is_known(self, name: str) -> bool:
+        return (name in ("q", "k", "s", *TENSORS) or name in POSITION_NAMES
+                or name in SIZE_NAMES or name in self.let_lines)
 
     def _unary(self, node: ir.Unary) -> ir.Expr:
         operand = self.expr(node.operand)
@@ -264,8 +294,14 @@ class Checker:
     def _call(self, node: ir.Call) -> ir.Expr:
         arity = ir.FUNCTIONS.get(node.func)
         if arity is None:
-            known = [*ir.FUNCTIONS]
-            _fail(f"unknown function '{node.func}'", node, hint=did_you_mean(node.func, known))
+            if node.func in self.params or node.func in self.indices:
+                _fail(f"'{node.func}' is not a function", node,
+                      hint=f"index it with [...]: {node.func}[...]")
+            if self._is_known(node.func):
+                _fail(f"'{node.func}' is not a function", node)
+            hint = ("a spec is not Python" if "__" in node.func
+                    else did_you_mean(node.func, ir.FUNCTIONS))
+            _fail(f"unknown function '{node.func}'", node, hint=hint)
         if len(node.args) != arity:
             _fail(f"{node.func}() takes {arity} argument{'s' if arity > 1 else ''}, "
                   f"got {len(node.args)}", node)
@@ -325,6 +361,25 @@ class Checker:
         self._need_scalar(typed, f"'{clause}'")
         return typed
 
+    def softcap(self, node: ir.Expr | None) -> ir.Expr | None:
+        """A constant cap c > 0: no q, k, vectors, positions; a literal must be positive."""
+        if node is None:
+            return None
+        typed = self.expr(node)
+        for sub in ir.walk(typed):
+            if sub.type is not None and sub.type.kind is Kind.VECTOR:
+                _fail(f"'softcap' may not use {_describe(sub)} (a vector)", sub,
+                      hint="the cap is a constant: a number, a size or a scalar param")
+        self._need_scalar(typed, "'softcap'")
+        assert typed.type is not None
+        if typed.type.side is not Side.CONST:
+            _fail(f"'softcap' must not depend on i or j, but {_describe(typed)} does", typed,
+                  hint="the cap is a constant: a number, a size or a scalar param")
+        value = _literal_value(typed)
+        if value is not None and value <= 0:
+            _fail(f"'softcap' must be positive, got {_describe(typed)}", typed)
+        return typed
+
     def mask(self, node: ir.Expr | None) -> ir.Expr | None:
         if node is None:
             return None
@@ -341,6 +396,14 @@ class Checker:
     def normalize(self, norm: ir.Normalize) -> ir.Normalize:
         if norm.expr is None:
             return norm
+        bare = norm.expr
+        if isinstance(bare, ir.Name) and bare.name != "s" and not (
+            bare.name in self.params or bare.name in self.indices or self._is_known(bare.name)
+        ):
+            names = ["softmax", "sum", "none", *(f for f, a in ir.FUNCTIONS.items() if a == 1)]
+            _fail(f"unknown normalization '{bare.name}'", bare,
+                  hint=did_you_mean(bare.name, names)
+                  or "write softmax, sum, none, or an expression in s")
         self.allow_s = True
         try:
             typed = self.expr(norm.expr)
@@ -356,6 +419,26 @@ class Checker:
             if sub.type is not None and sub.type.kind is Kind.VECTOR:
                 _fail(f"normalize may not use {_describe(sub)} (a vector)", sub)
         return dataclasses.replace(norm, expr=typed)
+
+
+def _literal_value(expr: ir.Expr) -> float | None:
+    """The value of a literal, or a negated literal; None for anything else."""
+    if isinstance(expr, ir.Num):
+        return float(expr.text)
+    if isinstance(expr, ir.Unary) and expr.op == "-":
+        inner = _literal_value(expr.operand)
+        return None if inner is None else -inner
+    return None
+
+
+def uses_n(spec: ir.Spec) -> bool:
+    """Whether the spec writes `n` (as a size or a value), so needs n_q == n_k at call time."""
+    if any("n" in decl.dims for decl in (*spec.params, *spec.indices)):
+        return True
+    exprs = [spec.score, spec.scale, spec.bias, spec.softcap, spec.mask, spec.normalize.expr,
+             *(let.expr for let in spec.lets)]
+    return any(isinstance(node, ir.Name) and node.name == "n"
+               for e in exprs if e is not None for node in ir.walk(e))
 
 
 def _join(sides: Iterable[Side]) -> Side:
@@ -376,13 +459,7 @@ def check(spec: ir.Spec) -> ir.Spec:
     score = checker.scalar_clause("score", spec.score)
     scale = checker.scalar_clause("scale", spec.scale)
     bias = checker.scalar_clause("bias", spec.bias)
-    softcap = checker.scalar_clause("softcap", spec.softcap)
-    if softcap is not None and softcap.type is not None and softcap.type.side is not Side.CONST:
-        _fail("'softcap' must not depend on i or j", softcap)
-    if softcap is not None:
-        for sub in ir.walk(softcap):
-            if isinstance(sub, ir.Name) and sub.name in ("q", "k"):
-                _fail(f"'softcap' may not use '{sub.name}'", sub)
+    softcap = checker.softcap(spec.softcap)
     mask = checker.mask(spec.mask)
     normalize = checker.normalize(spec.normalize)
     return dataclasses.replace(

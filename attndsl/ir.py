@@ -184,12 +184,18 @@ class Spec:
     source: str = field(default="", compare=False, repr=False)
     filename: str | None = field(default=None, compare=False)
     checked: bool = field(default=False, compare=False)
+    # Where each clause keyword was written, in source order, for errors about a whole clause.
+    clause_pos: tuple[tuple[str, Pos], ...] = field(default=(), compare=False, repr=False)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
     def index(self, name: str) -> Index | None:
         return next((x for x in self.indices if x.name == name), None)
+
+    def clause_at(self, clause: str) -> Pos:
+        """Where `clause` was written (its first occurrence), or NOPOS."""
+        return next((pos for name, pos in self.clause_pos if name == clause), NOPOS)
 
 
 def children(expr: Expr) -> tuple[Expr, ...]:

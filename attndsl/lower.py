@@ -112,7 +112,8 @@ class ToIR(Transformer[Token, Any]):
         single: dict[str, Any] = {}
         seen: dict[str, ir.Pos] = {}
         lists: dict[str, list[Any]] = {"param": [], "index": [], "let": []}
-        for clause, value, pos in (c for c in clauses if c is not None):
+        present = [c for c in clauses if c is not None]
+        for clause, value, pos in present:
             if clause in lists:
                 lists[clause].append(value)
                 continue
@@ -138,6 +139,7 @@ class ToIR(Transformer[Token, Any]):
             params=tuple(lists["param"]),
             indices=tuple(lists["index"]),
             lets=tuple(lists["let"]),
+            clause_pos=tuple((clause, pos) for clause, _, pos in present),
             **single,
         )
 
