@@ -10,7 +10,7 @@ from .errors import SpecError
 from .lower import to_ir
 from .syntax import parse_tree
 
-__all__ = ["SpecError", "parse", "load"]
+__all__ = ["SpecError", "load", "parse"]
 __version__ = "0.1.0"
 
 

@@ -67,7 +67,7 @@ class Checker:
             if decl.name in declared:
                 first = declared[decl.name]
                 _fail(f"'{decl.name}' is declared twice", decl,
-                      hint=f"first declared on line {getattr(first, 'pos').line}")
+                      hint=f"first declared on line {first.pos.line}")
             declared[decl.name] = decl
         for decl in (*self.spec.params, *self.spec.indices):
             for dim in decl.dims:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Union
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ class Subscript:
     type: Type | None = field(default=None, compare=False)
 
 
-Expr = Union[Num, Name, Unary, Binary, Call, Subscript]
+Expr = Num | Name | Unary | Binary | Call | Subscript
 
 ARITHMETIC_OPS = ("+", "-", "*", "/", "//", "%", "^")
 COMPARISON_OPS = ("==", "!=", "<", "<=", ">", ">=")
@@ -129,7 +128,7 @@ REDUCTIONS = ("dot", "sum", "norm")
 
 # ---- declarations and the spec -------------------------------------------------------------
 
-Dim = Union[str, int]  # a size name ("heads", "d", "r") or an integer literal
+Dim = str | int  # a size name ("heads", "d", "r") or an integer literal
 
 
 @dataclass(frozen=True)
