@@ -30,7 +30,7 @@ def parse(text: str, filename: str | None = None) -> ir.Spec:
 def load(path: str | Path) -> ir.Spec:
     """Read and parse a spec file."""
     path = Path(path)
-    return parse(path.read_text(), filename=str(path))
+    return parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
 def _with_source(spec: ir.Spec, text: str, filename: str | None) -> ir.Spec:

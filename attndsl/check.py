@@ -54,6 +54,7 @@ class Checker:
         self.indices = {x.name: x for x in spec.indices}
         self.lets: dict[str, ir.Expr] = {}  # checked, inlined bodies
         self.let_lines = {let.name: let.pos.line for let in spec.lets}
+        self.current_let: str | None = None
         self.allow_s = False
 
     # ---- declarations ----
@@ -129,6 +130,8 @@ class Checker:
                   hint="a spec computes out and lse; it cannot read them")
         if name in self.lets:
             return self.lets[name]
+        if name == self.current_let:
+            _fail(f"the let '{name}' cannot use itself", node)
         if name in self.let_lines:
             _fail(f"'{name}' is defined by a later let (line {self.let_lines[name]})", node,
                   hint="a let may use only the lets above it")
@@ -194,8 +197,8 @@ class Checker:
         _fail(f"{what} '{node.name}' has {rank} dimension{'s' if rank != 1 else ''} "
               f"[{', '.join(map(str, array.dims))}] but is used with {len(indices)} "
               f"subscript{'s' if len(indices) != 1 else ''}", node,
-              hint=f"write all {rank} subscripts" + (" (or one fewer for a vector)"
-                                                     if is_param else ""))
+              hint=f"write {rank} subscript{'s' if rank != 1 else ''}"
+              + (" (or one fewer for a vector)" if is_param else "; index arrays are never vectors"))
 
     def _is_known(self, name: str) -> bool:
         return (name in ("q", "k", "s", *TENSORS) or name in POSITION_NAMES
@@ -321,8 +324,10 @@ class Checker:
                 self._need_number(branch, "where()")
             kinds = {(b.type.kind is Kind.VECTOR, b.type.size) for b in branches if b.type}
             if len(kinds) > 1 and any(v for v, _ in kinds):
-                _fail("where() needs two branches of the same kind (both scalars, or vectors of "
-                      "the same size)", node)
+                yes, no = branches
+                _fail(f"where() needs two branches of the same kind, but {_describe(yes)} is "
+                      f"{yes.type} and {_describe(no)} is {no.type}", node,
+                      hint="both scalars, or vectors of the same size")
             typed = self._broadcast(node, *branches)
             side = typed.side.join(cond.type.side)  # type: ignore[union-attr]
             return dataclasses.replace(node, args=args, type=dataclasses.replace(typed, side=side))
@@ -352,7 +357,9 @@ class Checker:
 
     # ---- clauses ----
     def let(self, let: ir.Let) -> None:
+        self.current_let = let.name
         self.lets[let.name] = self.expr(let.expr)
+        self.current_let = None
 
     def scalar_clause(self, clause: str, node: ir.Expr | None) -> ir.Expr | None:
         if node is None:

@@ -248,8 +248,8 @@ def _unexpected_token(exc: UnexpectedToken, text: str) -> SpecError:
         return SpecError(f"expected a name{after}", line, column)
     if expected & _OPERATOR_TYPES:  # after a complete operand
         closer = f", ',' or '{_PAIRS[stack[-1][0]]}'" if stack else " or the end of the line"
-        return SpecError(f"unexpected {seen}{after}", line, column,
-                         hint=f"expected an operator{closer}")
+        hint = _CHARACTER_HINTS["="] if token.type == "EQUAL" else f"expected an operator{closer}"
+        return SpecError(f"unexpected {seen}{after}", line, column, hint=hint)
     if token.type == "RBRACE":
         return SpecError("unexpected '}'", line, column, hint="the block is already closed")
     words = sorted({_TOKEN_WORDS.get(t, f"'{t.lower()}'") for t in expected})

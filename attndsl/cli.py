@@ -1,0 +1,119 @@
+"""The command line: `attndsl VERB ...`. Each verb is one entry of VERBS.
+
+A verb adds its arguments to its own subparser and returns an exit status:
+0 all went well, 1 a spec is wrong (or a check failed), 2 a usage or I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, ir
+from .errors import SpecError
+
+OK, SPEC_ERROR, USAGE_ERROR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Verb:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A file that cannot be read, an argument that makes no sense: exit status 2."""
+
+
+def load_spec(path: str) -> ir.Spec:
+    """attndsl.load, with unreadable files raised as UsageError (never a traceback)."""
+    from . import parse
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a spec file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return parse(text, filename=path)
+
+
+def summary(spec: ir.Spec) -> str:
+    """`score ..., normalize ..., heads ...`: what `attndsl check` prints for a good spec."""
+    norm = spec.normalize
+    normalize = ir.to_text(norm.expr) if norm.expr is not None else norm.kind.value
+    heads = "from tensors" if spec.heads is None else str(spec.heads)
+    if spec.kv_heads is not None:
+        heads += f", kv_heads {spec.kv_heads}"
+    return f"score {ir.to_text(spec.score)}, normalize {normalize}, heads {heads}"
+
+
+# ---- verbs ----------------------------------------------------------------------------------
+
+
+def _configure_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE", help="spec files (.attn)")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    status = OK
+    for path in args.files:
+        try:
+            spec = load_spec(path)
+        except UsageError as exc:
+            print(f"attndsl check: {exc}", file=sys.stderr)
+            status = USAGE_ERROR
+        except SpecError as err:
+            print(err, file=sys.stderr)
+            status = max(status, SPEC_ERROR)
+        else:
+            print(f"{path}: ok — {summary(spec)}")
+    return status
+
+
+VERBS: dict[str, Verb] = {
+    "check": Verb("parse and check spec files; print a summary or the error", _configure_check,
+                  _run_check),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attndsl",
+        description="attndsl: a compiler for attention mechanisms (spec -> checked IR -> kernels)",
+    )
+    parser.add_argument("--version", action="version", version=f"attndsl {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+    for name, verb in VERBS.items():
+        sub = verbs.add_parser(name, help=verb.help, description=verb.help)
+        verb.configure(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; returns the exit status (argparse's own exits are returned, not raised)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return USAGE_ERROR
+    try:
+        return VERBS[args.verb].run(args)
+    except UsageError as exc:
+        print(f"attndsl {args.verb}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
