@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attndsl.codegen import cuda_toolchain as tc  # noqa: E402
+from attndsl.codegen import cuda_toolchain as tc
 
 # Kernels must name `cuda` as a module global: the simulator runs them by swapping every global
 # bound to the numba.cuda module for its fake one, and never sees closure variables.
@@ -449,7 +449,7 @@ def _simulate() -> None:
     v = rng.standard_normal((1, 1, 17, 8), dtype=np.float32)
     t0 = time.perf_counter()
     out, lse = forward(q, k, v, cfg, causal_offset=-3)
-    ref_out, ref_lse = reference_forward(q, k, v, 1 / math.sqrt(8), True, -3)
+    ref_out, _ = reference_forward(q, k, v, 1 / math.sqrt(8), True, -3)
     print(f"simulated forward in {time.perf_counter() - t0:.2f} s; "
           f"max |out - ref| = {np.abs(out - ref_out).max():.2e}; lse[:3] = {lse[0, 0, :3]}")
 

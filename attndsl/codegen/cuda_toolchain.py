@@ -46,7 +46,7 @@ def simulator_enabled() -> bool:
     if importlib.util.find_spec("numba") is not None:
         from numba.core import config
 
-        return bool(config.ENABLE_CUDASIM)
+        return bool(getattr(config, "ENABLE_CUDASIM", False))
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
@@ -129,7 +129,7 @@ def f64_instructions(ptx: str) -> list[F64Instruction]:
     A float32 kernel should have none; a lone ``convert`` usually means a float64 literal or a
     Python float scalar argument leaked in and was narrowed straight back.
     """
-    found = []
+    found: list[F64Instruction] = []
     for n, raw in enumerate(ptx.splitlines(), start=1):
         text = raw.split("//", 1)[0].strip()
         if not text or text.startswith(".") or ".f64" not in text:
@@ -216,7 +216,7 @@ _FUNC_PROPS = re.compile(
     r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, "
     r"(\d+) bytes spill stores, (\d+) bytes spill loads"
 )
-_USED = re.compile(r"Compiling entry function '([^']+)'.*?Used (\d+) registers([^\n]*)", re.S)
+_USED = re.compile(r"Compiling entry function '([^']+)'.*?Used (\d+) registers([^\n]*)", re.DOTALL)
 _SMEM = re.compile(r"(\d+) bytes smem")
 
 
@@ -326,7 +326,7 @@ def as_device_arrays(*arrays: Any, stream: Any = 0) -> DeviceArgs:
             "mix of NumPy and CUDA arrays: pass all inputs on the host or all on the device"
         )
     on_host = not any(on_device)
-    staged = []
+    staged: list[Any] = []
     for a in arrays:
         if a is None:
             staged.append(None)
