@@ -242,10 +242,10 @@ def _unexpected_token(exc: UnexpectedToken, text: str) -> SpecError:
     for terminal, word in (("LBRACE", "'{'"), ("EQUAL", "'='")):
         if terminal in expected:
             return SpecError(f"expected {word}{after}", line, column)
-    if token.type == "$END":
-        return SpecError("unexpected end of file", line, column, hint="close the block with '}'")
     if expected == {"NAME"} or expected == {"NAME", "_NL"}:
         return SpecError(f"expected a name{after}", line, column)
+    if token.type == "$END":
+        return SpecError("unexpected end of file", line, column, hint="close the block with '}'")
     if expected & _OPERATOR_TYPES:  # after a complete operand
         closer = f", ',' or '{_PAIRS[stack[-1][0]]}'" if stack else " or the end of the line"
         hint = _CHARACTER_HINTS["="] if token.type == "EQUAL" else f"expected an operator{closer}"
