@@ -7,6 +7,7 @@ from pathlib import Path
 from . import check as _check
 from . import ir
 from .errors import SpecError
+from .runtime.kernel import Kernel
 from .lower import to_ir
 from .syntax import parse_tree
 
@@ -37,3 +38,34 @@ def _with_source(spec: ir.Spec, text: str, filename: str | None) -> ir.Spec:
     import dataclasses
 
     return dataclasses.replace(spec, source=text, filename=filename)
+
+
+def _as_spec(spec: ir.Spec | str | Path) -> ir.Spec:
+    """A checked spec from a spec, spec text, or a path to a .attn file."""
+    if isinstance(spec, ir.Spec):
+        return spec if spec.checked else _check.check(spec)
+    if isinstance(spec, Path) or (isinstance(spec, str) and "{" not in spec):
+        return load(spec)
+    return parse(spec)
+
+
+def compile(spec: ir.Spec | str | Path, target: str = "cpu") -> Kernel:  # noqa: A001
+    """A Kernel for `target`: "cpu" (Numba CPU), "cuda" (Numba CUDA) or "numpy" (reference)."""
+    from .runtime.build import compile_spec
+
+    return compile_spec(_as_spec(spec), target)
+
+
+def derive(spec: ir.Spec | str | Path):  # type: ignore[no-untyped-def]
+    """SymPy forward and gradient expressions; `.pretty()`, `.latex()`."""
+    from .grad import derive_gradients
+    from .symbolic import derive as derive_forward
+
+    return derive_gradients(derive_forward(_as_spec(spec)))
+
+
+def verify(spec: ir.Spec | str | Path, targets: tuple[str, ...] = ("numpy",)):  # type: ignore[no-untyped-def]
+    """Symbolic proof of the gradients and numeric checks of every target; a Report."""
+    from .verify import verify as run
+
+    return run(_as_spec(spec), targets=targets)

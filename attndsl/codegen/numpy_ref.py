@@ -1,0 +1,264 @@
+"""Derivation -> the NumPy reference: readable, vectorized, materializing every n_q x n_k value.
+
+The generated module defines `graph` (every forward value), `forward` (out, lse) and
+`backward` (a dict of gradients), each taking the array namespace `xp` first:
+runtime/numpy_ops.py for numbers, verify.SymbolicOps for the proof.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import sympy as sp
+
+from ..grad import NORMALIZER_RULES, Gradients, derive_gradients
+from ..ir import NormKind, Side
+from ..symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, S, Vec
+from .printer import KernelPrinter
+from .source import SourceWriter
+
+SIZE_ORDER = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
+
+
+def variable(node: Vec | Reduction | Lookup) -> str:
+    if isinstance(node, Vec) and node.kind == "input":
+        return f"{node.name}_rows"
+    return node.name
+
+
+def spec_hash(deriv: Derivation) -> str:
+    return hashlib.sha256(deriv.spec.source.encode() or repr(deriv.spec).encode()).hexdigest()[:16]
+
+
+def call_args(deriv: Derivation) -> list[str]:
+    spec = deriv.spec
+    return ["q", "k", "v", *(p.name for p in spec.params), *(x.name for x in spec.indices)]
+
+
+class Emitter:
+    def __init__(self, deriv: Derivation, exact: bool = False) -> None:
+        self.deriv = deriv
+        self.grads: Gradients = derive_gradients(deriv)
+        names = {n.symbol: variable(n) for n in deriv.nodes}
+        names.update({s: name for name, s in POSITIONS.items()})
+        names.update({s: name for name, s in SIZES.items()})
+        names[S] = "x"
+        self.p = KernelPrinter("xp", names, exact=exact)
+        self.w = SourceWriter()
+        self.adjoints: set[str] = set()
+
+    def expr(self, e: sp.Basic) -> str:
+        return self.p.doprint(e)
+
+    # ---- the module ----
+    def module(self) -> str:
+        w, d = self.w, self.deriv
+        w(f'"""attndsl NumPy reference for \'{d.spec.name}\' (generated; do not edit).')
+        w()
+        w(f"spec hash {spec_hash(d)}")
+        w(f"x       = {sp.sstr(d.logit)}")
+        w(f"allowed = {sp.sstr(d.mask) if d.mask is not None else 'every key'}")
+        w(f"weights = {d.norm.value if d.norm_expr is None else sp.sstr(d.norm_expr)}")
+        w('"""')
+        w()
+        self.graph()
+        self.normalize()
+        self.forward()
+        self.backward()
+        return w.text()
+
+    def signature(self, name: str, extra: str = "") -> str:
+        args = call_args(self.deriv)
+        if extra:
+            args.insert(3, extra)
+        return f"def {name}(xp, {', '.join(args)}):"
+
+    def graph(self) -> None:
+        w, d = self.w, self.deriv
+        with w.block(self.signature("graph")):
+            w('"""Every forward value, materialized: [B, heads, n_q, n_k, features]."""')
+            w("B, heads, n_q, d = q.shape")
+            w("kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]")
+            w("b, h, i, j = xp.positions(B, heads, n_q, n_k)")
+            w("g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head")
+            for node in d.nodes:
+                self.forward_node(node)
+            shape = "(B, heads, n_q, n_k, 1)"
+            w(f"x = xp.full({self.expr(d.logit)}, {shape})  # the logits")
+            mask = self.expr(d.mask) if d.mask is not None else "True"
+            w(f"allowed = xp.full({mask}, {shape})")
+            w("return locals()")
+        w()
+        w()
+
+    def forward_node(self, node: Vec | Reduction | Lookup) -> None:
+        w, name = self.w, variable(node)
+        if isinstance(node, Vec):
+            if node.kind == "input":
+                how = "xp.query_rows(q)" if node.name == "q" else "xp.key_rows(k, g)"
+            elif node.kind == "param":
+                subs = ", ".join(self.expr(s) for s in node.subscripts)
+                how = f'xp.lookup({node.param}, "{node.param}", ({subs}{"," if subs else ""}), ' \
+                      "vector=True)"
+            elif node.kind == "proj":
+                how = f"xp.project({self.expr(node.expr)}, {node.param})"
+            else:
+                how = self.expr(node.expr)
+            w(f"{name} = {how}  # {node.side.value} vector over {node.size}")
+        elif isinstance(node, Reduction):
+            if node.gemm:
+                a, b = node.gemm
+                w(f"{name} = xp.gemm({variable(a)}, {variable(b)})  # GEMM: sum_f "
+                  f"{sp.sstr(node.body)}")
+            else:
+                w(f"{name} = xp.reduce({self.expr(node.body)})  # {node.side.value}: sum_f "
+                  f"{sp.sstr(node.body)}")
+        else:
+            lead = ("b",) if not node.is_param else ()
+            subs = ", ".join(lead + tuple(self.expr(s) for s in node.subscripts))
+            w(f'{name} = xp.lookup({node.array}, "{node.array}", ({subs}{"," if subs else ""}))')
+
+    def unpack(self, names: list[str]) -> None:
+        for name in names:
+            self.w(f"{name} = t[{name!r}]")
+
+    def normalize(self) -> None:
+        w, d = self.w, self.deriv
+        with w.block("def normalize(xp, t):"):
+            w('"""The weights P [B, heads, n_q, n_k] (0 where not allowed) and the row state."""')
+            used = [variable(n) for n in d.nodes if d.norm_expr is not None
+                    and n.symbol in d.norm_expr.free_symbols]
+            self.unpack(list(SIZE_ORDER) + ["b", "h", "i", "j", "x", "allowed"] + used)
+            if d.norm is NormKind.SOFTMAX:
+                w("# softmax over allowed keys; an empty row gives out = 0 and lse = -inf")
+                w("xm = xp.where(allowed, x, -xp.inf)")
+                w("m = xp.keymax(xm)")
+                w("e = xp.where(allowed, xp.exp(xm - m), 0)")
+                w("l = xp.keysum(e)")
+                w("return xp.safe_div(e, l)[..., 0], xp.log_sum(m, l)[..., 0, 0]")
+            elif d.norm is NormKind.SUM:
+                w("# x / sum_j x over allowed keys; an empty row gives out = 0")
+                w("xz = xp.where(allowed, x, 0)")
+                w("z = xp.keysum(xz)")
+                w("return xp.safe_div(xz, z)[..., 0], z")
+            elif d.norm is NormKind.NONE:
+                w("return xp.where(allowed, x, 0)[..., 0], None")
+            else:
+                assert d.norm_expr is not None
+                w(f"# element-wise: f(s) = {sp.sstr(d.norm_expr)}")
+                w("x = xp.where(allowed, x, 0)")
+                w(f"return xp.where(allowed, {self.expr(d.norm_expr)}, 0)[..., 0], None")
+        w()
+        w()
+
+    def forward(self) -> None:
+        w = self.w
+        with w.block(self.signature("forward")):
+            w('"""out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""')
+            w(f"t = graph(xp, {', '.join(call_args(self.deriv))})")
+            w("p, state = normalize(xp, t)")
+            w('out = xp.matmul(p, v[:, t["g"]])')
+            lse = "state" if self.deriv.norm is NormKind.SOFTMAX else "None"
+            w(f"return out, {lse}")
+        w()
+        w()
+
+    # ---- backward ----
+    def accumulate(self, name: str, value: str) -> None:
+        if name in self.adjoints:
+            self.w(f"{name} = {name} + {value}")
+        else:
+            self.adjoints.add(name)
+            self.w(f"{name} = {value}")
+
+    def backward(self) -> None:
+        w, d, grads = self.w, self.deriv, self.grads
+        with w.block(self.signature("backward", "dout")):
+            w('"""Gradients of sum(out * dout): q, k, v and every param."""')
+            w(f"t = graph(xp, {', '.join(call_args(d))})")
+            names = list(SIZE_ORDER) + ["b", "h", "i", "j", "g", "allowed"] + [
+                variable(n) for n in d.nodes]
+            self.unpack(names)
+            w("p, state = normalize(xp, t)")
+            w('x = t["x"]')
+            w("v_rows = v[:, g]")
+            w("out = xp.matmul(p, v_rows)")
+            w("dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]")
+            w(f"# {NORMALIZER_RULES[d.norm]}")
+            if d.norm is NormKind.SOFTMAX:
+                w("dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])")
+            elif d.norm is NormKind.SUM:
+                w("dS = xp.where(allowed, xp.safe_div(dP - xp.keysum(p[..., None] * dP), state), 0)")
+            elif d.norm is NormKind.NONE:
+                w("dS = xp.where(allowed, dP, 0)")
+            else:
+                w("x = xp.where(allowed, x, 0)")
+                w(f"dS = xp.where(allowed, ({self.expr(grads.dnorm)}) * dP, 0)")
+            w("dv = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)")
+            w("dx = dS")
+            w("# the chain rule through the logit, then node by node in reverse")
+            for symbol, partial in grads.dlogit.items():
+                node = d.node(symbol)
+                assert node is not None
+                name = variable(node)
+                self.accumulate(f"d_{name}", f"xp.sum_to(xp.where(allowed, dx * "
+                                             f"({self.expr(partial)}), 0), {name})")
+            for param in d.spec.params:
+                w(f"d_{param.name} = 0")
+            for node in reversed(d.nodes):
+                self.backward_node(node)
+            w(f"grads = {{'q': {self.input_grad('q')}, 'k': {self.input_grad('k')}, 'v': dv}}")
+            for param in d.spec.params:
+                w(f"grads[{param.name!r}] = xp.as_grad(d_{param.name}, {param.name})")
+            w("return grads")
+
+    def input_grad(self, name: str) -> str:
+        adjoint = f"d_{name}_rows"
+        if adjoint not in self.adjoints:
+            return f"xp.zeros_like({name})"
+        if name == "q":
+            return f"xp.sum_to({adjoint}, q_rows)[:, :, :, 0, :]"
+        return f"xp.group_heads(xp.sum_to({adjoint}, k_rows)[:, :, 0], kv_heads)"
+
+    def backward_node(self, node: Vec | Reduction | Lookup) -> None:
+        name = variable(node)
+        adjoint = f"d_{name}"
+        if adjoint not in self.adjoints:
+            return
+        w = self.w
+        if isinstance(node, Reduction) and node.gemm:
+            a, b = node.gemm
+            w(f"# GEMM bwd: d{variable(a)} = d{name} @ {variable(b)}, "
+              f"d{variable(b)} = d{name}^T @ {variable(a)}")
+            self.accumulate(f"d_{variable(a)}", f"xp.gemm_da({adjoint}, {variable(b)})")
+            self.accumulate(f"d_{variable(b)}", f"xp.gemm_db({adjoint}, {variable(a)})")
+        elif isinstance(node, Reduction) or (isinstance(node, Vec) and node.kind == "map"):
+            guard = node.side is Side.PAIR
+            for symbol, partial in self.grads.partials[node.name]:
+                source = self.deriv.node(symbol)
+                assert source is not None
+                contrib = f"{adjoint} * ({self.expr(partial)})"
+                if guard:
+                    contrib = f"xp.where(allowed, {contrib}, 0)"
+                self.accumulate(f"d_{variable(source)}",
+                                f"xp.sum_to({contrib}, {variable(source)})")
+        elif isinstance(node, Vec) and node.kind == "proj":
+            source = self.deriv.node(node.expr)  # type: ignore[arg-type]
+            assert source is not None
+            w(f"# projection bwd: dX = dP @ {node.param}^T, d{node.param} = X^T dP")
+            self.accumulate(f"d_{variable(source)}", f"xp.project_dx({adjoint}, {node.param})")
+            w(f"d_{node.param} = d_{node.param} + xp.project_dw({variable(source)}, {adjoint})")
+        elif isinstance(node, Vec) and node.kind == "param":
+            subs = ", ".join(self.expr(s) for s in node.subscripts)
+            w(f"d_{node.param} = d_{node.param} + xp.scatter({node.param}.shape, "
+              f"({subs}{',' if subs else ''}), {adjoint}, vector=True)")
+        elif isinstance(node, Lookup) and node.is_param:
+            subs = ", ".join(self.expr(s) for s in node.subscripts)
+            w(f"# lookup bwd: scatter-add into {node.array}")
+            w(f"d_{node.array} = d_{node.array} + xp.scatter({node.array}.shape, "
+              f"({subs}{',' if subs else ''}), {adjoint})")
+
+
+def emit(deriv: Derivation, exact: bool = False) -> str:
+    """The NumPy reference module's source."""
+    return Emitter(deriv, exact=exact).module()

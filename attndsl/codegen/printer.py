@@ -1,0 +1,140 @@
+"""KernelPrinter: SymPy expression -> Python source. Backends differ only by the tables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sympy as sp
+from sympy.printing.precedence import precedence
+from sympy.printing.pycode import PythonCodePrinter
+
+from .. import functions as fn
+
+# Spec-level function -> the name of the backend's implementation (after the module prefix).
+ARRAY_FUNCTIONS: dict[type, str] = {
+    sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos",
+    sp.sign: "sign", sp.Abs: "abs", sp.Heaviside: "heaviside", sp.floor: "floor",
+    fn.Sigmoid: "sigmoid", fn.Softplus: "softplus", fn.Relu: "relu", fn.Step: "step",
+    fn.Elu: "elu", fn.EluGrad: "elu_grad", fn.Gelu: "gelu", fn.GeluGrad: "gelu_grad",
+    fn.Clamp: "clamp", fn.InRange: "in_range",
+}
+RELATIONS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
+             "==": "equal", "!=": "not_equal"}
+
+
+class KernelPrinter(PythonCodePrinter):
+    """Prints with `module.name(...)` calls, symbols renamed through `names`.
+
+    exact=True prints non-integer rationals as module.rational(p, q), so the same source runs
+    over SymPy object arrays without turning 1/100 into a binary float.
+    """
+
+    def __init__(self, module: str, names: Mapping[sp.Symbol, str], exact: bool = False,
+                 integer_division: bool = True) -> None:
+        super().__init__({"fully_qualified_modules": False})
+        self.module = module
+        self.names = dict(names)
+        self.exact = exact
+        self.integer_division = integer_division
+
+    def call(self, name: str, *args: sp.Basic) -> str:
+        return f"{self.module}.{name}({', '.join(self._print(a) for a in args)})"
+
+    def _print_Symbol(self, expr: sp.Symbol) -> str:
+        return self.names.get(expr, expr.name)
+
+    def _print_Function(self, expr: sp.Function) -> str:
+        name = ARRAY_FUNCTIONS.get(type(expr))
+        if name is None:
+            raise NotImplementedError(f"no printer rule for {type(expr).__name__}")
+        return self.call(name, *expr.args)
+
+    _print_exp = _print_log = _print_tanh = _print_sin = _print_cos = _print_Function
+    _print_sign = _print_Abs = _print_Function
+
+    def _print_Heaviside(self, expr: sp.Heaviside) -> str:
+        return self.call("heaviside", expr.args[0])  # H(0) = 1/2: max/min split a tie
+
+    def _print_floor(self, expr: sp.floor) -> str:
+        arg = expr.args[0]
+        num, den = arg.as_numer_denom()
+        if self.integer_division and den != 1 and num.is_integer and den.is_integer:
+            return f"({self._print(num)} // {self._print(den)})"
+        return self.call("floor", arg)
+
+    def _print_Mod(self, expr: sp.Mod) -> str:
+        return f"({self._print(expr.args[0])} % {self._print(expr.args[1])})"
+
+    def _print_Max(self, expr: sp.Max) -> str:
+        return self._fold("maximum", expr.args)
+
+    def _print_Min(self, expr: sp.Min) -> str:
+        return self._fold("minimum", expr.args)
+
+    def _fold(self, name: str, args: tuple[sp.Basic, ...]) -> str:
+        text = self._print(args[0])
+        for arg in args[1:]:
+            text = f"{self.module}.{name}({text}, {self._print(arg)})"
+        return text
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        base, exponent = expr.args
+        if exponent == sp.S.Half:
+            return self.call("sqrt", base)
+        if exponent == -sp.S.Half:
+            return f"(1 / {self.call('sqrt', base)})"
+        if exponent == -1:
+            return f"(1 / {self.parenthesize(base, precedence(expr))})"
+        return f"{self.parenthesize(base, precedence(expr))}**{self._print_exponent(exponent)}"
+
+    def _print_exponent(self, exponent: sp.Basic) -> str:
+        if exponent.is_Integer and exponent >= 0:
+            return str(exponent)
+        return f"({self._print(exponent)})"
+
+    def _print_Rational(self, expr: sp.Rational) -> str:
+        if self.exact:
+            return f"{self.module}.rational({expr.p}, {expr.q})"
+        return f"({expr.p} / {expr.q})"
+
+    _print_Half = _print_Rational
+
+    def _print_Float(self, expr: sp.Float) -> str:
+        return repr(float(expr))
+
+    def _print_Pi(self, expr: sp.Basic) -> str:
+        return f"{self.module}.pi"
+
+    def _print_Exp1(self, expr: sp.Basic) -> str:
+        return self.call("exp", sp.S.One)
+
+    def _print_Infinity(self, expr: sp.Basic) -> str:
+        return f"{self.module}.inf"
+
+    def _print_NegativeInfinity(self, expr: sp.Basic) -> str:
+        return f"(-{self.module}.inf)"
+
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        (value, cond), *rest = expr.args
+        if not rest or cond == sp.true:
+            return self._print(value)
+        return f"{self.module}.where({self._print(cond)}, {self._print(value)}, " \
+               f"{self._print(sp.Piecewise(*rest))})"
+
+    def _print_Relational(self, expr: sp.core.relational.Relational) -> str:
+        return self.call(RELATIONS[expr.rel_op], expr.lhs, expr.rhs)
+
+    def _print_And(self, expr: sp.And) -> str:
+        return self._fold("logical_and", expr.args)
+
+    def _print_Or(self, expr: sp.Or) -> str:
+        return self._fold("logical_or", expr.args)
+
+    def _print_Not(self, expr: sp.Not) -> str:
+        return self.call("logical_not", expr.args[0])
+
+    def _print_BooleanTrue(self, expr: sp.Basic) -> str:
+        return "True"
+
+    def _print_BooleanFalse(self, expr: sp.Basic) -> str:
+        return "False"

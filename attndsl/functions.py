@@ -1,0 +1,157 @@
+"""The spec language's functions as SymPy functions, each with its derivative beside it.
+
+Kinks follow PyTorch (LANGUAGE.md 3): relu'(0) = 0, clamp passes the gradient on [lo, hi],
+max/min split a tie 1/2-1/2 (SymPy's Heaviside(0) = 1/2), abs'(0) = sign(0) = 0.
+Functions stay opaque (unevaluated) so the proof can treat each as an independent symbol;
+`elementary` rewrites them into exp/log/erf for numeric cross-checks.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+
+class Sigmoid(sp.Function):
+    """sigmoid(x) = 1 / (1 + exp(-x))"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        s = Sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+class Softplus(sp.Function):
+    """softplus(x) = log(1 + exp(x)), computed stably with no threshold"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return Sigmoid(self.args[0])
+
+
+class Step(sp.Function):
+    """step(x) = 1 if x > 0 else 0: the derivative of relu, 0 at the kink as in PyTorch"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.S.Zero
+
+
+class Relu(sp.Function):
+    """relu(x) = max(x, 0)"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return Step(self.args[0])
+
+
+class EluGrad(sp.Function):
+    """elu'(x) = 1 if x > 0 else exp(x)"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        x = self.args[0]
+        return (1 - Step(x)) * sp.exp(x)
+
+
+class Elu(sp.Function):
+    """elu(x) = x if x > 0 else exp(x) - 1  (alpha = 1)"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return EluGrad(self.args[0])
+
+
+class GeluGrad(sp.Function):
+    """gelu'(x) = Phi(x) + x * phi(x)"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        x = self.args[0]
+        pdf = sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi)
+        return 2 * pdf - x**2 * pdf
+
+
+class Gelu(sp.Function):
+    """gelu(x) = x * Phi(x) = x * (1 + erf(x / sqrt(2))) / 2, the exact form"""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return GeluGrad(self.args[0])
+
+
+class InRange(sp.Function):
+    """1 if lo <= x <= hi else 0: clamp's derivative in x (closed interval, as PyTorch)"""
+
+    nargs = 3
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.S.Zero
+
+
+class Clamp(sp.Function):
+    """clamp(x, lo, hi) = min(max(x, lo), hi)"""
+
+    nargs = 3
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        x, lo, hi = self.args
+        if argindex == 1:
+            return InRange(x, lo, hi)
+        if argindex == 2:
+            return Step(lo - x)
+        return Step(x - hi)
+
+
+# Spec function name -> how to build it from SymPy arguments.
+SPEC_FUNCTIONS = {
+    "exp": sp.exp,
+    "log": sp.log,
+    "sqrt": sp.sqrt,
+    "rsqrt": lambda x: 1 / sp.sqrt(x),
+    "abs": sp.Abs,
+    "tanh": sp.tanh,
+    "sigmoid": Sigmoid,
+    "softplus": Softplus,
+    "relu": Relu,
+    "elu": Elu,
+    "gelu": Gelu,
+    "sin": sp.sin,
+    "cos": sp.cos,
+    "min": sp.Min,
+    "max": sp.Max,
+    "clamp": Clamp,
+}
+
+OPAQUE = (Sigmoid, Softplus, Step, Relu, Elu, EluGrad, Gelu, GeluGrad, InRange, Clamp)
+
+
+def elementary(expr: sp.Expr) -> sp.Expr:
+    """`expr` with every opaque function written in exp/log/erf/Piecewise (for mpmath checks)."""
+
+    def step(x: sp.Expr) -> sp.Expr:
+        return sp.Piecewise((1, x > 0), (0, True))
+
+    table = {
+        Sigmoid: lambda x: 1 / (1 + sp.exp(-x)),
+        Softplus: lambda x: sp.log(1 + sp.exp(x)),
+        Step: step,
+        Relu: lambda x: sp.Piecewise((x, x > 0), (0, True)),
+        Elu: lambda x: sp.Piecewise((x, x > 0), (sp.exp(x) - 1, True)),
+        EluGrad: lambda x: sp.Piecewise((1, x > 0), (sp.exp(x), True)),
+        Gelu: lambda x: x * (1 + sp.erf(x / sp.sqrt(2))) / 2,
+        GeluGrad: lambda x: (1 + sp.erf(x / sp.sqrt(2))) / 2
+        + x * sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi),
+        InRange: lambda x, lo, hi: sp.Piecewise((1, sp.And(x >= lo, x <= hi)), (0, True)),
+        Clamp: lambda x, lo, hi: sp.Min(sp.Max(x, lo), hi),
+    }
+    for _ in range(3):  # nested opaque functions
+        expr = expr.replace(lambda e: type(e) in table, lambda e: table[type(e)](*e.args))
+    return expr

@@ -1,0 +1,237 @@
+"""Kernel: validates arrays (LANGUAGE.md 6), brings them to one canonical form, launches.
+
+Every target shares this validation, so a wrong array gets the same clear error everywhere
+and never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import ir
+
+FLOATS = (np.float32, np.float64)
+
+
+@dataclass
+class Call:
+    """Validated, canonical arguments of one call."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    params: dict[str, np.ndarray]
+    indices: dict[str, np.ndarray]
+    sizes: dict[str, int]
+    dtype: np.dtype
+    param_dtypes: dict[str, np.dtype] = field(default_factory=dict)
+
+    @property
+    def shape_out(self) -> tuple[int, ...]:
+        s = self.sizes
+        return (s["B"], s["heads"], s["n_q"], s["dv"])
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.q, self.k, self.v, *self.params.values(), *self.indices.values()]
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    if hasattr(value, "__cuda_array_interface__") and not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: a device array was given to a CPU target; pass a NumPy array")
+    try:
+        return np.asarray(value)
+    except Exception as exc:
+        raise TypeError(f"{name}: expected an array, got {type(value).__name__}") from exc
+
+
+class Validator:
+    """Checks q, k, v, params and indices against one spec."""
+
+    def __init__(self, spec: ir.Spec) -> None:
+        self.spec = spec
+        self.uses_n = _uses_n(spec)
+
+    def __call__(self, q: Any, k: Any, v: Any, extra: Mapping[str, Any]) -> Call:
+        q, k, v = (_as_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            if a.dtype.type not in FLOATS:
+                raise TypeError(f"{name}: expected float32 or float64, got {a.dtype}")
+            if a.ndim != 4:
+                what = {"q": "[B, heads, n_q, d]", "k": "[B, kv_heads, n_k, d]",
+                        "v": "[B, kv_heads, n_k, dv]"}[name]
+                raise ValueError(f"{name}: expected 4 dimensions {what}, got shape "
+                                 f"{_shape(a.shape)}")
+        if not q.dtype == k.dtype == v.dtype:
+            raise TypeError(f"q, k and v must share one float dtype, got {q.dtype}, {k.dtype}, "
+                            f"{v.dtype}")
+        B, heads, n_q, d = q.shape
+        kv_heads, n_k = k.shape[1], k.shape[2]
+        dv = v.shape[3]
+        need_k = (B, kv_heads, n_k, d)
+        if k.shape[0] != B or k.shape[3] != d:
+            raise ValueError(f"k: expected shape {_shape(need_k)} (B and d of q), got "
+                             f"{_shape(k.shape)}")
+        if v.shape[:3] != (B, kv_heads, n_k):
+            raise ValueError(f"v: expected shape {_shape((B, kv_heads, n_k, dv))} (B, kv_heads "
+                             f"and n_k of k), got {_shape(v.shape)}")
+        self._check_heads(q, k, heads, kv_heads)
+        if min(B, heads, n_q, n_k, d, dv) == 0:
+            raise ValueError(f"empty input: q {_shape(q.shape)}, k {_shape(k.shape)}, "
+                             f"v {_shape(v.shape)}")
+        if self.uses_n and n_q != n_k:
+            raise ValueError(f"the spec uses 'n', which needs n_q == n_k; got q with n_q = {n_q} "
+                             f"and k with n_k = {n_k}")
+        sizes = {"B": B, "heads": heads, "kv_heads": kv_heads, "n_q": n_q, "n_k": n_k, "d": d,
+                 "dv": dv, "n": n_q}
+        params, dtypes, indices = self._extras(extra, sizes, q.dtype)
+        return Call(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
+                    params, indices, sizes, q.dtype, dtypes)
+
+    def _check_heads(self, q: np.ndarray, k: np.ndarray, heads: int, kv_heads: int) -> None:
+        spec = self.spec
+        if spec.heads is not None and heads != spec.heads:
+            raise ValueError(f"q: the spec has heads {spec.heads}, got q with shape "
+                             f"{_shape(q.shape)} ({heads} heads)")
+        want_kv = spec.kv_heads if spec.kv_heads is not None else (
+            spec.heads if spec.heads is not None else None)
+        if want_kv is not None and kv_heads != want_kv:
+            raise ValueError(f"k: the spec has kv_heads {want_kv}, got k with shape "
+                             f"{_shape(k.shape)} ({kv_heads} heads)")
+        if heads % kv_heads:
+            raise ValueError(f"k: kv_heads = {kv_heads} (k.shape[1]) must divide heads = {heads} "
+                             f"(q.shape[1])")
+
+    def _extras(self, extra: Mapping[str, Any], sizes: dict[str, int], dtype: np.dtype):  # type: ignore[no-untyped-def]
+        spec = self.spec
+        declared = [p.name for p in spec.params] + [x.name for x in spec.indices]
+        unexpected = sorted(set(extra) - set(declared))
+        if unexpected:
+            raise TypeError(f"unexpected argument{'s' if len(unexpected) > 1 else ''} "
+                            f"{', '.join(unexpected)}; the spec declares "
+                            f"{', '.join(declared) or 'no params or indices'}")
+        missing = [n for n in declared if n not in extra]
+        if missing:
+            raise TypeError(f"missing argument{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)} (declared in the spec)")
+        params: dict[str, np.ndarray] = {}
+        dtypes: dict[str, np.dtype] = {}
+        for p in spec.params:
+            value = _as_array(p.name, extra[p.name])
+            if value.dtype.kind not in "fiub":
+                raise TypeError(f"{p.name}: expected a number array, got {value.dtype}")
+            need = self._dims(p.name, p.dims, value.shape, sizes, ())
+            dtypes[p.name] = value.dtype if value.dtype.kind == "f" else np.dtype(dtype)
+            params[p.name] = np.ascontiguousarray(value.reshape(need), dtype=dtype)
+        indices: dict[str, np.ndarray] = {}
+        for x in spec.indices:
+            value = _as_array(x.name, extra[x.name])
+            if value.dtype.kind not in "iu":
+                raise TypeError(f"{x.name}: expected an integer array, got {value.dtype}")
+            self._dims(x.name, x.dims, value.shape, sizes, (sizes["B"],))
+            indices[x.name] = np.ascontiguousarray(value, dtype=np.int64)
+        return params, dtypes, indices
+
+    def _dims(self, name: str, dims: tuple[ir.Dim, ...], got: tuple[int, ...],
+              sizes: dict[str, int], lead: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape `dims` asks for, binding fresh size names on first sight."""
+        need: list[int | str] = list(lead)
+        for dim in dims:
+            if isinstance(dim, int):
+                need.append(dim)
+            elif dim in sizes:
+                need.append(sizes[dim])
+            else:
+                need.append(dim)  # a fresh name, bound below
+        if len(got) != len(need):
+            raise ValueError(f"{name}: expected shape {_fmt(need, dims, lead)}, got "
+                             f"{_shape(got)}")
+        for axis, (want, have) in enumerate(zip(need, got)):
+            if isinstance(want, str):
+                sizes[want] = have
+                need[axis] = have
+            elif want != have:
+                raise ValueError(f"{name}: expected shape {_fmt(need, dims, lead)}, got "
+                                 f"{_shape(got)}")
+        return tuple(int(n) for n in need)
+
+
+def _fmt(need: list[int | str], dims: tuple[ir.Dim, ...], lead: tuple[int, ...]) -> str:
+    names = (["B"] if lead else []) + [str(d) for d in dims]
+    return "[" + ", ".join(f"{n}={w}" if str(w) != n else str(n) for n, w in zip(names, need)) + "]"
+
+
+def _uses_n(spec: ir.Spec) -> bool:
+    exprs = [spec.score, spec.scale, spec.bias, spec.softcap, spec.mask, spec.normalize.expr]
+    in_exprs = any(isinstance(node, ir.Name) and node.name == "n"
+                   for e in exprs if e is not None for node in ir.walk(e))
+    in_dims = any("n" in decl.dims for decl in (*spec.params, *spec.indices))
+    return in_exprs or in_dims
+
+
+class Kernel:
+    """A compiled spec: `kernel(q, k, v, **params)`, `.forward`, `.backward` (LANGUAGE.md 6)."""
+
+    def __init__(self, spec: ir.Spec, target: str, source: str,
+                 forward_impl: Callable[[Call], tuple[np.ndarray, np.ndarray | None]],
+                 backward_impl: Callable[[Call, np.ndarray, Any, Any], dict[str, np.ndarray]],
+                 ) -> None:
+        self.spec = spec
+        self.target = target
+        self.source = source
+        self.validate = Validator(spec)
+        self._forward = forward_impl
+        self._backward = backward_impl
+
+    def __repr__(self) -> str:
+        return f"<attndsl.Kernel {self.spec.name!r} target={self.target!r}>"
+
+    def __call__(self, q: Any, k: Any, v: Any, **params_and_indices: Any) -> np.ndarray:
+        return self.forward(q, k, v, **params_and_indices)
+
+    def forward(self, q: Any, k: Any, v: Any, return_lse: bool = False,
+                **params_and_indices: Any) -> Any:
+        call = self.validate(q, k, v, params_and_indices)
+        out, lse = self._forward(call)
+        out = np.asarray(out, dtype=call.dtype)
+        if lse is not None and self.spec.normalize.kind is ir.NormKind.SOFTMAX:
+            lse = np.asarray(lse, dtype=call.dtype)
+        else:
+            lse = None
+        return (out, lse) if return_lse else out
+
+    def backward(self, q: Any, k: Any, v: Any, dout: Any, out: Any = None, lse: Any = None,
+                 **params_and_indices: Any) -> dict[str, np.ndarray]:
+        call = self.validate(q, k, v, params_and_indices)
+        dout = _as_array("dout", dout)
+        if dout.shape != call.shape_out:
+            raise ValueError(f"dout: expected shape {_shape(call.shape_out)} (like out), got "
+                             f"{_shape(dout.shape)}")
+        if dout.dtype.kind != "f":
+            raise TypeError(f"dout: expected a float array, got {dout.dtype}")
+        dout = np.ascontiguousarray(dout, dtype=call.dtype)
+        if out is not None:
+            out = _as_array("out", out)
+            if out.shape != call.shape_out:
+                raise ValueError(f"out: expected shape {_shape(call.shape_out)}, got "
+                                 f"{_shape(out.shape)}")
+            out = np.ascontiguousarray(out, dtype=call.dtype)
+        if lse is not None:
+            lse = _as_array("lse", lse)
+            need = call.shape_out[:3]
+            if lse.shape != need:
+                raise ValueError(f"lse: expected shape {_shape(need)}, got {_shape(lse.shape)}")
+            lse = np.ascontiguousarray(lse, dtype=call.dtype)
+        grads = self._backward(call, dout, out, lse)
+        result = {name: np.asarray(grads[name], dtype=call.dtype) for name in ("q", "k", "v")}
+        for name, value in call.params.items():
+            result[name] = np.asarray(grads[name]).astype(call.param_dtypes[name]).reshape(
+                np.shape(params_and_indices[name]))
+        return result

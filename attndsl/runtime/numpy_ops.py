@@ -1,0 +1,230 @@
+"""The array operations generated NumPy references call (`xp.*`), on float NumPy arrays.
+
+Layout: every value is broadcastable to [B, heads, n_q, n_k, features]; a query-row value has
+n_k = 1, a key-row value n_q = 1, a scalar features = 1. verify.py runs the same generated code
+with a SymPy implementation of this namespace (object arrays) to prove the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import special
+
+inf = np.inf
+arange = np.arange
+exp, log, sqrt, tanh, sin, cos, sign = np.exp, np.log, np.sqrt, np.tanh, np.sin, np.cos, np.sign
+abs = np.abs
+maximum, minimum, where, floor = np.maximum, np.minimum, np.where, np.floor
+less, less_equal, greater, greater_equal = np.less, np.less_equal, np.greater, np.greater_equal
+equal, not_equal = np.equal, np.not_equal
+logical_and, logical_or, logical_not = np.logical_and, np.logical_or, np.logical_not
+pi = np.pi
+
+
+def rational(p: int, q: int) -> float:
+    return p / q
+
+
+def heaviside(x: np.ndarray) -> np.ndarray:
+    """d max(x, 0)/dx for max/min ties: 1/2 at 0, as PyTorch's maximum."""
+    return np.heaviside(x, 0.5)
+
+
+def step(x: np.ndarray) -> np.ndarray:
+    return (x > 0).astype(np.result_type(x, np.float32))
+
+
+def in_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return ((x >= lo) & (x <= hi)).astype(np.result_type(x, np.float32))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return special.expit(x)
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0, x)
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0)
+
+
+def elu(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+
+
+def elu_grad(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, 1, np.exp(np.minimum(x, 0)))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
+
+
+def gelu_grad(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + special.erf(x / np.sqrt(2))) + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)
+
+
+def clamp(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return np.minimum(np.maximum(x, lo), hi)
+
+
+# ---- layout ----
+
+
+def positions(B: int, heads: int, n_q: int, n_k: int) -> tuple[np.ndarray, ...]:
+    """b, h, i, j as integer arrays on their own axis of the 5-D layout."""
+    return (np.arange(B).reshape(B, 1, 1, 1, 1), np.arange(heads).reshape(1, heads, 1, 1, 1),
+            np.arange(n_q).reshape(1, 1, n_q, 1, 1), np.arange(n_k).reshape(1, 1, 1, n_k, 1))
+
+
+def kv_head_of(heads: int, kv_heads: int) -> np.ndarray:
+    """g(h) = h // (heads // kv_heads): the key/value head each query head reads."""
+    return np.arange(heads) // (heads // kv_heads)
+
+
+def query_rows(x: np.ndarray) -> np.ndarray:
+    return x[:, :, :, None, :]
+
+
+def key_rows(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return x[:, g][:, :, None, :, :]
+
+
+def full(x: np.ndarray | bool | float, shape: Sequence[int]) -> np.ndarray:
+    return np.broadcast_to(x, tuple(shape))
+
+
+def lookup(array: np.ndarray, name: str, subscripts: Sequence[np.ndarray],
+           vector: bool = False) -> np.ndarray:
+    """array[subscripts] with a ValueError naming the array when a subscript is out of range."""
+    subs = [np.asarray(s) for s in subscripts]
+    if vector:  # a row of the array: drop the feature axis of the subscripts
+        subs = [s[..., 0] if s.ndim == 5 else s for s in subs]
+    for axis, s in enumerate(subs):
+        size = array.shape[axis]
+        if s.size and (s.min() < 0 or s.max() >= size):
+            bad = s.min() if s.min() < 0 else s.max()
+            raise ValueError(f"subscript {axis} of '{name}' is out of range: got {int(bad)}, "
+                             f"the array has size {size} on that axis")
+    if not subs:
+        return array
+    return array[tuple(subs)]
+
+
+def reduce(body: np.ndarray) -> np.ndarray:
+    return np.sum(body, axis=-1, keepdims=True)
+
+
+def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum_f a_f * b_f for query rows a [.., n_q, 1, F] and key rows b [.., 1, n_k, F]."""
+    return np.matmul(a[:, :, :, 0, :], np.swapaxes(b[:, :, 0, :, :], -1, -2))[..., None]
+
+
+def gemm_da(dr: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.matmul(dr[..., 0], b[:, :, 0, :, :])[:, :, :, None, :]
+
+
+def gemm_db(dr: np.ndarray, a: np.ndarray) -> np.ndarray:
+    return np.matmul(np.swapaxes(dr[..., 0], -1, -2), a[:, :, :, 0, :])[:, :, None, :, :]
+
+
+def project(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.matmul(x, w)
+
+
+def project_dx(dp: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.matmul(dp, w.T)
+
+
+def project_dw(x: np.ndarray, dp: np.ndarray) -> np.ndarray:
+    """X^T dP summed over every row."""
+    shape = np.broadcast_shapes(x.shape[:-1], dp.shape[:-1])
+    xs = np.broadcast_to(x, shape + x.shape[-1:]).reshape(-1, x.shape[-1])
+    ds = np.broadcast_to(dp, shape + dp.shape[-1:]).reshape(-1, dp.shape[-1])
+    return xs.T @ ds
+
+
+def sum_to(x: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """Sum `x` over the axes `like` broadcasts along (the adjoint of broadcasting)."""
+    x = np.asarray(x)
+    like_shape = np.shape(like)
+    while x.ndim > len(like_shape):
+        x = x.sum(axis=0)
+    axes = tuple(a for a, n in enumerate(like_shape) if n == 1 and x.shape[a] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
+
+
+def scatter(shape: Sequence[int], subscripts: Sequence[np.ndarray], values: np.ndarray,
+            vector: bool = False) -> np.ndarray:
+    """The adjoint of `lookup`: add each value at its subscripts."""
+    out = np.zeros(tuple(shape), dtype=np.result_type(values, np.float32))
+    subs = [np.asarray(s) for s in subscripts]
+    if vector:
+        subs = [s[..., 0] if s.ndim == 5 else s for s in subs]
+        lead = np.broadcast_shapes(*(s.shape for s in subs), values.shape[:-1])
+        vals = np.broadcast_to(values, lead + values.shape[-1:])
+        subs = [np.broadcast_to(s, lead) for s in subs]
+    else:
+        lead = np.broadcast_shapes(*(s.shape for s in subs), values.shape)
+        vals = np.broadcast_to(values, lead)
+        subs = [np.broadcast_to(s, lead) for s in subs]
+    if not subs:
+        return out + (vals.reshape(-1, *shape).sum(axis=0) if shape else vals.sum())
+    np.add.at(out, tuple(subs), vals)
+    return out
+
+
+def group_heads(x: np.ndarray, kv_heads: int) -> np.ndarray:
+    """Sum query heads' contributions into their key/value head: [B, H, ...] -> [B, kv_heads, ...]."""
+    B, heads = x.shape[:2]
+    return x.reshape(B, kv_heads, heads // kv_heads, *x.shape[2:]).sum(axis=2)
+
+
+# ---- normalizers ----
+
+
+def rowsum(x: np.ndarray) -> np.ndarray:
+    return np.sum(x, axis=-1, keepdims=True)
+
+
+def safe_div(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """x / z, and 0 where z == 0 (a row with no allowed key)."""
+    zero = z == 0
+    return np.where(zero, 0, x / np.where(zero, 1, z))
+
+
+def log_sum(m: np.ndarray, l: np.ndarray) -> np.ndarray:
+    """lse = m + log(l); -inf for an empty row."""
+    return np.where(l > 0, m + np.log(np.where(l > 0, l, 1)), -np.inf)
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.matmul(a, b)
+
+
+def transpose(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2)
+
+
+def keymax(x: np.ndarray) -> np.ndarray:
+    """The max over keys (axis -2 of the 5-D layout) for a stable softmax; 0 for an empty row."""
+    m = np.max(x, axis=-2, keepdims=True)
+    return np.where(np.isfinite(m), m, 0)
+
+
+def keysum(x: np.ndarray) -> np.ndarray:
+    return np.sum(x, axis=-2, keepdims=True)
+
+
+def zeros_like(x: np.ndarray) -> np.ndarray:
+    return np.zeros_like(x)
+
+
+def as_grad(d: np.ndarray | int, like: np.ndarray) -> np.ndarray:
+    """A param's gradient with the param's shape (0 when nothing flowed into it)."""
+    return np.broadcast_to(np.asarray(d, dtype=np.result_type(like, np.float32)),
+                           np.shape(like)).copy()

@@ -1,0 +1,308 @@
+"""Forward derivation: typed ir.Spec -> SymPy expressions over a small graph of row-level nodes.
+
+A spec becomes
+  * `Vec` nodes: per-row vectors, one SymPy symbol standing for "this vector at feature f"
+    (q, k, param vectors, projections `X @ W`, element-wise maps hoisted for a dot product);
+  * `Reduction` nodes: `R = sum_f body_f`, per query row, per key row, constant, or per pair
+    (a pair reduction of a query-side and a key-side vector is a GEMM);
+  * `Lookup` nodes: a param or index element read at integer subscripts (`slope[h]`, `doc[j]`);
+  * the logit `softcap(score * scale + bias)`, the mask and the normalizer, as SymPy expressions
+    in those symbols, positions `i j h b` and sizes.
+Nodes are listed in creation order, which is a topological order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from . import ir
+from .errors import SpecError
+from .functions import SPEC_FUNCTIONS, Clamp
+from .ir import Kind, NormKind, Side
+
+# Positions and sizes, shared by every derivation so expressions compare across specs.
+POSITIONS = {name: sp.Symbol(name, integer=True, nonnegative=True) for name in "ijhb"}
+SIZES = {
+    name: sp.Symbol(name, integer=True, positive=True)
+    for name in ("d", "dv", "n_q", "n_k", "heads", "kv_heads")
+}
+S = sp.Symbol("s", real=True)  # the logit, in an element-wise normalizer
+
+
+@dataclass(frozen=True)
+class Vec:
+    """A vector per row (or constant), known by its per-feature symbol."""
+
+    name: str
+    symbol: sp.Symbol
+    size: str
+    side: Side
+    kind: str  # "input" (q, k) | "param" | "proj" (X @ W) | "map" (element-wise expression)
+    expr: sp.Expr | None = None  # map: the expression; proj: the symbol of X
+    param: str | None = None  # param vectors: the param; projections: the matrix
+    subscripts: tuple[sp.Expr, ...] = ()  # param vectors: leading subscripts (P[h])
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """R = sum over the feature axis of `body`."""
+
+    name: str
+    symbol: sp.Symbol
+    size: str
+    side: Side
+    body: sp.Expr
+    gemm: tuple[Vec, Vec] | None = None  # (query-side a, key-side b) with body = a_f * b_f
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One element of a param or index array, read at integer subscripts."""
+
+    name: str
+    symbol: sp.Symbol
+    array: str
+    subscripts: tuple[sp.Expr, ...]
+    is_param: bool
+    side: Side
+
+
+Node = Vec | Reduction | Lookup
+
+
+@dataclass
+class Derivation:
+    spec: ir.Spec
+    nodes: list[Node] = field(default_factory=list)
+    logit: sp.Expr = sp.S.Zero  # softcap(score * scale + bias)
+    mask: sp.Basic | None = None  # a SymPy boolean, None = every key allowed
+    norm: NormKind = NormKind.SOFTMAX
+    norm_expr: sp.Expr | None = None  # element-wise normalizers: an expression in S
+    uses_n: bool = False  # 'n' appears: n_q must equal n_k
+
+    def of(self, cls: type) -> list:
+        return [n for n in self.nodes if isinstance(n, cls)]
+
+    @property
+    def vecs(self) -> list[Vec]:
+        return self.of(Vec)
+
+    @property
+    def reductions(self) -> list[Reduction]:
+        return self.of(Reduction)
+
+    @property
+    def lookups(self) -> list[Lookup]:
+        return self.of(Lookup)
+
+    def node(self, symbol: sp.Symbol) -> Node | None:
+        return next((n for n in self.nodes if n.symbol == symbol), None)
+
+    def weights_expr(self) -> sp.Expr:
+        """The weight of one allowed pair before the row normalization (softmax: exp)."""
+        if self.norm is NormKind.ELEMENTWISE:
+            assert self.norm_expr is not None
+            return self.norm_expr.subs(S, self.logit)
+        return self.logit
+
+    def pretty(self) -> str:
+        from .grad import derive_gradients
+
+        return derive_gradients(self).pretty()
+
+
+def _sym(name: str) -> sp.Symbol:
+    return sp.Symbol(name, real=True)
+
+
+class Deriver:
+    """Builds the node graph of one checked spec, bottom-up."""
+
+    def __init__(self, spec: ir.Spec) -> None:
+        self.out = Derivation(spec)
+        self.by_key: dict[tuple, Node] = {}
+        self.params = {p.name: p for p in spec.params}
+        self.indices = {x.name: x for x in spec.indices}
+
+    def _add(self, key: tuple, make) -> Node:  # type: ignore[no-untyped-def]
+        if key not in self.by_key:
+            node = make(len(self.out.nodes))
+            self.by_key[key] = node
+            self.out.nodes.append(node)
+        return self.by_key[key]
+
+    # ---- vectors: per-feature SymPy expressions ----
+    def vector(self, e: ir.Expr) -> sp.Expr:
+        t = e.type
+        assert t is not None
+        if t.kind is not Kind.VECTOR:
+            return self.scalar(e)
+        if isinstance(e, ir.Name) and e.name in ("q", "k"):
+            side = Side.QUERY if e.name == "q" else Side.KEY
+            return self._add(("input", e.name), lambda _: Vec(
+                e.name, _sym(f"{e.name}_f"), "d", side, "input")).symbol
+        if isinstance(e, ir.Name):  # a param vector
+            return self._param_vec(e.name, (), t)
+        if isinstance(e, ir.Subscript):
+            subs = tuple(self.scalar(x) for x in e.indices)
+            return self._param_vec(e.name, subs, t)
+        if isinstance(e, ir.Binary) and e.op == "@":
+            return self._projection(e)
+        if isinstance(e, ir.Unary):
+            return -self.vector(e.operand)
+        if isinstance(e, ir.Binary):
+            return _arith(e.op, self.vector(e.left), self.vector(e.right), False)
+        if isinstance(e, ir.Call):
+            return self._call(e.func, [self.vector(a) for a in e.args], e.args)
+        raise AssertionError(f"unexpected vector node {e}")
+
+    def _param_vec(self, name: str, subs: tuple[sp.Expr, ...], t: ir.Type) -> sp.Symbol:
+        key = ("param", name, subs)
+        return self._add(key, lambda n: Vec(
+            f"{name}_v{n}", _sym(f"{name}_v{n}_f"), t.size or "", t.side, "param",
+            param=name, subscripts=subs)).symbol
+
+    def _projection(self, e: ir.Binary) -> sp.Symbol:
+        assert e.type is not None and isinstance(e.right, ir.Name)
+        side = e.type.side
+        if side is Side.PAIR:
+            raise SpecError("a projection of a vector that depends on both q and k is not "
+                            "supported", e.pos.line, e.pos.column,
+                            hint="project each side separately: q @ W + k @ W")
+        left = self.as_vec(self.vector(e.left), e.left.type)  # type: ignore[arg-type]
+        matrix = e.right.name
+        return self._add(("proj", left.symbol, matrix), lambda n: Vec(
+            f"proj{n}", _sym(f"proj{n}_f"), e.type.size or "", side, "proj",  # type: ignore
+            expr=left.symbol, param=matrix)).symbol
+
+    def as_vec(self, expr: sp.Expr, t: ir.Type) -> Vec:
+        """A Vec node holding `expr` (itself when it already is one)."""
+        node = self.out.node(expr) if isinstance(expr, sp.Symbol) else None
+        if isinstance(node, Vec):
+            return node
+        return self._add(("map", expr), lambda n: Vec(  # type: ignore[return-value]
+            f"vec{n}", _sym(f"vec{n}_f"), t.size or "", t.side, "map", expr=expr))
+
+    # ---- scalars ----
+    def scalar(self, e: ir.Expr) -> sp.Expr:
+        t = e.type
+        assert t is not None
+        if isinstance(e, ir.Num):
+            return sp.Integer(int(e.text)) if e.is_int else sp.Rational(e.text)
+        if isinstance(e, ir.Name):
+            return self._name(e)
+        if isinstance(e, ir.Subscript):
+            return self._lookup(e.name, tuple(self.scalar(x) for x in e.indices), t.side)
+        if isinstance(e, ir.Unary):
+            operand = self.scalar(e.operand)
+            return sp.Not(operand) if e.op == "not" else -operand
+        if isinstance(e, ir.Binary):
+            if e.op == ".":
+                return self._reduce("dot", (e.left, e.right))
+            left, right = self.scalar(e.left), self.scalar(e.right)
+            if e.op in ir.LOGIC_OPS:
+                return (sp.And if e.op == "and" else sp.Or)(left, right)
+            if e.op in ir.COMPARISON_OPS:
+                return _compare(e.op, left, right)
+            return _arith(e.op, left, right, True)
+        if isinstance(e, ir.Call):
+            if e.func in ir.REDUCTIONS:
+                return self._reduce(e.func, e.args)
+            return self._call(e.func, [self.scalar(a) for a in e.args], e.args)
+        raise AssertionError(f"unexpected scalar node {e}")
+
+    def _name(self, e: ir.Name) -> sp.Expr:
+        if e.name in POSITIONS:
+            return POSITIONS[e.name]
+        if e.name == "n":
+            self.out.uses_n = True
+            return SIZES["n_q"]
+        if e.name in SIZES:
+            return SIZES[e.name]
+        if e.name == "s":
+            return S
+        return self._lookup(e.name, (), Side.CONST)
+
+    def _lookup(self, array: str, subs: tuple[sp.Expr, ...], side: Side) -> sp.Symbol:
+        is_param = array in self.params
+        integer = not is_param
+        return self._add(("lookup", array, subs), lambda n: Lookup(
+            f"{array}_{n}", sp.Symbol(f"{array}_{n}", integer=integer, real=True), array, subs,
+            is_param, side)).symbol
+
+    def _reduce(self, op: str, args: tuple[ir.Expr, ...]) -> sp.Expr:
+        types = [a.type for a in args]
+        vectors = [self.vector(a) for a in args]
+        size = types[0].size or ""  # type: ignore[union-attr]
+        side = Side.CONST
+        for t in types:
+            side = side.join(t.side)  # type: ignore[union-attr]
+        sides = [t.side for t in types]  # type: ignore[union-attr]
+        if op == "dot" and set(sides) == {Side.QUERY, Side.KEY}:
+            a, b = (0, 1) if sides[0] is Side.QUERY else (1, 0)
+            va = self.as_vec(vectors[a], types[a])  # type: ignore[arg-type]
+            vb = self.as_vec(vectors[b], types[b])  # type: ignore[arg-type]
+            body = va.symbol * vb.symbol
+            return self._add(("reduce", body, Side.PAIR), lambda n: Reduction(
+                f"r{n}", _sym(f"r{n}"), size, Side.PAIR, body, gemm=(va, vb))).symbol
+        body = {"dot": lambda: vectors[0] * vectors[1], "sum": lambda: vectors[0],
+                "norm": lambda: vectors[0] ** 2}[op]()
+        symbol = self._add(("reduce", body, side), lambda n: Reduction(
+            f"r{n}", _sym(f"r{n}"), size, side, body)).symbol
+        return sp.sqrt(symbol) if op == "norm" else symbol
+
+    def _call(self, func: str, args: list[sp.Expr], nodes: tuple[ir.Expr, ...]) -> sp.Expr:
+        if func == "where":
+            cond, then, other = args
+            return sp.Piecewise((then, cond), (other, True))
+        integer = all(n.type is not None and n.type.kind is Kind.INT for n in nodes)
+        if func == "clamp" and integer:  # integer clamps (subscripts) stay exact integers
+            return sp.Min(sp.Max(args[0], args[1]), args[2])
+        if func == "clamp":
+            return Clamp(*args)
+        return SPEC_FUNCTIONS[func](*args)
+
+
+def _arith(op: str, left: sp.Expr, right: sp.Expr, scalar: bool) -> sp.Expr:
+    if op == "+":
+        return left + right
+    if op == "-":
+        return left - right
+    if op == "*":
+        return left * right
+    if op == "/":
+        return left / right
+    if op == "^":
+        return left**right
+    if op == "//":
+        return sp.floor(left / right)
+    if op == "%":
+        return sp.Mod(left, right)
+    raise AssertionError(op)
+
+
+def _compare(op: str, left: sp.Expr, right: sp.Expr) -> sp.Basic:
+    return {"==": sp.Eq, "!=": sp.Ne, "<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge}[op](
+        left, right, evaluate=False)
+
+
+def derive(spec: ir.Spec) -> Derivation:
+    """The forward derivation of a checked spec."""
+    deriver = Deriver(spec)
+    out = deriver.out
+    x = deriver.scalar(spec.score)
+    if spec.scale is not None:
+        x = x * deriver.scalar(spec.scale)
+    if spec.bias is not None:
+        x = x + deriver.scalar(spec.bias)
+    if spec.softcap is not None:
+        cap = deriver.scalar(spec.softcap)
+        x = cap * sp.tanh(x / cap)
+    out.logit = x
+    out.mask = deriver.scalar(spec.mask) if spec.mask is not None else None
+    out.norm = spec.normalize.kind
+    if spec.normalize.expr is not None:
+        out.norm_expr = deriver.scalar(spec.normalize.expr)
+    return out
