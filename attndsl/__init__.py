@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from . import check as _check
 from . import ir
 from .errors import SpecError
-from .runtime.kernel import Kernel
 from .lower import to_ir
+from .runtime.kernel import Kernel
 from .syntax import parse_tree
 
 __all__ = ["SpecError", "load", "parse"]
@@ -35,8 +36,6 @@ def load(path: str | Path) -> ir.Spec:
 
 
 def _with_source(spec: ir.Spec, text: str, filename: str | None) -> ir.Spec:
-    import dataclasses
-
     return dataclasses.replace(spec, source=text, filename=filename)
 
 
@@ -49,7 +48,7 @@ def _as_spec(spec: ir.Spec | str | Path) -> ir.Spec:
     return parse(spec)
 
 
-def compile(spec: ir.Spec | str | Path, target: str = "cpu") -> Kernel:  # noqa: A001
+def compile(spec: ir.Spec | str | Path, target: str = "cpu") -> Kernel:
     """A Kernel for `target`: "cpu" (Numba CPU), "cuda" (Numba CUDA) or "numpy" (reference)."""
     from .runtime.build import compile_spec
 

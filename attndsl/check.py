@@ -7,6 +7,7 @@ name of a vector, and its side (query, key, pair or constant), which the planner
 from __future__ import annotations
 
 import dataclasses
+import keyword
 from collections.abc import Iterable
 from typing import NoReturn
 
@@ -65,6 +66,10 @@ class Checker:
             if decl.name in RESERVED:
                 _fail(f"'{decl.name}' is reserved and cannot name a {kind}", decl,
                       hint="choose another name")
+            if "__" in decl.name or keyword.iskeyword(decl.name):
+                _fail(f"'{decl.name}' cannot name a {kind}", decl,
+                      hint="names with '__' and Python keywords are reserved; a spec is not "
+                      "Python")
             if decl.name in declared:
                 first = declared[decl.name]
                 _fail(f"'{decl.name}' is declared twice", decl,

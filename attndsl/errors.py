@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 
 class SpecError(Exception):
-    """An error in a spec. `str(err)` is `file:line:col: message`, the line, and a caret."""
+    """An error in a spec. `str(err)` is `file:line:col: message`, the line as written (tabs
+    expanded to 4 columns) and a caret under the column, as in LANGUAGE.md section 7."""
 
     def __init__(
         self,
@@ -45,7 +46,7 @@ class SpecError(Exception):
         raw = lines[self.line - 1]
         text = raw.expandtabs(4).rstrip()
         caret = " " * len(raw[: max(self.column - 1, 0)].expandtabs(4)) + "^"
-        return f"{head}\n    {text}\n    {caret}"
+        return f"{head}\n{text}\n{caret}"
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
