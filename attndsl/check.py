@@ -60,8 +60,10 @@ class Checker:
 
     # ---- declarations ----
     def declarations(self) -> None:
-        declared: dict[str, object] = {}
-        for decl in (*self.spec.params, *self.spec.indices, *self.spec.lets):
+        declared: dict[str, ir.Param | ir.Index | ir.Let] = {}
+        decls: list[ir.Param | ir.Index | ir.Let] = [*self.spec.params, *self.spec.indices,
+                                                     *self.spec.lets]
+        for decl in decls:
             kind = type(decl).__name__.lower()
             if decl.name in RESERVED:
                 _fail(f"'{decl.name}' is reserved and cannot name a {kind}", decl,
@@ -75,7 +77,8 @@ class Checker:
                 _fail(f"'{decl.name}' is declared twice", decl,
                       hint=f"first declared on line {first.pos.line}")
             declared[decl.name] = decl
-        for decl in (*self.spec.params, *self.spec.indices):
+        arrays: list[ir.Param | ir.Index] = [*self.spec.params, *self.spec.indices]
+        for decl in arrays:
             for dim in decl.dims:
                 self._dim(decl, dim, declared)
         heads, kv_heads = self.spec.heads, self.spec.kv_heads
@@ -92,7 +95,8 @@ class Checker:
                 "heads / kv_heads query heads",
             )
 
-    def _dim(self, decl: ir.Param | ir.Index, dim: ir.Dim, declared: dict[str, object]) -> None:
+    def _dim(self, decl: ir.Param | ir.Index, dim: ir.Dim,
+             declared: dict[str, ir.Param | ir.Index | ir.Let]) -> None:
         """A size in DIMS: a size name, a positive integer literal, or a fresh name."""
         if isinstance(dim, int):
             if dim < 1:
@@ -284,7 +288,7 @@ class Checker:
         return dataclasses.replace(node, left=left, right=right,
                                    type=Type(Kind.VECTOR, cols, left.type.side))
 
-    def _reduce_dot(self, node: ir.Expr, left: ir.Expr, right: ir.Expr) -> ir.Expr:
+    def _reduce_dot(self, node: ir.Binary | ir.Call, left: ir.Expr, right: ir.Expr) -> ir.Expr:
         for operand in (left, right):
             if operand.type is None or operand.type.kind is not Kind.VECTOR:
                 _fail(f"'.' takes two vectors, but {_describe(operand)} is {operand.type}",
@@ -445,7 +449,8 @@ def _literal_value(expr: ir.Expr) -> float | None:
 
 def uses_n(spec: ir.Spec) -> bool:
     """Whether the spec writes `n` (as a size or a value), so needs n_q == n_k at call time."""
-    if any("n" in decl.dims for decl in (*spec.params, *spec.indices)):
+    arrays: list[ir.Param | ir.Index] = [*spec.params, *spec.indices]
+    if any("n" in decl.dims for decl in arrays):
         return True
     exprs = [spec.score, spec.scale, spec.bias, spec.softcap, spec.mask, spec.normalize.expr,
              *(let.expr for let in spec.lets)]
@@ -469,6 +474,7 @@ def check(spec: ir.Spec) -> ir.Spec:
     for let in spec.lets:
         checker.let(let)
     score = checker.scalar_clause("score", spec.score)
+    assert score is not None
     scale = checker.scalar_clause("scale", spec.scale)
     bias = checker.scalar_clause("bias", spec.bias)
     softcap = checker.softcap(spec.softcap)

@@ -149,7 +149,8 @@ def _describe_token(token: Token) -> str:
 def translate(exc: Exception, text: str) -> SpecError:
     """A SpecError in plain words for one of lark's exceptions."""
     if isinstance(exc, UnexpectedCharacters):
-        char = text[exc.pos_in_stream] if 0 <= exc.pos_in_stream < len(text) else ""
+        at = exc.pos_in_stream
+        char = text[at] if at is not None and 0 <= at < len(text) else ""
         return SpecError(f"unexpected character {char!r}", exc.line, exc.column,
                          hint=_CHARACTER_HINTS.get(char))
     if isinstance(exc, UnexpectedToken):
