@@ -79,9 +79,113 @@ def _run_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _configure_show(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
+    parser.add_argument("--latex", action="store_true", help="print LaTeX instead of text")
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from . import derive
+
+    try:
+        spec = load_spec(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return SPEC_ERROR
+    grads = derive(spec)
+    print(f"attention {spec.name}")
+    print(grads.pretty(latex=args.latex))
+    from .plan import describe_path
+
+    print(describe_path(spec))
+    return OK
+
+
+def _configure_emit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
+    parser.add_argument("--target", default="numpy", choices=("numpy", "cpu", "cuda", "ptx"),
+                        help="which generated source to print (default: numpy)")
+    parser.add_argument("--cc", default="80", help="compute capability for --target ptx, e.g. 90")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="element type of the kernels (cpu, cuda, ptx)")
+
+
+def _run_emit(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return SPEC_ERROR
+    if args.target == "numpy":
+        from .codegen import numpy_ref
+        from .symbolic import derive
+
+        print(numpy_ref.emit(derive(spec)), end="")
+        return OK
+    if args.target == "cpu":
+        from .codegen import numba_cpu
+
+        print(numba_cpu.emit_source(spec), end="")
+        return OK
+    from .codegen import numba_cuda
+
+    if args.target == "cuda":
+        print(numba_cuda.emit_source(spec), end="")
+        return OK
+    if not args.cc.isdigit() or len(args.cc) < 2:
+        raise UsageError(f"--cc {args.cc}: expected a compute capability such as 80 or 90")
+    cc = (int(args.cc[:-1]), int(args.cc[-1]))
+    for name, ptx in numba_cuda.compile_kernel(spec).ptx(cc=cc, dtype=args.dtype).items():
+        print(f"// ---- {name} ----")
+        print(ptx)
+    return OK
+
+
+def _configure_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE", help="spec files (.attn)")
+    parser.add_argument("--target", default="numpy",
+                        help="comma-separated targets to check against the reference "
+                        "(numpy, cpu, cuda); default numpy")
+    parser.add_argument("--no-proof", action="store_true", help="skip the symbolic proof")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    import time
+
+    from . import verify
+
+    targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
+    unknown = [t for t in targets if t not in ("numpy", "cpu", "cuda")]
+    if unknown:
+        raise UsageError(f"unknown target {', '.join(unknown)}; choose numpy, cpu or cuda")
+    status = OK
+    for path in args.files:
+        try:
+            spec = load_spec(path)
+        except UsageError as exc:
+            print(f"attndsl verify: {exc}", file=sys.stderr)
+            status = USAGE_ERROR
+            continue
+        except SpecError as err:
+            print(err, file=sys.stderr)
+            status = max(status, SPEC_ERROR)
+            continue
+        start = time.perf_counter()
+        report = verify(spec, targets=targets, proof=not args.no_proof)
+        print(report)
+        print(f"  derived + verified in {time.perf_counter() - start:.1f} s")
+        if not report.ok:
+            status = max(status, SPEC_ERROR)
+    return status
+
+
 VERBS: dict[str, Verb] = {
     "check": Verb("parse and check spec files; print a summary or the error", _configure_check,
                   _run_check),
+    "show": Verb("print the derived forward and backward formulas", _configure_show, _run_show),
+    "emit": Verb("print the generated source of a target", _configure_emit, _run_emit),
+    "verify": Verb("prove the gradients symbolically and check every target numerically",
+                   _configure_verify, _run_verify),
 }
 
 

@@ -153,7 +153,7 @@ def sum_to(x: np.ndarray, like: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     like_shape = np.shape(like)
     while x.ndim > len(like_shape):
-        x = x.sum(axis=0)
+        x = np.asarray(x.sum(axis=0))
     axes = tuple(a for a, n in enumerate(like_shape) if n == 1 and x.shape[a] != 1)
     return x.sum(axis=axes, keepdims=True) if axes else x
 

@@ -1,0 +1,121 @@
+"""The `xp` namespace of runtime/numpy_ops.py over NumPy object arrays of SymPy expressions.
+
+verify.py runs the generated NumPy reference with it, at small sizes, to obtain the derived
+gradients as exact SymPy expressions. Positions, masks and index arrays stay concrete integers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import sympy as sp
+
+from .. import functions as fn
+from . import numpy_ops as _numeric
+
+inf = sp.oo
+pi = sp.pi
+
+# Layout, lookups, scatters and reductions work unchanged on object arrays.
+positions, kv_head_of = _numeric.positions, _numeric.kv_head_of
+query_rows, key_rows, full, lookup = (_numeric.query_rows, _numeric.key_rows, _numeric.full,
+                                      _numeric.lookup)
+reduce, gemm, gemm_da, gemm_db = (_numeric.reduce, _numeric.gemm, _numeric.gemm_da,
+                                  _numeric.gemm_db)
+project, project_dx, project_dw = _numeric.project, _numeric.project_dx, _numeric.project_dw
+sum_to, group_heads, keysum, rowsum = (_numeric.sum_to, _numeric.group_heads, _numeric.keysum,
+                                       _numeric.rowsum)
+matmul, transpose = _numeric.matmul, _numeric.transpose
+
+
+def _elementwise(f: Callable[..., sp.Basic]) -> Callable[..., np.ndarray]:
+    vectorized = np.vectorize(f, otypes=[object])
+    return lambda *args: vectorized(*args)
+
+
+def rational(p: int, q: int) -> sp.Rational:
+    return sp.Rational(p, q)
+
+
+exp, log, sqrt, tanh, sin, cos = (_elementwise(f) for f in (sp.exp, sp.log, sp.sqrt, sp.tanh,
+                                                            sp.sin, sp.cos))
+sign, abs, floor = _elementwise(sp.sign), _elementwise(sp.Abs), _elementwise(sp.floor)  # noqa: A001
+heaviside = _elementwise(sp.Heaviside)
+sigmoid, softplus, relu, step = (_elementwise(f) for f in (fn.Sigmoid, fn.Softplus, fn.Relu,
+                                                           fn.Step))
+elu, elu_grad, gelu, gelu_grad = (_elementwise(f) for f in (fn.Elu, fn.EluGrad, fn.Gelu,
+                                                            fn.GeluGrad))
+clamp, in_range = _elementwise(fn.Clamp), _elementwise(fn.InRange)
+maximum, minimum = _elementwise(sp.Max), _elementwise(sp.Min)
+
+
+def _concrete(*arrays: object) -> bool:
+    return all(np.asarray(a).dtype != object for a in arrays)
+
+
+def _relation(numeric: Callable[..., np.ndarray], symbolic: type) -> Callable[..., np.ndarray]:
+    vectorized = np.vectorize(lambda a, b: symbolic(a, b), otypes=[object])
+
+    def relation(a: object, b: object) -> np.ndarray:
+        return numeric(a, b) if _concrete(a, b) else vectorized(a, b)
+
+    return relation
+
+
+less, less_equal = _relation(np.less, sp.Lt), _relation(np.less_equal, sp.Le)
+greater, greater_equal = _relation(np.greater, sp.Gt), _relation(np.greater_equal, sp.Ge)
+equal, not_equal = _relation(np.equal, sp.Eq), _relation(np.not_equal, sp.Ne)
+logical_and = _relation(np.logical_and, sp.And)
+logical_or = _relation(np.logical_or, sp.Or)
+
+
+def logical_not(a: object) -> np.ndarray:
+    return np.logical_not(a) if _concrete(a) else np.vectorize(sp.Not, otypes=[object])(a)
+
+
+def _pick(cond: object, a: object, b: object) -> object:
+    cond = sp.sympify(cond)
+    if cond == sp.true:
+        return a
+    if cond == sp.false:
+        return b
+    return sp.Piecewise((a, cond), (b, True))
+
+
+def where(cond: object, a: object, b: object) -> np.ndarray:
+    if _concrete(cond):
+        return np.where(cond, a, b)
+    return np.vectorize(_pick, otypes=[object])(cond, a, b)
+
+
+def keymax(x: np.ndarray) -> np.ndarray:
+    """Any constant row shift leaves softmax unchanged; the proof uses none."""
+    return np.zeros(x.shape[:-2] + (1, x.shape[-1]), dtype=object)
+
+
+def _is_zero(z: object) -> bool:
+    return sp.sympify(z) == 0
+
+
+def safe_div(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    return np.vectorize(lambda a, c: sp.S.Zero if _is_zero(c) else a / c, otypes=[object])(x, z)
+
+
+def log_sum(m: np.ndarray, l: np.ndarray) -> np.ndarray:  # noqa: E741
+    return np.vectorize(lambda a, c: -sp.oo if _is_zero(c) else a + sp.log(c),
+                        otypes=[object])(m, l)
+
+
+def zeros_like(x: np.ndarray) -> np.ndarray:
+    return np.zeros(np.shape(x), dtype=object)
+
+
+def as_grad(d: object, like: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(np.asarray(d, dtype=object), np.shape(like)).copy()
+
+
+def scatter(shape: tuple[int, ...], subscripts: tuple[np.ndarray, ...], values: np.ndarray,
+            vector: bool = False) -> np.ndarray:
+    out = _numeric.scatter(shape, subscripts, np.asarray(values, dtype=object), vector)
+    return np.asarray(out, dtype=object)

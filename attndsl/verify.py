@@ -1,0 +1,561 @@
+"""Verification: a symbolic proof of the gradients and numeric checks of every target.
+
+Proof. At small sizes (B = 1, n_q x n_k = 3 x 3 or 2 x 3, d = 4, dv = 2, two heads where the spec
+has GQA) the naive forward of LANGUAGE.md section 1 is built with SymPy symbols, L = sum(out * G)
+is differentiated with `sympy.diff`, and the result is compared, entry by entry, with the
+gradients the generated reference computes when it runs over SymPy object arrays.
+  * "exact": every transcendental function application (exp, tanh, sigmoid, ...) is replaced by
+    an independent random value of its exact argument and both sides are evaluated in exact
+    rational arithmetic at 3 random points. Equal as rational functions of independent symbols
+    means equal for every function, so this is a Schwartz-Zippel certificate: the chance that a
+    wrong gradient passes is at most (deg / 2^61)^3 per entry.
+  * "mpmath-60": where roots make the exact method inapplicable, both sides are evaluated with
+    the true functions at 60 significant digits at 3 random points (agreement < 1e-40).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import time
+from fractions import Fraction
+from typing import Any
+
+import mpmath
+import numpy as np
+import sympy as sp
+
+from . import functions as fn
+from . import ir
+from .codegen import numpy_ref
+from .ir import NormKind
+from .runtime import cache, symbolic_ops
+from .symbolic import POSITIONS, SIZES, S, Derivation, Lookup, Reduction, Vec, derive
+
+SCALE = 2**61  # random values are drawn from integers up to this size
+
+
+@dataclasses.dataclass
+class Check:
+    what: str
+    ok: bool
+    method: str
+    detail: str
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Report:
+    spec: str
+    checks: list[Check] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def __str__(self) -> str:
+        width = max([len(c.what) for c in self.checks] + [10])
+        lines = [f"verify {self.spec}: {'ok' if self.ok else 'FAILED'}"]
+        for c in self.checks:
+            mark = "ok  " if c.ok else "FAIL"
+            lines.append(f"  {mark} {c.what:<{width}}  {c.method:<12} {c.detail}  "
+                         f"({c.seconds:.2f} s)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---- proof sizes and inputs ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProofSetup:
+    sizes: dict[str, int]
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    G: np.ndarray
+    params: dict[str, np.ndarray]
+    indices: dict[str, np.ndarray]
+
+
+def _symbols(prefix: str, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.empty(shape, dtype=object)
+    for idx in np.ndindex(*shape):
+        out[idx] = sp.Symbol(prefix + "_" + "_".join(map(str, idx)), real=True)
+    return out
+
+
+def _proof_sizes(spec: ir.Spec) -> dict[str, int]:
+    gqa = spec.heads is not None and spec.kv_heads is not None and spec.kv_heads < spec.heads
+    heads, kv_heads = (2, 1) if gqa else (1, 1)
+    square = spec.mask is not None or any("n" in x.dims for x in (*spec.params, *spec.indices))
+    n_q, n_k = (3, 3) if square or spec.mask is not None else (2, 3)
+    # d = 4 keeps sqrt(d) rational, so 1/sqrt(d) scales stay in the exact method.
+    return {"B": 1, "heads": heads, "kv_heads": kv_heads, "n_q": n_q, "n_k": n_k, "n": n_q,
+            "d": 4, "dv": 2}
+
+
+def _shape(dims: tuple[ir.Dim, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else sizes.setdefault(d, 2) for d in dims)
+
+
+def _mask_atoms(deriv: Derivation) -> list[sp.Basic]:
+    if deriv.mask is None:
+        return []
+    return sorted(deriv.mask.atoms(sp.core.relational.Relational), key=sp.default_sort_key)
+
+
+def _exercised(deriv: Derivation, sizes: dict[str, int], indices: dict[str, np.ndarray]
+               ) -> tuple[int, list[sp.Basic]]:
+    """How many mask atoms take both values over the proof pairs, and those that do not."""
+    atoms = _mask_atoms(deriv)
+    seen: dict[sp.Basic, set[bool]] = {a: set() for a in atoms}
+    naive = Naive(deriv, sizes, {}, indices, {})
+    for b, h, i, j in np.ndindex(sizes["B"], sizes["heads"], sizes["n_q"], sizes["n_k"]):
+        env = naive.scalar_env(b, h, i, j)
+        for atom in atoms:
+            seen[atom].add(bool(atom.xreplace(env)))
+    dead = [a for a in atoms if len(seen[a]) < 2]
+    return len(atoms) - len(dead), dead
+
+
+def proof_setup(deriv: Derivation, seed: int = 0) -> tuple[ProofSetup, list[sp.Basic]]:
+    spec = deriv.spec
+    sizes = _proof_sizes(spec)
+    rng = np.random.default_rng(seed)
+    best: tuple[int, dict[str, np.ndarray], list[sp.Basic]] | None = None
+    for _ in range(20):  # index values that exercise as many mask clauses as possible
+        indices = {}
+        for x in spec.indices:
+            shape = (sizes["B"], *_shape(x.dims, sizes))
+            indices[x.name] = rng.integers(0, max(sizes["n_q"], 2), size=shape)
+        score, dead = _exercised(deriv, sizes, indices)
+        if best is None or score > best[0]:
+            best = (score, indices, dead)
+        if not dead:
+            break
+    assert best is not None
+    params = {p.name: _symbols(p.name, _shape(p.dims, sizes)) for p in spec.params}
+    B, H, KVH = sizes["B"], sizes["heads"], sizes["kv_heads"]
+    setup = ProofSetup(
+        sizes, _symbols("q", (B, H, sizes["n_q"], sizes["d"])),
+        _symbols("k", (B, KVH, sizes["n_k"], sizes["d"])),
+        _symbols("v", (B, KVH, sizes["n_k"], sizes["dv"])),
+        _symbols("G", (B, H, sizes["n_q"], sizes["dv"])), params, best[1])
+    return setup, best[2]
+
+
+# ---- the naive forward of LANGUAGE.md section 1 ---------------------------------------------
+
+
+class Naive:
+    """Evaluates the derivation's nodes at one (b, h, i, j), feature by feature."""
+
+    def __init__(self, deriv: Derivation, sizes: dict[str, int], arrays: dict[str, np.ndarray],
+                 indices: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> None:
+        self.deriv, self.sizes = deriv, sizes
+        self.arrays, self.indices, self.params = arrays, indices, params
+        self.memo: dict[tuple, Any] = {}
+
+    def scalar_env(self, b: int, h: int, i: int, j: int) -> dict[sp.Basic, Any]:
+        env: dict[sp.Basic, Any] = {POSITIONS["b"]: b, POSITIONS["h"]: h, POSITIONS["i"]: i,
+                                    POSITIONS["j"]: j}
+        env.update({SIZES[n]: self.sizes[n] for n in SIZES})
+        for node in self.deriv.nodes:
+            if isinstance(node, Lookup) and not node.is_param:
+                env[node.symbol] = self.lookup(node, env)
+        return {k: sp.sympify(v) for k, v in env.items()}
+
+    def lookup(self, node: Lookup, env: dict[sp.Basic, Any]) -> Any:
+        subs = tuple(int(s.xreplace(env)) for s in node.subscripts)
+        if node.is_param:
+            return self.params[node.array][subs]
+        return self.indices[node.array][(int(env[POSITIONS["b"]]), *subs)]
+
+    def value(self, symbol: sp.Symbol, at: tuple[int, int, int, int], f: int | None) -> Any:
+        key = (symbol, at, f)
+        if key not in self.memo:
+            self.memo[key] = self._value(symbol, at, f)
+        return self.memo[key]
+
+    def _value(self, symbol: sp.Symbol, at: tuple[int, int, int, int], f: int | None) -> Any:
+        b, h, i, j = at
+        node = self.deriv.node(symbol)
+        env = self.scalar_env(b, h, i, j)
+        if isinstance(node, Lookup):
+            return self.lookup(node, env)
+        if isinstance(node, Reduction):
+            size = self._size(node.size)
+            return sum((self.expr(node.body, at, ff) for ff in range(size)), sp.S.Zero)
+        assert isinstance(node, Vec) and f is not None
+        if node.kind == "input":
+            g = h // (self.sizes["heads"] // self.sizes["kv_heads"])
+            return self.arrays["q"][b, h, i, f] if node.name == "q" else self.arrays["k"][b, g, j, f]
+        if node.kind == "param":
+            subs = tuple(int(s.xreplace(env)) for s in node.subscripts)
+            return self.params[node.param][(*subs, f)]  # type: ignore[index]
+        if node.kind == "proj":
+            matrix = self.params[node.param]  # type: ignore[index]
+            return sum((self.value(node.expr, at, r) * matrix[r, f]  # type: ignore[arg-type]
+                        for r in range(matrix.shape[0])), sp.S.Zero)
+        return self.expr(node.expr, at, f)  # type: ignore[arg-type]
+
+    def _size(self, name: str) -> int:
+        return self.sizes[name] if name in self.sizes else int(name)
+
+    def expr(self, e: sp.Expr, at: tuple[int, int, int, int], f: int | None) -> Any:
+        env = self.scalar_env(*at)
+        for symbol in e.free_symbols:
+            node = self.deriv.node(symbol)
+            if node is not None and symbol not in env:
+                env[symbol] = self.value(symbol, at, f if isinstance(node, Vec) else None)
+        return e.xreplace(env)
+
+
+def naive_loss(deriv: Derivation, setup: ProofSetup) -> sp.Expr:
+    """L = sum(out * G), out computed pair by pair exactly as LANGUAGE.md section 1 says."""
+    s = setup.sizes
+    naive = Naive(deriv, s, {"q": setup.q, "k": setup.k}, setup.indices, setup.params)
+    group = s["heads"] // s["kv_heads"]
+    total = sp.S.Zero
+    for b, h, i in np.ndindex(s["B"], s["heads"], s["n_q"]):
+        logits, allowed = [], []
+        for j in range(s["n_k"]):
+            at = (b, h, i, j)
+            logits.append(naive.expr(deriv.logit, at, None))
+            mask = True if deriv.mask is None else bool(deriv.mask.xreplace(
+                naive.scalar_env(*at)))
+            allowed.append(mask)
+        keys = [j for j in range(s["n_k"]) if allowed[j]]
+        weights = _naive_weights(deriv, logits, keys, naive, (b, h, i))
+        for c in range(s["dv"]):
+            out = sum((weights[j] * setup.v[b, h // group, j, c] for j in keys), sp.S.Zero)
+            total += out * setup.G[b, h, i, c]
+    return total
+
+
+def _naive_weights(deriv: Derivation, logits: list[sp.Expr], keys: list[int], naive: Naive,
+                   row: tuple[int, int, int]) -> dict[int, sp.Expr]:
+    if not keys:
+        return {}
+    if deriv.norm is NormKind.SOFTMAX:
+        z = sum(sp.exp(logits[j]) for j in keys)
+        return {j: sp.exp(logits[j]) / z for j in keys}
+    if deriv.norm is NormKind.SUM:
+        z = sum(logits[j] for j in keys)
+        return {j: logits[j] / z for j in keys}
+    if deriv.norm is NormKind.NONE:
+        return {j: logits[j] for j in keys}
+    assert deriv.norm_expr is not None
+    return {j: naive.expr(deriv.norm_expr.xreplace({S: logits[j]}), (*row, j), None)
+            for j in keys}
+
+
+# ---- the derived gradients: the generated reference over SymPy arrays -----------------------
+
+
+def derived_gradients(deriv: Derivation, setup: ProofSetup) -> dict[str, np.ndarray]:
+    source = numpy_ref.emit(deriv, exact=True)
+    module = cache.load_module(source, "numpy_exact", deriv.spec.name)
+    args = [setup.q, setup.k, setup.v, setup.G, *setup.params.values(),
+            *setup.indices.values()]
+    return module.backward(symbolic_ops, *args)
+
+
+# ---- comparing two expressions ------------------------------------------------------------
+
+
+class _Oracle:
+    """Exact rational evaluation; transcendental applications become random values."""
+
+    TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.erf, fn.Sigmoid, fn.Softplus,
+                      fn.Elu, fn.EluGrad, fn.Gelu, fn.GeluGrad)
+
+    def __init__(self, point: dict[sp.Symbol, Fraction], salt: int, exp_root: int = 1) -> None:
+        self.point, self.salt = point, salt
+        self.exp_root = exp_root  # E(u) = F(u)^exp_root, so E(u)^(a/b) is exact when b | root
+        self.memo: dict[sp.Basic, Fraction] = {}
+
+    def random(self, *key: object) -> Fraction:
+        digest = hashlib.sha256(repr((self.salt, key)).encode()).digest()
+        return Fraction(int.from_bytes(digest[:8], "big") % SCALE + 1)
+
+    def __call__(self, e: sp.Basic) -> Fraction:
+        if e in self.memo:
+            return self.memo[e]
+        value = self._eval(e)
+        self.memo[e] = value
+        return value
+
+    def _eval(self, e: sp.Basic) -> Fraction:  # noqa: C901 - one case per node type
+        if e.is_Symbol:
+            return self.point[e]
+        if e.is_Rational:
+            return Fraction(int(e.p), int(e.q))
+        if e.is_Add:
+            return sum((self(a) for a in e.args), Fraction(0))
+        if e.is_Mul:
+            out = Fraction(1)
+            for a in e.args:
+                out *= self(a)
+            return out
+        if e.is_Pow:
+            base, exponent = e.args
+            if exponent.is_Integer:
+                return self(base) ** int(exponent)
+            raise _Inexact("root")
+        if isinstance(e, sp.exp):
+            return self._exp(e.args[0])
+        if type(e) in self.TRANSCENDENTAL:
+            return self.random(type(e).__name__, *(self(a) for a in e.args))
+        if isinstance(e, sp.Piecewise):
+            for value, cond in e.args:
+                if cond == sp.true or self._truth(cond):
+                    return self(value)
+            raise _Inexact("piecewise with no branch")
+        piecewise = {fn.Step: lambda x: Fraction(int(x > 0)), fn.Relu: lambda x: max(x, 0),
+                     sp.Heaviside: lambda x: Fraction(1, 2) if x == 0 else Fraction(int(x > 0)),
+                     sp.sign: lambda x: Fraction((x > 0) - (x < 0)), sp.Abs: abs,
+                     sp.Max: max, sp.Min: min,
+                     fn.Clamp: lambda x, lo, hi: min(max(x, lo), hi),
+                     fn.InRange: lambda x, lo, hi: Fraction(int(lo <= x <= hi))}
+        if type(e) in piecewise:
+            return piecewise[type(e)](*(self(a) for a in e.args))
+        raise _Inexact(type(e).__name__)
+
+    def _exp(self, arg: sp.Expr) -> Fraction:
+        """exp(c * u) = E(u)^c with c the rational content of the argument: SymPy merges
+        exp(x)^2 into exp(2 x), and the random E must obey the same law."""
+        content, primitive = _content(arg)
+        power = content * self.exp_root
+        if power.q != 1:
+            raise _Inexact("exp root")
+        return self.random("exp", self(primitive)) ** int(power)
+
+    def _truth(self, cond: sp.Basic) -> bool:
+        if isinstance(cond, sp.core.relational.Relational):
+            a, b = self(cond.lhs), self(cond.rhs)
+            return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b,
+                    "!=": a != b}[cond.rel_op]
+        if isinstance(cond, sp.And):
+            return all(self._truth(c) for c in cond.args)
+        if isinstance(cond, sp.Or):
+            return any(self._truth(c) for c in cond.args)
+        if isinstance(cond, sp.Not):
+            return not self._truth(cond.args[0])
+        raise _Inexact(type(cond).__name__)
+
+
+class _Inexact(Exception):
+    pass
+
+
+def _content(arg: sp.Expr) -> tuple[sp.Rational, sp.Expr]:
+    content, primitive = arg.as_content_primitive()
+    if primitive.could_extract_minus_sign():
+        content, primitive = -content, -primitive
+    return sp.Rational(content), primitive
+
+
+def _exp_root(*exprs: sp.Expr) -> int:
+    """The least common denominator of the contents of every exp argument."""
+    root = 1
+    for e in exprs:
+        for application in e.atoms(sp.exp):
+            root = sp.ilcm(root, _content(application.args[0])[0].q)
+    return int(root)
+
+
+def _points(symbols: list[sp.Symbol], count: int, seed: int) -> list[dict[sp.Symbol, Fraction]]:
+    rng = random.Random(seed)
+    return [{s: Fraction(rng.randrange(1, SCALE), rng.randrange(1, 2**20)) for s in symbols}
+            for _ in range(count)]
+
+
+def _mp_equal(a: sp.Expr, b: sp.Expr, symbols: list[sp.Symbol], seed: int) -> float:
+    """The largest |a - b| at 3 random points, with 60 significant digits."""
+    rng = random.Random(seed)
+    worst = 0.0
+    with mpmath.workdps(60):
+        fa = sp.lambdify(symbols, fn.elementary(a), modules="mpmath")
+        fb = sp.lambdify(symbols, fn.elementary(b), modules="mpmath")
+        for _ in range(3):
+            point = [mpmath.mpf(rng.uniform(-1.5, 1.5)) for _ in symbols]
+            da, db = fa(*point), fb(*point)
+            worst = max(worst, float(abs(da - db) / max(1, abs(da))))
+    return worst
+
+
+def compare(naive: sp.Expr, derived: sp.Expr, seed: int = 0) -> tuple[bool, str, str]:
+    """(equal?, method, detail) for one gradient entry."""
+    naive, derived = sp.sympify(naive), sp.sympify(derived)
+    symbols = sorted(naive.free_symbols | derived.free_symbols, key=lambda s: s.name)
+    try:
+        root = _exp_root(naive, derived)
+        for n, point in enumerate(_points(symbols, 3, seed)):
+            if _Oracle(point, n, root)(naive) != _Oracle(point, n, root)(derived):
+                raise _Inexact("differs")
+        bound = _degree(naive) + _degree(derived)
+        return True, "exact", f"3 points, P(wrong) <= ({bound}/2^61)^3"
+    except (_Inexact, ZeroDivisionError):
+        pass
+    err = _mp_equal(naive, derived, symbols, seed)
+    return err < 1e-40, "mpmath-60", f"max rel. difference {err:.1e}"
+
+
+def _degree(e: sp.Basic) -> int:
+    """A bound on the total degree of numerator and denominator, every function application
+    counted as a fresh variable (what the random evaluation sees)."""
+    if e.is_Symbol:
+        return 1
+    if e.is_Number:
+        return 0
+    if e.is_Pow and e.args[1].is_Integer:
+        return abs(int(e.args[1])) * _degree(e.args[0])
+    if e.is_Add or e.is_Mul:
+        return sum(_degree(a) for a in e.args)
+    if isinstance(e, sp.Piecewise):
+        return max(_degree(v) for v, _ in e.args)
+    return 1
+
+
+# ---- numeric checks ----------------------------------------------------------------------
+
+
+def _numeric_inputs(spec: ir.Spec, dtype: Any, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    rng = np.random.default_rng(seed)
+    gqa = spec.heads is not None and spec.kv_heads is not None and spec.kv_heads < spec.heads
+    heads = spec.heads or 4
+    kv_heads = spec.kv_heads or (spec.heads or 2)
+    if not gqa and spec.heads is None:
+        heads, kv_heads = 4, 2
+    sizes = {"B": 2, "heads": heads, "kv_heads": kv_heads, "n_q": 13, "n_k": 13, "d": 5,
+             "dv": 3, "n": 13}
+    arrays = {
+        "q": rng.standard_normal((2, heads, 13, 5)).astype(dtype),
+        "k": rng.standard_normal((2, kv_heads, 13, 5)).astype(dtype),
+        "v": rng.standard_normal((2, kv_heads, 13, 3)).astype(dtype),
+    }
+    extra: dict[str, np.ndarray] = {}
+    for p in spec.params:
+        value = rng.standard_normal(_shape(p.dims, sizes)) * 0.5
+        extra[p.name] = np.abs(value) + 0.5 if not p.dims else value
+    for x in spec.indices:
+        shape = (2, *_shape(x.dims, sizes))
+        extra[x.name] = np.sort(rng.integers(0, 4, size=shape), axis=-1)
+    return arrays, extra
+
+
+def finite_differences(kernel: Any, spec: ir.Spec, seed: int = 0) -> tuple[float, str]:
+    """float64 directional central differences of sum(out * G), like gradcheck's fast mode."""
+    arrays, extra = _numeric_inputs(spec, np.float64, seed)
+    rng = np.random.default_rng(seed + 1)
+    out = kernel(arrays["q"], arrays["k"], arrays["v"], **extra)
+    G = rng.standard_normal(out.shape)
+    grads = kernel.backward(arrays["q"], arrays["k"], arrays["v"], G, **extra)
+    worst, where_ = 0.0, ""
+    names = ["q", "k", "v", *(p.name for p in spec.params)]
+    for name in names:
+        base = arrays.get(name, extra.get(name))
+        direction = rng.standard_normal(np.shape(base))
+        eps = 1e-6
+
+        def loss(value: np.ndarray) -> float:
+            args = {**arrays, **extra, name: value}
+            q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+            return float(np.sum(kernel(q, k, v, **args) * G))
+
+        fd = (loss(base + eps * direction) - loss(base - eps * direction)) / (2 * eps)
+        analytic = float(np.sum(grads[name] * direction))
+        err = abs(fd - analytic) / max(1.0, abs(fd))
+        if err > worst:
+            worst, where_ = err, name
+    return worst, where_
+
+
+def compare_targets(reference: Any, kernel: Any, spec: ir.Spec, dtype: Any, seed: int = 0
+                    ) -> float:
+    """The largest difference of out, lse and every gradient between a target and the reference."""
+    arrays, extra = _numeric_inputs(spec, dtype, seed)
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    out_r, lse_r = reference.forward(q, k, v, return_lse=True, **extra)
+    out_t, lse_t = kernel.forward(q, k, v, return_lse=True, **extra)
+    G = np.random.default_rng(seed + 2).standard_normal(out_r.shape).astype(dtype)
+    g_r = reference.backward(q, k, v, G, **extra)
+    g_t = kernel.backward(q, k, v, G, out=out_t, lse=lse_t, **extra)
+    pairs = [(out_r, out_t)] + ([(lse_r, lse_t)] if lse_r is not None else [])
+    pairs += [(g_r[n], g_t[n]) for n in g_r]
+    worst = 0.0
+    for a, b in pairs:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        finite = np.isfinite(a)
+        if not np.array_equal(finite, np.isfinite(b)) or not np.array_equal(a[~finite],
+                                                                             b[~finite]):
+            return float("inf")
+        if finite.any():
+            scale = max(1.0, float(np.max(np.abs(a[finite]))))
+            worst = max(worst, float(np.max(np.abs(a[finite] - b[finite]))) / scale)
+    return worst
+
+
+# ---- the whole verification ---------------------------------------------------------------
+
+TOLERANCE = {"float64": 1e-10, "float32": 2e-4}
+
+
+def prove(deriv: Derivation, report: Report) -> None:
+    start = time.perf_counter()
+    setup, dead = proof_setup(deriv)
+    s = setup.sizes
+    report.notes.append(
+        f"proof sizes: B=1, heads={s['heads']}, kv_heads={s['kv_heads']}, "
+        f"n_q={s['n_q']}, n_k={s['n_k']}, d={s['d']}, dv={s['dv']}")
+    for atom in dead:
+        report.notes.append(f"mask clause '{sp.sstr(atom)}' is constant at the proof sizes "
+                            "(not exercised by the proof)")
+    loss = naive_loss(deriv, setup)
+    derived = derived_gradients(deriv, setup)
+    inputs = {"q": setup.q, "k": setup.k, "v": setup.v, **setup.params}
+    for name, symbols in inputs.items():
+        t0 = time.perf_counter()
+        ok, methods, details = True, set(), []
+        for idx in np.ndindex(*symbols.shape):
+            naive = sp.diff(loss, symbols[idx])
+            same, method, detail = compare(naive, derived[name][idx], seed=len(details))
+            ok &= same
+            methods.add(method)
+            if not same or not details:
+                details.append(detail if same else f"entry {idx}: {detail}")
+        method = "+".join(sorted(methods))
+        report.checks.append(Check(f"proof d{name}", ok, method, details[-1],
+                                   time.perf_counter() - t0))
+    report.notes.append(f"proof total {time.perf_counter() - start:.1f} s")
+
+
+def verify(spec: ir.Spec, targets: tuple[str, ...] = ("numpy",), proof: bool = True) -> Report:
+    from .runtime.build import compile_spec
+
+    deriv = derive(spec)
+    report = Report(spec.name)
+    if proof:
+        prove(deriv, report)
+    reference = compile_spec(spec, "numpy")
+    t0 = time.perf_counter()
+    err, where_ = finite_differences(reference, spec)
+    report.checks.append(Check("numpy vs finite differences", err < 1e-6, "float64",
+                               f"max rel. error {err:.1e} (d{where_})",
+                               time.perf_counter() - t0))
+    for target in targets:
+        if target == "numpy":
+            continue
+        kernel = compile_spec(spec, target)
+        for dtype in (np.float64, np.float32):
+            t0 = time.perf_counter()
+            err = compare_targets(reference, kernel, spec, dtype)
+            name = np.dtype(dtype).name
+            report.checks.append(Check(f"{target} vs numpy ({name})", err <= TOLERANCE[name],
+                                       name, f"max rel. error {err:.1e}",
+                                       time.perf_counter() - t0))
+    return report
