@@ -50,12 +50,14 @@ from numba.extending import intrinsic, overload
 __all__ = [
     "FASTMATH",
     "INTRINSICS_VERSION",
+    "PREFER_512_ENV",
     "blas_num_threads",
     "cpu_features_prefer_512",
     "enable_512bit_vectors",
     "exp2",
     "exp2_f32",
     "exp2_f64",
+    "exp2_shift",
     "exp2_shift_sum",
     "fmax",
     "gemm",
@@ -70,6 +72,59 @@ INTRINSICS_VERSION = "1"
 
 # Fast-math flags for kernels: everything but 'ninf' -- masked scores are -inf and must stay so.
 FASTMATH: set[str] = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
+
+# ----------------------------------------------------------------------------------------------
+# 512-bit vectors. LLVM's tuning for recent Intel cores includes 'prefer-256-bit' (avoids zmm
+# frequency drops); for exp/max-heavy kernels zmm wins. NUMBA_CPU_FEATURES is read when Numba's
+# JIT codegen is created -- when the first @njit function of the process is *defined* (this
+# module defines some), so this section must run before anything below.
+# ----------------------------------------------------------------------------------------------
+
+# Environment switch: "1" -> enable_512bit_vectors() when this module is imported.
+PREFER_512_ENV = "ATTNDSL_PREFER_512BIT"
+
+
+def cpu_features_prefer_512() -> str:
+    """Host CPU feature string with '-prefer-256-bit' appended (a NUMBA_CPU_FEATURES value)."""
+    feats = llvm.get_host_cpu_features().flatten()
+    return f"{feats},-prefer-256-bit" if feats else "-prefer-256-bit"
+
+
+def _numba_codegen_created() -> bool:
+    from numba.core.registry import cpu_target
+
+    # threadsafe_cached_property stores the context (which owns the codegen) in the instance.
+    return "_toplevel_target_context" in vars(cpu_target)
+
+
+def enable_512bit_vectors() -> bool:
+    """Make Numba compile for the host CPU with 512-bit vectors preferred; True if it applied.
+
+    Sets NUMBA_CPU_FEATURES (and numba.config) to :func:`cpu_features_prefer_512`. It only takes
+    effect if no @njit function was defined yet in this process -- the features are frozen into
+    Numba's target machine then. Importing this module defines some, so from outside call it
+    only through the environment: set ``ATTNDSL_PREFER_512BIT=1`` before importing
+    ``attndsl.codegen.cpu_intrinsics`` (or any Numba code), or set ``NUMBA_CPU_FEATURES`` to
+    :func:`cpu_features_prefer_512`'s value before the process starts. Returns False (and leaves
+    the setting to child processes) when it is too late. Cache interplay: the feature string is
+    part of Numba's cache index key, so kernels cached under the other setting are compiled again
+    once (both variants then stay in the cache side by side).
+    """
+    value = cpu_features_prefer_512()
+    os.environ["NUMBA_CPU_FEATURES"] = value
+    if _numba_codegen_created():
+        from numba.core import config
+
+        return config.CPU_FEATURES == value
+    from numba.core import config
+
+    config.CPU_FEATURES = value
+    return True
+
+
+if os.environ.get(PREFER_512_ENV, "") == "1" and not os.environ.get("NUMBA_CPU_FEATURES"):
+    enable_512bit_vectors()
+
 
 # ----------------------------------------------------------------------------------------------
 # BLAS binding: SciPy exports Fortran sgemm/dgemm as PyCapsules; register their addresses under
@@ -264,12 +319,16 @@ def fmax(typingctx, a, b):
 
 @njit(fastmath=FASTMATH, cache=True)
 def row_max(x, off, n):  # pragma: no cover - compiled
-    """Max of ``x[off:off+n]`` (1-D array); ``-inf`` for ``n == 0`` or an all ``-inf`` run."""
-    # A view indexed by range() lets LLVM drop the negative-index wraparound and vectorize.
-    xs = x[off : off + n]
+    """Max of ``x[off:off+n]`` (1-D array); ``-inf`` for ``n == 0`` or an all ``-inf`` run.
+
+    No bounds checks (like every helper here): ``0 <= off`` and ``off + n <= x.size``.
+    """
+    # Unsigned indices: Numba emits no negative-index wraparound, so the loop vectorizes, and
+    # no view is made (a slice costs an NRT incref/decref per row).
+    base = np.uint64(off)
     m = x.dtype.type(-np.inf)
-    for i in range(xs.size):
-        m = fmax(m, xs[i])
+    for i in range(np.uint64(n)):
+        m = fmax(m, x[base + i])
     return m
 
 
@@ -350,18 +409,27 @@ def _exp2_overload(y):
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def exp2_shift(x, off, n, shift):  # pragma: no cover - compiled
+    """``x[off+i] = 2**(x[off+i] - shift)`` for i < n (P from scores and a saved lse)."""
+    base = np.uint64(off)  # unsigned: no wraparound, vectorizes (see row_max)
+    s = x.dtype.type(shift)
+    for i in range(np.uint64(n)):
+        x[base + i] = exp2(x[base + i] - s)
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def exp2_shift_sum(x, off, n, shift):  # pragma: no cover - compiled
     """``x[off+i] = 2**(x[off+i] - shift)`` for i < n, returning the sum (in x's dtype).
 
     The softmax step on a score row in base 2: ``shift`` is the row max (must be finite;
     the kernel substitutes 0 for a fully masked row), masked ``-inf`` entries become 0.
     """
-    xs = x[off : off + n]  # view: range() indices need no wraparound check, so this vectorizes
+    base = np.uint64(off)  # unsigned: no wraparound, vectorizes (see row_max)
     s = x.dtype.type(shift)
     acc = x.dtype.type(0.0)
-    for i in range(xs.size):
-        e = exp2(xs[i] - s)
-        xs[i] = e
+    for i in range(np.uint64(n)):
+        e = exp2(x[base + i] - s)
+        x[base + i] = e
         acc += e
     return acc
 
@@ -439,35 +507,3 @@ def single_threaded_blas() -> Iterator[None]:
     finally:
         if prev is not None and prev != 1:
             set_blas_num_threads(prev)
-
-
-# ----------------------------------------------------------------------------------------------
-# 512-bit vectors. LLVM's tuning for recent Intel cores includes 'prefer-256-bit' (avoid zmm
-# frequency drops); for exp/max-heavy kernels zmm wins. NUMBA_CPU_FEATURES is read when Numba's
-# JIT codegen is created, i.e. at the first compilation in the process.
-# ----------------------------------------------------------------------------------------------
-
-
-def cpu_features_prefer_512() -> str:
-    """Host CPU feature string with '-prefer-256-bit' appended (a NUMBA_CPU_FEATURES value)."""
-    feats = llvm.get_host_cpu_features().flatten()
-    return f"{feats},-prefer-256-bit" if feats else "-prefer-256-bit"
-
-
-def enable_512bit_vectors() -> bool:
-    """Set NUMBA_CPU_FEATURES to :func:`cpu_features_prefer_512`; True if it can still apply.
-
-    Must run before Numba compiles (or loads from cache) anything in this process -- the
-    feature string is frozen into the JIT target machine at first use; afterwards this only sets
-    the variable (for child processes) and returns False. The features are part of the cache
-    index key, so kernels cached without it are compiled again (both variants stay cached).
-    Only useful on AVX-512 hosts; elsewhere LLVM ignores the flag.
-    """
-    value = cpu_features_prefer_512()
-    os.environ["NUMBA_CPU_FEATURES"] = value
-    from numba.core import config
-    from numba.core.registry import cpu_target
-
-    config.CPU_FEATURES = value
-    # The codegen (and its target machine) exists once the target context was built.
-    return "_toplevel_target_context" not in vars(cpu_target)
