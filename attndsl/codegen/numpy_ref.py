@@ -65,6 +65,10 @@ class Emitter:
         self.normalize()
         self.forward()
         self.backward()
+        w()
+        w()
+        self.rows()
+        self.rows_backward()
         return w.text()
 
     def signature(self, name: str, extra: str = "") -> str:
@@ -73,14 +77,18 @@ class Emitter:
             args.insert(3, extra)
         return f"def {name}(xp, {', '.join(args)}):"
 
+    def prologue(self) -> None:
+        w = self.w
+        w("B, heads, n_q, d = q.shape")
+        w("kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]")
+        w("b, h, i, j = xp.positions(B, heads, n_q, n_k)")
+        w("g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head")
+
     def graph(self) -> None:
         w, d = self.w, self.deriv
         with w.block(self.signature("graph")):
             w('"""Every forward value, materialized: [B, heads, n_q, n_k, features]."""')
-            w("B, heads, n_q, d = q.shape")
-            w("kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]")
-            w("b, h, i, j = xp.positions(B, heads, n_q, n_k)")
-            w("g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head")
+            self.prologue()
             for node in d.nodes:
                 self.forward_node(node)
             shape = "(B, heads, n_q, n_k, 1)"
@@ -262,3 +270,50 @@ class Emitter:
 def emit(deriv: Derivation, exact: bool = False) -> str:
     """The NumPy reference module's source."""
     return Emitter(deriv, exact=exact).module()
+
+
+def _row_level(node: Vec | Reduction | Lookup) -> bool:
+    return node.side is not Side.PAIR or isinstance(node, Vec)
+
+
+def _rows(self: Emitter) -> None:
+    """`rows`: the row-level nodes a fused kernel reads (hoisted: computed once per call)."""
+    w = self.w
+    with w.block(self.signature("rows")):
+        w('"""Row-level values (per query row, per key row, constant), 5-D layout."""')
+        self.prologue()
+        for node in self.deriv.nodes:
+            if _row_level(node):
+                self.forward_node(node)
+        w("return locals()")
+    w()
+    w()
+
+
+def _rows_backward(self: Emitter) -> None:
+    """`rows_backward`: the kernel's adjoints of its row-level inputs -> q, k and params."""
+    from ..plan import make_plan
+
+    w, d = self.w, self.deriv
+    plan = make_plan(d)
+    params = [p.name for p in d.spec.params]
+    with w.block(f"def rows_backward(xp, t, adjoints, {', '.join(['q', 'k', *params])}):"):
+        w('"""Chains the adjoints of the pair kernel\'s row-level inputs to q, k and params."""')
+        nodes = [n for n in d.nodes if _row_level(n)]
+        self.unpack(["kv_heads", "b", "h", "i", "j", "g"] + [variable(n) for n in nodes])
+        self.adjoints = set()
+        for item in plan.inputs:
+            name = variable(item.node)
+            self.accumulate(f"d_{name}", f"adjoints[{name!r}]")
+        for param in params:
+            w(f"d_{param} = 0")
+        for node in reversed(nodes):
+            self.backward_node(node)
+        w(f"grads = {{'q': {self.input_grad('q')}, 'k': {self.input_grad('k')}}}")
+        for param in params:
+            w(f"grads[{param!r}] = xp.as_grad(d_{param}, {param})")
+        w("return grads")
+
+
+Emitter.rows = _rows  # type: ignore[attr-defined]
+Emitter.rows_backward = _rows_backward  # type: ignore[attr-defined]

@@ -1,0 +1,157 @@
+"""KernelPlan: what a fused kernel computes per pair, and what is hoisted per row.
+
+Row-level nodes (q, k, projections, feature maps, norms: anything without both a query and a
+key side) are computed once per call, before the pair kernel (`rows` in the generated NumPy
+module), and their gradients are chained after it (`rows_backward`). The pair kernel reads the
+row-level nodes it needs (`inputs`), computes every pair reduction (GEMM tiles or explicit
+feature loops), the logit, the mask and the normalizer, and never stores an n_q x n_k matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from . import ir
+from .grad import Gradients, derive_gradients
+from .ir import NormKind, Side
+from .symbolic import POSITIONS, Derivation, Lookup, Reduction, Vec, derive
+
+
+@dataclass(frozen=True)
+class PairInput:
+    """A row-level node the pair kernel reads, and the layout it is passed in."""
+
+    node: Vec | Reduction
+    side: Side  # QUERY: [B, H, n_q(, F)], KEY: [B, H, n_k(, F)], CONST: [B, H(, F)]
+
+    @property
+    def is_vector(self) -> bool:
+        return isinstance(self.node, Vec)
+
+    @property
+    def is_raw_key(self) -> bool:
+        """The input k itself: passed as [B, kv_heads, n_k, d] and read at g(h)."""
+        return isinstance(self.node, Vec) and self.node.kind == "input" and self.node.name == "k"
+
+    @property
+    def is_raw_query(self) -> bool:
+        return isinstance(self.node, Vec) and self.node.kind == "input" and self.node.name == "q"
+
+
+@dataclass(frozen=True)
+class MaskAtom:
+    relation: sp.Basic
+    linear: bool  # a linear inequality in i and j: a tile's status follows from its corners
+
+
+@dataclass
+class KernelPlan:
+    deriv: Derivation
+    grads: Gradients
+    inputs: list[PairInput] = field(default_factory=list)
+    gemms: list[Reduction] = field(default_factory=list)
+    loops: list[Reduction] = field(default_factory=list)
+    lookups: list[Lookup] = field(default_factory=list)  # read inside the pair kernel
+    mask_atoms: list[MaskAtom] = field(default_factory=list)
+    linear_path: bool = False
+
+    @property
+    def spec(self) -> ir.Spec:
+        return self.deriv.spec
+
+    def input_for(self, symbol: sp.Symbol) -> PairInput | None:
+        return next((p for p in self.inputs if p.node.symbol == symbol), None)
+
+    @property
+    def param_lookups(self) -> list[Lookup]:
+        return [x for x in self.lookups if x.is_param]
+
+
+def is_pair_level(node: Vec | Reduction | Lookup) -> bool:
+    return node.side is Side.PAIR and not isinstance(node, Vec)
+
+
+def _pair_expressions(deriv: Derivation) -> list[sp.Basic]:
+    exprs: list[sp.Basic] = [deriv.logit]
+    if deriv.mask is not None:
+        exprs.append(deriv.mask)
+    if deriv.norm_expr is not None:
+        exprs.append(deriv.norm_expr)
+    for r in deriv.reductions:
+        if r.side is Side.PAIR:
+            exprs += [r.gemm[0].symbol, r.gemm[1].symbol] if r.gemm else [r.body]
+    return exprs
+
+
+def _is_linear(relation: sp.Basic, deriv: Derivation) -> bool:
+    """An inequality a*i + b*j + c (op) 0 whose a, b, c are constant over a tile."""
+    if relation.rel_op in ("==", "!="):  # corners cannot show that a line misses a tile
+        return False
+    i, j = POSITIONS["i"], POSITIONS["j"]
+    difference = relation.lhs - relation.rhs
+    for symbol in difference.free_symbols - {i, j}:
+        node = deriv.node(symbol)
+        if node is not None and node.side is not Side.CONST:
+            return False
+    try:
+        poly = sp.Poly(difference, i, j)
+    except sp.PolynomialError:
+        return False
+    return poly.total_degree() <= 1
+
+
+def _linear_path(deriv: Derivation, plan: KernelPlan) -> bool:
+    """phi(q) . psi(k) with sum/none normalization, no position or pair terms but a causal mask."""
+    if deriv.norm not in (NormKind.SUM, NormKind.NONE) or deriv.spec.softcap is not None:
+        return False
+    if len(plan.gemms) != 1 or plan.loops or plan.lookups:
+        return False
+    if deriv.logit != plan.gemms[0].symbol:
+        return False
+    i, j = POSITIONS["i"], POSITIONS["j"]
+    return deriv.mask is None or deriv.mask in (sp.Le(j, i), sp.Ge(i, j))
+
+
+def make_plan(spec_or_deriv: ir.Spec | Derivation) -> KernelPlan:
+    deriv = spec_or_deriv if isinstance(spec_or_deriv, Derivation) else derive(spec_or_deriv)
+    plan = KernelPlan(deriv, derive_gradients(deriv))
+    used: set[sp.Symbol] = set()
+    for e in _pair_expressions(deriv):
+        used |= e.free_symbols
+    # lookups inside pair lookups' subscripts (doc[i] inside table[doc[i], j]) are read too
+    for node in deriv.nodes:
+        if isinstance(node, Lookup) and node.symbol in used:
+            for s in node.subscripts:
+                used |= s.free_symbols
+    for node in deriv.nodes:
+        if node.symbol not in used:
+            continue
+        if isinstance(node, Lookup):
+            plan.lookups.append(node)
+        elif isinstance(node, Reduction) and node.side is Side.PAIR:
+            (plan.gemms if node.gemm else plan.loops).append(node)
+        else:
+            plan.inputs.append(PairInput(node, node.side))  # type: ignore[arg-type]
+    if deriv.mask is not None:
+        atoms = sorted(deriv.mask.atoms(sp.core.relational.Relational), key=sp.default_sort_key)
+        plan.mask_atoms = [MaskAtom(a, _is_linear(a, deriv)) for a in atoms]
+    plan.linear_path = _linear_path(deriv, plan)
+    return plan
+
+
+def describe_path(spec: ir.Spec) -> str:
+    """One line for `attndsl show`: which kernel path the spec takes."""
+    plan = make_plan(spec)
+    if plan.linear_path:
+        how = "causal prefix sums" if plan.deriv.mask is not None else "associative form"
+        return f"path: linear attention ({how}, O(n d dv))"
+    parts = [f"{len(plan.gemms)} GEMM pair reduction(s)"]
+    if plan.loops:
+        parts.append(f"{len(plan.loops)} explicit pair loop(s)")
+    if plan.mask_atoms:
+        linear = sum(a.linear for a in plan.mask_atoms)
+        parts.append(f"mask: {linear} linear atom(s) bounded from tile corners, "
+                     f"{len(plan.mask_atoms) - linear} checked per tile")
+    return "path: fused tiles (" + ", ".join(parts) + ")"
