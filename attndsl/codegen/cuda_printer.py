@@ -1,0 +1,178 @@
+"""CudaPrinter: SymPy -> Numba CUDA scalar code that stays in the kernel's float type.
+
+Three contexts, because Numba promotes int64 with float32 to float64:
+  * float (`num`): every integer-valued subexpression is converted with `F(...)`, every number
+    is a module-level constant (`C3 = F(0.01)`), `1 / x` is `ONE / x`;
+  * integer (`int_`): subscripts and `//`, `%`, integer min/max/abs, printed as Python ints;
+  * boolean (`bool_`): masks and `where` conditions; a comparison of two integers stays integer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sympy as sp
+
+from .. import functions as fn
+
+MATH = {sp.exp: "math.exp", sp.log: "math.log", sp.tanh: "math.tanh", sp.sin: "math.sin",
+        sp.cos: "math.cos"}
+# device functions defined in every generated module (DEVICE_FUNCTIONS in numba_cuda)
+DEVICE = {sp.sign: "sign_", sp.Heaviside: "heaviside", fn.Sigmoid: "sigmoid",
+          fn.Softplus: "softplus", fn.Relu: "relu", fn.Step: "step", fn.Elu: "elu",
+          fn.EluGrad: "elu_grad", fn.Gelu: "gelu", fn.GeluGrad: "gelu_grad",
+          fn.Clamp: "clamp", fn.InRange: "in_range"}
+COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+class CudaPrinter:
+    def __init__(self, names: Mapping[sp.Symbol, str], consts: dict[str, str]) -> None:
+        self.names = dict(names)
+        self.consts = consts  # constant name -> Python float literal, shared per module
+
+    def with_names(self, extra: Mapping[sp.Symbol, str]) -> CudaPrinter:
+        return CudaPrinter({**self.names, **extra}, self.consts)
+
+    def const(self, value: sp.Expr) -> str:
+        literal = repr(float(value))
+        for name, text in self.consts.items():
+            if text == literal:
+                return name
+        name = f"C{len(self.consts)}"
+        self.consts[name] = literal
+        return name
+
+    def symbol(self, e: sp.Symbol) -> str:
+        if e not in self.names:
+            raise NotImplementedError(f"no CUDA name for symbol '{e}'")
+        return self.names[e]
+
+    # ---- float context ----
+    def num(self, e: sp.Basic) -> str:
+        if e.is_Number or e in (sp.pi, sp.E):
+            return self.const(e)
+        if e.is_integer and not isinstance(e, sp.Symbol):
+            return f"F({self.int_(e)})"
+        if isinstance(e, sp.Symbol):
+            text = self.symbol(e)
+            return f"F({text})" if e.is_integer else text
+        if isinstance(e, sp.Add):
+            return self._add(e, self.num)
+        if isinstance(e, sp.Mul):
+            return self._mul(e)
+        if isinstance(e, sp.Pow):
+            return self._pow(e)
+        if isinstance(e, (sp.Max, sp.Min)):
+            return self._fold("max" if isinstance(e, sp.Max) else "min", e.args, self.num)
+        if isinstance(e, sp.Abs):
+            return f"abs({self.num(e.args[0])})"
+        if isinstance(e, sp.floor):
+            return f"F(math.floor({self.num(e.args[0])}))"
+        if isinstance(e, sp.Piecewise):
+            return self._piecewise(e, self.num)
+        if type(e) in MATH:
+            return f"{MATH[type(e)]}({self.num(e.args[0])})"
+        if type(e) in DEVICE:
+            return f"{DEVICE[type(e)]}({', '.join(self.num(a) for a in e.args)})"
+        raise NotImplementedError(f"no CUDA printer rule for {type(e).__name__}: {e}")
+
+    def _add(self, e: sp.Add, each) -> str:  # type: ignore[no-untyped-def]
+        terms = list(e.as_ordered_terms())
+        text = each(terms[0])
+        for term in terms[1:]:
+            if term.could_extract_minus_sign():
+                text += f" - {each(-term)}"
+            else:
+                text += f" + {each(term)}"
+        return f"({text})"
+
+    def _mul(self, e: sp.Mul) -> str:
+        coeff, rest = e.as_coeff_Mul()
+        if coeff == -1:
+            return f"(-{self.num(rest)})"
+        if coeff != 1:
+            return f"({self.const(coeff)} * {self.num(rest)})"
+        num: list[str] = []
+        den: list[str] = []
+        for factor in e.args:
+            base, exponent = factor.as_base_exp()
+            if isinstance(factor, sp.Pow) and exponent.is_number and exponent < 0:
+                den.append(self.num(sp.Pow(base, -exponent)))
+            else:
+                num.append(self.num(factor))
+        top = " * ".join(num) if num else "ONE"
+        if not den:
+            return f"({top})"
+        bottom = den[0] if len(den) == 1 else f"({' * '.join(den)})"
+        return f"({top} / {bottom})"
+
+    def _pow(self, e: sp.Pow) -> str:
+        base, exponent = e.args
+        if exponent == sp.S.Half:
+            return f"math.sqrt({self.num(base)})"
+        if exponent.is_number and exponent < 0:
+            return f"(ONE / {self.num(sp.Pow(base, -exponent))})"
+        if exponent.is_Integer and 1 <= exponent <= 4:
+            b = self.num(base)
+            return "(" + " * ".join([b] * int(exponent)) + ")"
+        if exponent.is_Rational and exponent.q == 2 and exponent.p <= 9:
+            return f"({self.num(sp.Pow(base, exponent - sp.S.Half))} * math.sqrt({self.num(base)}))"
+        return f"math.pow({self.num(base)}, {self.num(exponent)})"
+
+    def _fold(self, name: str, args: tuple[sp.Basic, ...], each) -> str:  # type: ignore[no-untyped-def]
+        text = each(args[0])
+        for arg in args[1:]:
+            text = f"{name}({text}, {each(arg)})"
+        return text
+
+    def _piecewise(self, e: sp.Piecewise, each) -> str:  # type: ignore[no-untyped-def]
+        (value, cond), *rest = e.args
+        if not rest or cond == sp.true:
+            return each(value)
+        return f"({each(value)} if {self.bool_(cond)} else {self._piecewise(sp.Piecewise(*rest), each)})"
+
+    # ---- integer context ----
+    def int_(self, e: sp.Basic) -> str:
+        if e.is_Integer:
+            return str(int(e))
+        if isinstance(e, sp.Symbol):
+            return self.symbol(e)
+        if isinstance(e, sp.Add):
+            return self._add(e, self.int_)
+        if isinstance(e, sp.Mul):
+            coeff, rest = e.as_coeff_Mul()
+            if coeff == -1:
+                return f"(-{self.int_(rest)})"
+            return "(" + " * ".join(self.int_(a) for a in e.args) + ")"
+        if isinstance(e, sp.Pow) and e.args[1].is_Integer and e.args[1] > 0:
+            return "(" + " * ".join([self.int_(e.args[0])] * int(e.args[1])) + ")"
+        if isinstance(e, sp.floor):
+            num, den = e.args[0].as_numer_denom()
+            if num.is_integer and den.is_integer:
+                return f"({self.int_(num)} // {self.int_(den)})"
+        if isinstance(e, sp.Mod):
+            return f"({self.int_(e.args[0])} % {self.int_(e.args[1])})"
+        if isinstance(e, (sp.Max, sp.Min)):
+            return self._fold("max" if isinstance(e, sp.Max) else "min", e.args, self.int_)
+        if isinstance(e, sp.Abs):
+            return f"abs({self.int_(e.args[0])})"
+        if isinstance(e, sp.Piecewise):
+            return self._piecewise(e, self.int_)
+        raise NotImplementedError(f"no CUDA integer rule for {type(e).__name__}: {e}")
+
+    # ---- boolean context ----
+    def bool_(self, e: sp.Basic) -> str:
+        if e == sp.true:
+            return "True"
+        if e == sp.false:
+            return "False"
+        if isinstance(e, sp.And):
+            return "(" + " and ".join(self.bool_(a) for a in e.args) + ")"
+        if isinstance(e, sp.Or):
+            return "(" + " or ".join(self.bool_(a) for a in e.args) + ")"
+        if isinstance(e, sp.Not):
+            return f"(not {self.bool_(e.args[0])})"
+        if isinstance(e, sp.core.relational.Relational):
+            each = self.int_ if (e.lhs.is_integer and e.rhs.is_integer) else self.num
+            return f"({each(e.lhs)} {COMPARE[e.rel_op]} {each(e.rhs)})"
+        raise NotImplementedError(f"no CUDA boolean rule for {type(e).__name__}: {e}")

@@ -1,0 +1,897 @@
+"""KernelPlan -> Numba CUDA (`@cuda.jit`) forward and backward kernels, and their launcher.
+
+The split is the CPU target's (docs/cuda.md):
+
+  host prologue   the generated NumPy `rows` (hoisted per-row terms, O(n d)); skipped when the
+                  pair kernel reads only q and k themselves (then device arrays never leave)
+  attn_fwd        grid (query tiles, heads, B), one thread per query row; key-side inputs and V
+                  staged in shared memory per key tile; online softmax (or the `sum` state,
+                  or an element-wise normalizer) in registers; lse (or the row sum z) saved
+  attn_bwd_preprocess   D = rowsum(dO * O)   (softmax, and `sum`: rowsum(P * dP) = rowsum(dO * O))
+  attn_bwd_dkdv   grid (key tiles, kv_heads, B), one thread per key row, looping over the query
+                  heads of its group: dV, dK and the adjoints of key-side inputs, no atomics
+  attn_bwd_dq     grid (query tiles, heads, B): adjoints of query-side inputs, per-row partials
+                  of constant inputs and of in-kernel param lookups, per-block partials of
+                  lookups whose subscripts depend on both i and j (owner-computes, no atomics)
+  host epilogue   the generated NumPy `rows_backward`, deterministic host sums of the partials
+
+Sizes that shape local/shared arrays (tiles, feature sizes) are module constants of the
+generated file; one file per configuration, cached on disk like every target.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from .. import ir
+from ..grad import NORMALIZER_RULES
+from ..ir import NormKind, Side
+from ..plan import KernelPlan, PairInput, make_plan
+from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S, Vec
+from . import numpy_ref
+from .cuda_printer import CudaPrinter
+from .source import SourceWriter
+
+PRODUCTION_TILES = (64, 64, 32, 32)  # forward BQ, BK; backward BQ, BK (48 KiB smem, no spills)
+DEFAULT_FEATURES = 64  # feature sizes assumed by emit_source / ptx() when none are given
+
+
+# ---- what the kernels read and write ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Input:
+    """A row-level value the pair kernels read: q, k, or a hoisted node from `rows`."""
+
+    item: PairInput
+    var: str  # the reference's variable name (q_rows, proj2, r3)
+
+    @property
+    def node(self) -> Vec | Reduction:
+        return self.item.node
+
+    @property
+    def side(self) -> Side:
+        return self.item.side
+
+    @property
+    def raw(self) -> str | None:
+        return "q" if self.item.is_raw_query else "k" if self.item.is_raw_key else None
+
+    @property
+    def vector(self) -> bool:
+        return isinstance(self.node, Vec)
+
+    @property
+    def arg(self) -> str:
+        return self.raw or f"in_{self.var}"
+
+    @property
+    def size(self) -> str:
+        return self.node.size if self.vector else ""
+
+
+@dataclass
+class Layout:
+    plan: KernelPlan
+    inputs: list[Input] = field(default_factory=list)
+    arrays: list[str] = field(default_factory=list)  # params/indices read by in-kernel lookups
+    grad_lookups: list[Lookup] = field(default_factory=list)  # param lookups with a gradient
+
+    @property
+    def spec(self) -> ir.Spec:
+        return self.plan.spec
+
+    def side(self, side: Side) -> list[Input]:
+        return [x for x in self.inputs if x.side is side]
+
+    def lookups_of(self, *sides: Side) -> list[Lookup]:
+        return [x for x in self.grad_lookups if x.side in sides]
+
+    @property
+    def sizes(self) -> list[str]:
+        """Feature size names that shape arrays: d, dv and every vector input's size."""
+        names = ["d", "dv"]
+        for x in self.inputs:
+            if x.vector and x.size not in names:
+                names.append(x.size)
+        return names
+
+    @property
+    def has_state(self) -> bool:
+        return self.plan.deriv.norm in (NormKind.SOFTMAX, NormKind.SUM)
+
+    @property
+    def needs_rows(self) -> bool:
+        """False when the pair kernel reads only q and k: no host prologue/epilogue at all."""
+        return any(x.raw is None for x in self.inputs)
+
+    def base_args(self) -> list[str]:
+        return ["q", "k", "v", *(x.arg for x in self.inputs if x.raw is None),
+                *(f"a_{a}" for a in self.arrays)]
+
+    def dq_outputs(self) -> list[str]:
+        outs = [f"g_{x.var}" for x in self.inputs if x.side in (Side.QUERY, Side.CONST)]
+        outs += [f"gl_{x.name}" for x in self.lookups_of(Side.QUERY, Side.CONST, Side.PAIR)]
+        return outs
+
+    def dkdv_outputs(self) -> list[str]:
+        outs = [f"g_{x.var}" for x in self.side(Side.KEY)]
+        return outs + [f"gl_{x.name}" for x in self.lookups_of(Side.KEY)]
+
+
+def make_layout(plan: KernelPlan) -> Layout:
+    layout = Layout(plan)
+    for item in plan.inputs:
+        if item.side is Side.PAIR:
+            raise NotImplementedError(f"a pair-level vector input {item.node.name}")
+        layout.inputs.append(Input(item, numpy_ref.variable(item.node)))
+    declared = [p.name for p in plan.spec.params] + [x.name for x in plan.spec.indices]
+    used = {x.array for x in plan.lookups}
+    layout.arrays = [a for a in declared if a in used]
+    flowing: set[sp.Symbol] = set(plan.grads.dlogit)
+    for r in plan.loops:
+        flowing |= {s for s, _ in plan.grads.partials.get(r.name, [])}
+    layout.grad_lookups = [x for x in plan.param_lookups if x.symbol in flowing]
+    return layout
+
+
+@dataclass(frozen=True)
+class Config:
+    dtype: str = "float32"
+    bq: int = PRODUCTION_TILES[0]
+    bk: int = PRODUCTION_TILES[1]
+    bwd_bq: int = PRODUCTION_TILES[2]
+    bwd_bk: int = PRODUCTION_TILES[3]
+    sizes: tuple[tuple[str, int], ...] = ()  # feature size name -> value
+
+    def size(self, name: str) -> int:
+        return dict(self.sizes).get(name, DEFAULT_FEATURES)
+
+
+def size_const(name: str) -> str:
+    return {"d": "D", "dv": "DV"}.get(name, f"SZ_{name}")
+
+
+# ---- the generated module -----------------------------------------------------------------
+
+JIT = '''\
+def jit(threads):
+    """cuda.jit with launch_bounds = the block size, so ptxas may use up to 255 registers."""
+    return cuda.jit if SIM else cuda.jit(launch_bounds=threads)
+'''
+
+DEVICE_FUNCTIONS = '''\
+@cuda.jit(device=True)
+def sigmoid(x):
+    if x >= ZERO:
+        return ONE / (ONE + math.exp(-x))
+    e = math.exp(x)
+    return e / (ONE + e)
+
+
+@cuda.jit(device=True)
+def softplus(x):
+    return max(x, ZERO) + math.log1p(math.exp(-abs(x)))
+
+
+@cuda.jit(device=True)
+def relu(x):
+    return x if x > ZERO else ZERO
+
+
+@cuda.jit(device=True)
+def step(x):
+    return ONE if x > ZERO else ZERO
+
+
+@cuda.jit(device=True)
+def heaviside(x):
+    # d max(x, 0)/dx with PyTorch's tie rule: 1/2 at 0
+    return ONE if x > ZERO else (HALF if x == ZERO else ZERO)
+
+
+@cuda.jit(device=True)
+def sign_(x):
+    return ONE if x > ZERO else (-ONE if x < ZERO else ZERO)
+
+
+@cuda.jit(device=True)
+def elu(x):
+    return x if x > ZERO else math.expm1(x)
+
+
+@cuda.jit(device=True)
+def elu_grad(x):
+    return ONE if x > ZERO else math.exp(x)
+
+
+@cuda.jit(device=True)
+def gelu(x):
+    return HALF * x * (ONE + math.erf(x * RSQRT2))
+
+
+@cuda.jit(device=True)
+def gelu_grad(x):
+    return HALF * (ONE + math.erf(x * RSQRT2)) + x * math.exp(-HALF * x * x) * RSQRT2PI
+
+
+@cuda.jit(device=True)
+def clamp(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+@cuda.jit(device=True)
+def in_range(x, lo, hi):
+    return ONE if (x >= lo and x <= hi) else ZERO
+'''
+
+
+class Ctx:
+    """Which rows a kernel owns (one per thread) and where every value lives."""
+
+    def __init__(self, name: str, own: Side, own_shared: bool) -> None:
+        self.name = name
+        self.own = own  # QUERY (fwd, dq) or KEY (dkdv)
+        self.other = Side.KEY if own is Side.QUERY else Side.QUERY
+        self.own_shared = own_shared  # own rows in padded shared tiles (backward: registers)
+
+
+class Emitter:
+    def __init__(self, layout: Layout, config: Config) -> None:
+        self.layout = layout
+        self.plan = layout.plan
+        self.deriv = layout.plan.deriv
+        self.grads = layout.plan.grads
+        self.config = config
+        self.w = SourceWriter()
+        self.consts: dict[str, str] = {}
+
+    # ---- names ----
+    def printer(self, ctx: Ctx) -> CudaPrinter:
+        names: dict[sp.Symbol, str] = {s: n for n, s in POSITIONS.items()}
+        names.update({SIZES["d"]: "D", SIZES["dv"]: "DV", SIZES["n_q"]: "n_q",
+                      SIZES["n_k"]: "n_k", SIZES["heads"]: "heads",
+                      SIZES["kv_heads"]: "kv_heads", S: "x"})
+        for x in self.layout.inputs:
+            names[x.node.symbol] = self.access(x, ctx)
+        for node in self.deriv.nodes:
+            if isinstance(node, Lookup):
+                names[node.symbol] = f"lk_{node.name}"
+            elif isinstance(node, Reduction) and node.side is Side.PAIR:
+                names[node.symbol] = f"rd_{node.name}"
+        return CudaPrinter(names, self.consts)
+
+    def access(self, x: Input, ctx: Ctx) -> str:
+        if x.side is Side.CONST:
+            return f"c_{x.var}[f]" if x.vector else f"v_{x.var}"
+        if x.side is ctx.own:
+            if not x.vector:
+                return f"v_{x.var}"
+            return f"o_{x.var}[t, f]" if ctx.own_shared else f"o_{x.var}[f]"
+        return f"s_{x.var}[r, f]" if x.vector else f"s_{x.var}[r]"
+
+    def head_of(self, x: Input) -> str:
+        return "g" if x.raw == "k" else "h"
+
+    def lookup_read(self, node: Lookup, p: CudaPrinter) -> str:
+        subs = [p.int_(s) for s in node.subscripts]
+        if node.is_param:
+            return f"a_{node.array}[{', '.join(subs) or '0'}]"
+        return f"a_{node.array}[{', '.join(['b', *subs])}]"
+
+    def flat_index(self, node: Lookup, p: CudaPrinter) -> str:
+        subs = [p.int_(s) for s in node.subscripts]
+        if not subs:
+            return "0"
+        text = subs[0]
+        for axis, s in enumerate(subs[1:], start=1):
+            text = f"({text}) * a_{node.array}.shape[{axis}] + {s}"
+        return text
+
+    # ---- module ----
+    def module(self) -> str:
+        body = SourceWriter()
+        self.w = body
+        self.fwd()
+        self.preprocess()
+        self.dkdv()
+        self.dq()
+        kernels = body.text()
+        w = self.w = SourceWriter()
+        d, c = self.deriv, self.config
+        w(f'"""attndsl Numba CUDA kernels for \'{d.spec.name}\' (generated; do not edit).')
+        w()
+        w(f"spec hash {numpy_ref.spec_hash(d)}")
+        w(f"x       = {sp.sstr(d.logit)}")
+        w(f"allowed = {sp.sstr(d.mask) if d.mask is not None else 'every key'}")
+        w(f"weights = {d.norm.value if d.norm_expr is None else sp.sstr(d.norm_expr)}")
+        w(f"backward: {NORMALIZER_RULES[d.norm]}")
+        w('"""')
+        w()
+        w("import math")
+        w()
+        w("import numpy as np")
+        w("from numba import cuda, types")
+        w("from numba.core import config as _nb_config")
+        w()
+        w(f"F = np.{c.dtype}  # every literal goes through F: a bare 0.5 is float64")
+        w(f"DT = types.{c.dtype}")
+        w("IT = types.int32")
+        w(f"BQ, BK = {c.bq}, {c.bk}  # forward tiles: query rows (= threads), key rows")
+        w(f"BQB, BKB = {c.bwd_bq}, {c.bwd_bk}  # backward tiles")
+        for name in self.layout.sizes:
+            w(f"{size_const(name)} = {c.size(name)}  # feature size {name}")
+        w("SIM = _nb_config.ENABLE_CUDASIM  # the simulator's jit takes no launch_bounds")
+        w("ZERO, ONE, HALF, NEG_INF = F(0.0), F(1.0), F(0.5), F(-np.inf)")
+        w("RSQRT2, RSQRT2PI = F(1 / np.sqrt(2)), F(1 / np.sqrt(2 * np.pi))")
+        for name, literal in self.consts.items():
+            w(f"{name} = F({literal})")
+        w()
+        w()
+        w.lines += JIT.splitlines()
+        w()
+        w()
+        w.lines += DEVICE_FUNCTIONS.splitlines()
+        w()
+        w()
+        w.lines += kernels.splitlines()
+        return w.text()
+
+    # ---- pieces shared by the kernels ----
+    def load_tile(self, arr: str, dst: str, head: str, start: str, n: str, width: str,
+                  rows: str, threads: str) -> None:
+        """Cooperative, coalesced copy of `rows` rows into a shared tile (zeros past n)."""
+        w = self.w
+        if width == "1":
+            with w.block(f"for rr in range(t, {rows}, {threads}):"):
+                w(f"{dst}[rr] = {arr}[b, {head}, {start} + rr, 0] if {start} + rr < {n} "
+                  "else ZERO")
+            return
+        with w.block(f"for idx in range(t, {rows} * {width}, {threads}):"):
+            w(f"rr, cc = idx // {width}, idx % {width}")
+            w(f"{dst}[rr, cc] = {arr}[b, {head}, {start} + rr, cc] if {start} + rr < {n} "
+              "else ZERO")
+
+    def shared_tiles(self, side: Side, rows: str, pad: bool, prefix: str) -> None:
+        w = self.w
+        for x in self.layout.side(side):
+            if x.vector:
+                width = size_const(x.size) + (" + 1" if pad else "")
+                w(f"{prefix}_{x.var} = cuda.shared.array(({rows}, {width}), DT)")
+            else:
+                w(f"{prefix}_{x.var} = cuda.shared.array({rows}, DT)")
+
+    def load_side(self, side: Side, prefix: str, start: str, n: str, rows: str,
+                  threads: str) -> None:
+        for x in self.layout.side(side):
+            width = size_const(x.size) if x.vector else "1"
+            self.load_tile(x.arg, f"{prefix}_{x.var}", self.head_of(x), start, n, width,
+                           rows, threads)
+
+    def const_inputs(self, threads: str) -> None:
+        """Constant-side inputs (per b, h): vectors in shared memory, scalars in registers."""
+        w = self.w
+        vecs = [x for x in self.layout.side(Side.CONST) if x.vector]
+        for x in vecs:
+            w(f"c_{x.var} = cuda.shared.array({size_const(x.size)}, DT)")
+        for x in vecs:
+            with w.block(f"for cc in range(t, {size_const(x.size)}, {threads}):"):
+                w(f"c_{x.var}[cc] = {x.arg}[b, h, 0, cc]")
+        for x in self.layout.side(Side.CONST):
+            if not x.vector:
+                w(f"v_{x.var} = {x.arg}[b, h, 0, 0]")
+
+    def own_scalars(self, ctx: Ctx, index: str, ok: str) -> None:
+        for x in self.layout.side(ctx.own):
+            if not x.vector:
+                self.w(f"v_{x.var} = {x.arg}[b, {self.head_of(x)}, {index}, 0] if {ok} else ZERO")
+
+    def lookups(self, p: CudaPrinter, sides: tuple[Side, ...], guard: str | None) -> None:
+        for node in self.plan.lookups:
+            if node.side in sides:
+                read = self.lookup_read(node, p)
+                if guard is not None:
+                    zero = "ZERO" if node.is_param else "0"
+                    read = f"{read} if {guard} else {zero}"
+                self.w(f"lk_{node.name} = {read}")
+
+    def tile_status(self, p: CudaPrinter, i0: str, i1: str, j0: str, j1: str) -> None:
+        """any_: some pair of the tile may be allowed; all_: every pair is (from the corners)."""
+        w, mask = self.w, self.deriv.mask
+        if mask is None:
+            w("any_, all_ = True, True")
+            return
+        i, j = POSITIONS["i"], POSITIONS["j"]
+        atoms = {a.relation: a for a in self.plan.mask_atoms}
+
+        def bounds(e: sp.Basic) -> tuple[str, str]:  # (all, any) of a boolean over the tile
+            if isinstance(e, sp.And) or isinstance(e, sp.Or):
+                parts = [bounds(a) for a in e.args]
+                op = " and " if isinstance(e, sp.And) else " or "
+                return (f"({op.join(a for a, _ in parts)})", f"({op.join(y for _, y in parts)})")
+            if isinstance(e, sp.Not):
+                all_, any_ = bounds(e.args[0])
+                return (f"(not {any_})", f"(not {all_})")
+            atom = atoms.get(e)
+            if atom is None or not atom.linear:
+                return ("False", "True")
+            corners = [p.with_names({i: a, j: c}).bool_(e) for a in (i0, i1) for c in (j0, j1)]
+            return ("(" + " and ".join(corners) + ")", "(" + " or ".join(corners) + ")")
+
+        all_, any_ = bounds(mask)
+        w(f"all_ = {all_}")
+        w(f"any_ = {any_}")
+
+    def pair_prelude(self, p: CudaPrinter, ctx: Ctx, ok: str) -> None:
+        """Reads the pair's other-side and pair lookups, then decides whether it is allowed."""
+        w = self.w
+        w(f"ok = {ok}")
+        other = [n for n in self.plan.lookups if n.side in (ctx.other, Side.PAIR)]
+        if other or self.deriv.mask is not None:
+            with w.block("if ok:"):
+                self.lookups(p, (ctx.other, Side.PAIR), None)
+                if self.deriv.mask is not None:
+                    with w.block("if not all_:"):
+                        w(f"ok = {p.bool_(self.deriv.mask)}")
+
+    def logit(self, p: CudaPrinter) -> None:
+        w = self.w
+        for r in self.plan.gemms:
+            a, b = r.gemm  # type: ignore[misc]
+            w(f"rd_{r.name} = ZERO")
+            with w.block(f"for f in range({size_const(r.size)}):"):
+                w(f"rd_{r.name} += {p.names[a.symbol]} * {p.names[b.symbol]}")
+        for r in self.plan.loops:
+            w(f"rd_{r.name} = ZERO")
+            with w.block(f"for f in range({size_const(r.size)}):"):
+                w(f"rd_{r.name} += {p.num(r.body)}")
+        w(f"x = {p.num(self.deriv.logit)}")
+
+    def weight(self, p: CudaPrinter) -> str:
+        """The pair's weight before normalization as a function of x (element-wise: f(x))."""
+        d = self.deriv
+        if d.norm is NormKind.ELEMENTWISE:
+            assert d.norm_expr is not None
+            return p.num(d.norm_expr)
+        return "x"
+
+    # ---- forward ----
+    def fwd(self) -> None:
+        w, lay, d = self.w, self.layout, self.deriv
+        ctx = Ctx("fwd", Side.QUERY, own_shared=False)
+        p = self.printer(ctx)
+        args = ", ".join(lay.base_args() + ["out", "state"])
+        w("@jit(BQ)")
+        with w.block(f"def attn_fwd({args}):"):
+            w('"""One block per (query tile, head, batch), one thread per query row."""')
+            self.kernel_head("BQ")
+            w("i = q0 + t")
+            w("row_ok = i < n_q")
+            w("q1 = min(q0 + BQ, n_q) - 1  # the tile's last row")
+            self.shared_tiles(Side.KEY, "BK", False, "s")
+            w("s_v = cuda.shared.array((BK, DV), DT)")
+            self.const_inputs("BQ")
+            for x in lay.side(Side.QUERY):
+                if x.vector:
+                    sz = size_const(x.size)
+                    w(f"o_{x.var} = cuda.local.array({sz}, DT)")
+                    with w.block(f"for f in range({sz}):"):
+                        w(f"o_{x.var}[f] = {x.arg}[b, h, i, f] if row_ok else ZERO")
+            self.own_scalars(ctx, "i", "row_ok")
+            self.lookups(p, (Side.CONST,), None)
+            self.lookups(p, (Side.QUERY,), "row_ok")
+            w("acc = cuda.local.array(DV, DT)")
+            with w.block("for c in range(DV):"):
+                w("acc[c] = ZERO")
+            softmax = d.norm is NormKind.SOFTMAX
+            if softmax:
+                w("s_r = cuda.local.array(BK, DT)")
+                w("m = NEG_INF  # running max")
+                w("l = ZERO  # running sum of exp(x - m)")
+            elif d.norm is NormKind.SUM:
+                w("z = ZERO  # running sum of x over allowed keys")
+            with w.block("for k0 in range(0, n_k, BK):"):
+                w("k1 = min(k0 + BK, n_k) - 1")
+                self.tile_status(p, "q0", "q1", "k0", "k1")
+                with w.block("if not any_:"):
+                    w("continue  # the whole tile is masked (uniform across the block)")
+                w("cuda.syncthreads()  # every thread is done with the previous tile")
+                self.load_side(Side.KEY, "s", "k0", "n_k", "BK", "BQ")
+                self.load_tile("v", "s_v", "g", "k0", "n_k", "DV", "BK", "BQ")
+                w("cuda.syncthreads()")
+                if softmax:
+                    w("t_max = NEG_INF")
+                with w.block("for r in range(BK):"):
+                    w("j = k0 + r")
+                    w("x = NEG_INF" if softmax else "x = ZERO")
+                    self.pair_prelude(p, ctx, "row_ok and j < n_k")
+                    with w.block("if ok:"):
+                        self.logit(p)
+                        if softmax:
+                            w("t_max = max(t_max, x)")
+                        else:
+                            if d.norm is NormKind.SUM:
+                                w("z += x")
+                            w(f"pw = {self.weight(p)}")
+                            with w.block("for c in range(DV):"):
+                                w("acc[c] += pw * s_v[r, c]")
+                    if softmax:
+                        w("s_r[r] = x")
+                if softmax:
+                    with w.block("if t_max > NEG_INF:  # else every key of the tile is masked"):
+                        w("m_new = max(m, t_max)")
+                        w("corr = math.exp(m - m_new)  # m = -inf -> 0")
+                        w("l *= corr")
+                        with w.block("for c in range(DV):"):
+                            w("acc[c] *= corr")
+                        with w.block("for r in range(BK):"):
+                            w("pw = math.exp(s_r[r] - m_new)  # masked: exp(-inf) = 0")
+                            w("l += pw")
+                            with w.block("for c in range(DV):"):
+                                w("acc[c] += pw * s_v[r, c]")
+                        w("m = m_new")
+            with w.block("if row_ok:"):
+                if softmax:
+                    w("live = l > ZERO  # a row with no allowed key: out = 0, lse = -inf")
+                    w("inv = ONE / l if live else ZERO")
+                    w("state[b, h, i] = m + math.log(l) if live else NEG_INF")
+                elif d.norm is NormKind.SUM:
+                    w("inv = ONE / z if z != ZERO else ZERO  # an empty row gives out = 0")
+                    w("state[b, h, i] = z")
+                else:
+                    w("inv = ONE")
+                    w("state[b, h, i] = ZERO")
+                with w.block("for c in range(DV):"):
+                    w("out[b, h, i, c] = acc[c] * inv")
+        w()
+        w()
+
+    def kernel_head(self, threads: str) -> None:
+        w = self.w
+        w("t = cuda.threadIdx.x")
+        w("b = cuda.blockIdx.z")
+        w("h = cuda.blockIdx.y")
+        w("heads, n_q = q.shape[1], q.shape[2]")
+        w("kv_heads, n_k = k.shape[1], k.shape[2]")
+        w("g = h // (heads // kv_heads)  # the key/value head of query head h")
+        w(f"q0 = cuda.blockIdx.x * {threads}")
+
+    # ---- backward ----
+    def preprocess(self) -> None:
+        w = self.w
+        w("@jit(BQB)")
+        with w.block("def attn_bwd_preprocess(out, dout, delta):"):
+            w('"""D = rowsum(dO * O), the normalizer backward\'s per-row term."""')
+            w("b, h = cuda.blockIdx.z, cuda.blockIdx.y")
+            w("i = cuda.blockIdx.x * BQB + cuda.threadIdx.x")
+            with w.block("if i < out.shape[2]:"):
+                w("acc = ZERO")
+                with w.block("for c in range(DV):"):
+                    w("acc += dout[b, h, i, c] * out[b, h, i, c]")
+                w("delta[b, h, i] = acc")
+        w()
+        w()
+
+    def pair_grad(self, p: CudaPrinter, dp: str, state: str, delta: str) -> None:
+        """pw (the weight after normalization, for dV) and dx = dS for an allowed pair."""
+        w, d = self.w, self.deriv
+        w(f"# {NORMALIZER_RULES[d.norm]}")
+        if d.norm is NormKind.SOFTMAX:
+            w(f"pw = math.exp(x - {state})")
+            w(f"dx = pw * ({dp} - {delta})")
+        elif d.norm is NormKind.SUM:
+            w(f"pw = x / {state}")
+            w(f"dx = ({dp} - {delta}) / {state}")
+        elif d.norm is NormKind.NONE:
+            w("pw = x")
+            w(f"dx = {dp}")
+        else:
+            assert self.grads.dnorm is not None
+            w(f"pw = {p.num(d.norm_expr)}")
+            w(f"dx = {p.num(self.grads.dnorm)} * {dp}")
+
+    def is_target(self, symbol: sp.Symbol, ctx: Ctx) -> str | None:
+        """How this kernel accumulates the adjoint of `symbol`: 'vec', 'scalar', 'pair' or None."""
+        node = self.deriv.node(symbol)
+        sides = {ctx.own} | ({Side.CONST} if ctx.own is Side.QUERY else set())
+        x = next((x for x in self.layout.inputs if x.node.symbol == symbol), None)
+        if x is not None:
+            return ("vec" if x.vector else "scalar") if x.side in sides else None
+        if isinstance(node, Lookup) and node in self.layout.grad_lookups:
+            if node.side in sides:
+                return "scalar"
+            if node.side is Side.PAIR and ctx.own is Side.QUERY:
+                return "pair"
+        return None
+
+    def adj(self, symbol: sp.Symbol) -> str:
+        node = self.deriv.node(symbol)
+        x = next((x for x in self.layout.inputs if x.node.symbol == symbol), None)
+        if x is not None:
+            return f"d_{x.var}"
+        assert isinstance(node, Lookup)
+        return f"dl_{node.name}"
+
+    def accumulate(self, p: CudaPrinter, ctx: Ctx) -> None:
+        """The chain rule from dx through the logit into this kernel's own adjoints."""
+        w = self.w
+        for symbol, partial in self.grads.dlogit.items():
+            node = self.deriv.node(symbol)
+            if isinstance(node, Reduction) and node.side is Side.PAIR:
+                targets = []
+                if node.gemm:
+                    a, b_ = node.gemm
+                    targets = [(v, other) for v, other in ((a, b_), (b_, a))
+                               if self.is_target(v.symbol, ctx)]
+                    if not targets:
+                        continue
+                    w(f"dr = dx * {p.num(partial)}")
+                    with w.block(f"for f in range({size_const(node.size)}):"):
+                        for v, other in targets:
+                            w(f"{self.adj(v.symbol)}[f] += dr * {p.names[other.symbol]}")
+                    continue
+                items = [(s, e, self.is_target(s, ctx))
+                         for s, e in self.grads.partials.get(node.name, [])]
+                items = [it for it in items if it[2]]
+                if not items:
+                    continue
+                w(f"dr = dx * {p.num(partial)}")
+                with w.block(f"for f in range({size_const(node.size)}):"):
+                    for s, e, how in items:
+                        index = "[f]" if how == "vec" else ""
+                        w(f"{self.adj(s)}{index} += dr * {p.num(e)}")
+                continue
+            how = self.is_target(symbol, ctx)
+            if how is not None:
+                w(f"{self.adj(symbol)} += dx * {p.num(partial)}")
+
+    def accumulators(self, ctx: Ctx, sides: tuple[Side, ...]) -> None:
+        w = self.w
+        for x in self.layout.inputs:
+            if x.side in sides:
+                if x.vector:
+                    sz = size_const(x.size)
+                    w(f"d_{x.var} = cuda.local.array({sz}, DT)")
+                    with w.block(f"for f in range({sz}):"):
+                        w(f"d_{x.var}[f] = ZERO")
+                else:
+                    w(f"d_{x.var} = ZERO")
+        for node in self.layout.lookups_of(*sides):
+            w(f"dl_{node.name} = ZERO")
+
+    def write_adjoints(self, sides: tuple[Side, ...], head: str, index: str) -> None:
+        w = self.w
+        for x in self.layout.inputs:
+            if x.side in sides:
+                hd = "g" if x.raw == "k" else head
+                if x.vector:
+                    with w.block(f"for f in range({size_const(x.size)}):"):
+                        w(f"g_{x.var}[b, {hd}, {index}, f] = d_{x.var}[f]")
+                else:
+                    w(f"g_{x.var}[b, {hd}, {index}, 0] = d_{x.var}")
+        for node in self.layout.lookups_of(*sides):
+            w(f"gl_{node.name}[b, {head}, {index}] = dl_{node.name}")
+
+    def dkdv(self) -> None:
+        w, lay, d = self.w, self.layout, self.deriv
+        ctx = Ctx("dkdv", Side.KEY, own_shared=True)
+        p = self.printer(ctx)
+        args = ", ".join(lay.base_args() + ["dout", "state", "delta", "g_v"]
+                         + lay.dkdv_outputs())
+        w("@jit(BKB)")
+        with w.block(f"def attn_bwd_dkdv({args}):"):
+            w('"""One block per (key tile, kv head, batch), one thread per key row j; the block')
+            w('loops over the query heads of its group, so dK/dV need no atomics."""')
+            w("t = cuda.threadIdx.x")
+            w("b = cuda.blockIdx.z")
+            w("g = cuda.blockIdx.y")
+            w("heads, n_q = q.shape[1], q.shape[2]")
+            w("kv_heads, n_k = k.shape[1], k.shape[2]")
+            w("group = heads // kv_heads")
+            w("k0 = cuda.blockIdx.x * BKB")
+            w("j = k0 + t")
+            w("col_ok = j < n_k")
+            w("k1 = min(k0 + BKB, n_k) - 1")
+            # own rows: padded shared tiles (thread t reads row t; +1 avoids bank conflicts)
+            self.shared_tiles(Side.KEY, "BKB", True, "o")
+            w("o_v = cuda.shared.array((BKB, DV + 1), DT)")
+            self.shared_tiles(Side.QUERY, "BQB", False, "s")
+            w("s_do = cuda.shared.array((BQB, DV), DT)")
+            if lay.has_state:
+                w("s_state = cuda.shared.array(BQB, DT)")
+                w("s_delta = cuda.shared.array(BQB, DT)")
+            w("d_v = cuda.local.array(DV, DT)")
+            with w.block("for c in range(DV):"):
+                w("d_v[c] = ZERO")
+            raw_k = [x for x in lay.side(Side.KEY) if x.raw == "k"]
+            per_head = [x for x in lay.side(Side.KEY) if x.raw != "k"]
+            for x in raw_k:
+                w(f"d_{x.var} = cuda.local.array(D, DT)")
+                with w.block("for f in range(D):"):
+                    w(f"d_{x.var}[f] = ZERO")
+            self.own_tile_load(raw_k, "o_v")
+            with w.block("for hh in range(group):"):
+                w("h = g * group + hh")
+                if per_head:
+                    w("cuda.syncthreads()")
+                    self.own_tile_load(per_head, None)
+                    w("cuda.syncthreads()")
+                self.own_scalars(ctx, "j", "col_ok")
+                self.const_inputs("BKB")
+                self.lookups(p, (Side.CONST,), None)
+                self.lookups(p, (Side.KEY,), "col_ok")
+                for x in per_head:
+                    if x.vector:
+                        sz = size_const(x.size)
+                        w(f"d_{x.var} = cuda.local.array({sz}, DT)")
+                        with w.block(f"for f in range({sz}):"):
+                            w(f"d_{x.var}[f] = ZERO")
+                    else:
+                        w(f"d_{x.var} = ZERO")
+                for node in lay.lookups_of(Side.KEY):
+                    w(f"dl_{node.name} = ZERO")
+                with w.block("for q0 in range(0, n_q, BQB):"):
+                    w("q1 = min(q0 + BQB, n_q) - 1")
+                    self.tile_status(p, "q0", "q1", "k0", "k1")
+                    with w.block("if not any_:"):
+                        w("continue")
+                    w("cuda.syncthreads()")
+                    self.load_side(Side.QUERY, "s", "q0", "n_q", "BQB", "BKB")
+                    self.load_tile("dout", "s_do", "h", "q0", "n_q", "DV", "BQB", "BKB")
+                    if lay.has_state:
+                        with w.block("for rr in range(t, BQB, BKB):"):
+                            w("s_state[rr] = state[b, h, q0 + rr] if q0 + rr < n_q else ZERO")
+                            w("s_delta[rr] = delta[b, h, q0 + rr] if q0 + rr < n_q else ZERO")
+                    w("cuda.syncthreads()")
+                    with w.block("for r in range(BQB):"):
+                        w("i = q0 + r")
+                        live = " and i < n_q"
+                        if d.norm is NormKind.SOFTMAX:
+                            live += " and s_state[r] > NEG_INF"
+                        elif d.norm is NormKind.SUM:
+                            live += " and s_state[r] != ZERO"
+                        self.pair_prelude(p, ctx, "col_ok" + live)
+                        with w.block("if ok:"):
+                            self.logit(p)
+                            w("dp = ZERO")
+                            with w.block("for c in range(DV):"):
+                                w("dp += s_do[r, c] * o_v[t, c]")
+                            self.pair_grad(p, "dp", "s_state[r]", "s_delta[r]")
+                            with w.block("for c in range(DV):"):
+                                w("d_v[c] += pw * s_do[r, c]")
+                            self.accumulate(p, ctx)
+                if per_head or lay.lookups_of(Side.KEY):
+                    with w.block("if col_ok:"):
+                        self.write_per_head(per_head)
+            with w.block("if col_ok:"):
+                with w.block("for c in range(DV):"):
+                    w("g_v[b, g, j, c] = d_v[c]")
+                for x in raw_k:
+                    with w.block("for f in range(D):"):
+                        w(f"g_{x.var}[b, g, j, f] = d_{x.var}[f]")
+        w()
+        w()
+
+    def own_tile_load(self, items: list[Input], v_tile: str | None) -> None:
+        w = self.w
+        if v_tile is not None:
+            self.load_tile("v", v_tile, "g", "k0", "n_k", "DV", "BKB", "BKB")
+        for x in items:
+            if x.vector:
+                self.load_tile(x.arg, f"o_{x.var}", self.head_of(x), "k0", "n_k",
+                               size_const(x.size), "BKB", "BKB")
+        if v_tile is not None:
+            w("cuda.syncthreads()")
+
+    def write_per_head(self, per_head: list[Input]) -> None:
+        w = self.w
+        for x in per_head:
+            if x.vector:
+                with w.block(f"for f in range({size_const(x.size)}):"):
+                    w(f"g_{x.var}[b, h, j, f] = d_{x.var}[f]")
+            else:
+                w(f"g_{x.var}[b, h, j, 0] = d_{x.var}")
+        for node in self.layout.lookups_of(Side.KEY):
+            w(f"gl_{node.name}[b, h, j] = dl_{node.name}")
+
+    def dq(self) -> None:
+        w, lay, d = self.w, self.layout, self.deriv
+        ctx = Ctx("dq", Side.QUERY, own_shared=True)
+        p = self.printer(ctx)
+        args = ", ".join(lay.base_args() + ["dout", "state", "delta"] + lay.dq_outputs())
+        pair = lay.lookups_of(Side.PAIR)
+        w("@jit(BQB)")
+        with w.block(f"def attn_bwd_dq({args}):"):
+            w('"""One block per (query tile, head, batch), one thread per query row i."""')
+            self.kernel_head("BQB")
+            w("i = q0 + t")
+            w("row_ok = i < n_q")
+            w("q1 = min(q0 + BQB, n_q) - 1")
+            w("blk = (b * heads + h) * cuda.gridDim.x + cuda.blockIdx.x")
+            self.shared_tiles(Side.QUERY, "BQB", True, "o")
+            w("o_do = cuda.shared.array((BQB, DV + 1), DT)")
+            self.shared_tiles(Side.KEY, "BKB", False, "s")
+            w("s_v = cuda.shared.array((BKB, DV), DT)")
+            for node in pair:
+                w(f"pi_{node.name} = cuda.shared.array((BQB, BKB), IT)")
+                w(f"pv_{node.name} = cuda.shared.array((BQB, BKB), DT)")
+            self.const_inputs("BQB")
+            for x in lay.side(Side.QUERY):
+                if x.vector:
+                    self.load_tile(x.arg, f"o_{x.var}", "h", "q0", "n_q", size_const(x.size),
+                                   "BQB", "BQB")
+            self.load_tile("dout", "o_do", "h", "q0", "n_q", "DV", "BQB", "BQB")
+            w("cuda.syncthreads()")
+            self.own_scalars(ctx, "i", "row_ok")
+            self.lookups(p, (Side.CONST,), None)
+            self.lookups(p, (Side.QUERY,), "row_ok")
+            if lay.has_state:
+                w("row_state = state[b, h, i] if row_ok else ZERO")
+                w("row_delta = delta[b, h, i] if row_ok else ZERO")
+            self.accumulators(ctx, (Side.QUERY, Side.CONST))
+            live = "row_ok"
+            if d.norm is NormKind.SOFTMAX:
+                live += " and row_state > NEG_INF"
+            elif d.norm is NormKind.SUM:
+                live += " and row_state != ZERO"
+            with w.block("for k0 in range(0, n_k, BKB):"):
+                w("k1 = min(k0 + BKB, n_k) - 1")
+                self.tile_status(p, "q0", "q1", "k0", "k1")
+                with w.block("if not any_:"):
+                    w("continue")
+                w("cuda.syncthreads()")
+                self.load_side(Side.KEY, "s", "k0", "n_k", "BKB", "BQB")
+                self.load_tile("v", "s_v", "g", "k0", "n_k", "DV", "BKB", "BQB")
+                w("cuda.syncthreads()")
+                with w.block("for r in range(BKB):"):
+                    w("j = k0 + r")
+                    for node in pair:
+                        w(f"dl_{node.name} = ZERO")
+                    self.pair_prelude(p, ctx, f"{live} and j < n_k")
+                    with w.block("if ok:"):
+                        self.logit(p)
+                        w("dp = ZERO")
+                        with w.block("for c in range(DV):"):
+                            w("dp += o_do[t, c] * s_v[r, c]")
+                        self.pair_grad(p, "dp", "row_state", "row_delta")
+                        self.accumulate(p, ctx)
+                    for node in pair:
+                        w(f"pi_{node.name}[t, r] = {self.flat_index(node, p)} if ok else -1")
+                        w(f"pv_{node.name}[t, r] = dl_{node.name}")
+                if pair:
+                    w("cuda.syncthreads()")
+                    w("# two-stage lookup gradient: this block's partial, each element owned by")
+                    w("# one thread and summed in a fixed order (deterministic, no atomics)")
+                    with w.block("for rr in range(BQB):"):
+                        with w.block("for cc in range(BKB):"):
+                            for node in pair:
+                                w(f"e = pi_{node.name}[rr, cc]")
+                                with w.block("if e >= 0 and e % BQB == t:"):
+                                    w(f"gl_{node.name}[blk, e] += pv_{node.name}[rr, cc]")
+            with w.block("if row_ok:"):
+                self.write_adjoints((Side.QUERY, Side.CONST), "h", "i")
+        w()
+        w()
+
+
+def emit_module(layout: Layout, config: Config) -> str:
+    return Emitter(layout, config).module()
+
+
+def emit_source(spec: ir.Spec, dtype: str = "float32", config: Config | None = None) -> str:
+    """The generated kernels' Python source (production tiles, feature sizes of 64 unless given)."""
+    layout = make_layout(make_plan(spec))
+    return emit_module(layout, config or Config(dtype=dtype))
+
+
+from .cuda_launch import compile_kernel  # noqa: E402  (the host side)
+
+__all__ = ["Config", "compile_kernel", "emit_source", "make_layout"]
