@@ -437,7 +437,7 @@ class _Run:
         if not lay.grad_lookups:
             return
         with np.errstate(all="ignore"):
-            subs = self.host.subscripts(numpy_ops, *self.host_qkv(shapes_only=True),
+            subs = self.kernel.host.subscripts(numpy_ops, *self.host_qkv(shapes_only=True),
                                         *call.params.values(), *call.indices.values())
         parts = dict(zip([x.name for x in lay.lookups_of(Side.KEY)], key_parts))
         parts.update(zip([x.name for x in lay.lookups_of(Side.QUERY, Side.CONST, Side.PAIR)],

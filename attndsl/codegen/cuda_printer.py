@@ -72,6 +72,8 @@ class CudaPrinter:
             return self._piecewise(e, self.num)
         if type(e) in MATH:
             return f"{MATH[type(e)]}({self.num(e.args[0])})"
+        if isinstance(e, sp.Heaviside):  # H(0) = 1/2: max/min split a tie
+            return f"heaviside({self.num(e.args[0])})"
         if type(e) in DEVICE:
             return f"{DEVICE[type(e)]}({', '.join(self.num(a) for a in e.args)})"
         raise NotImplementedError(f"no CUDA printer rule for {type(e).__name__}: {e}")
