@@ -1,0 +1,652 @@
+"""KernelPlan -> fused Numba CPU kernels: forward, FlashAttention-2 backward, never n_q x n_k.
+
+A call runs
+  1. the NumPy `rows` prologue: row-level values (q @ W, elu(q) + 1, norm(k), ...) once per row;
+  2. `_attn_fwd`: prange over (batch, head, query tile); per key tile the pair reductions
+     (BLAS GEMM tiles, or explicit feature loops), the logit, the mask (skipped for tiles the
+     mask fully allows, the tile skipped when it allows nothing) and the online normalizer;
+  3. backward: `_attn_bwd_dkdv` over key tiles and `_attn_bwd_dq` over query tiles, both
+     recomputing P from the saved row state; no atomics; parameter gradients per task, summed
+     in task order (deterministic);
+  4. the NumPy `rows_backward` epilogue: adjoints of row-level values -> q, k, params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from .. import ir
+from ..ir import NormKind, Side
+from ..plan import KernelPlan, PairInput, make_plan
+from ..symbolic import POSITIONS, SIZES, S, Lookup, Reduction, Vec
+from . import numpy_ref
+from .cpu_intrinsics import INTRINSICS_VERSION
+from .printer import KernelPrinter
+from .source import SourceWriter
+
+BQ, BK = 64, 128  # a 64 x 128 score tile (32 KiB in float32) stays in L1
+SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
+
+
+class ToFloat(sp.Function):
+    """An integer-valued sub-expression used in float math: printed as F(...)."""
+
+    nargs = 1
+
+
+def floatify(e: sp.Basic) -> sp.Basic:
+    """Wrap maximal integer sub-expressions of a float expression in ToFloat."""
+    if isinstance(e, (sp.core.relational.Relational, sp.And, sp.Or, sp.Not,
+                      sp.logic.boolalg.BooleanAtom)):
+        return e  # conditions compare integers and floats as they are
+    if e.is_integer:
+        return ToFloat(e)
+    if e.is_Atom:
+        return e
+    if isinstance(e, sp.Pow) and e.args[1].is_Integer:
+        return sp.Pow(floatify(e.args[0]), e.args[1], evaluate=False)
+    if isinstance(e, sp.Piecewise):
+        return sp.Piecewise(*((floatify(v), c) for v, c in e.args), evaluate=False)
+    return e.func(*(floatify(a) for a in e.args), evaluate=False)
+
+
+class NumbaPrinter(KernelPrinter):
+    """Scalar Numba code: `fx.f(x)` for functions, `F(...)` for float constants."""
+
+    def __init__(self, names: dict[sp.Symbol, str]) -> None:
+        super().__init__("fx", names)
+
+    def _print_ToFloat(self, expr: ToFloat) -> str:
+        return f"F({self._print(expr.args[0])})"
+
+    def _print_Integer(self, expr: sp.Integer) -> str:
+        return str(int(expr))
+
+    def _print_Rational(self, expr: sp.Rational) -> str:
+        return f"F({expr.p} / {expr.q})"
+
+    _print_Half = _print_Rational
+
+    def _print_Float(self, expr: sp.Float) -> str:
+        return f"F({float(expr)!r})"
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        base, exponent = expr.args
+        if exponent.is_Integer and 1 <= abs(int(exponent)) <= 4:
+            text = " * ".join([self.parenthesize(base, 60)] * abs(int(exponent)))
+            return f"({text})" if exponent > 0 else f"(F(1) / ({text}))"
+        return super()._print_Pow(expr, rational)
+
+    def _print_exponent(self, exponent: sp.Basic) -> str:
+        return f"F({self._print(exponent)})"
+
+    def _print_Relational(self, expr: sp.Basic) -> str:
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    def _print_And(self, expr: sp.And) -> str:
+        return "(" + " and ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr: sp.Or) -> str:
+        return "(" + " or ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Not(self, expr: sp.Not) -> str:
+        return f"(not {self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        (value, cond), *rest = expr.args
+        if not rest or cond == sp.true:
+            return self._print(value)
+        return f"({self._print(value)} if {self._print(cond)} else " \
+               f"{self._print(sp.Piecewise(*rest))})"
+
+    def _print_Max(self, expr: sp.Max) -> str:
+        name = "max" if expr.is_integer else "fx.maximum"
+        return self._fold_call(name, expr.args)
+
+    def _print_Min(self, expr: sp.Min) -> str:
+        name = "min" if expr.is_integer else "fx.minimum"
+        return self._fold_call(name, expr.args)
+
+    def _print_Abs(self, expr: sp.Abs) -> str:
+        arg = expr.args[0]
+        return f"abs({self._print(arg)})" if arg.is_integer else self.call("abs", arg)
+
+    def _fold_call(self, name: str, args: tuple[sp.Basic, ...]) -> str:
+        text = self._print(args[0])
+        for arg in args[1:]:
+            text = f"{name}({text}, {self._print(arg)})"
+        return text
+
+
+# ---- layouts of the kernel's row-level inputs -----------------------------------------------
+
+
+def input_name(item: PairInput) -> str:
+    if item.is_raw_query:
+        return "q"
+    if item.is_raw_key:
+        return "k"
+    return f"in_{numpy_ref.variable(item.node)}"
+
+
+def adjoint_name(item: PairInput) -> str:
+    return f"d_{numpy_ref.variable(item.node)}"
+
+
+def element(item: PairInput, feature: str | None = None) -> str:
+    """The kernel expression reading one element of an input (at b, h, i or j, feature)."""
+    name = input_name(item)
+    row = {Side.QUERY: ", i", Side.KEY: ", j", Side.CONST: ""}[item.side]
+    head = "hk" if item.is_raw_key else "h"
+    feat = f", {feature}" if feature is not None else ""
+    return f"{name}[b, {head}{row}{feat}]"
+
+
+class CpuEmitter:
+    def __init__(self, plan: KernelPlan, dtype: str) -> None:
+        self.plan = plan
+        self.deriv = plan.deriv
+        self.dtype = dtype
+        self.w = SourceWriter()
+        names: dict[sp.Symbol, str] = {s: n for n, s in POSITIONS.items()}
+        names.update({s: n for n, s in SIZES.items()})
+        for r in plan.gemms + plan.loops:
+            names[r.symbol] = r.name
+        for lookup in plan.lookups:
+            names[lookup.symbol] = lookup.name
+        for item in plan.inputs:
+            names[item.node.symbol] = element(item, "f" if item.is_vector else None)
+        names[S] = "xv"
+        self.p = NumbaPrinter(names)
+        self.params = [p.name for p in self.deriv.spec.params]
+        self.indices = [x.name for x in self.deriv.spec.indices]
+
+    def fl(self, e: sp.Basic) -> str:
+        """A float expression."""
+        return self.p.doprint(floatify(e))
+
+    def it(self, e: sp.Basic) -> str:
+        """An integer or boolean expression."""
+        return self.p.doprint(e)
+
+    # ---- the module ----
+    def module(self) -> str:
+        w, d = self.w, self.deriv
+        w(f'"""attndsl Numba CPU kernels for \'{d.spec.name}\', {self.dtype} '
+          '(generated; do not edit).')
+        w()
+        w(f"x       = {sp.sstr(d.logit)}")
+        w(f"allowed = {sp.sstr(d.mask) if d.mask is not None else 'every key'}")
+        w(f"weights = {d.norm.value if d.norm_expr is None else sp.sstr(d.norm_expr)}")
+        w(f"intrinsics version {INTRINSICS_VERSION}")
+        w('"""')
+        w()
+        w("import math")
+        w()
+        w("import numpy as np")
+        w("from numba import njit, prange")
+        w()
+        w("from attndsl.codegen.cpu_intrinsics import FASTMATH, exp2, exp2_shift_sum, "
+          "gemm_unchecked, row_max")
+        w("from attndsl.runtime import numba_funcs as fx")
+        w()
+        w(f"F = np.{self.dtype}")
+        w(f"BQ, BK = {BQ}, {BK}  # query x key tile")
+        w("LOG2E = F(1.4426950408889634)")
+        w("NEG_INF = F(-np.inf)")
+        w()
+        w()
+        self.tile_status()
+        self.forward()
+        self.backward("dkdv")
+        self.backward("dq")
+        return w.text()
+
+    def signature(self, name: str, outputs: list[str]) -> str:
+        inputs = [input_name(i) for i in self.plan.inputs if not (i.is_raw_query
+                                                                     or i.is_raw_key)]
+        args = ["sz", "q", "k", "v", *inputs, *(f"p_{n}" for n in self.params),
+                *(f"x_{n}" for n in self.indices), *outputs]
+        return f"def {name}({', '.join(args)}):"
+
+    def unpack_sizes(self) -> None:
+        self.w("B, heads, kv_heads, n_q, n_k, d, dv = sz[0], sz[1], sz[2], sz[3], sz[4], "
+               "sz[5], sz[6]")
+
+    # ---- masks ----
+    def tile_status(self) -> None:
+        """0: the mask allows no pair of the tile, 1: some, 2: every pair."""
+        w, d = self.w, self.deriv
+        lookups = [x for x in self.plan.lookups if x.symbol in (d.mask.free_symbols
+                                                                 if d.mask is not None else ())]
+        args = ["sz", "b", "h", "i0", "i1", "j0", "j1", *(f"p_{n}" for n in self.params),
+                *(f"x_{n}" for n in self.indices)]
+        w("@njit(inline='always')")
+        with w.block(f"def _tile_status({', '.join(args)}):"):
+            w('"""Linear mask atoms decided from the tile corners; others "some" (1)."""')
+            if d.mask is None:
+                w("return 2")
+                w()
+                w()
+                return
+            self.unpack_sizes()
+            atoms = {a.relation: a for a in self.plan.mask_atoms}
+            states = {}
+            for n, (relation, atom) in enumerate(atoms.items()):
+                name = f"a{n}"
+                states[relation] = name
+                const_lookups = [x for x in lookups if x.symbol in relation.free_symbols]
+                if not atom.linear:
+                    w(f"{name} = 1  # {sp.sstr(relation)}: checked per pair")
+                    continue
+                for x in const_lookups:
+                    self.lookup_read(x, "", check=True, on_error="return 1  # reported per pair")
+                corners = []
+                for ci, cj in (("i0", "j0"), ("i0", "j1 - 1"), ("i1 - 1", "j0"),
+                               ("i1 - 1", "j1 - 1")):
+                    text = self.it(relation.xreplace({POSITIONS["i"]: sp.Symbol("_I"),
+                                                      POSITIONS["j"]: sp.Symbol("_J")}))
+                    corners.append(text.replace("_I", f"({ci})").replace("_J", f"({cj})"))
+                w(f"c{n} = int({corners[0]}) + int({corners[1]}) + int({corners[2]}) + "
+                  f"int({corners[3]})")
+                w(f"{name} = 2 if c{n} == 4 else (0 if c{n} == 0 else 1)  "
+                  f"# {sp.sstr(relation)}")
+            w(f"return {self._combine(d.mask, states)}")
+        w()
+        w()
+
+    def _combine(self, e: sp.Basic, states: dict[sp.Basic, str]) -> str:
+        if e in states:
+            return states[e]
+        if isinstance(e, sp.And):
+            return "min(" + ", ".join(self._combine(a, states) for a in e.args) + ")"
+        if isinstance(e, sp.Or):
+            return "max(" + ", ".join(self._combine(a, states) for a in e.args) + ")"
+        if isinstance(e, sp.Not):
+            return f"(2 - {self._combine(e.args[0], states)})"
+        if e == sp.true:
+            return "2"
+        if e == sp.false:
+            return "0"
+        return "1"
+
+    # ---- per-pair code ----
+    def lookup_read(self, x: Lookup, err: str, check: bool = True, on_error: str = "") -> None:
+        w = self.w
+        array = f"p_{x.array}" if x.is_param else f"x_{x.array}"
+        subs = [self.it(s) for s in x.subscripts]
+        lead = [] if x.is_param else ["b"]
+        if x.is_param and not subs:
+            w(f"{x.name} = {array}[0]")
+            return
+        names = []
+        for axis, sub in enumerate(subs):
+            name = f"{x.name}_s{axis}"
+            names.append(name)
+            w(f"{name} = {sub}")
+        if check:
+            offset = len(lead)
+            bad = " or ".join(f"{n} < 0 or {n} >= {array}.shape[{axis + offset}]"
+                              for axis, n in enumerate(names))
+            ident = self.plan.lookups.index(x) + 1
+            with w.block(f"if {bad}:"):
+                if on_error:
+                    w(on_error)
+                else:
+                    w(f"{err} = {ident}  # subscript out of range: reported by the launcher")
+                    for axis, n in enumerate(names):
+                        w(f"{n} = 0")
+        w(f"{x.name} = {array}[{', '.join(lead + names)}]")
+
+    def pair_values(self, err: str) -> None:
+        """Locals for one pair (ii, jj): lookups, GEMM tile values, explicit loops."""
+        w = self.w
+        for x in self.plan.lookups:
+            self.lookup_read(x, err)
+        for n, r in enumerate(self.plan.gemms):
+            w(f"{r.name} = s{n}[ii * BK + jj]")
+        for r in self.plan.loops:
+            w(f"{r.name} = F(0)")
+            with w.block(f"for f in range({self.feature_size(r)}):"):
+                w(f"{r.name} += {self.fl(r.body)}")
+
+    def feature_size(self, r: Reduction) -> str:
+        for symbol in r.body.free_symbols:
+            item = self.plan.input_for(symbol)
+            if item is not None and item.is_vector:
+                return f"{input_name(item)}.shape[-1]"
+        raise AssertionError(f"no vector in the body of {r.name}")
+
+    def gemm_tiles(self) -> None:
+        """s<n>[ii, jj] = sum_f a[b, h, i0 + ii, f] * b[b, h', j0 + jj, f] for each GEMM."""
+        w = self.w
+        for n, r in enumerate(self.plan.gemms):
+            a, bvec = (self.plan.input_for(v.symbol) for v in r.gemm)  # type: ignore[union-attr]
+            assert a is not None and bvec is not None
+            w(f"gemm_unchecked(False, True, mq, nk, {input_name(a)}.shape[3], F(1), "
+              f"{input_name(a)}, {self.row_offset(a, 'i0')}, {input_name(a)}.shape[3], "
+              f"{input_name(bvec)}, {self.row_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3], "
+              f"F(0), s{n}, 0, BK)")
+
+    def row_offset(self, item: PairInput, start: str) -> str:
+        name = input_name(item)
+        head = "hk" if item.is_raw_key else "h"
+        return f"((b * {name}.shape[1] + {head}) * {name}.shape[2] + {start}) * {name}.shape[3]"
+
+    def mask_expr(self) -> str:
+        assert self.deriv.mask is not None
+        return self.it(self.deriv.mask)
+
+    # ---- forward ----
+    def forward(self) -> None:
+        w, d, plan = self.w, self.deriv, self.plan
+        softmax = d.norm is NormKind.SOFTMAX
+        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        with w.block(self.signature("_attn_fwd", ["out", "state", "err"])):
+            w(f'"""out = normalize(x) @ v per (batch, head, query tile); state = '
+              f'{"lse" if softmax else "the row sum" if d.norm is NormKind.SUM else "unused"}."""')
+            self.unpack_sizes()
+            w("group = heads // kv_heads")
+            w("n_tiles = (n_q + BQ - 1) // BQ")
+            with w.block("for task in prange(B * heads * n_tiles):"):
+                w("b, h, qt = task // (heads * n_tiles), (task // n_tiles) % heads, task % n_tiles")
+                w("hk = h // group")
+                w("i0 = qt * BQ")
+                w("mq = min(BQ, n_q - i0)")
+                for n in range(len(plan.gemms)):
+                    w(f"s{n} = np.empty(BQ * BK, F)  # GEMM tile of {plan.gemms[n].name}")
+                w("x = np.empty(BQ * BK, F)  # logits, then weights")
+                w("acc = np.zeros(BQ * dv, F)")
+                if d.norm is not NormKind.SOFTMAX:
+                    w("keep = np.empty(BQ * BK, np.uint8)  # 1 where the mask allows the pair")
+                if softmax:
+                    w("m = np.full(BQ, NEG_INF, F)  # running max (base 2)")
+                w("l = np.zeros(BQ, F)  # running normalizer")
+                w("bad = 0")
+                with w.block("for j0 in range(0, n_k, BK):"):
+                    w("nk = min(BK, n_k - j0)")
+                    w(f"status = _tile_status(sz, b, h, i0, i0 + mq, j0, j0 + nk"
+                      f"{self.extra_args()})")
+                    with w.block("if status == 0:"):
+                        w("continue  # the mask allows no pair of this tile")
+                    self.gemm_tiles()
+                    self.logits_tile("bad")
+                    self.normalize_tile()
+                    w("# acc += P @ v[b, hk, j0:j0 + nk]")
+                    w("gemm_unchecked(False, False, mq, dv, nk, F(1), x, 0, BK, v, "
+                      "((b * kv_heads + hk) * n_k + j0) * dv, dv, F(1), acc, 0, dv)")
+                w("err[task] = bad")
+                self.finish_rows()
+        w()
+        w()
+
+    def extra_args(self) -> str:
+        names = [f"p_{n}" for n in self.params] + [f"x_{n}" for n in self.indices]
+        return "".join(f", {n}" for n in names)
+
+    def logits_tile(self, err: str) -> None:
+        """x[ii, jj] = the logit; masked pairs -inf (softmax) or weight 0 via `keep`."""
+        w, d = self.w, self.deriv
+        softmax = d.norm is NormKind.SOFTMAX
+        with w.block("for ii in range(mq):"):
+            w("i = i0 + ii")
+            with w.block("for jj in range(nk):"):
+                w("j = j0 + jj")
+                self.pair_values(err)
+                w(f"xv = {self.fl(d.logit)}")
+                if softmax:
+                    if d.mask is not None:
+                        with w.block(f"if status == 1 and not {self.mask_expr()}:"):
+                            w("xv = NEG_INF")
+                    w("x[ii * BK + jj] = xv * LOG2E")
+                else:
+                    mask = f"status == 2 or {self.mask_expr()}" if d.mask is not None else "True"
+                    w(f"keep[ii * BK + jj] = 1 if ({mask}) else 0")
+                    w("x[ii * BK + jj] = xv")
+
+    def normalize_tile(self) -> None:
+        w, d = self.w, self.deriv
+        if d.norm is NormKind.SOFTMAX:
+            w("# online softmax in base 2: rescale acc and l by 2^(m_old - m_new)")
+            with w.block("for ii in range(mq):"):
+                w("m_new = max(m[ii], row_max(x, ii * BK, nk))")
+                with w.block("if m_new == NEG_INF:"):
+                    w("x[ii * BK:ii * BK + nk] = F(0)  # nothing allowed yet in this row")
+                    w("continue")
+                w("alpha = exp2(m[ii] - m_new)")
+                w("l[ii] = l[ii] * alpha + exp2_shift_sum(x, ii * BK, nk, m_new)")
+                w("acc[ii * dv:(ii + 1) * dv] *= alpha")
+                w("m[ii] = m_new")
+            return
+        with w.block("for ii in range(mq):"):
+            with w.block("for jj in range(nk):"):
+                w("xv = x[ii * BK + jj]")
+                with w.block("if keep[ii * BK + jj] == 0:  # masked: weight 0"):
+                    w("x[ii * BK + jj] = F(0)")
+                    w("continue")
+                if d.norm is NormKind.SUM:
+                    w("l[ii] += xv")
+                elif d.norm is NormKind.ELEMENTWISE:
+                    assert d.norm_expr is not None
+                    w("i, j = i0 + ii, j0 + jj")
+                    w(f"x[ii * BK + jj] = {self.fl(d.norm_expr)}")
+
+    def finish_rows(self) -> None:
+        w, d = self.w, self.deriv
+        with w.block("for ii in range(mq):"):
+            if d.norm is NormKind.SOFTMAX:
+                w("inv = F(1) / l[ii] if l[ii] > 0 else F(0)  # an empty row gives out = 0")
+                w("state[b, h, i0 + ii] = (m[ii] + math.log2(l[ii])) / LOG2E if l[ii] > 0 "
+                  "else NEG_INF")
+            elif d.norm is NormKind.SUM:
+                w("inv = F(1) / l[ii] if l[ii] != 0 else F(0)")
+                w("state[b, h, i0 + ii] = l[ii]")
+            else:
+                w("inv = F(1)")
+            with w.block("for c in range(dv):"):
+                w("out[b, h, i0 + ii, c] = acc[ii * dv + c] * inv")
+
+    # ---- backward ----
+    def backward(self, which: str) -> None:
+        """dkdv: over key tiles, writes adjoints of key-side inputs and dv per query head.
+        dq: over query tiles, writes adjoints of query-side and constant inputs, params."""
+        w, plan = self.w, self.plan
+        keys = which == "dkdv"
+        mine = [i for i in plan.inputs if (i.side is Side.KEY) == keys]
+        outputs = ["dout", "D", "state", *(adjoint_name(i) for i in mine)]
+        outputs += ["dv_h"] if keys else [f"dp_{x.array}" for x in plan.param_lookups
+                                           if x == self._first_lookup(x.array)]
+        outputs += ["err"]
+        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        with w.block(self.signature(f"_attn_bwd_{which}", outputs)):
+            what = ("dv and the key-side adjoints" if keys else
+                    "the query-side and constant adjoints, and the params' gradients")
+            w(f'"""FlashAttention-2 backward over {"key" if keys else "query"} tiles: {what}."""')
+            self.unpack_sizes()
+            w("group = heads // kv_heads")
+            outer, inner = ("n_k", "n_q") if keys else ("n_q", "n_k")
+            w(f"n_tiles = ({outer} + {'BK' if keys else 'BQ'} - 1) // {'BK' if keys else 'BQ'}")
+            with w.block("for task in prange(B * heads * n_tiles):"):
+                w("b, h, tile = task // (heads * n_tiles), (task // n_tiles) % heads, "
+                  "task % n_tiles")
+                w("hk = h // group")
+                for n in range(len(plan.gemms)):
+                    w(f"s{n} = np.empty(BQ * BK, F)")
+                    w(f"g{n} = np.empty(BQ * BK, F)  # d logit / d {plan.gemms[n].name} * dS")
+                w("x = np.empty(BQ * BK, F)  # P")
+                w("dp = np.empty(BQ * BK, F)  # dP, then dS")
+                w("bad = 0")
+                if keys:
+                    w("j0 = tile * BK")
+                    w("nk = min(BK, n_k - j0)")
+                    loop = "for i0 in range(0, n_q, BQ):"
+                else:
+                    w("i0 = tile * BQ")
+                    w("mq = min(BQ, n_q - i0)")
+                    loop = "for j0 in range(0, n_k, BK):"
+                with w.block(loop):
+                    w("mq = min(BQ, n_q - i0)" if keys else "nk = min(BK, n_k - j0)")
+                    w(f"status = _tile_status(sz, b, h, i0, i0 + mq, j0, j0 + nk"
+                      f"{self.extra_args()})")
+                    with w.block("if status == 0:"):
+                        w("continue")
+                    self.gemm_tiles()
+                    w("# dP = dO @ V^T")
+                    w("gemm_unchecked(False, True, mq, nk, dv, F(1), dout, "
+                      "((b * heads + h) * n_q + i0) * dv, dv, v, ((b * kv_heads + hk) * n_k + j0)"
+                      " * dv, dv, F(0), dp, 0, BK)")
+                    self.dscores("bad", keys)
+                    if keys:
+                        w("# dV += P^T @ dO")
+                        w("gemm_unchecked(True, False, nk, dv, mq, F(1), x, 0, BK, dout, "
+                          "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
+                          "((b * heads + h) * n_k + j0) * dv, dv)")
+                    self.gemm_adjoints(keys)
+                w("err[task] = bad")
+        w()
+        w()
+
+    def _first_lookup(self, array: str) -> Lookup:
+        return next(x for x in self.plan.param_lookups if x.array == array)
+
+    def dscores(self, err: str, keys: bool) -> None:
+        """P and dS per pair, then every elementwise adjoint (row scalars, loops, params)."""
+        w, d, plan = self.w, self.deriv, self.plan
+        rule = {NormKind.SOFTMAX: "dS = P * (dP - D)", NormKind.SUM: "dS = (dP - D) / z",
+                NormKind.NONE: "dS = dP", NormKind.ELEMENTWISE: "dS = f'(x) * dP"}[d.norm]
+        w(f"# {rule}")
+        with w.block("for ii in range(mq):"):
+            w("i = i0 + ii")
+            w("row_state = state[b, h, i]")
+            w("Di = D[b, h, i]")
+            with w.block("for jj in range(nk):"):
+                w("j = j0 + jj")
+                self.pair_values(err)
+                w(f"xv = {self.fl(d.logit)}")
+                allowed = "True"
+                if d.mask is not None:
+                    allowed = f"status == 2 or {self.mask_expr()}"
+                with w.block(f"if not ({allowed}):"):
+                    w("x[ii * BK + jj] = F(0)")
+                    w("dp[ii * BK + jj] = F(0)")
+                    for n in range(len(plan.gemms)):
+                        w(f"g{n}[ii * BK + jj] = F(0)")
+                    w("continue")
+                w("dpv = dp[ii * BK + jj]")
+                if d.norm is NormKind.SOFTMAX:
+                    w("pv = exp2((xv - row_state) * LOG2E) if row_state != NEG_INF else F(0)")
+                    w("ds = pv * (dpv - Di)")
+                elif d.norm is NormKind.SUM:
+                    w("pv = xv / row_state if row_state != 0 else F(0)")
+                    w("ds = (dpv - Di) / row_state if row_state != 0 else F(0)")
+                elif d.norm is NormKind.NONE:
+                    w("pv = xv")
+                    w("ds = dpv")
+                else:
+                    assert d.norm_expr is not None and plan.grads.dnorm is not None
+                    w(f"pv = {self.fl(d.norm_expr)}")
+                    w(f"ds = ({self.fl(plan.grads.dnorm)}) * dpv")
+                w("x[ii * BK + jj] = pv")
+                for n, r in enumerate(plan.gemms):
+                    w(f"g{n}[ii * BK + jj] = ds * ({self.partial(r.symbol)})")
+                self.scalar_adjoints(keys)
+
+    def partial(self, symbol: sp.Symbol) -> str:
+        expr = self.plan.grads.dlogit.get(symbol)
+        return "F(0)" if expr is None else self.fl(expr)
+
+    def scalar_adjoints(self, keys: bool) -> None:
+        """Row-scalar inputs, explicit loops and param lookups, per pair."""
+        w, plan = self.w, self.plan
+        side = Side.KEY if keys else Side.QUERY
+        for item in plan.inputs:
+            if item.is_vector or item.node.symbol not in plan.grads.dlogit:
+                continue
+            if (item.side is Side.KEY) != keys:
+                continue
+            index = {Side.QUERY: "b, h, i", Side.KEY: "b, h, j", Side.CONST: "b, h, tile"}[
+                item.side]
+            w(f"{adjoint_name(item)}[{index}] += ds * ({self.partial(item.node.symbol)})")
+        for r in plan.loops:
+            if r.symbol not in plan.grads.dlogit:
+                continue
+            w(f"g_{r.name} = ds * ({self.partial(r.symbol)})")
+            with w.block(f"for f in range({self.feature_size(r)}):"):
+                for symbol, expr in plan.grads.partials[r.name]:
+                    item = plan.input_for(symbol)
+                    if item is None or (item.side is Side.KEY) != keys:
+                        continue
+                    if item.side is Side.CONST:  # per task: [b, h, tile(, f)]
+                        feature = ", f" if item.is_vector else ""
+                        where = f"{adjoint_name(item)}[b, h, tile{feature}]"
+                    else:
+                        where = element(item, "f" if item.is_vector else None).replace(
+                            input_name(item), adjoint_name(item), 1)
+                    w(f"{where} += g_{r.name} * ({self.fl(expr)})")
+        if keys:
+            return
+        for x in plan.param_lookups:
+            if x.symbol not in plan.grads.dlogit:
+                continue
+            flat = self.flat_index(x)
+            w(f"dp_{x.array}[task, {flat}] += ds * ({self.partial(x.symbol)})")
+        del side
+
+    def flat_index(self, x: Lookup) -> str:
+        if not x.subscripts:
+            return "0"
+        text = f"{x.name}_s0"
+        for axis in range(1, len(x.subscripts)):
+            text = f"({text}) * p_{x.array}.shape[{axis}] + {x.name}_s{axis}"
+        return text
+
+    def gemm_adjoints(self, keys: bool) -> None:
+        w = self.w
+        for n, r in enumerate(self.plan.gemms):
+            a, bvec = (self.plan.input_for(v.symbol) for v in r.gemm)  # type: ignore[union-attr]
+            assert a is not None and bvec is not None
+            if keys:
+                w(f"# d{bvec.node.name} += g{n}^T @ {a.node.name}")
+                w(f"gemm_unchecked(True, False, nk, {input_name(a)}.shape[3], mq, F(1), g{n}, 0, "
+                  f"BK, {input_name(a)}, {self.row_offset(a, 'i0')}, {input_name(a)}.shape[3], "
+                  f"F(1), {adjoint_name(bvec)}, {self.adjoint_offset(bvec, 'j0')}, "
+                  f"{input_name(bvec)}.shape[3])")
+            else:
+                w(f"# d{a.node.name} += g{n} @ {bvec.node.name}")
+                w(f"gemm_unchecked(False, False, mq, {input_name(bvec)}.shape[3], nk, F(1), g{n}, "
+                  f"0, BK, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
+                  f"{input_name(bvec)}.shape[3], F(1), {adjoint_name(a)}, "
+                  f"{self.adjoint_offset(a, 'i0')}, {input_name(a)}.shape[3])")
+
+    def adjoint_offset(self, item: PairInput, start: str) -> str:
+        """Adjoints are per query head: [B, heads, n, F]."""
+        name = adjoint_name(item)
+        return f"((b * heads + h) * {name}.shape[2] + {start}) * {name}.shape[3]"
+
+
+def emit_source(spec: ir.Spec, dtype: str = "float32") -> str:
+    return CpuEmitter(make_plan(spec), dtype).module()
+
+
+# ---- the Kernel ---------------------------------------------------------------------------
+
+
+def _key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def compile_kernel(spec: ir.Spec) -> Any:
+    from ..runtime.cpu_kernel import CpuKernel
+
+    return CpuKernel(spec)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

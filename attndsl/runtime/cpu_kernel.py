@@ -1,0 +1,183 @@
+"""The Numba CPU target: NumPy prologue, fused kernels, NumPy epilogue (see codegen/numba_cpu)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .. import ir
+from ..codegen import numba_cpu, numpy_ref
+from ..ir import NormKind, Side
+from ..plan import PairInput, make_plan
+from ..symbolic import derive
+from . import cache, numpy_ops
+from .kernel import Call, Kernel
+
+
+def _kernel_layout(value: np.ndarray, item: PairInput, sizes: dict[str, int],
+                   dtype: np.dtype) -> np.ndarray:
+    """A row-level value of the 5-D reference layout, as the kernel reads it."""
+    B, H = sizes["B"], sizes["heads"]
+    value = np.asarray(value)
+    value = value.reshape((1,) * (5 - value.ndim) + value.shape)  # constants may be unexpanded
+    if item.side is Side.QUERY:
+        value, shape = value[:, :, :, 0], (B, H, sizes["n_q"])
+    elif item.side is Side.KEY:
+        value, shape = value[:, :, 0], (B, H, sizes["n_k"])
+    else:
+        value, shape = value[:, :, 0, 0], (B, H)
+    if item.is_vector:
+        shape = shape + value.shape[-1:]
+    else:
+        value = value[..., 0]
+    return np.ascontiguousarray(np.broadcast_to(value, shape), dtype=dtype)
+
+
+def _reference_layout(adjoint: np.ndarray, item: PairInput, tiles: int) -> np.ndarray:
+    """A kernel adjoint back in the 5-D layout `rows_backward` takes."""
+    if item.side is Side.CONST:  # per-task partials [B, H, tiles(, F)], summed in order
+        adjoint = adjoint.sum(axis=2)
+    if not item.is_vector:
+        adjoint = adjoint[..., None]
+    if item.side is Side.QUERY:
+        return adjoint[:, :, :, None, :]
+    if item.side is Side.KEY:
+        return adjoint[:, :, None, :, :]
+    return adjoint[:, :, None, None, :]
+
+
+class CpuKernel(Kernel):
+    def __init__(self, spec: ir.Spec) -> None:
+        self.plan = make_plan(spec)
+        deriv = self.plan.deriv
+        reference = numpy_ref.emit(derive(spec))
+        self.ref = cache.load_module(reference, "numpy", spec.name)
+        self.modules: dict[str, ModuleType] = {}
+        super().__init__(spec, "cpu", numba_cpu.emit_source(spec), self._forward_impl,
+                         self._backward_impl)
+        del deriv
+
+    def module(self, dtype: np.dtype) -> ModuleType:
+        name = np.dtype(dtype).name
+        if name not in self.modules:
+            source = numba_cpu.emit_source(self.spec, name)
+            self.modules[name] = cache.load_module(source, "cpu", f"{self.spec.name}_{name}")
+        return self.modules[name]
+
+    # ---- arguments ----
+    def _common(self, call: Call) -> tuple[dict[str, Any], list[np.ndarray]]:
+        with np.errstate(all="ignore"):
+            t = self.ref.rows(numpy_ops, *call.arrays())
+        inputs = [_kernel_layout(t[numpy_ref.variable(i.node)], i, call.sizes, call.dtype)
+                  for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
+        s = call.sizes
+        sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"]],
+                      dtype=np.int64)
+        params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
+        args = [sz, call.q, call.k, call.v, *inputs, *params, *call.indices.values()]
+        return t, args
+
+    def _raise_on(self, err: np.ndarray) -> None:
+        bad = int(err.max()) if err.size else 0
+        if bad:
+            lookup = self.plan.lookups[bad - 1]
+            raise ValueError(f"a subscript of '{lookup.array}' is out of range: "
+                             f"{lookup.array}[{', '.join(map(str, lookup.subscripts))}] reads "
+                             "outside the array")
+
+    def _run_forward(self, call: Call) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        from ..codegen.cpu_intrinsics import single_threaded_blas
+
+        t, args = self._common(call)
+        s = call.sizes
+        out = np.zeros((s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
+        state = np.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
+        tiles = -(-s["n_q"] // numba_cpu.BQ)
+        err = np.zeros(s["B"] * s["heads"] * tiles, np.int64)
+        with single_threaded_blas():
+            self.module(call.dtype)._attn_fwd(*args, out, state, err)
+        self._raise_on(err)
+        return out, state, t
+
+    def _forward_impl(self, call: Call) -> tuple[np.ndarray, np.ndarray | None]:
+        out, state, _ = self._run_forward(call)
+        return out, state if self.spec.normalize.kind is NormKind.SOFTMAX else None
+
+    def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any
+                       ) -> dict[str, np.ndarray]:
+        from ..codegen.cpu_intrinsics import single_threaded_blas
+
+        norm = self.spec.normalize.kind
+        if out is None or (norm is NormKind.SOFTMAX and lse is None) or norm is NormKind.SUM:
+            out, state, t = self._run_forward(call)
+        else:
+            state = lse if lse is not None else np.zeros(out.shape[:3], call.dtype)
+            t = None
+        t2, args = self._common(call)
+        t = t2
+        s = call.sizes
+        B, H = s["B"], s["heads"]
+        D = np.ascontiguousarray(np.sum(dout * out, axis=-1), dtype=call.dtype)
+        q_tiles = -(-s["n_q"] // numba_cpu.BQ)
+        k_tiles = -(-s["n_k"] // numba_cpu.BK)
+        adjoints: dict[str, np.ndarray] = {}
+        for item, value in self._adjoint_shapes(call, q_tiles):
+            adjoints[numpy_ref.variable(item.node)] = value
+        key_items = [i for i in self.plan.inputs if i.side is Side.KEY]
+        other_items = [i for i in self.plan.inputs if i.side is not Side.KEY]
+        dv_h = np.zeros((B, H, s["n_k"], s["dv"]), call.dtype)
+        first = {}
+        for x in self.plan.param_lookups:
+            first.setdefault(x.array, np.zeros((B * H * q_tiles, call.params[x.array].size),
+                                               call.dtype))
+        module = self.module(call.dtype)
+        err_k = np.zeros(B * H * k_tiles, np.int64)
+        err_q = np.zeros(B * H * q_tiles, np.int64)
+        with single_threaded_blas():
+            module._attn_bwd_dkdv(*args, dout, D, state,
+                                  *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
+                                  dv_h, err_k)
+            module._attn_bwd_dq(*args, dout, D, state,
+                                *(adjoints[numpy_ref.variable(i.node)] for i in other_items),
+                                *first.values(), err_q)
+        self._raise_on(err_k)
+        self._raise_on(err_q)
+        five_d = {numpy_ref.variable(i.node): _reference_layout(
+            adjoints[numpy_ref.variable(i.node)], i, q_tiles) for i in self.plan.inputs}
+        with np.errstate(all="ignore"):
+            grads = self.ref.rows_backward(numpy_ops, t, five_d, call.q, call.k,
+                                           *call.params.values())
+        grads["v"] = numpy_ops.group_heads(dv_h, s["kv_heads"])
+        for array, partial in first.items():
+            shape = call.params[array].shape
+            grads[array] = grads[array] + partial.sum(axis=0).reshape(shape)
+        return grads
+
+    def _adjoint_shapes(self, call: Call, q_tiles: int):  # type: ignore[no-untyped-def]
+        s = call.sizes
+        B, H = s["B"], s["heads"]
+        for item in self.plan.inputs:
+            if item.is_raw_query:
+                shape: tuple[int, ...] = (B, H, s["n_q"], s["d"])
+            elif item.is_raw_key:
+                shape = (B, H, s["n_k"], s["d"])
+            else:
+                lead = {Side.QUERY: (B, H, s["n_q"]), Side.KEY: (B, H, s["n_k"]),
+                        Side.CONST: (B, H, q_tiles)}[item.side]
+                width = ()
+                if item.is_vector:
+                    value = self._width(item, call)
+                    width = (value,)
+                shape = lead + width
+            yield item, np.zeros(shape, call.dtype)
+
+    def _width(self, item: PairInput, call: Call) -> int:
+        node = item.node
+        size = getattr(node, "size", "")
+        if size in call.sizes:
+            return call.sizes[size]
+        if size.isdigit():
+            return int(size)
+        raise AssertionError(f"unknown feature size {size!r}")

@@ -1,0 +1,122 @@
+"""Scalar functions generated Numba kernels call as `fx.name(x)`: one float type in, the same out.
+
+Each is a Numba overload whose constants are typed like its argument, so float32 math never
+drifts into float64. Kinks follow LANGUAGE.md 3: relu'(0) = 0, a max/min tie splits the
+gradient (H(0) = 1/2), clamp passes the gradient on the closed interval [lo, hi].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+
+def _stub(name: str, arity: int) -> Callable[..., Any]:
+    def fail() -> Any:
+        raise NotImplementedError(f"fx.{name} is only callable from Numba-compiled code")
+
+    stubs = {1: lambda x: fail(), 2: lambda a, b: fail(), 3: lambda x, lo, hi: fail()}
+    stub = stubs[arity]
+    stub.__name__ = name
+    return stub
+
+
+def _float(*args: Any) -> type | None:
+    """The NumPy float type of the arguments, or None when they are not all floats."""
+    if not all(isinstance(a, types.Float) for a in args):
+        return None
+    return np.dtype(str(args[0])).type
+
+
+def _define(name: str, arity: int, make: Callable[[type], Callable[..., Any]]) -> Callable:
+    """A stub callable from Numba code, typed per float type by `make(np.float32 | float64)`."""
+    stub = _stub(name, arity)
+
+    def build(*args: Any) -> Any:
+        kind = _float(*args)
+        return None if kind is None else make(kind)
+
+    typers = {1: lambda x: build(x), 2: lambda a, b: build(a, b),
+              3: lambda x, lo, hi: build(x, lo, hi)}
+    overload(stub, inline="always")(typers[arity])
+    return stub
+
+
+def _exp(F: type) -> Callable[..., Any]:
+    return lambda x: math.exp(x)
+
+
+def _sigmoid(F: type) -> Callable[..., Any]:
+    one = F(1)
+
+    def sigmoid(x):  # type: ignore[no-untyped-def]
+        if x >= 0:
+            return one / (one + math.exp(-x))
+        e = math.exp(x)
+        return e / (one + e)
+
+    return sigmoid
+
+
+def _softplus(F: type) -> Callable[..., Any]:
+    zero = F(0)
+
+    def softplus(x):  # type: ignore[no-untyped-def]
+        # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): no overflow, no threshold
+        return (x if x > zero else zero) + math.log1p(math.exp(-(x if x >= zero else -x)))
+
+    return softplus
+
+
+def _gelu(F: type) -> Callable[..., Any]:
+    half, one, r2 = F(0.5), F(1), F(0.7071067811865476)
+    return lambda x: x * (one + math.erf(x * r2)) * half
+
+
+def _gelu_grad(F: type) -> Callable[..., Any]:
+    half, one, r2, pdf = F(0.5), F(1), F(0.7071067811865476), F(0.3989422804014327)
+    return lambda x: (one + math.erf(x * r2)) * half + x * math.exp(-half * x * x) * pdf
+
+
+def _step(F: type) -> Callable[..., Any]:
+    one, zero = F(1), F(0)
+    return lambda x: one if x > zero else zero
+
+
+def _in_range(F: type) -> Callable[..., Any]:
+    one, zero = F(1), F(0)
+    return lambda x, lo, hi: one if lo <= x <= hi else zero
+
+
+def _heaviside(F: type) -> Callable[..., Any]:
+    one, half, zero = F(1), F(0.5), F(0)
+    return lambda x: one if x > zero else (half if x == zero else zero)
+
+
+exp = _define("exp", 1, _exp)
+log = _define("log", 1, lambda F: lambda x: math.log(x))
+sqrt = _define("sqrt", 1, lambda F: lambda x: math.sqrt(x))
+tanh = _define("tanh", 1, lambda F: lambda x: math.tanh(x))
+sin = _define("sin", 1, lambda F: lambda x: math.sin(x))
+cos = _define("cos", 1, lambda F: lambda x: math.cos(x))
+abs = _define("abs", 1, lambda F: lambda x: x if x >= F(0) else -x)  # noqa: A001
+sign = _define("sign", 1, lambda F: lambda x: F(1) if x > F(0) else (F(-1) if x < F(0) else F(0)))
+floor = _define("floor", 1, lambda F: lambda x: np.floor(x))
+maximum = _define("maximum", 2, lambda F: lambda a, b: a if a >= b else b)
+minimum = _define("minimum", 2, lambda F: lambda a, b: a if a <= b else b)
+heaviside = _define("heaviside", 1, _heaviside)
+step = _define("step", 1, _step)
+in_range = _define("in_range", 3, _in_range)
+relu = _define("relu", 1, lambda F: lambda x: x if x > F(0) else F(0))
+sigmoid = _define("sigmoid", 1, _sigmoid)
+softplus = _define("softplus", 1, _softplus)
+elu = _define("elu", 1, lambda F: lambda x: x if x > F(0) else math.expm1(x))
+elu_grad = _define("elu_grad", 1, lambda F: lambda x: F(1) if x > F(0) else math.exp(x))
+gelu = _define("gelu", 1, _gelu)
+gelu_grad = _define("gelu_grad", 1, _gelu_grad)
+clamp = _define("clamp", 3, lambda F: lambda x, lo, hi: min(max(x, lo), hi))
