@@ -17,11 +17,23 @@ from .. import functions as fn
 
 MATH = {sp.exp: "math.exp", sp.log: "math.log", sp.tanh: "math.tanh", sp.sin: "math.sin",
         sp.cos: "math.cos"}
-# device functions defined in every generated module (DEVICE_FUNCTIONS in numba_cuda)
-DEVICE = {sp.sign: "sign_", sp.Heaviside: "heaviside", fn.Sigmoid: "sigmoid",
-          fn.Softplus: "softplus", fn.Relu: "relu", fn.Step: "step", fn.Elu: "elu",
-          fn.EluGrad: "elu_grad", fn.Gelu: "gelu", fn.GeluGrad: "gelu_grad",
-          fn.Clamp: "clamp", fn.InRange: "in_range"}
+# Special functions, inlined: a cuda.jit device function needs a GPU to compile (numba-cuda asks
+# the current device for its compute capability), which PTX checks on a CPU machine cannot give.
+INLINE = {
+    sp.sign: "(ONE if {0} > ZERO else (-ONE if {0} < ZERO else ZERO))",
+    sp.Heaviside: "(ONE if {0} > ZERO else (HALF if {0} == ZERO else ZERO))",  # H(0) = 1/2
+    fn.Sigmoid: "(ONE / (ONE + math.exp(-{0})))",
+    fn.Softplus: "(max({0}, ZERO) + math.log1p(math.exp(-abs({0}))))",  # stable, no threshold
+    fn.Relu: "max({0}, ZERO)",
+    fn.Step: "(ONE if {0} > ZERO else ZERO)",
+    fn.Elu: "({0} if {0} > ZERO else math.expm1({0}))",
+    fn.EluGrad: "(ONE if {0} > ZERO else math.exp({0}))",
+    fn.Gelu: "(HALF * {0} * (ONE + math.erf({0} * RSQRT2)))",
+    fn.GeluGrad: "(HALF * (ONE + math.erf({0} * RSQRT2)) + {0} * math.exp(-HALF * {0} * {0})"
+                 " * RSQRT2PI)",
+    fn.Clamp: "min(max({0}, {1}), {2})",
+    fn.InRange: "(ONE if ({0} >= {1} and {0} <= {2}) else ZERO)",
+}
 COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
 
@@ -72,10 +84,9 @@ class CudaPrinter:
             return self._piecewise(e, self.num)
         if type(e) in MATH:
             return f"{MATH[type(e)]}({self.num(e.args[0])})"
-        if isinstance(e, sp.Heaviside):  # H(0) = 1/2: max/min split a tie
-            return f"heaviside({self.num(e.args[0])})"
-        if type(e) in DEVICE:
-            return f"{DEVICE[type(e)]}({', '.join(self.num(a) for a in e.args)})"
+        if type(e) in INLINE:
+            args = [self.num(a) for a in e.args]
+            return INLINE[type(e)].format(*[a if _simple(a) else f"({a})" for a in args])
         raise NotImplementedError(f"no CUDA printer rule for {type(e).__name__}: {e}")
 
     def _add(self, e: sp.Add, each) -> str:  # type: ignore[no-untyped-def]
@@ -178,3 +189,7 @@ class CudaPrinter:
             each = self.int_ if (e.lhs.is_integer and e.rhs.is_integer) else self.num
             return f"({each(e.lhs)} {COMPARE[e.rel_op]} {each(e.rhs)})"
         raise NotImplementedError(f"no CUDA boolean rule for {type(e).__name__}: {e}")
+
+
+def _simple(text: str) -> bool:
+    return text.isidentifier() or (text.startswith("(") and text.endswith(")"))

@@ -168,72 +168,6 @@ def jit(threads):
     return cuda.jit if SIM else cuda.jit(launch_bounds=threads)
 '''
 
-DEVICE_FUNCTIONS = '''\
-@cuda.jit(device=True)
-def sigmoid(x):
-    if x >= ZERO:
-        return ONE / (ONE + math.exp(-x))
-    e = math.exp(x)
-    return e / (ONE + e)
-
-
-@cuda.jit(device=True)
-def softplus(x):
-    return max(x, ZERO) + math.log1p(math.exp(-abs(x)))
-
-
-@cuda.jit(device=True)
-def relu(x):
-    return x if x > ZERO else ZERO
-
-
-@cuda.jit(device=True)
-def step(x):
-    return ONE if x > ZERO else ZERO
-
-
-@cuda.jit(device=True)
-def heaviside(x):
-    # d max(x, 0)/dx with PyTorch's tie rule: 1/2 at 0
-    return ONE if x > ZERO else (HALF if x == ZERO else ZERO)
-
-
-@cuda.jit(device=True)
-def sign_(x):
-    return ONE if x > ZERO else (-ONE if x < ZERO else ZERO)
-
-
-@cuda.jit(device=True)
-def elu(x):
-    return x if x > ZERO else math.expm1(x)
-
-
-@cuda.jit(device=True)
-def elu_grad(x):
-    return ONE if x > ZERO else math.exp(x)
-
-
-@cuda.jit(device=True)
-def gelu(x):
-    return HALF * x * (ONE + math.erf(x * RSQRT2))
-
-
-@cuda.jit(device=True)
-def gelu_grad(x):
-    return HALF * (ONE + math.erf(x * RSQRT2)) + x * math.exp(-HALF * x * x) * RSQRT2PI
-
-
-@cuda.jit(device=True)
-def clamp(x, lo, hi):
-    return min(max(x, lo), hi)
-
-
-@cuda.jit(device=True)
-def in_range(x, lo, hi):
-    return ONE if (x >= lo and x <= hi) else ZERO
-'''
-
-
 class Ctx:
     """Which rows a kernel owns (one per thread) and where every value lives."""
 
@@ -329,6 +263,8 @@ class Emitter:
         w(f"BQB, BKB = {c.bwd_bq}, {c.bwd_bk}  # backward tiles")
         for name in self.layout.sizes:
             w(f"{size_const(name)} = {c.size(name)}  # feature size {name}")
+            w(f"{size_const(name)}_P = {c.size(name) + 1}  # padded: rows in shared memory "
+              "without bank conflicts")
         w("SIM = _nb_config.ENABLE_CUDASIM  # the simulator's jit takes no launch_bounds")
         w("ZERO, ONE, HALF, NEG_INF = F(0.0), F(1.0), F(0.5), F(-np.inf)")
         w("RSQRT2, RSQRT2PI = F(1 / np.sqrt(2)), F(1 / np.sqrt(2 * np.pi))")
@@ -337,9 +273,6 @@ class Emitter:
         w()
         w()
         w.lines += JIT.splitlines()
-        w()
-        w()
-        w.lines += DEVICE_FUNCTIONS.splitlines()
         w()
         w()
         w.lines += kernels.splitlines()
@@ -364,7 +297,7 @@ class Emitter:
         w = self.w
         for x in self.layout.side(side):
             if x.vector:
-                width = size_const(x.size) + (" + 1" if pad else "")
+                width = size_const(x.size) + ("_P" if pad else "")
                 w(f"{prefix}_{x.var} = cuda.shared.array(({rows}, {width}), DT)")
             else:
                 w(f"{prefix}_{x.var} = cuda.shared.array({rows}, DT)")
@@ -702,7 +635,7 @@ class Emitter:
             w("k1 = min(k0 + BKB, n_k) - 1")
             # own rows: padded shared tiles (thread t reads row t; +1 avoids bank conflicts)
             self.shared_tiles(Side.KEY, "BKB", True, "o")
-            w("o_v = cuda.shared.array((BKB, DV + 1), DT)")
+            w("o_v = cuda.shared.array((BKB, DV_P), DT)")
             self.shared_tiles(Side.QUERY, "BQB", False, "s")
             w("s_do = cuda.shared.array((BQB, DV), DT)")
             if lay.has_state:
@@ -817,7 +750,7 @@ class Emitter:
             w("q1 = min(q0 + BQB, n_q) - 1")
             w("blk = (b * heads + h) * cuda.gridDim.x + cuda.blockIdx.x")
             self.shared_tiles(Side.QUERY, "BQB", True, "o")
-            w("o_do = cuda.shared.array((BQB, DV + 1), DT)")
+            w("o_do = cuda.shared.array((BQB, DV_P), DT)")
             self.shared_tiles(Side.KEY, "BKB", False, "s")
             w("s_v = cuda.shared.array((BKB, DV), DT)")
             for node in pair:
