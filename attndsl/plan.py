@@ -64,6 +64,12 @@ class KernelPlan:
     def input_for(self, symbol: sp.Symbol) -> PairInput | None:
         return next((p for p in self.inputs if p.node.symbol == symbol), None)
 
+    def inputs_of_gemm(self, r: Reduction) -> tuple[PairInput, PairInput]:
+        assert r.gemm is not None
+        a, b = self.input_for(r.gemm[0].symbol), self.input_for(r.gemm[1].symbol)
+        assert a is not None and b is not None
+        return a, b
+
     @property
     def param_lookups(self) -> list[Lookup]:
         return [x for x in self.lookups if x.is_param]

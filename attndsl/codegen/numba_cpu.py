@@ -206,6 +206,8 @@ class CpuEmitter:
         self.forward()
         self.backward("dkdv")
         self.backward("dq")
+        if self.plan.linear_path:
+            self.linear()
         return w.text()
 
     def signature(self, name: str, outputs: list[str]) -> str:
@@ -628,6 +630,148 @@ class CpuEmitter:
         """Adjoints are per query head: [B, heads, n, F]."""
         name = adjoint_name(item)
         return f"((b * heads + h) * {name}.shape[2] + {start}) * {name}.shape[3]"
+
+
+def _linear(self: CpuEmitter) -> None:
+    """phi(q) . psi(k) with sum/none normalization: the associative form, O(n F dv).
+
+    out_i = A_i S_i / (A_i . z_i) with S_i = sum_j B_j v_j^T and z_i = sum_j B_j over the keys
+    row i sees (all, or j <= i as a running prefix: the recurrent form of causal attention).
+    """
+    w, plan = self.w, self.plan
+    gemm = plan.gemms[0]
+    a, bvec = (plan.input_for(v.symbol) for v in gemm.gemm)  # type: ignore[union-attr]
+    assert a is not None and bvec is not None
+    A, Bn = input_name(a), input_name(bvec)
+    ha, hb = "h", ("hk" if bvec.is_raw_key else "h")
+    causal = self.deriv.mask is not None
+    normalized = self.deriv.norm is NormKind.SUM
+    w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+    with w.block(self.signature("_linear_fwd", ["out", "state"])):
+        w(f'"""{"Causal (prefix-sum)" if causal else "Full"} linear attention per (batch, '
+          'head): out_i = A_i S / (A_i . z)."""')
+        self.unpack_sizes()
+        w(f"nf = {A}.shape[3]")
+        with w.block("for task in prange(B * heads):"):
+            w("b, h = task // heads, task % heads")
+            w("hk = h // (heads // kv_heads)")
+            w("S = np.zeros((nf, dv), F)  # sum_j B_j v_j^T over the keys seen")
+            w("z = np.zeros(nf, F)  # sum_j B_j")
+            w("jn = 0")
+            if not causal:
+                w("jn = n_k")
+                self._linear_add_keys(Bn, hb, "0", "n_k")
+            with w.block("for i in range(n_q):"):
+                if causal:
+                    w("stop = min(i + 1, n_k)  # mask j <= i")
+                    self._linear_add_keys(Bn, hb, "jn", "stop")
+                    w("jn = stop")
+                w("den = F(0)")
+                with w.block("for f in range(nf):"):
+                    w(f"den += {A}[b, {ha}, i, f] * z[f]")
+                with w.block("for c in range(dv):"):
+                    w("num = F(0)")
+                    with w.block("for f in range(nf):"):
+                        w(f"num += {A}[b, {ha}, i, f] * S[f, c]")
+                    if normalized:
+                        w("out[b, h, i, c] = num / den if den != 0 else F(0)")
+                    else:
+                        w("out[b, h, i, c] = num")
+                w("state[b, h, i] = den")
+    w()
+    w()
+    outputs = ["dout", "out", "state", adjoint_name(a), adjoint_name(bvec), "dv_h"]
+    w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+    with w.block(self.signature("_linear_bwd", outputs)):
+        w('"""dnum_i = dO_i / den_i, dden_i = -(dO_i . O_i) / den_i; dA_i = S_i dnum_i + '
+          'z_i dden_i;')
+        w('dB_j = U_j v_j + u_j, dv_j = U_j^T B_j with U_j = sum_i A_i dnum_i^T over the rows '
+          'that see j."""')
+        self.unpack_sizes()
+        w(f"nf = {A}.shape[3]")
+        with w.block("for task in prange(B * heads):"):
+            w("b, h = task // heads, task % heads")
+            w("hk = h // (heads // kv_heads)")
+            w("dnum = np.empty((n_q, dv), F)")
+            w("dden = np.zeros(n_q, F)")
+            with w.block("for i in range(n_q):"):
+                w("den = state[b, h, i]")
+                if normalized:
+                    w("inv = F(1) / den if den != 0 else F(0)")
+                    w("dot = F(0)")
+                    with w.block("for c in range(dv):"):
+                        w("dnum[i, c] = dout[b, h, i, c] * inv")
+                        w("dot += dout[b, h, i, c] * out[b, h, i, c]")
+                    w("dden[i] = -dot * inv")
+                else:
+                    with w.block("for c in range(dv):"):
+                        w("dnum[i, c] = dout[b, h, i, c]")
+            w("# dA over rows, keys accumulated as in the forward")
+            w("S = np.zeros((nf, dv), F)")
+            w("z = np.zeros(nf, F)")
+            w("jn = 0")
+            if not causal:
+                w("jn = n_k")
+                self._linear_add_keys(Bn, hb, "0", "n_k")
+            with w.block("for i in range(n_q):"):
+                if causal:
+                    w("stop = min(i + 1, n_k)")
+                    self._linear_add_keys(Bn, hb, "jn", "stop")
+                    w("jn = stop")
+                with w.block("for f in range(nf):"):
+                    w("acc = z[f] * dden[i]")
+                    with w.block("for c in range(dv):"):
+                        w("acc += S[f, c] * dnum[i, c]")
+                    w(f"{adjoint_name(a)}[b, h, i, f] += acc")
+            w("# dB and dv over keys, rows accumulated from the last one back (i >= j)")
+            w("U = np.zeros((nf, dv), F)")
+            w("u = np.zeros(nf, F)")
+            w("inext = n_q - 1")
+            if not causal:
+                w("inext = -1")
+                self._linear_add_rows(A, ha, "n_q - 1", "-1")
+            with w.block("for j in range(n_k - 1, -1, -1):"):
+                if causal:
+                    w("first = max(j, 0)  # rows i >= j see key j")
+                    self._linear_add_rows(A, ha, "inext", "first - 1")
+                    w("inext = min(inext, first - 1)")
+                with w.block("for f in range(nf):"):
+                    w("acc = u[f]")
+                    with w.block("for c in range(dv):"):
+                        w("acc += U[f, c] * v[b, hk, j, c]")
+                    w(f"{adjoint_name(bvec)}[b, h, j, f] += acc")
+                with w.block("for c in range(dv):"):
+                    w("acc = F(0)")
+                    with w.block("for f in range(nf):"):
+                        w(f"acc += U[f, c] * {Bn}[b, {hb}, j, f]")
+                    w("dv_h[b, h, j, c] += acc")
+    w()
+    w()
+
+
+def _linear_add_keys(self: CpuEmitter, Bn: str, hb: str, start: str, stop: str) -> None:
+    w = self.w
+    with w.block(f"for j in range({start}, {stop}):"):
+        with w.block("for f in range(nf):"):
+            w(f"bf = {Bn}[b, {hb}, j, f]")
+            w("z[f] += bf")
+            with w.block("for c in range(dv):"):
+                w("S[f, c] += bf * v[b, hk, j, c]")
+
+
+def _linear_add_rows(self: CpuEmitter, A: str, ha: str, start: str, stop: str) -> None:
+    w = self.w
+    with w.block(f"for i in range({start}, {stop}, -1):"):
+        with w.block("for f in range(nf):"):
+            w(f"af = {A}[b, {ha}, i, f]")
+            w("u[f] += af * dden[i]")
+            with w.block("for c in range(dv):"):
+                w("U[f, c] += af * dnum[i, c]")
+
+
+CpuEmitter.linear = _linear  # type: ignore[attr-defined]
+CpuEmitter._linear_add_keys = _linear_add_keys  # type: ignore[attr-defined]
+CpuEmitter._linear_add_rows = _linear_add_rows  # type: ignore[attr-defined]
 
 
 def emit_source(spec: ir.Spec, dtype: str = "float32") -> str:

@@ -96,8 +96,12 @@ class CpuKernel(Kernel):
         state = np.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
         tiles = -(-s["n_q"] // numba_cpu.BQ)
         err = np.zeros(s["B"] * s["heads"] * tiles, np.int64)
+        module = self.module(call.dtype)
+        if self.plan.linear_path:  # the associative form: O(n d dv), no tiles
+            module._linear_fwd(*args, out, state)
+            return out, state, t
         with single_threaded_blas():
-            self.module(call.dtype)._attn_fwd(*args, out, state, err)
+            module._attn_fwd(*args, out, state, err)
         self._raise_on(err)
         return out, state, t
 
@@ -133,6 +137,11 @@ class CpuKernel(Kernel):
             first.setdefault(x.array, np.zeros((B * H * q_tiles, call.params[x.array].size),
                                                call.dtype))
         module = self.module(call.dtype)
+        if self.plan.linear_path:
+            a, b = self.plan.inputs_of_gemm(self.plan.gemms[0])
+            module._linear_bwd(*args, dout, out, state, adjoints[numpy_ref.variable(a.node)],
+                               adjoints[numpy_ref.variable(b.node)], dv_h)
+            return self._finish(call, t, adjoints, dv_h, first, q_tiles)
         err_k = np.zeros(B * H * k_tiles, np.int64)
         err_q = np.zeros(B * H * q_tiles, np.int64)
         with single_threaded_blas():
@@ -144,6 +153,13 @@ class CpuKernel(Kernel):
                                 *first.values(), err_q)
         self._raise_on(err_k)
         self._raise_on(err_q)
+        return self._finish(call, t, adjoints, dv_h, first, q_tiles)
+
+    def _finish(self, call: Call, t: dict[str, Any], adjoints: dict[str, np.ndarray],
+                dv_h: np.ndarray, first: dict[str, np.ndarray], q_tiles: int
+                ) -> dict[str, np.ndarray]:
+        """The epilogue: row-level adjoints -> q, k, params; dv summed over GQA groups."""
+        s = call.sizes
         five_d = {numpy_ref.variable(i.node): _reference_layout(
             adjoints[numpy_ref.variable(i.node)], i, q_tiles) for i in self.plan.inputs}
         with np.errstate(all="ignore"):
