@@ -47,7 +47,6 @@ sigmoid, softplus, relu, step = (_elementwise(f) for f in (fn.Sigmoid, fn.Softpl
 elu, elu_grad, gelu, gelu_grad = (_elementwise(f) for f in (fn.Elu, fn.EluGrad, fn.Gelu,
                                                             fn.GeluGrad))
 clamp, in_range = _elementwise(fn.Clamp), _elementwise(fn.InRange)
-maximum, minimum = _elementwise(sp.Max), _elementwise(sp.Min)
 
 
 def _concrete(*arrays: object) -> bool:
@@ -68,6 +67,8 @@ greater, greater_equal = _relation(np.greater, sp.Gt), _relation(np.greater_equa
 equal, not_equal = _relation(np.equal, sp.Eq), _relation(np.not_equal, sp.Ne)
 logical_and = _relation(np.logical_and, sp.And)
 logical_or = _relation(np.logical_or, sp.Or)
+# Integer clamps of subscripts print as maximum/minimum: concrete operands stay integer arrays.
+maximum, minimum = _relation(np.maximum, sp.Max), _relation(np.minimum, sp.Min)
 
 
 def logical_not(a: object) -> np.ndarray:
