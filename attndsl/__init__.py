@@ -9,7 +9,6 @@ from . import check as _check
 from . import ir
 from .errors import SpecError
 from .lower import to_ir
-from . import verify as _verify
 from .runtime.kernel import Kernel
 from .syntax import parse_tree
 
@@ -65,10 +64,13 @@ def derive(spec: ir.Spec | str | Path):  # type: ignore[no-untyped-def]
 
 
 def verify(spec: ir.Spec | str | Path, targets: tuple[str, ...] = ("numpy",),
-           proof: bool = True) -> _verify.Report:
+           proof: bool = True):  # type: ignore[no-untyped-def]
     """Symbolic proof of the gradients and numeric checks of every target; a Report."""
-    return _verify.verify(_as_spec(spec), targets=targets, proof=proof)
+    import importlib
+
+    module = importlib.import_module(".verify", __name__)
+    globals()["verify"] = _verify_function  # the import bound the submodule to this name
+    return module.verify(_as_spec(spec), targets=targets, proof=proof)
 
 
-# Bound last: importing the submodule attndsl.verify must not shadow the function above.
-globals()["verify"] = verify
+_verify_function = verify

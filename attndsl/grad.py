@@ -45,6 +45,9 @@ class Gradients:
     # Vec maps and reduction bodies: node name -> [(input symbol, d expr / d input)]
     partials: dict[str, list[tuple[sp.Symbol, sp.Expr]]] = field(default_factory=dict)
 
+    def latex(self) -> str:
+        return self.pretty(latex=True)
+
     def pretty(self, latex: bool = False) -> str:
         show = sp.latex if latex else sp.sstr
         d = self.deriv
