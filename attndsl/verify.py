@@ -20,7 +20,7 @@ import hashlib
 import random
 import time
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar
 
 import mpmath
 import numpy as np
@@ -31,7 +31,7 @@ from . import ir
 from .codegen import numpy_ref
 from .ir import NormKind
 from .runtime import cache, symbolic_ops
-from .symbolic import POSITIONS, SIZES, S, Derivation, Lookup, Reduction, Vec, derive
+from .symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, S, Vec, derive
 
 SCALE = 2**61  # random values are drawn from integers up to this size
 
@@ -289,7 +289,7 @@ class _Oracle:
         self.memo[e] = value
         return value
 
-    def _eval(self, e: sp.Basic) -> Fraction:  # noqa: C901 - one case per node type
+    def _eval(self, e: sp.Basic) -> Fraction:
         if e.is_Symbol:
             return self.point[e]
         if e.is_Rational:
@@ -316,7 +316,7 @@ class _Oracle:
                     return self(value)
             raise _Inexact("piecewise with no branch")
         piecewise = {fn.Step: lambda x: Fraction(int(x > 0)), fn.Relu: lambda x: max(x, 0),
-                     sp.Heaviside: lambda x: Fraction(1, 2) if x == 0 else Fraction(int(x > 0)),
+                     sp.Heaviside: lambda x, h0=Fraction(1, 2): h0 if x == 0 else Fraction(int(x > 0)),
                      sp.sign: lambda x: Fraction((x > 0) - (x < 0)), sp.Abs: abs,
                      sp.Max: max, sp.Min: min,
                      fn.Clamp: lambda x, lo, hi: min(max(x, lo), hi),
@@ -374,16 +374,87 @@ def _points(symbols: list[sp.Symbol], count: int, seed: int) -> list[dict[sp.Sym
             for _ in range(count)]
 
 
+class _MpEval:
+    """The true value of an expression at one point with mpmath, memoized over the shared
+    sub-trees (printing whole gradient trees for `lambdify` cost seconds per entry)."""
+
+    FUNCTIONS: ClassVar[dict[type, Any]] = {
+        sp.exp: mpmath.exp, sp.log: mpmath.log, sp.tanh: mpmath.tanh, sp.sin: mpmath.sin,
+        sp.cos: mpmath.cos, sp.erf: mpmath.erf, sp.Abs: abs, sp.sign: mpmath.sign,
+        sp.floor: mpmath.floor, sp.Max: max, sp.Min: min,
+        sp.Heaviside: lambda x, h0=sp.S.Half: (mpmath.mpf(h0.p) / h0.q if x == 0
+                                               else mpmath.mpf(int(x > 0))),
+    }
+
+    def __init__(self, point: dict[sp.Symbol, Any]) -> None:
+        self.point = point
+        self.memo: dict[sp.Basic, Any] = {}
+
+    def __call__(self, e: sp.Basic) -> Any:
+        if e not in self.memo:
+            self.memo[e] = self._eval(e)
+        return self.memo[e]
+
+    def _eval(self, e: sp.Basic) -> Any:
+        if e.is_Symbol:
+            return self.point[e]
+        if e.is_Rational:
+            return mpmath.mpf(int(e.p)) / int(e.q)
+        if e.is_Number or e.is_NumberSymbol:
+            return mpmath.mpf(sp.Float(e, mpmath.mp.dps + 5))
+        if e.is_Add:
+            return mpmath.fsum(self(a) for a in e.args)
+        if e.is_Mul:
+            out = mpmath.mpf(1)
+            for a in e.args:
+                out *= self(a)
+            return out
+        if e.is_Pow:
+            base, exponent = e.args
+            if exponent.is_Integer:
+                return self(base) ** int(exponent)
+            return mpmath.power(self(base), self(exponent))
+        if type(e) in self.FUNCTIONS:
+            return self.FUNCTIONS[type(e)](*(self(a) for a in e.args))
+        if isinstance(e, sp.Piecewise):
+            for value, cond in e.args:
+                if cond == sp.true or self._truth(cond):
+                    return self(value)
+            raise _Inexact("piecewise with no branch")
+        if type(e) in fn.OPAQUE:
+            return self(fn.elementary(e))
+        raise _Inexact(type(e).__name__)
+
+    def _truth(self, cond: sp.Basic) -> bool:
+        if isinstance(cond, sp.core.relational.Relational):
+            a, b = self(cond.lhs), self(cond.rhs)
+            return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b,
+                    "!=": a != b}[cond.rel_op]
+        if isinstance(cond, sp.And):
+            return all(self._truth(c) for c in cond.args)
+        if isinstance(cond, sp.Or):
+            return any(self._truth(c) for c in cond.args)
+        if isinstance(cond, sp.Not):
+            return not self._truth(cond.args[0])
+        raise _Inexact(type(cond).__name__)
+
+
 def _mp_equal(a: sp.Expr, b: sp.Expr, symbols: list[sp.Symbol], seed: int) -> float:
     """The largest |a - b| at 3 random points, with 60 significant digits."""
     rng = random.Random(seed)
     worst = 0.0
     with mpmath.workdps(60):
-        fa = sp.lambdify(symbols, fn.elementary(a), modules="mpmath")
-        fb = sp.lambdify(symbols, fn.elementary(b), modules="mpmath")
-        for _ in range(3):
-            point = [mpmath.mpf(rng.uniform(-1.5, 1.5)) for _ in symbols]
-            da, db = fa(*point), fb(*point)
+        points = [[mpmath.mpf(rng.uniform(-1.5, 1.5)) for _ in symbols] for _ in range(3)]
+        try:
+            values = []
+            for point in points:
+                evaluate = _MpEval(dict(zip(symbols, point)))
+                values.append((evaluate(a), evaluate(b)))
+        except _Inexact:  # a function the evaluator does not know: print and lambdify
+            fa = sp.lambdify(symbols, fn.elementary(a), modules="mpmath")
+            fb = sp.lambdify(symbols, fn.elementary(b), modules="mpmath")
+            values = [(fa(*point), fb(*point)) for point in points]
+        for da, db in values:
             worst = max(worst, float(abs(da - db) / max(1, abs(da))))
     return worst
 
@@ -462,7 +533,7 @@ def finite_differences(kernel: Any, spec: ir.Spec, seed: int = 0) -> tuple[float
         direction = rng.standard_normal(np.shape(base))
         eps = 1e-6
 
-        def loss(value: np.ndarray) -> float:
+        def loss(value: np.ndarray, name: str = name) -> float:
             args = {**arrays, **extra, name: value}
             q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
             return float(np.sum(kernel(q, k, v, **args) * G))
