@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import sys
 import time
+import types
 from fractions import Fraction
 from typing import Any, ClassVar
 
@@ -630,3 +632,17 @@ def verify(spec: ir.Spec, targets: tuple[str, ...] = ("numpy",), proof: bool = T
                                        name, f"max rel. error {err:.1e}",
                                        time.perf_counter() - t0))
     return report
+
+
+class _CallableModule(types.ModuleType):
+    """`import attndsl.verify` (before any call of `attndsl.verify`) binds this module to the
+    package's name `verify`; calling it must still verify, as LANGUAGE.md 6 promises."""
+
+    def __call__(self, spec: Any, targets: tuple[str, ...] = ("numpy",),
+                 proof: bool = True) -> Report:
+        from . import _as_spec
+
+        return verify(_as_spec(spec), targets=targets, proof=proof)
+
+
+sys.modules[__name__].__class__ = _CallableModule
