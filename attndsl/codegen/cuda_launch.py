@@ -23,7 +23,7 @@ from ..runtime.kernel import Call, Kernel
 from ..symbolic import POSITIONS, SIZES
 from . import cuda_toolchain as tc
 from . import numpy_ref
-from .numba_cuda import Config, Layout, emit_module, make_layout
+from .numba_cuda import Config, Layout, emit_module, fit_tiles, make_layout
 
 KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 
@@ -122,7 +122,7 @@ class CudaKernel(Kernel):
         ref_source = numpy_ref.emit(self.plan.deriv)
         self.ref = cache.load_module(ref_source, "numpy", spec.name)
         self.host = cache.load_module(host_source(self.layout), "cuda", f"{spec.name}_host")
-        source = emit_module(self.layout, Config())
+        source = emit_module(self.layout, fit_tiles(self.layout, Config()))
         super().__init__(spec, "cuda", source, self._forward_host, self._backward_host)
 
     # ---- configuration and modules ----
@@ -132,7 +132,7 @@ class CudaKernel(Kernel):
             dtype = np.dtype(call.dtype).name
             sizes = tuple((n, int(call.sizes[n])) for n in self.layout.sizes)
         tiles = self.tiles or (64, 64, 32, 32)
-        return Config(dtype, *tiles, sizes=sizes)  # type: ignore[arg-type]
+        return fit_tiles(self.layout, Config(dtype, *tiles, sizes=sizes))  # type: ignore[arg-type]
 
     def module(self, config: Config) -> Any:
         if config not in self._modules:
@@ -171,7 +171,7 @@ class CudaKernel(Kernel):
     def ptx(self, cc: tuple[int, int] = (8, 0), dtype: str = "float32",
             config: Config | None = None) -> dict[str, str]:
         """{kernel name: PTX} for compute capability `cc`, production tiles by default."""
-        cfg = config or Config(dtype, *(self.tiles or (64, 64, 32, 32)))
+        cfg = fit_tiles(self.layout, config or Config(dtype, *(self.tiles or (64, 64, 32, 32))))
         mod = self.module(cfg)
         threads = {"attn_fwd": cfg.bq, "attn_bwd_preprocess": cfg.bwd_bq,
                    "attn_bwd_dkdv": cfg.bwd_bk, "attn_bwd_dq": cfg.bwd_bq}

@@ -156,6 +156,40 @@ class Config:
         return dict(self.sizes).get(name, DEFAULT_FEATURES)
 
 
+SMEM_LIMIT = 48 * 1024  # static shared memory per block
+
+
+def shared_bytes(layout: Layout, c: Config) -> dict[str, int]:
+    """Static shared memory of each kernel for a configuration (as the emitter declares it)."""
+    item = np.dtype(c.dtype).itemsize
+
+    def width(side: Side, pad: int) -> int:
+        return sum(c.size(x.size) + pad if x.vector else 1 for x in layout.side(side))
+
+    const = sum(c.size(x.size) for x in layout.side(Side.CONST) if x.vector)
+    pair = len(layout.lookups_of(Side.PAIR)) * c.bwd_bq * c.bwd_bk * (4 + item)
+    dv = c.size("dv")
+    return {
+        "attn_fwd": item * (c.bk * (width(Side.KEY, 0) + dv) + const),
+        "attn_bwd_dkdv": item * (c.bwd_bk * (width(Side.KEY, 1) + dv + 1)
+                                 + c.bwd_bq * (width(Side.QUERY, 0) + dv + 2) + const),
+        "attn_bwd_dq": item * (c.bwd_bq * (width(Side.QUERY, 1) + dv + 1)
+                               + c.bwd_bk * (width(Side.KEY, 0) + dv) + const) + pair,
+    }
+
+
+def fit_tiles(layout: Layout, c: Config) -> Config:
+    """Halve the tiles of a kernel until its static shared memory fits in 48 KiB."""
+    import dataclasses
+
+    while shared_bytes(layout, c)["attn_fwd"] > SMEM_LIMIT and min(c.bq, c.bk) > 1:
+        c = dataclasses.replace(c, bq=max(1, c.bq // 2), bk=max(1, c.bk // 2))
+    while max(shared_bytes(layout, c)[k] for k in ("attn_bwd_dkdv", "attn_bwd_dq")) > \
+            SMEM_LIMIT and min(c.bwd_bq, c.bwd_bk) > 1:
+        c = dataclasses.replace(c, bwd_bq=max(1, c.bwd_bq // 2), bwd_bk=max(1, c.bwd_bk // 2))
+    return c
+
+
 def size_const(name: str) -> str:
     return {"d": "D", "dv": "DV"}.get(name, f"SZ_{name}")
 
@@ -822,9 +856,14 @@ def emit_module(layout: Layout, config: Config) -> str:
 def emit_source(spec: ir.Spec, dtype: str = "float32", config: Config | None = None) -> str:
     """The generated kernels' Python source (production tiles, feature sizes of 64 unless given)."""
     layout = make_layout(make_plan(spec))
-    return emit_module(layout, config or Config(dtype=dtype))
+    return emit_module(layout, fit_tiles(layout, config or Config(dtype=dtype)))
 
 
-from .cuda_launch import compile_kernel  # noqa: E402  (the host side)
+def compile_kernel(spec: ir.Spec, tiles: tuple[int, int, int, int] | None = None) -> Any:
+    """A Kernel for the CUDA target (cuda_launch.CudaKernel): `tiles` = (BQ, BK, backward BQ,
+    backward BK), production (64, 64, 32, 32) by default; `.ptx(cc, dtype)` needs no GPU."""
+    from .cuda_launch import compile_kernel as build
+
+    return build(spec, tiles)
 
 __all__ = ["Config", "compile_kernel", "emit_source", "make_layout"]
