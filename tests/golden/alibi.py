@@ -1,0 +1,126 @@
+"""attndsl NumPy reference for 'alibi' (generated; do not edit).
+
+spec hash 187293766ce3a676
+x       = slope_3*(-i + j) + r2/sqrt(d)
+allowed = j <= i
+weights = softmax
+"""
+
+def graph(xp, q, k, v, slope):
+    """Every forward value, materialized: [B, heads, n_q, n_k, features]."""
+    B, heads, n_q, d = q.shape
+    kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
+    q_rows = xp.query_rows(q)  # query vector over d
+    k_rows = xp.key_rows(k, g)  # key vector over d
+    r2 = xp.gemm(q_rows, k_rows)  # GEMM: sum_f k_f*q_f
+    slope_3 = xp.lookup(slope, "slope", (h,))
+    x = xp.full(slope_3*(-i + j) + r2/xp.sqrt(d), (B, heads, n_q, n_k, 1))  # the logits
+    allowed = xp.full(xp.less_equal(j, i), (B, heads, n_q, n_k, 1))
+    return locals()
+
+
+def normalize(xp, t):
+    """The weights P [B, heads, n_q, n_k] (0 where not allowed) and the row state."""
+    B = t['B']
+    heads = t['heads']
+    kv_heads = t['kv_heads']
+    n_q = t['n_q']
+    n_k = t['n_k']
+    d = t['d']
+    dv = t['dv']
+    b = t['b']
+    h = t['h']
+    i = t['i']
+    j = t['j']
+    x = t['x']
+    allowed = t['allowed']
+    # softmax over allowed keys; an empty row gives out = 0 and lse = -inf
+    xm = xp.where(allowed, x, -xp.inf)
+    m = xp.keymax(xm)
+    e = xp.where(allowed, xp.exp(xm - m), 0)
+    l = xp.keysum(e)
+    return xp.safe_div(e, l)[..., 0], xp.log_sum(m, l)[..., 0, 0]
+
+
+def forward(xp, q, k, v, slope):
+    """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
+    t = graph(xp, q, k, v, slope)
+    p, state = normalize(xp, t)
+    out = xp.matmul(p, v[:, t["g"]])
+    return out, state
+
+
+def backward(xp, q, k, v, dout, slope):
+    """Gradients of sum(out * dout): q, k, v and every param."""
+    t = graph(xp, q, k, v, slope)
+    B = t['B']
+    heads = t['heads']
+    kv_heads = t['kv_heads']
+    n_q = t['n_q']
+    n_k = t['n_k']
+    d = t['d']
+    dv = t['dv']
+    b = t['b']
+    h = t['h']
+    i = t['i']
+    j = t['j']
+    g = t['g']
+    allowed = t['allowed']
+    q_rows = t['q_rows']
+    k_rows = t['k_rows']
+    r2 = t['r2']
+    slope_3 = t['slope_3']
+    p, state = normalize(xp, t)
+    x = t["x"]
+    v_rows = v[:, g]
+    out = xp.matmul(p, v_rows)
+    dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
+    # dS = P * (dP - D), D = rowsum(dO * O)
+    dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])
+    dv = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
+    dx = dS
+    # the chain rule through the logit, then node by node in reverse
+    d_r2 = xp.sum_to(xp.where(allowed, dx * ((1 / xp.sqrt(d))), 0), r2)
+    d_slope_3 = xp.sum_to(xp.where(allowed, dx * (-i + j), 0), slope_3)
+    d_slope = 0
+    # lookup bwd: scatter-add into slope
+    d_slope = d_slope + xp.scatter(slope.shape, (h,), d_slope_3)
+    # GEMM bwd: dq_rows = dr2 @ k_rows, dk_rows = dr2^T @ q_rows
+    d_q_rows = xp.gemm_da(d_r2, k_rows)
+    d_k_rows = xp.gemm_db(d_r2, q_rows)
+    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': dv}
+    grads['slope'] = xp.as_grad(d_slope, slope)
+    return grads
+
+
+def rows(xp, q, k, v, slope):
+    """Row-level values (per query row, per key row, constant), 5-D layout."""
+    B, heads, n_q, d = q.shape
+    kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
+    q_rows = xp.query_rows(q)  # query vector over d
+    k_rows = xp.key_rows(k, g)  # key vector over d
+    slope_3 = xp.lookup(slope, "slope", (h,))
+    return locals()
+
+
+def rows_backward(xp, t, adjoints, q, k, slope):
+    """Chains the adjoints of the pair kernel's row-level inputs to q, k and params."""
+    kv_heads = t['kv_heads']
+    b = t['b']
+    h = t['h']
+    i = t['i']
+    j = t['j']
+    g = t['g']
+    q_rows = t['q_rows']
+    k_rows = t['k_rows']
+    slope_3 = t['slope_3']
+    d_q_rows = adjoints['q_rows']
+    d_k_rows = adjoints['k_rows']
+    d_slope = 0
+    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads)}
+    grads['slope'] = xp.as_grad(d_slope, slope)
+    return grads

@@ -1,0 +1,154 @@
+"""attndsl NumPy reference for 'bahdanau' (generated; do not edit).
+
+spec hash 01a42a26f59cb304
+x       = r5
+allowed = every key
+weights = softmax
+"""
+
+def graph(xp, q, k, v, Wq, Wk, w):
+    """Every forward value, materialized: [B, heads, n_q, n_k, features]."""
+    B, heads, n_q, d = q.shape
+    kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
+    w_v0 = xp.lookup(w, "w", (), vector=True)  # const vector over r
+    q_rows = xp.query_rows(q)  # query vector over d
+    proj2 = xp.project(q_rows, Wq)  # query vector over r
+    k_rows = xp.key_rows(k, g)  # key vector over d
+    proj4 = xp.project(k_rows, Wk)  # key vector over r
+    r5 = xp.reduce(w_v0*xp.tanh(proj2 + proj4))  # pair: sum_f w_v0_f*tanh(proj2_f + proj4_f)
+    x = xp.full(r5, (B, heads, n_q, n_k, 1))  # the logits
+    allowed = xp.full(True, (B, heads, n_q, n_k, 1))
+    return locals()
+
+
+def normalize(xp, t):
+    """The weights P [B, heads, n_q, n_k] (0 where not allowed) and the row state."""
+    B = t['B']
+    heads = t['heads']
+    kv_heads = t['kv_heads']
+    n_q = t['n_q']
+    n_k = t['n_k']
+    d = t['d']
+    dv = t['dv']
+    b = t['b']
+    h = t['h']
+    i = t['i']
+    j = t['j']
+    x = t['x']
+    allowed = t['allowed']
+    # softmax over allowed keys; an empty row gives out = 0 and lse = -inf
+    xm = xp.where(allowed, x, -xp.inf)
+    m = xp.keymax(xm)
+    e = xp.where(allowed, xp.exp(xm - m), 0)
+    l = xp.keysum(e)
+    return xp.safe_div(e, l)[..., 0], xp.log_sum(m, l)[..., 0, 0]
+
+
+def forward(xp, q, k, v, Wq, Wk, w):
+    """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
+    t = graph(xp, q, k, v, Wq, Wk, w)
+    p, state = normalize(xp, t)
+    out = xp.matmul(p, v[:, t["g"]])
+    return out, state
+
+
+def backward(xp, q, k, v, dout, Wq, Wk, w):
+    """Gradients of sum(out * dout): q, k, v and every param."""
+    t = graph(xp, q, k, v, Wq, Wk, w)
+    B = t['B']
+    heads = t['heads']
+    kv_heads = t['kv_heads']
+    n_q = t['n_q']
+    n_k = t['n_k']
+    d = t['d']
+    dv = t['dv']
+    b = t['b']
+    h = t['h']
+    i = t['i']
+    j = t['j']
+    g = t['g']
+    allowed = t['allowed']
+    w_v0 = t['w_v0']
+    q_rows = t['q_rows']
+    proj2 = t['proj2']
+    k_rows = t['k_rows']
+    proj4 = t['proj4']
+    r5 = t['r5']
+    p, state = normalize(xp, t)
+    x = t["x"]
+    v_rows = v[:, g]
+    out = xp.matmul(p, v_rows)
+    dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
+    # dS = P * (dP - D), D = rowsum(dO * O)
+    dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])
+    dv = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
+    dx = dS
+    # the chain rule through the logit, then node by node in reverse
+    d_r5 = xp.sum_to(xp.where(allowed, dx * (1), 0), r5)
+    d_Wq = 0
+    d_Wk = 0
+    d_w = 0
+    d_w_v0 = xp.sum_to(xp.where(allowed, d_r5 * (xp.tanh(proj2 + proj4)), 0), w_v0)
+    d_proj2 = xp.sum_to(xp.where(allowed, d_r5 * (w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj2)
+    d_proj4 = xp.sum_to(xp.where(allowed, d_r5 * (w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj4)
+    # projection bwd: dX = dP @ Wk^T, dWk = X^T dP
+    d_k_rows = xp.project_dx(d_proj4, Wk)
+    d_Wk = d_Wk + xp.project_dw(k_rows, d_proj4)
+    # projection bwd: dX = dP @ Wq^T, dWq = X^T dP
+    d_q_rows = xp.project_dx(d_proj2, Wq)
+    d_Wq = d_Wq + xp.project_dw(q_rows, d_proj2)
+    d_w = d_w + xp.scatter(w.shape, (), d_w_v0, vector=True)
+    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': dv}
+    grads['Wq'] = xp.as_grad(d_Wq, Wq)
+    grads['Wk'] = xp.as_grad(d_Wk, Wk)
+    grads['w'] = xp.as_grad(d_w, w)
+    return grads
+
+
+def rows(xp, q, k, v, Wq, Wk, w):
+    """Row-level values (per query row, per key row, constant), 5-D layout."""
+    B, heads, n_q, d = q.shape
+    kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
+    w_v0 = xp.lookup(w, "w", (), vector=True)  # const vector over r
+    q_rows = xp.query_rows(q)  # query vector over d
+    proj2 = xp.project(q_rows, Wq)  # query vector over r
+    k_rows = xp.key_rows(k, g)  # key vector over d
+    proj4 = xp.project(k_rows, Wk)  # key vector over r
+    return locals()
+
+
+def rows_backward(xp, t, adjoints, q, k, Wq, Wk, w):
+    """Chains the adjoints of the pair kernel's row-level inputs to q, k and params."""
+    kv_heads = t['kv_heads']
+    b = t['b']
+    h = t['h']
+    i = t['i']
+    j = t['j']
+    g = t['g']
+    w_v0 = t['w_v0']
+    q_rows = t['q_rows']
+    proj2 = t['proj2']
+    k_rows = t['k_rows']
+    proj4 = t['proj4']
+    d_w_v0 = adjoints['w_v0']
+    d_proj2 = adjoints['proj2']
+    d_proj4 = adjoints['proj4']
+    d_Wq = 0
+    d_Wk = 0
+    d_w = 0
+    # projection bwd: dX = dP @ Wk^T, dWk = X^T dP
+    d_k_rows = xp.project_dx(d_proj4, Wk)
+    d_Wk = d_Wk + xp.project_dw(k_rows, d_proj4)
+    # projection bwd: dX = dP @ Wq^T, dWq = X^T dP
+    d_q_rows = xp.project_dx(d_proj2, Wq)
+    d_Wq = d_Wq + xp.project_dw(q_rows, d_proj2)
+    d_w = d_w + xp.scatter(w.shape, (), d_w_v0, vector=True)
+    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads)}
+    grads['Wq'] = xp.as_grad(d_Wq, Wq)
+    grads['Wk'] = xp.as_grad(d_Wk, Wk)
+    grads['w'] = xp.as_grad(d_w, w)
+    return grads
