@@ -72,9 +72,8 @@ def _interval(e: sp.Basic, env: dict[sp.Symbol, tuple[int, int]]) -> tuple[int, 
     if isinstance(e, sp.Symbol):
         return env.get(e)
     parts = [_interval(a, env) for a in e.args] if e.args else []
-    if any(p is None for p in parts):
-        if not isinstance(e, sp.floor):
-            return None
+    if any(p is None for p in parts) and not isinstance(e, sp.floor):
+        return None
     if isinstance(e, sp.Add):
         return sum(p[0] for p in parts), sum(p[1] for p in parts)  # type: ignore[index]
     if isinstance(e, sp.Mul):

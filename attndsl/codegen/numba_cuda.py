@@ -21,9 +21,6 @@ generated file; one file per configuration, cached on disk like every target.
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,7 +377,7 @@ class Emitter:
         atoms = {a.relation: a for a in self.plan.mask_atoms}
 
         def bounds(e: sp.Basic) -> tuple[str, str]:  # (all, any) of a boolean over the tile
-            if isinstance(e, sp.And) or isinstance(e, sp.Or):
+            if isinstance(e, (sp.And, sp.Or)):
                 parts = [bounds(a) for a in e.args]
                 op = " and " if isinstance(e, sp.And) else " or "
                 return (f"({op.join(a for a, _ in parts)})", f"({op.join(y for _, y in parts)})")
@@ -837,12 +834,11 @@ class Emitter:
                     w("cuda.syncthreads()")
                     w("# two-stage lookup gradient: this block's partial, each element owned by")
                     w("# one thread and summed in a fixed order (deterministic, no atomics)")
-                    with w.block("for rr in range(BQB):"):
-                        with w.block("for cc in range(BKB):"):
-                            for node in pair:
-                                w(f"e = pi_{node.name}[rr, cc]")
-                                with w.block("if e >= 0 and e % BQB == t:"):
-                                    w(f"gl_{node.name}[blk, e] += pv_{node.name}[rr, cc]")
+                    with w.block("for rr in range(BQB):"), w.block("for cc in range(BKB):"):
+                        for node in pair:
+                            w(f"e = pi_{node.name}[rr, cc]")
+                            with w.block("if e >= 0 and e % BQB == t:"):
+                                w(f"gl_{node.name}[blk, e] += pv_{node.name}[rr, cc]")
             with w.block("if row_ok:"):
                 self.write_adjoints((Side.QUERY, Side.CONST), "h", "i")
         w()
