@@ -316,12 +316,12 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def _median_interleaved(
-    fns: dict[str, Callable[[], object]], reps: int, max_foreign: float = 0.05
+    fns: dict[str, Callable[[], object]], reps: int, max_foreign: float = 0.10
 ) -> tuple[dict[str, float], int]:
     """Median wall time of each fn, run in alternation so drift hits all of them alike.
 
     The machine is shared (2 cores): a round in which other processes used more than
-    max_foreign of the cores' time is discarded and repeated (up to 4*reps extra rounds).
+    max_foreign of the cores' time is discarded and repeated (up to 6*reps extra rounds).
     Returns the medians and the number of discarded rounds.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -329,7 +329,7 @@ def _median_interleaved(
     while len(next(iter(times.values()))) < reps:
         got = {name: _timed(fn) for name, fn in fns.items()}
         noisy = any(foreign > max_foreign * THREADS * wall for wall, foreign in got.values())
-        if noisy and discarded < 4 * reps:
+        if noisy and discarded < 6 * reps:
             discarded += 1
             time.sleep(0.2)
             continue
@@ -475,7 +475,17 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--two-pass", action="store_true", help="force the two-pass backward")
     ap.add_argument("--json", help="write results as JSON here")
+    ap.add_argument(
+        "--first", choices=("numba", "torch"), default="numba",
+        help="whose OpenMP runtime starts first: Numba's omp layer and torch share one libgomp "
+        "(same soname); the one started second ran 1.5-3x slower in our measurements",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.first == "torch" and not args.micro:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        torch.nn.functional.scaled_dot_product_attention(*(torch.ones(1, 1, 8, 8),) * 3)
     numba.set_num_threads(THREADS)
     width = "512" if "-prefer-256-bit" in (os.environ.get("NUMBA_CPU_FEATURES") or "") else "256"
     if args.micro:
@@ -492,7 +502,7 @@ def main() -> None:
     reps = 3 if args.quick else args.reps
     rows = []
     print(f"# torch {torch.__version__}, numba {numba.__version__}, threads {THREADS}, "
-          f"prefer {width}-bit, reps {reps}", flush=True)  # fmt: skip
+          f"prefer {width}-bit, reps {reps}, {args.first} started first", flush=True)  # fmt: skip
     print("f64 reference check (max abs err o, grads):", _reference_check_f64(), flush=True)
     for dtype in [np.dtype(x).type for x in args.dtypes.split(",")]:
         for n in sizes:
@@ -510,7 +520,7 @@ def main() -> None:
                     flush=True,
                 )
     if args.json:
-        Path(args.json).write_text(json.dumps({"width": width, "rows": rows}))
+        Path(args.json).write_text(json.dumps({"width": width, "first": args.first, "rows": rows}))
 
 
 if __name__ == "__main__":
