@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,21 +81,21 @@ def _torch_impls(torch: Any, name: str, n: int, H: int) -> dict[str, Callable[..
     mask_mod = None
     score_mod = None
     if name == "causal":
-        def mask_mod(b, h, i, j):  # noqa: ANN001, ANN202
+        def mask_mod(b, h, i, j):
             return j <= i
     elif name == "sliding_window":
-        def mask_mod(b, h, i, j):  # noqa: ANN001, ANN202
+        def mask_mod(b, h, i, j):
             return (j <= i) & (i - j < 128)
     elif name == "alibi":
         slope = torch.linspace(0.5, 0.01, H, device="cuda")
 
-        def score_mod(s, b, h, i, j):  # noqa: ANN001, ANN202
+        def score_mod(s, b, h, i, j):
             return s + slope[h] * (j - i)
 
-        def mask_mod(b, h, i, j):  # noqa: ANN001, ANN202
+        def mask_mod(b, h, i, j):
             return j <= i
     elif name == "softcap":
-        def score_mod(s, b, h, i, j):  # noqa: ANN001, ANN202
+        def score_mod(s, b, h, i, j):
             return 50 * torch.tanh(s / 50)
     elif name != "scaled_dot_product":
         return impls
