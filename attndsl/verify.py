@@ -218,10 +218,15 @@ class Naive:
 
 def naive_loss(deriv: Derivation, setup: ProofSetup) -> sp.Expr:
     """L = sum(out * G), out computed pair by pair exactly as LANGUAGE.md section 1 says."""
+    return sp.Add(*naive_loss_rows(deriv, setup))
+
+
+def naive_loss_rows(deriv: Derivation, setup: ProofSetup) -> list[sp.Expr]:
+    """The terms of L = sum(out * G), one per query row (b, h, i)."""
     s = setup.sizes
     naive = Naive(deriv, s, {"q": setup.q, "k": setup.k}, setup.indices, setup.params)
     group = s["heads"] // s["kv_heads"]
-    total = sp.S.Zero
+    rows = []
     for b, h, i in np.ndindex(s["B"], s["heads"], s["n_q"]):
         logits, allowed = [], []
         for j in range(s["n_k"]):
@@ -232,10 +237,12 @@ def naive_loss(deriv: Derivation, setup: ProofSetup) -> sp.Expr:
             allowed.append(mask)
         keys = [j for j in range(s["n_k"]) if allowed[j]]
         weights = _naive_weights(deriv, logits, keys, naive, (b, h, i))
+        total = sp.S.Zero
         for c in range(s["dv"]):
             out = sum((weights[j] * setup.v[b, h // group, j, c] for j in keys), sp.S.Zero)
             total += out * setup.G[b, h, i, c]
-    return total
+        rows.append(total)
+    return rows
 
 
 def _naive_weights(deriv: Derivation, logits: list[sp.Expr], keys: list[int], naive: Naive,
@@ -362,11 +369,17 @@ def _content(arg: sp.Expr) -> tuple[sp.Rational, sp.Expr]:
 
 
 def _exp_root(*exprs: sp.Expr) -> int:
-    """The least common denominator of the contents of every exp argument."""
-    root = 1
-    for e in exprs:
-        for application in e.atoms(sp.exp):
-            root = sp.ilcm(root, _content(application.args[0])[0].q)
+    """The least common denominator of the contents of every exp argument (one walk over the
+    shared sub-trees: `atoms` would walk every repeated sub-tree again)."""
+    root, seen, stack = 1, set(), [sp.sympify(e) for e in exprs]
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        if isinstance(e, sp.exp):
+            root = sp.ilcm(root, _content(e.args[0])[0].q)
+        stack.extend(e.args)
     return int(root)
 
 
@@ -461,12 +474,17 @@ def _mp_equal(a: sp.Expr, b: sp.Expr, symbols: list[sp.Symbol], seed: int) -> fl
     return worst
 
 
-def compare(naive: sp.Expr, derived: sp.Expr, seed: int = 0) -> tuple[bool, str, str]:
-    """(equal?, method, detail) for one gradient entry."""
+def compare(naive: sp.Expr, derived: sp.Expr, seed: int = 0,
+            symbols: list[sp.Symbol] | None = None, root: int | None = None
+            ) -> tuple[bool, str, str]:
+    """(equal?, method, detail) for one gradient entry. `symbols` (a superset of the free
+    symbols) and `root` (see _exp_root) may be computed once for many entries: a root too small
+    for an entry only sends it to the mpmath check."""
     naive, derived = sp.sympify(naive), sp.sympify(derived)
-    symbols = sorted(naive.free_symbols | derived.free_symbols, key=lambda s: s.name)
+    if symbols is None:
+        symbols = sorted(naive.free_symbols | derived.free_symbols, key=lambda s: s.name)
     try:
-        root = _exp_root(naive, derived)
+        root = _exp_root(naive, derived) if root is None else root
         for n, point in enumerate(_points(symbols, 3, seed)):
             if _Oracle(point, n, root)(naive) != _Oracle(point, n, root)(derived):
                 raise _Inexact("differs")
@@ -588,15 +606,23 @@ def prove(deriv: Derivation, report: Report) -> None:
     for atom in dead:
         report.notes.append(f"mask clause '{sp.sstr(atom)}' is constant at the proof sizes "
                             "(not exercised by the proof)")
-    loss = naive_loss(deriv, setup)
+    rows = naive_loss_rows(deriv, setup)
+    row_symbols = [row.free_symbols for row in rows]
     derived = derived_gradients(deriv, setup)
     inputs = {"q": setup.q, "k": setup.k, "v": setup.v, **setup.params}
-    for name, symbols in inputs.items():
+    symbols = sorted({x for a in (*inputs.values(), setup.G) for x in a.flat},
+                     key=lambda x: x.name)
+    root = _exp_root(*rows, *(e for g in derived.values() for e in np.asarray(g).flat))
+    for name, array in inputs.items():
         t0 = time.perf_counter()
         ok, methods, details = True, set(), []
-        for idx in np.ndindex(*symbols.shape):
-            naive = sp.diff(loss, symbols[idx])
-            same, method, detail = compare(naive, derived[name][idx], seed=len(details))
+        for idx in np.ndindex(*array.shape):
+            x = array[idx]
+            # d/dx sum(rows) = sum of d row/dx over the rows that hold x
+            naive = sp.Add(*(sp.diff(row, x) for row, free in zip(rows, row_symbols)
+                             if x in free))
+            same, method, detail = compare(naive, derived[name][idx], seed=len(details),
+                                           symbols=symbols, root=root)
             ok &= same
             methods.add(method)
             if not same or not details:
