@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from . import ir
+from . import check, ir
 from .errors import SpecError
 from .functions import SPEC_FUNCTIONS, Clamp
 from .ir import Kind, NormKind, Side
@@ -305,4 +305,5 @@ def derive(spec: ir.Spec) -> Derivation:
     out.norm = spec.normalize.kind
     if spec.normalize.expr is not None:
         out.norm_expr = deriver.scalar(spec.normalize.expr)
+    out.uses_n = out.uses_n or check.uses_n(spec)  # also `n` as a param or index dimension
     return out
