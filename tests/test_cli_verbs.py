@@ -1,0 +1,133 @@
+"""The verbs of issue 3: `attndsl show`, `attndsl emit`, `attndsl verify` (exit statuses 0/1/2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import pytest
+
+from attndsl.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def example(name: str) -> str:
+    return str(EXAMPLES / f"{name}.attn")
+
+
+def test_show_prints_forward_backward_and_path(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", example("bahdanau")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("attention bahdanau\nforward:\n")
+    assert "backward:" in out
+    assert "dS = P * (dP - D), D = rowsum(dO * O)" in out
+    assert "tanh(proj2_f + proj4_f)" in out
+    assert "path: fused tiles (0 GEMM pair reduction(s), 1 explicit pair loop(s))" in out
+
+
+def test_show_linear_path_and_mask(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", example("causal_linear")]) == 0
+    out = capsys.readouterr().out
+    assert "allowed = j <= i" in out
+    assert "path: linear attention (causal prefix sums" in out
+    assert main(["show", example("alibi")]) == 0
+    out = capsys.readouterr().out
+    assert "1 GEMM pair reduction(s)" in out and "mask:" in out
+
+
+def test_show_latex(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", "--latex", example("cosine")]) == 0
+    out = capsys.readouterr().out
+    assert "\\sqrt{" in out and "\\max" in out.lower()
+    assert "path:" in out
+
+
+def test_show_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", str(tmp_path / "missing.attn")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.attn"
+    bad.write_text("attention bad {\n    score q * k\n}\n")
+    assert main(["show", str(bad)]) == 1
+    assert f"{bad}:2:11:" in capsys.readouterr().err
+
+
+def test_emit_numpy_prints_the_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["emit", example("sigmoid"), "--target", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('"""attndsl NumPy reference for \'sigmoid\' (generated; do not edit).')
+    assert "def forward(xp, q, k, v):" in out and "def backward(xp, q, k, v, dout):" in out
+    compile(out, "sigmoid.py", "exec")
+    # numpy is the default target
+    assert main(["emit", example("sigmoid")]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_emit_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["emit", str(tmp_path / "nope.attn")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["emit", example("sigmoid"), "--target", "fortran"]) == 2
+
+
+def test_verify_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", example("alibi"), example("sigmoid")]) == 0
+    out = capsys.readouterr().out
+    assert "verify alibi: ok" in out and "verify sigmoid: ok" in out
+    for what in ("dq", "dk", "dv", "dslope"):
+        assert f"ok   proof {what}" in out
+    assert "exact" in out and "P(wrong) <=" in out
+    assert "numpy vs finite differences" in out
+    assert out.count("derived + verified in") == 2
+
+
+def test_verify_no_proof(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", "--no-proof", example("luong_dot")]) == 0
+    out = capsys.readouterr().out
+    assert "proof d" not in out and "numpy vs finite differences" in out
+
+
+def test_verify_exits_1_when_a_check_fails(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module("attndsl.verify")
+    real = module.verify
+
+    def failing(spec, targets=("numpy",), proof=True):  # type: ignore[no-untyped-def]
+        report = real(spec, targets=targets, proof=False)
+        report.checks[0] = dataclasses.replace(report.checks[0], ok=False, detail="forced")
+        return report
+
+    monkeypatch.setattr(module, "verify", failing)
+    assert main(["verify", example("luong_dot")]) == 1
+    out = capsys.readouterr().out
+    assert "verify luong_dot: FAILED" in out and "FAIL numpy vs finite differences" in out
+
+
+def test_verify_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", str(tmp_path / "missing.attn")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    # a good file beside a missing one is still verified; the status is the worst
+    assert main(["verify", "--no-proof", str(tmp_path / "missing.attn"),
+                 example("luong_dot")]) == 2
+    assert "verify luong_dot: ok" in capsys.readouterr().out
+
+
+def test_verify_bad_spec_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.attn"
+    bad.write_text("attention bad {\n    score q * k\n}\n")
+    assert main(["verify", str(bad)]) == 1
+    assert f"{bad}:2:11:" in capsys.readouterr().err
+
+
+def test_verify_unknown_target_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", example("luong_dot"), "--target", "numpy,tpu"]) == 2
+    assert "unknown target tpu" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_verify_numpy_and_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """--target numpy,cpu compiles the Numba kernels (seconds) and compares them."""
+    assert main(["verify", "--no-proof", example("luong_dot"), "--target", "numpy,cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu vs numpy (float64)" in out and "cpu vs numpy (float32)" in out
