@@ -78,6 +78,8 @@ class NumbaPrinter(KernelPrinter):
 
     def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
         base, exponent = expr.args
+        if exponent == -sp.S.Half:  # F(1): an int numerator would make the quotient float64
+            return f"(F(1) / {self.call('sqrt', base)})"
         if exponent.is_Integer and 1 <= abs(int(exponent)) <= 4:
             text = " * ".join([self.parenthesize(base, 60)] * abs(int(exponent)))
             return f"({text})" if exponent > 0 else f"(F(1) / ({text}))"
@@ -166,6 +168,61 @@ class CpuEmitter:
         self.p = NumbaPrinter(names)
         self.params = [p.name for p in self.deriv.spec.params]
         self.indices = [x.name for x in self.deriv.spec.indices]
+        self.fold = self._find_fold()
+        self.levels = self._lookup_levels()
+
+    def _find_fold(self) -> tuple[int, sp.Basic, sp.Basic] | None:
+        """(n, c, rest) when logit = c * r_n + rest with c constant per call (sizes, numbers
+        only) and rest free of r_n: the GEMM then computes c * r_n (times log2 e for softmax)
+        through its alpha, and no per-pair multiply or copy of r_n remains."""
+        d = self.deriv
+        sizes = set(SIZES.values())
+        for n, r in enumerate(self.plan.gemms):
+            c = sp.diff(d.logit, r.symbol)
+            if c == 0 or not c.free_symbols <= sizes or c.is_finite is False:
+                continue
+            if d.mask is not None and r.symbol in d.mask.free_symbols:
+                continue
+            if d.norm_expr is not None and r.symbol in d.norm_expr.free_symbols:
+                continue
+            rest = d.logit.xreplace({r.symbol: sp.S.Zero})
+            if r.symbol in rest.free_symbols or sp.simplify(d.logit - c * r.symbol - rest) != 0:
+                continue
+            return n, c, rest
+        return None
+
+    def _lookup_levels(self) -> dict[str, int]:
+        """Where a lookup is read: 0 once per tile (no i, j), 1 per query row (i), 2 per pair."""
+        levels: dict[str, int] = {}
+        by_symbol = {x.symbol: x for x in self.plan.lookups}
+        i, j = POSITIONS["i"], POSITIONS["j"]
+        for x in self.plan.lookups:  # subscripts refer to earlier lookups only
+            level = 0
+            for sub in x.subscripts:
+                for symbol in sp.sympify(sub).free_symbols:
+                    if symbol == j:
+                        level = 2
+                    elif symbol == i:
+                        level = max(level, 1)
+                    elif symbol in by_symbol:
+                        level = max(level, levels.get(by_symbol[symbol].name, 2))
+            levels[x.name] = level
+        return levels
+
+    def lookups_at(self, level: int, err: str) -> None:
+        for x in self.plan.lookups:
+            if self.levels[x.name] == level:
+                self.lookup_read(x, err)
+
+    @property
+    def softmax(self) -> bool:
+        return self.deriv.norm is NormKind.SOFTMAX
+
+    def fold_alpha(self) -> None:
+        """The folded constant, once per call: c (the adjoint GEMMs' alpha) and c * log2 e."""
+        if self.fold is not None:
+            self.w(f"c_fold = F({self.fl(self.fold[1])})")
+            self.w(f"alpha_fold = c_fold * LOG2E" if self.softmax else "alpha_fold = c_fold")
 
     def fl(self, e: sp.Basic) -> str:
         """A float expression."""
@@ -192,8 +249,11 @@ class CpuEmitter:
         w("import numpy as np")
         w("from numba import njit, prange")
         w()
-        w("from attndsl.codegen.cpu_intrinsics import FASTMATH, exp2, exp2_shift_sum, "
-          "gemm_unchecked, row_max")
+        # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
+        # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
+        w("from attndsl.codegen.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_unchecked, "
+          "row_max")
+        w(f"from attndsl.codegen.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
         w(f"F = np.{self.dtype}")
@@ -206,11 +266,12 @@ class CpuEmitter:
         self.forward()
         self.backward("dkdv")
         self.backward("dq")
+        self.backward("fused")
         if self.plan.linear_path:
             self.linear()
         return w.text()
 
-    def signature(self, name: str, outputs: list[str]) -> str:
+    def signature(self, name: str, outputs: list[str], tiled: bool = True) -> str:
         inputs = [input_name(i) for i in self.plan.inputs if not (i.is_raw_query
                                                                      or i.is_raw_key)]
         args = ["sz", "q", "k", "v", *inputs, *(f"p_{n}" for n in self.params),
@@ -309,10 +370,10 @@ class CpuEmitter:
     def pair_values(self, err: str) -> None:
         """Locals for one pair (ii, jj): lookups, GEMM tile values, explicit loops."""
         w = self.w
-        for x in self.plan.lookups:
-            self.lookup_read(x, err)
+        self.lookups_at(2, err)
         for n, r in enumerate(self.plan.gemms):
-            w(f"{r.name} = s{n}[ii * BK + jj]")
+            if self.fold is None or self.fold[0] != n:
+                w(f"{r.name} = s{n}[ii * BK + jj]")
         for r in self.plan.loops:
             w(f"{r.name} = F(0)")
             with w.block(f"for f in range({self.feature_size(r)}):"):
@@ -325,16 +386,20 @@ class CpuEmitter:
                 return f"{input_name(item)}.shape[-1]"
         raise AssertionError(f"no vector in the body of {r.name}")
 
-    def gemm_tiles(self) -> None:
-        """s<n>[ii, jj] = sum_f a[b, h, i0 + ii, f] * b[b, h', j0 + jj, f] for each GEMM."""
+    def gemm_tiles(self, folded: str = "s0") -> None:
+        """s<n>[ii, jj] = sum_f a[b, h, i0 + ii, f] * b[b, h', j0 + jj, f] for each GEMM; the
+        folded one (see _find_fold) as alpha_fold * r into `folded`."""
         w = self.w
         for n, r in enumerate(self.plan.gemms):
             a, bvec = (self.plan.input_for(v.symbol) for v in r.gemm)  # type: ignore[union-attr]
             assert a is not None and bvec is not None
-            w(f"gemm_unchecked(False, True, mq, nk, {input_name(a)}.shape[3], F(1), "
+            target, alpha = f"s{n}", "F(1)"
+            if self.fold is not None and self.fold[0] == n:
+                target, alpha = folded, "alpha_fold"
+            w(f"gemm_unchecked(False, True, mq, nk, {input_name(a)}.shape[3], {alpha}, "
               f"{input_name(a)}, {self.row_offset(a, 'i0')}, {input_name(a)}.shape[3], "
               f"{input_name(bvec)}, {self.row_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3], "
-              f"F(0), s{n}, 0, BK)")
+              f"F(0), {target}, 0, BK)")
 
     def row_offset(self, item: PairInput, start: str) -> str:
         name = input_name(item)
@@ -354,6 +419,7 @@ class CpuEmitter:
             w(f'"""out = normalize(x) @ v per (batch, head, query tile); state = '
               f'{"lse" if softmax else "the row sum" if d.norm is NormKind.SUM else "unused"}."""')
             self.unpack_sizes()
+            self.fold_alpha()
             w("group = heads // kv_heads")
             w("n_tiles = (n_q + BQ - 1) // BQ")
             with w.block("for task in prange(B * heads * n_tiles):"):
@@ -362,7 +428,8 @@ class CpuEmitter:
                 w("i0 = qt * BQ")
                 w("mq = min(BQ, n_q - i0)")
                 for n in range(len(plan.gemms)):
-                    w(f"s{n} = np.empty(BQ * BK, F)  # GEMM tile of {plan.gemms[n].name}")
+                    if self.fold is None or self.fold[0] != n:
+                        w(f"s{n} = np.empty(BQ * BK, F)  # GEMM tile of {plan.gemms[n].name}")
                 w("x = np.empty(BQ * BK, F)  # logits, then weights")
                 w("acc = np.zeros(BQ * dv, F)")
                 if d.norm is not NormKind.SOFTMAX:
@@ -377,7 +444,8 @@ class CpuEmitter:
                       f"{self.extra_args()})")
                     with w.block("if status == 0:"):
                         w("continue  # the mask allows no pair of this tile")
-                    self.gemm_tiles()
+                    self.lookups_at(0, "bad")
+                    self.gemm_tiles("x")
                     self.logits_tile("bad")
                     self.normalize_tile()
                     w("# acc += P @ v[b, hk, j0:j0 + nk]")
@@ -392,25 +460,72 @@ class CpuEmitter:
         names = [f"p_{n}" for n in self.params] + [f"x_{n}" for n in self.indices]
         return "".join(f", {n}" for n in names)
 
+    def logit_value(self, buffer: str) -> str:
+        """The logit of pair (ii, jj), in base 2 for softmax; `buffer` holds the folded GEMM."""
+        if self.fold is None:
+            text = self.fl(self.deriv.logit)
+            return f"({text}) * LOG2E" if self.softmax else text
+        here = f"{buffer}[ii * BK + jj]"
+        rest = self.fold[2]
+        if rest == 0:
+            return here
+        return f"{here} + ({self.fl(rest)}) * LOG2E" if self.softmax else \
+            f"{here} + {self.fl(rest)}"
+
+    def pair_loops(self, body, masked_body=None) -> None:  # type: ignore[no-untyped-def]
+        """The (ii, jj) loops of a tile: separate loops for tiles the mask fully allows
+        (status 2: no mask test, branch-free, vectorizable) and partly allows (status 1)."""
+        w = self.w
+        variants = [(None, body)] if self.deriv.mask is None else \
+            [("if status == 2:", body), ("else:", masked_body)]
+        for head, emit in variants:
+            with w.block(head) if head else _nothing():
+                with w.block("for ii in range(mq):"):
+                    w("i = i0 + ii")
+                    self.lookups_at(1, "bad")
+                    emit("row")
+                    with w.block("for jj in range(nk):"):
+                        w("j = j0 + jj")
+                        self.pair_values("bad")
+                        emit("pair")
+                    emit("row_end")
+
     def logits_tile(self, err: str) -> None:
         """x[ii, jj] = the logit; masked pairs -inf (softmax) or weight 0 via `keep`."""
         w, d = self.w, self.deriv
-        softmax = d.norm is NormKind.SOFTMAX
-        with w.block("for ii in range(mq):"):
-            w("i = i0 + ii")
-            with w.block("for jj in range(nk):"):
-                w("j = j0 + jj")
-                self.pair_values(err)
-                w(f"xv = {self.fl(d.logit)}")
-                if softmax:
-                    if d.mask is not None:
-                        with w.block(f"if status == 1 and not {self.mask_expr()}:"):
-                            w("xv = NEG_INF")
-                    w("x[ii * BK + jj] = xv * LOG2E")
-                else:
-                    mask = f"status == 2 or {self.mask_expr()}" if d.mask is not None else "True"
-                    w(f"keep[ii * BK + jj] = 1 if ({mask}) else 0")
-                    w("x[ii * BK + jj] = xv")
+        value = self.logit_value("x")
+        if self.softmax:
+            def full(part: str) -> None:
+                if part == "pair":
+                    w(f"x[ii * BK + jj] = {value}")
+
+            def masked(part: str) -> None:
+                if part == "pair":
+                    w(f"x[ii * BK + jj] = {value} if {self.mask_expr()} else NEG_INF")
+
+            if value == "x[ii * BK + jj]":  # the GEMM wrote the logits: only mask them
+                if d.mask is not None:
+                    with w.block("if status == 1:"):
+                        with w.block("for ii in range(mq):"):
+                            w("i = i0 + ii")
+                            self.lookups_at(1, err)
+                            with w.block("for jj in range(nk):"):
+                                w("j = j0 + jj")
+                                self.pair_values(err)
+                                with w.block(f"if not {self.mask_expr()}:"):
+                                    w("x[ii * BK + jj] = NEG_INF")
+                return
+            self.pair_loops(full, masked)
+            return
+
+        def keep(part: str, masked: bool) -> None:
+            if part == "pair":
+                w(f"xv = {value}")
+                mask = self.mask_expr() if masked else "True"
+                w(f"keep[ii * BK + jj] = 1 if ({mask}) else 0")
+                w("x[ii * BK + jj] = xv")
+
+        self.pair_loops(lambda part: keep(part, False), lambda part: keep(part, True))
 
     def normalize_tile(self) -> None:
         w, d = self.w, self.deriv
@@ -421,10 +536,13 @@ class CpuEmitter:
                 with w.block("if m_new == NEG_INF:"):
                     w("x[ii * BK:ii * BK + nk] = F(0)  # nothing allowed yet in this row")
                     w("continue")
-                w("alpha = exp2(m[ii] - m_new)")
-                w("l[ii] = l[ii] * alpha + exp2_shift_sum(x, ii * BK, nk, m_new)")
-                w("acc[ii * dv:(ii + 1) * dv] *= alpha")
-                w("m[ii] = m_new")
+                w("l[ii] = l[ii] * exp2(m[ii] - m_new) + exp2_shift_sum(x, ii * BK, nk, m_new)")
+                with w.block("if m_new != m[ii]:  # rescale acc by 2^(m_old - m_new)"):
+                    w("alpha = exp2(m[ii] - m_new)")
+                    with w.block("for c in range(ii * dv, (ii + 1) * dv):  # no slice: "
+                                 "`a[s] *= x` allocates"):
+                        w("acc[c] *= alpha")
+                    w("m[ii] = m_new")
             return
         with w.block("for ii in range(mq):"):
             with w.block("for jj in range(nk):"):
@@ -457,59 +575,89 @@ class CpuEmitter:
     # ---- backward ----
     def backward(self, which: str) -> None:
         """dkdv: over key tiles, writes adjoints of key-side inputs and dv per query head.
-        dq: over query tiles, writes adjoints of query-side and constant inputs, params."""
+        dq: over query tiles, writes adjoints of query-side and constant inputs, params.
+        fused: one task per (batch, head) does both (key tiles outer, query tiles inner):
+        race-free, and S, P, dP are computed once instead of twice; the launcher picks it
+        when B * heads keeps the threads busy. Same sums in the same order as dkdv + dq."""
         w, plan = self.w, self.plan
-        keys = which == "dkdv"
-        mine = [i for i in plan.inputs if (i.side is Side.KEY) == keys]
+        keys, queries = which in ("dkdv", "fused"), which in ("dq", "fused")
+        mine = [i for i in plan.inputs if ((i.side is Side.KEY) and keys)
+                or ((i.side is not Side.KEY) and queries)]
+        if which == "fused":  # the launcher's order: key-side first, then the others
+            mine = [i for i in mine if i.side is Side.KEY] + \
+                [i for i in mine if i.side is not Side.KEY]
         outputs = ["dout", "D", "state", *(adjoint_name(i) for i in mine)]
-        outputs += ["dv_h"] if keys else [f"dp_{x.array}" for x in plan.param_lookups
-                                           if x == self._first_lookup(x.array)]
+        if keys:
+            outputs += ["dv_h"]
+        if queries:
+            outputs += [f"dp_{x.array}" for x in plan.param_lookups
+                        if x == self._first_lookup(x.array)]
         outputs += ["err"]
         w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
         with w.block(self.signature(f"_attn_bwd_{which}", outputs)):
-            what = ("dv and the key-side adjoints" if keys else
-                    "the query-side and constant adjoints, and the params' gradients")
-            w(f'"""FlashAttention-2 backward over {"key" if keys else "query"} tiles: {what}."""')
+            what = {"dkdv": "key tiles: dv and the key-side adjoints",
+                    "dq": "query tiles: the query-side and constant adjoints, and the params' "
+                          "gradients",
+                    "fused": "(batch, head): every adjoint, one pass"}[which]
+            w(f'"""FlashAttention-2 backward over {what}."""')
             self.unpack_sizes()
+            self.fold_alpha()
             w("group = heads // kv_heads")
-            outer, inner = ("n_k", "n_q") if keys else ("n_q", "n_k")
-            w(f"n_tiles = ({outer} + {'BK' if keys else 'BQ'} - 1) // {'BK' if keys else 'BQ'}")
+            w("q_tiles = (n_q + BQ - 1) // BQ")
+            if which == "fused":
+                w("n_tiles = 1")
+            elif keys:
+                w("n_tiles = (n_k + BK - 1) // BK")
+            else:
+                w("n_tiles = q_tiles")
             with w.block("for task in prange(B * heads * n_tiles):"):
                 w("b, h, tile = task // (heads * n_tiles), (task // n_tiles) % heads, "
                   "task % n_tiles")
                 w("hk = h // group")
                 for n in range(len(plan.gemms)):
                     w(f"s{n} = np.empty(BQ * BK, F)")
-                    w(f"g{n} = np.empty(BQ * BK, F)  # d logit / d {plan.gemms[n].name} * dS")
+                    if self.fold is None or self.fold[0] != n:
+                        w(f"g{n} = np.empty(BQ * BK, F)  # d logit / d {plan.gemms[n].name} * dS")
                 w("x = np.empty(BQ * BK, F)  # P")
                 w("dp = np.empty(BQ * BK, F)  # dP, then dS")
                 w("bad = 0")
-                if keys:
+                if which == "fused":
+                    loops = ["for j0 in range(0, n_k, BK):", "for i0 in range(0, n_q, BQ):"]
+                elif keys:
                     w("j0 = tile * BK")
                     w("nk = min(BK, n_k - j0)")
-                    loop = "for i0 in range(0, n_q, BQ):"
+                    loops = ["for i0 in range(0, n_q, BQ):"]
                 else:
                     w("i0 = tile * BQ")
                     w("mq = min(BQ, n_q - i0)")
-                    loop = "for j0 in range(0, n_k, BK):"
-                with w.block(loop):
-                    w("mq = min(BQ, n_q - i0)" if keys else "nk = min(BK, n_k - j0)")
-                    w(f"status = _tile_status(sz, b, h, i0, i0 + mq, j0, j0 + nk"
-                      f"{self.extra_args()})")
-                    with w.block("if status == 0:"):
-                        w("continue")
-                    self.gemm_tiles()
-                    w("# dP = dO @ V^T")
-                    w("gemm_unchecked(False, True, mq, nk, dv, F(1), dout, "
-                      "((b * heads + h) * n_q + i0) * dv, dv, v, ((b * kv_heads + hk) * n_k + j0)"
-                      " * dv, dv, F(0), dp, 0, BK)")
-                    self.dscores("bad", keys)
-                    if keys:
-                        w("# dV += P^T @ dO")
-                        w("gemm_unchecked(True, False, nk, dv, mq, F(1), x, 0, BK, dout, "
-                          "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
-                          "((b * heads + h) * n_k + j0) * dv, dv)")
-                    self.gemm_adjoints(keys)
+                    loops = ["for j0 in range(0, n_k, BK):"]
+                with w.block(loops[0]):
+                    with w.block(loops[1]) if len(loops) > 1 else _nothing():
+                        w("nk = min(BK, n_k - j0)" if queries else "mq = min(BQ, n_q - i0)")
+                        if which == "fused":
+                            w("mq = min(BQ, n_q - i0)")
+                        w("qt = i0 // BQ  # the query tile: per-tile partials")
+                        w("qtask = (b * heads + h) * q_tiles + qt")
+                        w(f"status = _tile_status(sz, b, h, i0, i0 + mq, j0, j0 + nk"
+                          f"{self.extra_args()})")
+                        with w.block("if status == 0:"):
+                            w("continue")
+                        self.lookups_at(0, "bad")
+                        fold_n = self.fold[0] if self.fold is not None else 0
+                        self.gemm_tiles(f"s{fold_n}")
+                        w("# dP = dO @ V^T")
+                        w("gemm_unchecked(False, True, mq, nk, dv, F(1), dout, "
+                          "((b * heads + h) * n_q + i0) * dv, dv, v, ((b * kv_heads + hk) * n_k "
+                          "+ j0) * dv, dv, F(0), dp, 0, BK)")
+                        self.dscores(keys, queries)
+                        if keys:
+                            w("# dV += P^T @ dO")
+                            w("gemm_unchecked(True, False, nk, dv, mq, F(1), x, 0, BK, dout, "
+                              "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
+                              "((b * heads + h) * n_k + j0) * dv, dv)")
+                            self.gemm_adjoints(True)
+                        if queries:
+                            self.gemm_adjoints(False)
                 w("err[task] = bad")
         w()
         w()
@@ -517,64 +665,110 @@ class CpuEmitter:
     def _first_lookup(self, array: str) -> Lookup:
         return next(x for x in self.plan.param_lookups if x.array == array)
 
-    def dscores(self, err: str, keys: bool) -> None:
+    def _row_adjoints(self, queries: bool) -> list[tuple[str, str, str]]:
+        """(local, target, partial) of per-row sums: query-side and constant row scalars and
+        params read at subscripts without j, summed over a row in a local, then added once."""
+        plan, result = self.plan, []
+        if not queries:
+            return result
+        for item in plan.inputs:
+            if item.is_vector or item.node.symbol not in plan.grads.dlogit:
+                continue
+            if item.side is Side.QUERY:
+                result.append((f"ra_{numpy_ref.variable(item.node)}",
+                               f"{adjoint_name(item)}[b, h, i]", self.partial(item.node.symbol)))
+            elif item.side is Side.CONST:
+                result.append((f"ra_{numpy_ref.variable(item.node)}",
+                               f"{adjoint_name(item)}[b, h, qt]", self.partial(item.node.symbol)))
+        for x in plan.param_lookups:
+            if x.symbol in plan.grads.dlogit and self.levels[x.name] <= 1:
+                result.append((f"ra_{x.name}", f"dp_{x.array}[qtask, {self.flat_index(x)}]",
+                               self.partial(x.symbol)))
+        return result
+
+    def dscores(self, keys: bool, queries: bool) -> None:
         """P and dS per pair, then every elementwise adjoint (row scalars, loops, params)."""
         w, d, plan = self.w, self.deriv, self.plan
         rule = {NormKind.SOFTMAX: "dS = P * (dP - D)", NormKind.SUM: "dS = (dP - D) / z",
                 NormKind.NONE: "dS = dP", NormKind.ELEMENTWISE: "dS = f'(x) * dP"}[d.norm]
         w(f"# {rule}")
-        with w.block("for ii in range(mq):"):
-            w("i = i0 + ii")
-            w("row_state = state[b, h, i]")
-            w("Di = D[b, h, i]")
-            with w.block("for jj in range(nk):"):
-                w("j = j0 + jj")
-                self.pair_values(err)
-                w(f"xv = {self.fl(d.logit)}")
-                allowed = "True"
-                if d.mask is not None:
-                    allowed = f"status == 2 or {self.mask_expr()}"
-                with w.block(f"if not ({allowed}):"):
+        fold_n = self.fold[0] if self.fold is not None else -1
+        value = self.logit_value(f"s{fold_n}")
+        row_sums = self._row_adjoints(queries)
+
+        def body(part: str, masked: bool) -> None:
+            if part == "row":
+                w("row_state = state[b, h, i]")
+                w("Di = D[b, h, i]")
+                if self.softmax:  # an empty row (lse -inf) gives P = 2^(x - inf) = 0
+                    w("rs2 = row_state * LOG2E if row_state != NEG_INF else -NEG_INF")
+                for local, _, _ in row_sums:
+                    w(f"{local} = F(0)")
+                return
+            if part == "row_end":
+                for local, target, _ in row_sums:
+                    w(f"{target} += {local}")
+                return
+            if self.softmax:
+                w(f"xv2 = {value}")
+                w("xv = xv2 * F(1 / 1.4426950408889634)" if self.fold is not None
+                  else f"xv = {self.fl(d.logit)}")
+            else:
+                w(f"xv = {value}")
+            if masked:  # if/else, not `continue`: Numba's SSA pass trips over inlined exp2
+                with w.block(f"if not ({self.mask_expr()}):"):
                     w("x[ii * BK + jj] = F(0)")
                     w("dp[ii * BK + jj] = F(0)")
                     for n in range(len(plan.gemms)):
-                        w(f"g{n}[ii * BK + jj] = F(0)")
-                    w("continue")
-                w("dpv = dp[ii * BK + jj]")
-                if d.norm is NormKind.SOFTMAX:
-                    w("pv = exp2((xv - row_state) * LOG2E) if row_state != NEG_INF else F(0)")
-                    w("ds = pv * (dpv - Di)")
-                elif d.norm is NormKind.SUM:
-                    w("pv = xv / row_state if row_state != 0 else F(0)")
-                    w("ds = (dpv - Di) / row_state if row_state != 0 else F(0)")
-                elif d.norm is NormKind.NONE:
-                    w("pv = xv")
-                    w("ds = dpv")
-                else:
-                    assert d.norm_expr is not None and plan.grads.dnorm is not None
-                    w(f"pv = {self.fl(d.norm_expr)}")
-                    w(f"ds = ({self.fl(plan.grads.dnorm)}) * dpv")
-                w("x[ii * BK + jj] = pv")
-                for n, r in enumerate(plan.gemms):
-                    w(f"g{n}[ii * BK + jj] = ds * ({self.partial(r.symbol)})")
-                self.scalar_adjoints(keys)
+                        if n != fold_n:
+                            w(f"g{n}[ii * BK + jj] = F(0)")
+                with w.block("else:"):
+                    self._dscore_pair(fold_n, row_sums, keys, queries)
+                return
+            self._dscore_pair(fold_n, row_sums, keys, queries)
+
+        self.pair_loops(lambda part: body(part, False), lambda part: body(part, True))
+
+    def _dscore_pair(self, fold_n: int, row_sums: list[tuple[str, str, str]], keys: bool,
+                     queries: bool) -> None:
+        w, d, plan = self.w, self.deriv, self.plan
+        w("dpv = dp[ii * BK + jj]")
+        if d.norm is NormKind.SOFTMAX:
+            w("pv = exp2(xv2 - rs2)")
+            w("ds = pv * (dpv - Di)")
+        elif d.norm is NormKind.SUM:
+            w("pv = xv / row_state if row_state != 0 else F(0)")
+            w("ds = (dpv - Di) / row_state if row_state != 0 else F(0)")
+        elif d.norm is NormKind.NONE:
+            w("pv = xv")
+            w("ds = dpv")
+        else:
+            assert d.norm_expr is not None and plan.grads.dnorm is not None
+            w(f"pv = {self.fl(d.norm_expr)}")
+            w(f"ds = ({self.fl(plan.grads.dnorm)}) * dpv")
+        w("x[ii * BK + jj] = pv")
+        for n, r in enumerate(plan.gemms):
+            if n == fold_n:
+                w("dp[ii * BK + jj] = ds  # d logit / d r = c_fold: the adjoint GEMMs' alpha")
+            else:
+                w(f"g{n}[ii * BK + jj] = ds * ({self.partial(r.symbol)})")
+        for local, _, partial in row_sums:
+            w(f"{local} += ds * ({partial})")
+        self.scalar_adjoints(keys, queries)
 
     def partial(self, symbol: sp.Symbol) -> str:
         expr = self.plan.grads.dlogit.get(symbol)
         return "F(0)" if expr is None else self.fl(expr)
 
-    def scalar_adjoints(self, keys: bool) -> None:
-        """Row-scalar inputs, explicit loops and param lookups, per pair."""
+    def scalar_adjoints(self, keys: bool, queries: bool) -> None:
+        """Key-side row scalars, explicit loops and params read per pair (see _row_adjoints
+        for the per-row ones)."""
         w, plan = self.w, self.plan
-        side = Side.KEY if keys else Side.QUERY
         for item in plan.inputs:
             if item.is_vector or item.node.symbol not in plan.grads.dlogit:
                 continue
-            if (item.side is Side.KEY) != keys:
-                continue
-            index = {Side.QUERY: "b, h, i", Side.KEY: "b, h, j", Side.CONST: "b, h, tile"}[
-                item.side]
-            w(f"{adjoint_name(item)}[{index}] += ds * ({self.partial(item.node.symbol)})")
+            if item.side is Side.KEY and keys:
+                w(f"{adjoint_name(item)}[b, h, j] += ds * ({self.partial(item.node.symbol)})")
         for r in plan.loops:
             if r.symbol not in plan.grads.dlogit:
                 continue
@@ -582,23 +776,22 @@ class CpuEmitter:
             with w.block(f"for f in range({self.feature_size(r)}):"):
                 for symbol, expr in plan.grads.partials[r.name]:
                     item = plan.input_for(symbol)
-                    if item is None or (item.side is Side.KEY) != keys:
+                    if item is None or not (keys if item.side is Side.KEY else queries):
                         continue
-                    if item.side is Side.CONST:  # per task: [b, h, tile(, f)]
+                    if item.side is Side.CONST:  # per query tile: [b, h, qt(, f)]
                         feature = ", f" if item.is_vector else ""
-                        where = f"{adjoint_name(item)}[b, h, tile{feature}]"
+                        where = f"{adjoint_name(item)}[b, h, qt{feature}]"
                     else:
                         where = element(item, "f" if item.is_vector else None).replace(
                             input_name(item), adjoint_name(item), 1)
                     w(f"{where} += g_{r.name} * ({self.fl(expr)})")
-        if keys:
+        if not queries:
             return
         for x in plan.param_lookups:
-            if x.symbol not in plan.grads.dlogit:
+            if x.symbol not in plan.grads.dlogit or self.levels[x.name] <= 1:
                 continue
             flat = self.flat_index(x)
-            w(f"dp_{x.array}[task, {flat}] += ds * ({self.partial(x.symbol)})")
-        del side
+            w(f"dp_{x.array}[qtask, {flat}] += ds * ({self.partial(x.symbol)})")
 
     def flat_index(self, x: Lookup) -> str:
         if not x.subscripts:
@@ -613,16 +806,19 @@ class CpuEmitter:
         for n, r in enumerate(self.plan.gemms):
             a, bvec = (self.plan.input_for(v.symbol) for v in r.gemm)  # type: ignore[union-attr]
             assert a is not None and bvec is not None
+            g, alpha = f"g{n}", "F(1)"
+            if self.fold is not None and self.fold[0] == n:
+                g, alpha = "dp", "c_fold"
             if keys:
-                w(f"# d{bvec.node.name} += g{n}^T @ {a.node.name}")
-                w(f"gemm_unchecked(True, False, nk, {input_name(a)}.shape[3], mq, F(1), g{n}, 0, "
-                  f"BK, {input_name(a)}, {self.row_offset(a, 'i0')}, {input_name(a)}.shape[3], "
-                  f"F(1), {adjoint_name(bvec)}, {self.adjoint_offset(bvec, 'j0')}, "
-                  f"{input_name(bvec)}.shape[3])")
+                w(f"# d{bvec.node.name} += {g}^T @ {a.node.name}")
+                w(f"gemm_unchecked(True, False, nk, {input_name(a)}.shape[3], mq, {alpha}, {g}, "
+                  f"0, BK, {input_name(a)}, {self.row_offset(a, 'i0')}, "
+                  f"{input_name(a)}.shape[3], F(1), {adjoint_name(bvec)}, "
+                  f"{self.adjoint_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3])")
             else:
-                w(f"# d{a.node.name} += g{n} @ {bvec.node.name}")
-                w(f"gemm_unchecked(False, False, mq, {input_name(bvec)}.shape[3], nk, F(1), g{n}, "
-                  f"0, BK, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
+                w(f"# d{a.node.name} += {g} @ {bvec.node.name}")
+                w(f"gemm_unchecked(False, False, mq, {input_name(bvec)}.shape[3], nk, {alpha}, "
+                  f"{g}, 0, BK, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
                   f"{input_name(bvec)}.shape[3], F(1), {adjoint_name(a)}, "
                   f"{self.adjoint_offset(a, 'i0')}, {input_name(a)}.shape[3])")
 
@@ -647,7 +843,7 @@ def _linear(self: CpuEmitter) -> None:
     causal = self.deriv.mask is not None
     normalized = self.deriv.norm is NormKind.SUM
     w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
-    with w.block(self.signature("_linear_fwd", ["out", "state"])):
+    with w.block(self.signature("_linear_fwd", ["out", "state"], tiled=False)):
         w(f'"""{"Causal (prefix-sum)" if causal else "Full"} linear attention per (batch, '
           'head): out_i = A_i S / (A_i . z)."""')
         self.unpack_sizes()
@@ -682,7 +878,7 @@ def _linear(self: CpuEmitter) -> None:
     w()
     outputs = ["dout", "out", "state", adjoint_name(a), adjoint_name(bvec), "dv_h"]
     w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
-    with w.block(self.signature("_linear_bwd", outputs)):
+    with w.block(self.signature("_linear_bwd", outputs, tiled=False)):
         w('"""dnum_i = dO_i / den_i, dden_i = -(dO_i . O_i) / den_i; dA_i = S_i dnum_i + '
           'z_i dden_i;')
         w('dB_j = U_j v_j + u_j, dv_j = U_j^T B_j with U_j = sum_i A_i dnum_i^T over the rows '
