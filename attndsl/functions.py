@@ -110,6 +110,34 @@ class Clamp(sp.Function):
         return Step(x - hi)
 
 
+class NormGrad(sp.Function):
+    """d sqrt(r)/dr = 1 / (2 sqrt(r)) for r > 0, and 0 at r = 0: with dr/du = 2u this makes
+    norm'(0) = 0, as LANGUAGE.md asks (PyTorch's subgradient)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        r = self.args[0]
+        return -NormGrad(r) / (2 * r)
+
+    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: str | None = None) -> str:
+        text = rf"\frac{{1}}{{2 \sqrt{{{printer._print(self.args[0])}}}}}"
+        return rf"\left({text}\right)^{{{exp}}}" if exp else text
+
+
+class Norm(sp.Function):
+    """norm(u) = sqrt(r) of r = sum_f u_f^2, with the derivative of NormGrad."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return NormGrad(self.args[0])
+
+    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: str | None = None) -> str:
+        text = rf"\sqrt{{{printer._print(self.args[0])}}}"
+        return rf"\left({text}\right)^{{{exp}}}" if exp else text
+
+
 # Spec function name -> how to build it from SymPy arguments.
 SPEC_FUNCTIONS = {
     "exp": sp.exp,
@@ -130,7 +158,8 @@ SPEC_FUNCTIONS = {
     "clamp": Clamp,
 }
 
-OPAQUE = (Sigmoid, Softplus, Step, Relu, Elu, EluGrad, Gelu, GeluGrad, InRange, Clamp)
+OPAQUE = (Sigmoid, Softplus, Step, Relu, Elu, EluGrad, Gelu, GeluGrad, InRange, Clamp, Norm,
+          NormGrad)
 
 
 def elementary(expr: sp.Expr) -> sp.Expr:
@@ -151,6 +180,8 @@ def elementary(expr: sp.Expr) -> sp.Expr:
         + x * sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi),
         InRange: lambda x, lo, hi: sp.Piecewise((1, sp.And(x >= lo, x <= hi)), (0, True)),
         Clamp: lambda x, lo, hi: sp.Min(sp.Max(x, lo), hi),
+        Norm: sp.sqrt,
+        NormGrad: lambda r: sp.Piecewise((1 / (2 * sp.sqrt(r)), r > 0), (0, True)),
     }
     for _ in range(3):  # nested opaque functions
         expr = expr.replace(lambda e: type(e) in table, lambda e: table[type(e)](*e.args))

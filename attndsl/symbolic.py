@@ -19,7 +19,7 @@ import sympy as sp
 
 from . import check, ir
 from .errors import SpecError
-from .functions import SPEC_FUNCTIONS, Clamp
+from .functions import SPEC_FUNCTIONS, Clamp, Norm
 from .ir import Kind, NormKind, Side
 
 # Positions and sizes, shared by every derivation so expressions compare across specs.
@@ -251,7 +251,7 @@ class Deriver:
                 "norm": lambda: vectors[0] ** 2}[op]()
         symbol = self._add(("reduce", body, side), lambda n: Reduction(
             f"r{n}", _sym(f"r{n}"), size, side, body)).symbol
-        return sp.sqrt(symbol) if op == "norm" else symbol
+        return Norm(symbol) if op == "norm" else symbol
 
     def _call(self, func: str, args: list[sp.Expr], nodes: tuple[ir.Expr, ...]) -> sp.Expr:
         if func == "where":

@@ -280,7 +280,7 @@ class _Oracle:
     """Exact rational evaluation; transcendental applications become random values."""
 
     TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.erf, fn.Sigmoid, fn.Softplus,
-                      fn.Elu, fn.EluGrad, fn.Gelu, fn.GeluGrad)
+                      fn.Elu, fn.EluGrad, fn.Gelu, fn.GeluGrad, fn.Norm, fn.NormGrad)
 
     def __init__(self, point: dict[sp.Symbol, Fraction], salt: int, exp_root: int = 1) -> None:
         self.point, self.salt = point, salt

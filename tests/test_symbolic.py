@@ -8,6 +8,7 @@ import pytest
 import sympy as sp
 
 import attndsl
+from attndsl import functions as fn
 from attndsl.ir import NormKind, Side
 from attndsl.symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, Vec, derive
 
@@ -74,7 +75,8 @@ def test_cosine_has_query_and_key_row_reductions() -> None:
     assert tau.is_param and tau.array == "tau" and tau.side is Side.CONST
     assert d.logit.has(sp.Max)
     r2, r3, r4 = (r.symbol for r in d.reductions)
-    assert d.logit == r2 / (sp.sqrt(r3) * sp.sqrt(r4) * sp.Max(sp.Rational(1, 100), tau.symbol))
+    norm = fn.Norm  # norm(u) = Norm(sum_f u_f^2): sqrt with norm'(0) = 0
+    assert d.logit == r2 / (norm(r3) * norm(r4) * sp.Max(sp.Rational(1, 100), tau.symbol))
 
 
 def test_linear_hoists_feature_maps_per_side() -> None:

@@ -33,6 +33,8 @@ INLINE = {
                  " * RSQRT2PI)",
     fn.Clamp: "min(max({0}, {1}), {2})",
     fn.InRange: "(ONE if ({0} >= {1} and {0} <= {2}) else ZERO)",
+    fn.Norm: "math.sqrt({0})",
+    fn.NormGrad: "(HALF / math.sqrt({0}) if {0} > ZERO else ZERO)",  # norm'(0) = 0
 }
 COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 

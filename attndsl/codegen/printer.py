@@ -16,7 +16,7 @@ ARRAY_FUNCTIONS: dict[type, str] = {
     sp.sign: "sign", sp.Abs: "abs", sp.Heaviside: "heaviside", sp.floor: "floor",
     fn.Sigmoid: "sigmoid", fn.Softplus: "softplus", fn.Relu: "relu", fn.Step: "step",
     fn.Elu: "elu", fn.EluGrad: "elu_grad", fn.Gelu: "gelu", fn.GeluGrad: "gelu_grad",
-    fn.Clamp: "clamp", fn.InRange: "in_range",
+    fn.Clamp: "clamp", fn.InRange: "in_range", fn.Norm: "norm", fn.NormGrad: "norm_grad",
 }
 RELATIONS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
              "==": "equal", "!=": "not_equal"}

@@ -68,6 +68,17 @@ def gelu_grad(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + special.erf(x / np.sqrt(2))) + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)
 
 
+def norm(r: np.ndarray) -> np.ndarray:
+    """norm(u) from r = sum_f u_f^2."""
+    return np.sqrt(r)
+
+
+def norm_grad(r: np.ndarray) -> np.ndarray:
+    """d sqrt(r)/dr, 0 at r = 0 so that norm'(0) = 0."""
+    positive = r > 0
+    return np.where(positive, 0.5 / np.sqrt(np.where(positive, r, 1)), 0)
+
+
 def clamp(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.minimum(np.maximum(x, lo), hi)
 

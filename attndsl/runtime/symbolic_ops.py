@@ -47,6 +47,7 @@ sigmoid, softplus, relu, step = (_elementwise(f) for f in (fn.Sigmoid, fn.Softpl
 elu, elu_grad, gelu, gelu_grad = (_elementwise(f) for f in (fn.Elu, fn.EluGrad, fn.Gelu,
                                                             fn.GeluGrad))
 clamp, in_range = _elementwise(fn.Clamp), _elementwise(fn.InRange)
+norm, norm_grad = _elementwise(fn.Norm), _elementwise(fn.NormGrad)
 
 
 def _concrete(*arrays: object) -> bool:
