@@ -80,15 +80,27 @@ def test_proof_sizes_follow_the_spec() -> None:
     assert setup.indices["doc"].shape == (1, 3)
 
 
-def test_unexercised_mask_clause_is_noted() -> None:
+def test_mask_constants_shrink_so_every_clause_is_exercised() -> None:
+    """A window of 128 does nothing at n = 3: the proof runs with a window of 2 and says so."""
     report = attndsl.verify(EXAMPLES / "sliding_window.attn")
     assert report.ok
-    dead = [n for n in report.notes if "not exercised" in n]
-    assert dead == [("mask clause 'i - j < 128' is constant at the proof sizes "
-                     "(not exercised by the proof)")], report.notes
-    assert "i - j < 128" in str(report)
+    assert not [n for n in report.notes if "not exercised" in n], report.notes
+    (note,) = [n for n in report.notes if n.startswith("mask constants for the proof")]
+    assert "128 -> 2" in note and "i - j < 2" in note, note
+    spatial = attndsl.verify(EXAMPLES / "spatial_window.attn")
+    assert spatial.ok and not [n for n in spatial.notes if "not exercised" in n], spatial.notes
     causal = attndsl.verify(EXAMPLES / "causal.attn")
-    assert not [n for n in causal.notes if "not exercised" in n], causal.notes
+    assert not [n for n in causal.notes if "mask constants" in n or "not exercised" in n]
+
+
+def test_unexercisable_mask_clause_is_noted() -> None:
+    """A clause no small constant can exercise (it has none) is named in the report."""
+    text = "attention t {\n score q . k\n mask j <= i and i < n_q + 5\n}"
+    report = attndsl.verify(text)
+    assert report.ok
+    dead = [n for n in report.notes if "not exercised" in n]
+    assert dead == ["mask clause 'i < n_q + 5' is constant at the proof sizes "
+                    "(not exercised by the proof)"], report.notes
 
 
 def test_without_proof_only_numeric_checks() -> None:
