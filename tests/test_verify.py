@@ -99,8 +99,8 @@ def test_unexercisable_mask_clause_is_noted() -> None:
     report = attndsl.verify(text)
     assert report.ok
     dead = [n for n in report.notes if "not exercised" in n]
-    assert dead == ["mask clause 'i < n_q + 5' is constant at the proof sizes "
-                    "(not exercised by the proof)"], report.notes
+    assert dead == [("mask clause 'i < n_q + 5' is constant at the proof sizes "
+                     "(not exercised by the proof)")], report.notes
 
 
 def test_without_proof_only_numeric_checks() -> None:
