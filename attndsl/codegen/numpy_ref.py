@@ -205,7 +205,12 @@ class Emitter:
             w("dv = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)")
             w("dx = dS")
             w("# the chain rule through the logit, then node by node in reverse")
-            for symbol, partial in grads.dlogit.items():
+            # sympy.cse: sub-expressions shared by the logit's partial derivatives
+            temporaries, partials = sp.cse(list(grads.dlogit.values()),
+                                           symbols=sp.numbered_symbols("shared"))
+            for temporary, value in temporaries:
+                w(f"{temporary} = {self.expr(value)}")
+            for symbol, partial in zip(grads.dlogit, partials):
                 node = d.node(symbol)
                 assert node is not None
                 name = variable(node)
