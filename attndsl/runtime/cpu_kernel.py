@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any
 
@@ -49,20 +48,13 @@ def _reference_layout(adjoint: np.ndarray, item: PairInput, tiles: int) -> np.nd
     return adjoint[:, :, None, None, :]
 
 
-# The backward's schedule: "fused" (one pass per (batch, head)), "split" (dK/dV over key tiles,
-# then dQ over query tiles), or "auto": fused when the B * heads tasks keep every thread busy.
-BACKWARD_SCHEDULE = os.environ.get("ATTNDSL_CPU_BACKWARD", "auto")
-
-
-def _one_pass(tasks: int) -> bool:
-    """Fused while B * heads fills the threads evenly (or there are plenty of tasks): each
-    task then computes S, P, dP once instead of twice (5 GEMMs per tile instead of 7)."""
-    if BACKWARD_SCHEDULE in ("fused", "split"):
-        return BACKWARD_SCHEDULE == "fused"
+def _parts(tasks: int) -> int:
+    """How many parts the backward splits each (batch, head)'s key tiles into: 1 while the
+    B * heads tasks fill the threads, else enough to give every thread work."""
     import numba
 
     threads = numba.get_num_threads()
-    return tasks % threads == 0 or tasks >= 4 * threads
+    return 1 if tasks >= threads else -(-threads // tasks)
 
 
 class CpuKernel(Kernel):
@@ -92,6 +84,13 @@ class CpuKernel(Kernel):
         s = call.sizes
         sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"]],
                       dtype=np.int64)
+        if not self.plan.linear_path:  # each GEMM's key operand transposed: [B, H', F, n_k]
+            by_node = {id(i.node): a for i, a in zip(
+                [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)], inputs)}
+            for r in self.plan.gemms:
+                key = self.plan.inputs_of_gemm(r)[1]
+                value = call.k if key.is_raw_key else by_node[id(key.node)]
+                inputs.append(np.ascontiguousarray(np.swapaxes(value, 2, 3)))
         params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
         args = [sz, call.q, call.k, call.v, *inputs, *params, *call.indices.values()]
         return t, args
@@ -142,7 +141,6 @@ class CpuKernel(Kernel):
         B, H = s["B"], s["heads"]
         D = np.ascontiguousarray(np.sum(dout * out, axis=-1), dtype=call.dtype)
         q_tiles = -(-s["n_q"] // numba_cpu.BQ)
-        k_tiles = -(-s["n_k"] // numba_cpu.BK)
         adjoints: dict[str, np.ndarray] = {}
         for item, value in self._adjoint_shapes(call, q_tiles):
             adjoints[numpy_ref.variable(item.node)] = value
@@ -159,26 +157,29 @@ class CpuKernel(Kernel):
             module._linear_bwd(*args, dout, out, state, adjoints[numpy_ref.variable(a.node)],
                                adjoints[numpy_ref.variable(b.node)], dv_h)
             return self._finish(call, t, adjoints, dv_h, first, q_tiles)
-        if _one_pass(B * H):  # one task per (batch, head): S, P, dP computed once
-            err = np.zeros(B * H, np.int64)
-            with single_threaded_blas():
-                module._attn_bwd_fused(*args, dout, D, state,
-                                       *(adjoints[numpy_ref.variable(i.node)]
-                                         for i in key_items + other_items),
-                                       dv_h, *first.values(), err)
-            self._raise_on(err)
-            return self._finish(call, t, adjoints, dv_h, first, q_tiles)
-        err_k = np.zeros(B * H * k_tiles, np.int64)
-        err_q = np.zeros(B * H * q_tiles, np.int64)
+        # One task per (batch, head, part): parts > 1 only while B * heads cannot fill the
+        # threads; each part then has its own copy of the query-side adjoints (summed here).
+        parts = _parts(B * H)
+        parted = {}
+        for item in other_items:
+            name = numpy_ref.variable(item.node)
+            value = adjoints[name]
+            parted[name] = value if parts == 1 else np.zeros((parts * B,) + value.shape[1:],
+                                                             value.dtype)
+        for array, value in list(first.items()):
+            if parts > 1:
+                first[array] = np.zeros((parts * value.shape[0], value.shape[1]), value.dtype)
+        err = np.zeros(B * H * parts, np.int64)
+        sz = np.append(args[0], parts)
         with single_threaded_blas():
-            module._attn_bwd_dkdv(*args, dout, D, state,
-                                  *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
-                                  dv_h, err_k)
-            module._attn_bwd_dq(*args, dout, D, state,
-                                *(adjoints[numpy_ref.variable(i.node)] for i in other_items),
-                                *first.values(), err_q)
-        self._raise_on(err_k)
-        self._raise_on(err_q)
+            module._attn_bwd(sz, *args[1:], dout, D, state,
+                             *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
+                             *(parted[numpy_ref.variable(i.node)] for i in other_items),
+                             dv_h, *first.values(), err)
+        self._raise_on(err)
+        if parts > 1:  # the parts' copies, summed in part order (deterministic)
+            for name, value in parted.items():
+                adjoints[name] = value.reshape((parts, B) + value.shape[1:]).sum(axis=0)
         return self._finish(call, t, adjoints, dv_h, first, q_tiles)
 
     def _finish(self, call: Call, t: dict[str, Any], adjoints: dict[str, np.ndarray],
