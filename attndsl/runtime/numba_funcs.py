@@ -39,7 +39,9 @@ def _define(name: str, arity: int, make: Callable[[type], Callable[..., Any]]) -
 
     def build(*args: Any) -> Any:
         kind = _float(*args)
-        return None if kind is None else make(kind)
+        if kind is None:
+            return None
+        return make(kind)
 
     typers = {1: lambda x: build(x), 2: lambda a, b: build(a, b),
               3: lambda x, lo, hi: build(x, lo, hi)}
@@ -68,7 +70,9 @@ def _softplus(F: type) -> Callable[..., Any]:
 
     def softplus(x):  # type: ignore[no-untyped-def]
         # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): no overflow, no threshold
-        return (x if x > zero else zero) + math.log1p(math.exp(-(x if x >= zero else -x)))
+        if x > zero:
+            return x + math.log1p(math.exp(-x))
+        return math.log1p(math.exp(x))
 
     return softplus
 
@@ -85,17 +89,37 @@ def _gelu_grad(F: type) -> Callable[..., Any]:
 
 def _step(F: type) -> Callable[..., Any]:
     one, zero = F(1), F(0)
-    return lambda x: one if x > zero else zero
+
+    def step(x):  # type: ignore[no-untyped-def]
+        if x > zero:
+            return one
+        return zero
+
+    return step
 
 
 def _in_range(F: type) -> Callable[..., Any]:
     one, zero = F(1), F(0)
-    return lambda x, lo, hi: one if lo <= x <= hi else zero
+
+    def in_range(x, lo, hi):  # type: ignore[no-untyped-def]
+        if lo <= x <= hi:
+            return one
+        return zero
+
+    return in_range
 
 
 def _heaviside(F: type) -> Callable[..., Any]:
     one, half, zero = F(1), F(0.5), F(0)
-    return lambda x: one if x > zero else (half if x == zero else zero)
+
+    def heaviside(x):  # type: ignore[no-untyped-def]
+        if x > zero:
+            return one
+        if x == zero:
+            return half
+        return zero
+
+    return heaviside
 
 
 exp = _define("exp", 1, _exp)
@@ -104,21 +128,105 @@ sqrt = _define("sqrt", 1, lambda F: lambda x: math.sqrt(x))
 tanh = _define("tanh", 1, lambda F: lambda x: math.tanh(x))
 sin = _define("sin", 1, lambda F: lambda x: math.sin(x))
 cos = _define("cos", 1, lambda F: lambda x: math.cos(x))
-abs = _define("abs", 1, lambda F: lambda x: x if x >= F(0) else -x)  # noqa: A001
-sign = _define("sign", 1, lambda F: lambda x: F(1) if x > F(0) else (F(-1) if x < F(0) else F(0)))
+def _abs(F: type) -> Callable[..., Any]:
+    zero = F(0)
+
+    def absolute(x):  # type: ignore[no-untyped-def]
+        if x >= zero:
+            return x
+        return -x
+
+    return absolute
+
+
+def _sign(F: type) -> Callable[..., Any]:
+    one, zero = F(1), F(0)
+
+    def sign(x):  # type: ignore[no-untyped-def]
+        if x > zero:
+            return one
+        if x < zero:
+            return -one
+        return zero
+
+    return sign
+
+
+def _pick(F: type, larger: bool) -> Callable[..., Any]:
+    def maximum(a, b):  # type: ignore[no-untyped-def]
+        if a >= b:
+            return a
+        return b
+
+    def minimum(a, b):  # type: ignore[no-untyped-def]
+        if a <= b:
+            return a
+        return b
+
+    if larger:
+        return maximum
+    return minimum
+
+
+def _relu(F: type) -> Callable[..., Any]:
+    zero = F(0)
+
+    def relu(x):  # type: ignore[no-untyped-def]
+        if x > zero:
+            return x
+        return zero
+
+    return relu
+
+
+def _elu(F: type) -> Callable[..., Any]:
+    zero = F(0)
+
+    def elu(x):  # type: ignore[no-untyped-def]
+        if x > zero:
+            return x
+        return math.expm1(x)
+
+    return elu
+
+
+def _elu_grad(F: type) -> Callable[..., Any]:
+    one, zero = F(1), F(0)
+
+    def elu_grad(x):  # type: ignore[no-untyped-def]
+        if x > zero:
+            return one
+        return math.exp(x)
+
+    return elu_grad
+
+
+def _norm_grad(F: type) -> Callable[..., Any]:
+    half, zero = F(0.5), F(0)
+
+    def norm_grad(x):  # type: ignore[no-untyped-def]
+        if x > zero:
+            return half / math.sqrt(x)
+        return zero  # norm'(0) = 0
+
+    return norm_grad
+
+
+abs = _define("abs", 1, _abs)  # noqa: A001
+sign = _define("sign", 1, _sign)
 floor = _define("floor", 1, lambda F: lambda x: np.floor(x))
-maximum = _define("maximum", 2, lambda F: lambda a, b: a if a >= b else b)
-minimum = _define("minimum", 2, lambda F: lambda a, b: a if a <= b else b)
+maximum = _define("maximum", 2, lambda F: _pick(F, True))
+minimum = _define("minimum", 2, lambda F: _pick(F, False))
 heaviside = _define("heaviside", 1, _heaviside)
 step = _define("step", 1, _step)
 in_range = _define("in_range", 3, _in_range)
-relu = _define("relu", 1, lambda F: lambda x: x if x > F(0) else F(0))
+relu = _define("relu", 1, _relu)
 sigmoid = _define("sigmoid", 1, _sigmoid)
 softplus = _define("softplus", 1, _softplus)
-elu = _define("elu", 1, lambda F: lambda x: x if x > F(0) else math.expm1(x))
-elu_grad = _define("elu_grad", 1, lambda F: lambda x: F(1) if x > F(0) else math.exp(x))
+elu = _define("elu", 1, _elu)
+elu_grad = _define("elu_grad", 1, _elu_grad)
 gelu = _define("gelu", 1, _gelu)
 gelu_grad = _define("gelu_grad", 1, _gelu_grad)
 norm = _define("norm", 1, lambda F: lambda x: math.sqrt(x))
-norm_grad = _define("norm_grad", 1, lambda F: lambda x: F(0.5) / math.sqrt(x) if x > F(0) else F(0))
+norm_grad = _define("norm_grad", 1, _norm_grad)
 clamp = _define("clamp", 3, lambda F: lambda x, lo, hi: min(max(x, lo), hi))
