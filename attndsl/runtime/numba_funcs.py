@@ -212,7 +212,7 @@ def _norm_grad(F: type) -> Callable[..., Any]:
     return norm_grad
 
 
-abs = _define("abs", 1, _abs)  # noqa: A001
+abs = _define("abs", 1, _abs)  # the spec function's name
 sign = _define("sign", 1, _sign)
 floor = _define("floor", 1, lambda F: lambda x: np.floor(x))
 maximum = _define("maximum", 2, lambda F: _pick(F, True))
