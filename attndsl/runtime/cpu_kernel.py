@@ -32,7 +32,9 @@ def _kernel_layout(value: np.ndarray, item: PairInput, sizes: dict[str, int],
         shape = shape + value.shape[-1:]
     else:
         value = value[..., 0]
-    return np.ascontiguousarray(np.broadcast_to(value, shape), dtype=dtype)
+    # writeable: a broadcast view that happens to be contiguous (sizes of 1) is read-only, and
+    # Numba types read-only arrays differently (a second signature)
+    return np.require(np.broadcast_to(value, shape), dtype=dtype, requirements=["C", "W"])
 
 
 def _reference_layout(adjoint: np.ndarray, item: PairInput, tiles: int) -> np.ndarray:
