@@ -18,13 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import sympy as sp
 
 from .. import ir
 from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan
-from ..symbolic import POSITIONS, SIZES, S, Lookup, Reduction, Vec
+from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
 from . import numpy_ref
 from .cpu_intrinsics import INTRINSICS_VERSION
 from .printer import KernelPrinter
@@ -222,7 +221,7 @@ class CpuEmitter:
         """The folded constant, once per call: c (the adjoint GEMMs' alpha) and c * log2 e."""
         if self.fold is not None:
             self.w(f"c_fold = F({self.fl(self.fold[1])})")
-            self.w(f"alpha_fold = c_fold * LOG2E" if self.softmax else "alpha_fold = c_fold")
+            self.w("alpha_fold = c_fold * LOG2E" if self.softmax else "alpha_fold = c_fold")
 
     def fl(self, e: sp.Basic) -> str:
         """A float expression."""
@@ -380,7 +379,7 @@ class CpuEmitter:
                 w(f"{r.name} += {self.fl(r.body)}")
 
     def feature_size(self, r: Reduction) -> str:
-        for symbol in r.body.free_symbols:
+        for symbol in sorted(r.body.free_symbols, key=str):  # sets: per-process order
             item = self.plan.input_for(symbol)
             if item is not None and item.is_vector:
                 return f"{input_name(item)}.shape[-1]"
@@ -482,16 +481,15 @@ class CpuEmitter:
         variants = [(None, body)] if self.deriv.mask is None else \
             [("if status == 2:", body), ("else:", masked_body)]
         for head, emit in variants:
-            with w.block(head) if head else _nothing():
-                with w.block("for ii in range(mq):"):
-                    w("i = i0 + ii")
-                    self.lookups_at(1, "bad")
-                    emit("row")
-                    with w.block("for jj in range(nk):"):
-                        w("j = j0 + jj")
-                        self.pair_values("bad")
-                        emit("pair")
-                    emit("row_end")
+            with w.block(head) if head else _nothing(), w.block("for ii in range(mq):"):
+                w("i = i0 + ii")
+                self.lookups_at(1, "bad")
+                emit("row")
+                with w.block("for jj in range(nk):"):
+                    w("j = j0 + jj")
+                    self.pair_values("bad")
+                    emit("pair")
+                emit("row_end")
 
     def logits_tile(self, err: str) -> None:
         """x[ii, jj] = the logit; masked pairs -inf (softmax) or weight 0 via `keep`."""
@@ -547,18 +545,17 @@ class CpuEmitter:
                         w("acc[c] *= alpha")
                     w("m[ii] = m_new")
             return
-        with w.block("for ii in range(mq):"):
-            with w.block("for jj in range(nk):"):
-                w("xv = x[ii * BK + jj]")
-                with w.block("if keep[ii * BK + jj] == 0:  # masked: weight 0"):
-                    w("x[ii * BK + jj] = F(0)")
-                    w("continue")
-                if d.norm is NormKind.SUM:
-                    w("l[ii] += xv")
-                elif d.norm is NormKind.ELEMENTWISE:
-                    assert d.norm_expr is not None
-                    w("i, j = i0 + ii, j0 + jj")
-                    w(f"x[ii * BK + jj] = {self.fl(d.norm_expr)}")
+        with w.block("for ii in range(mq):"), w.block("for jj in range(nk):"):
+            w("xv = x[ii * BK + jj]")
+            with w.block("if keep[ii * BK + jj] == 0:  # masked: weight 0"):
+                w("x[ii * BK + jj] = F(0)")
+                w("continue")
+            if d.norm is NormKind.SUM:
+                w("l[ii] += xv")
+            elif d.norm is NormKind.ELEMENTWISE:
+                assert d.norm_expr is not None
+                w("i, j = i0 + ii, j0 + jj")
+                w(f"x[ii * BK + jj] = {self.fl(d.norm_expr)}")
 
     def finish_rows(self) -> None:
         w, d = self.w, self.deriv
@@ -927,22 +924,20 @@ def _linear(self: CpuEmitter) -> None:
 
 def _linear_add_keys(self: CpuEmitter, Bn: str, hb: str, start: str, stop: str) -> None:
     w = self.w
-    with w.block(f"for j in range({start}, {stop}):"):
-        with w.block("for f in range(nf):"):
-            w(f"bf = {Bn}[b, {hb}, j, f]")
-            w("z[f] += bf")
-            with w.block("for c in range(dv):"):
-                w("S[f, c] += bf * v[b, hk, j, c]")
+    with w.block(f"for j in range({start}, {stop}):"), w.block("for f in range(nf):"):
+        w(f"bf = {Bn}[b, {hb}, j, f]")
+        w("z[f] += bf")
+        with w.block("for c in range(dv):"):
+            w("S[f, c] += bf * v[b, hk, j, c]")
 
 
 def _linear_add_rows(self: CpuEmitter, A: str, ha: str, start: str, stop: str) -> None:
     w = self.w
-    with w.block(f"for i in range({start}, {stop}, -1):"):
-        with w.block("for f in range(nf):"):
-            w(f"af = {A}[b, {ha}, i, f]")
-            w("u[f] += af * dden[i]")
-            with w.block("for c in range(dv):"):
-                w("U[f, c] += af * dnum[i, c]")
+    with w.block(f"for i in range({start}, {stop}, -1):"), w.block("for f in range(nf):"):
+        w(f"af = {A}[b, {ha}, i, f]")
+        w("u[f] += af * dden[i]")
+        with w.block("for c in range(dv):"):
+            w("U[f, c] += af * dnum[i, c]")
 
 
 CpuEmitter.linear = _linear  # type: ignore[attr-defined]
