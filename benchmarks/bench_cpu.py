@@ -55,7 +55,7 @@ SPECS = {  # table name -> example file
 }
 WINDOW = 128  # sliding_window.attn
 BAHDANAU_R = 16  # hidden size of Bahdanau's alignment network
-BAHDANAU_MAX_N = 1024  # O(N^2 r) scalar tanh per call (minutes at 2048 with 5 repetitions)
+BAHDANAU_MAX_N = 1024  # O(N^2 r) scalar tanh per call: minutes per case above (see cpu.md)
 NUMPY_MAX_BYTES = 8 << 30
 USE_TRACEMALLOC = True
 
@@ -505,6 +505,8 @@ def write_report(rows: list[dict[str, Any]], tgt: dict[str, Any], meta: dict[str
                   "minutes per call) and resumed with `--resume` for the remaining cases and "
                   "the targets; every comparison row still comes from one process, "
                   "interleaved."), ""]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     lines += [(f"Load average at start {meta['load_start']}, at end {meta['load_end']}. "
               + ("**Other jobs were running during the measurement** (processes above 10% "
                  "CPU at the end: " + "; ".join(f"`{x}`" for x in meta["jobs"]) + "), so "
@@ -643,6 +645,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
     names = list(dict.fromkeys(r["name"] for r in rows))
     fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.5), squeeze=False)
     styles = {"attndsl": "o-", "numpy": "x:", "sdpa": "s--", "flex": "^--", "eager": "v-."}
+    colors = {"attndsl": "C0", "numpy": "C1", "sdpa": "C2", "flex": "C3", "eager": "C4"}
     for col, name in enumerate(names):
         spec_rows = [r for r in rows if r["name"] == name]
         for row, mode in enumerate(("fwd", "fwd+bwd")):
@@ -651,7 +654,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
                 pts = [(r["n"], flops(name, r["n"], mode != "fwd") / r["median_s"][f"{c}|{mode}"]
                         / 1e9) for r in spec_rows if f"{c}|{mode}" in r["median_s"]]
                 if pts:
-                    ax.plot(*zip(*pts), style, label=c)
+                    ax.plot(*zip(*pts), style, label=c, color=colors[c])
             ax.set_xscale("log", base=2)
             ax.set_title(f"{name} {mode}", fontsize=9)
             ax.tick_params(labelsize=7)
