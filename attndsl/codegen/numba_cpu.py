@@ -865,20 +865,7 @@ def _linear(self: CpuEmitter) -> None:
         with w.block("for task in prange(B * heads):"):
             w("b, h = task // heads, task % heads")
             w("hk = h // (heads // kv_heads)")
-            w("dnum = np.empty((n_q, dv), F)")
-            w("dden = np.zeros(n_q, F)")
-            with w.block("for i in range(n_q):"):
-                w("den = state[b, h, i]")
-                if normalized:
-                    w("inv = F(1) / den if den != 0 else F(0)")
-                    w("dot = F(0)")
-                    with w.block("for c in range(dv):"):
-                        w("dnum[i, c] = dout[b, h, i, c] * inv")
-                        w("dot += dout[b, h, i, c] * out[b, h, i, c]")
-                    w("dden[i] = -dot * inv")
-                else:
-                    with w.block("for c in range(dv):"):
-                        w("dnum[i, c] = dout[b, h, i, c]")
+            w("gnum = np.empty(dv, F)  # dnum_i of the current row: no n_q x dv array")
             w("# dA over rows, keys accumulated as in the forward")
             w("S = np.zeros((nf, dv), F)")
             w("z = np.zeros(nf, F)")
@@ -891,10 +878,11 @@ def _linear(self: CpuEmitter) -> None:
                     w("stop = min(i + 1, n_k)")
                     self._linear_add_keys(Bn, hb, "jn", "stop")
                     w("jn = stop")
+                self._linear_row_grad(normalized)
                 with w.block("for f in range(nf):"):
-                    w("acc = z[f] * dden[i]")
+                    w("acc = z[f] * gden")
                     with w.block("for c in range(dv):"):
-                        w("acc += S[f, c] * dnum[i, c]")
+                        w("acc += S[f, c] * gnum[c]")
                     w(f"{adjoint_name(a)}[b, h, i, f] += acc")
             w("# dB and dv over keys, rows accumulated from the last one back (i >= j)")
             w("U = np.zeros((nf, dv), F)")
@@ -902,11 +890,11 @@ def _linear(self: CpuEmitter) -> None:
             w("inext = n_q - 1")
             if not causal:
                 w("inext = -1")
-                self._linear_add_rows(A, ha, "n_q - 1", "-1")
+                self._linear_add_rows(A, ha, "n_q - 1", "-1", normalized)
             with w.block("for j in range(n_k - 1, -1, -1):"):
                 if causal:
                     w("first = max(j, 0)  # rows i >= j see key j")
-                    self._linear_add_rows(A, ha, "inext", "first - 1")
+                    self._linear_add_rows(A, ha, "inext", "first - 1", normalized)
                     w("inext = min(inext, first - 1)")
                 with w.block("for f in range(nf):"):
                     w("acc = u[f]")
@@ -931,18 +919,39 @@ def _linear_add_keys(self: CpuEmitter, Bn: str, hb: str, start: str, stop: str) 
             w("S[f, c] += bf * v[b, hk, j, c]")
 
 
-def _linear_add_rows(self: CpuEmitter, A: str, ha: str, start: str, stop: str) -> None:
+def _linear_add_rows(self: CpuEmitter, A: str, ha: str, start: str, stop: str,
+                     normalized: bool) -> None:
     w = self.w
-    with w.block(f"for i in range({start}, {stop}, -1):"), w.block("for f in range(nf):"):
-        w(f"af = {A}[b, {ha}, i, f]")
-        w("u[f] += af * dden[i]")
+    with w.block(f"for i in range({start}, {stop}, -1):"):
+        self._linear_row_grad(normalized)
+        with w.block("for f in range(nf):"):
+            w(f"af = {A}[b, {ha}, i, f]")
+            w("u[f] += af * gden")
+            with w.block("for c in range(dv):"):
+                w("U[f, c] += af * gnum[c]")
+
+
+def _linear_row_grad(self: CpuEmitter, normalized: bool) -> None:
+    """gnum = dO_i / den_i and gden = -(dO_i . O_i) / den_i for row i (none: dO_i and 0)."""
+    w = self.w
+    if not normalized:
+        w("gden = F(0)")
         with w.block("for c in range(dv):"):
-            w("U[f, c] += af * dnum[i, c]")
+            w("gnum[c] = dout[b, h, i, c]")
+        return
+    w("den = state[b, h, i]")
+    w("inv = F(1) / den if den != 0 else F(0)")
+    w("dot = F(0)")
+    with w.block("for c in range(dv):"):
+        w("gnum[c] = dout[b, h, i, c] * inv")
+        w("dot += dout[b, h, i, c] * out[b, h, i, c]")
+    w("gden = -dot * inv")
 
 
 CpuEmitter.linear = _linear  # type: ignore[attr-defined]
 CpuEmitter._linear_add_keys = _linear_add_keys  # type: ignore[attr-defined]
 CpuEmitter._linear_add_rows = _linear_add_rows  # type: ignore[attr-defined]
+CpuEmitter._linear_row_grad = _linear_row_grad  # type: ignore[attr-defined]
 
 
 def emit_source(spec: ir.Spec, dtype: str = "float32") -> str:
