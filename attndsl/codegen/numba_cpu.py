@@ -291,7 +291,8 @@ class CpuEmitter:
                 *(f"x_{n}" for n in self.indices)]
         w("@njit(inline='always')")
         with w.block(f"def _tile_status({', '.join(args)}):"):
-            w('"""Linear mask atoms decided from the tile corners; others "some" (1)."""')
+            w('"""Linear mask atoms decided from the tile corners; the others (doc[i] == doc[j],')
+            w("i // width) summarized by scanning the tile, when the linear ones leave it open.\"\"\"")
             if d.mask is None:
                 w("return 2")
                 w()
@@ -300,12 +301,14 @@ class CpuEmitter:
             self.unpack_sizes()
             atoms = {a.relation: a for a in self.plan.mask_atoms}
             states = {}
+            scanned = []
             for n, (relation, atom) in enumerate(atoms.items()):
                 name = f"a{n}"
                 states[relation] = name
                 const_lookups = [x for x in lookups if x.symbol in relation.free_symbols]
                 if not atom.linear:
-                    w(f"{name} = 1  # {sp.sstr(relation)}: checked per pair")
+                    w(f"{name} = 1  # {sp.sstr(relation)}: scanned below if it matters")
+                    scanned.append((n, relation))
                     continue
                 for x in const_lookups:
                     self.lookup_read(x, "", check=True, on_error="return 1  # reported per pair")
@@ -319,6 +322,28 @@ class CpuEmitter:
                   f"int({corners[3]})")
                 w(f"{name} = 2 if c{n} == 4 else (0 if c{n} == 0 else 1)  "
                   f"# {sp.sstr(relation)}")
+            if scanned:
+                w(f"open_ = {self._combine(d.mask, states)}")
+                with w.block("if open_ != 1:"):
+                    w("return open_  # decided by the linear atoms alone")
+            for n, relation in scanned:
+                pair_lookups = [x for x in lookups if x.symbol in relation.free_symbols]
+                w(f"t{n} = 0")
+                w(f"f{n} = 0")
+                with w.block("for i in range(i0, i1):"):
+                    with w.block("for j in range(j0, j1):"):
+                        for x in pair_lookups:
+                            self.lookup_read(x, "", check=True,
+                                             on_error="return 1  # reported per pair")
+                        with w.block(f"if {self.it(relation)}:"):
+                            w(f"t{n} += 1")
+                        with w.block("else:"):
+                            w(f"f{n} += 1")
+                        with w.block(f"if t{n} and f{n}:"):
+                            w("break")
+                    with w.block(f"if t{n} and f{n}:"):
+                        w("break")
+                w(f"a{n} = 2 if f{n} == 0 else (0 if t{n} == 0 else 1)  # {sp.sstr(relation)}")
             w(f"return {self._combine(d.mask, states)}")
         w()
         w()
