@@ -292,7 +292,7 @@ class CpuEmitter:
         w("@njit(inline='always')")
         with w.block(f"def _tile_status({', '.join(args)}):"):
             w('"""Linear mask atoms decided from the tile corners; the others (doc[i] == doc[j],')
-            w("i // width) summarized by scanning the tile, when the linear ones leave it open.\"\"\"")
+            w('i // width) summarized by scanning the tile when the linear ones leave it open."""')
             if d.mask is None:
                 w("return 2")
                 w()
@@ -531,15 +531,14 @@ class CpuEmitter:
 
             if value == "x[ii * BK + jj]":  # the GEMM wrote the logits: only mask them
                 if d.mask is not None:
-                    with w.block("if status == 1:"):
-                        with w.block("for ii in range(mq):"):
-                            w("i = i0 + ii")
-                            self.lookups_at(1, err)
-                            with w.block("for jj in range(nk):"):
-                                w("j = j0 + jj")
-                                self.pair_values(err)
-                                with w.block(f"if not {self.mask_expr()}:"):
-                                    w("x[ii * BK + jj] = NEG_INF")
+                    with w.block("if status == 1:"), w.block("for ii in range(mq):"):
+                        w("i = i0 + ii")
+                        self.lookups_at(1, err)
+                        with w.block("for jj in range(nk):"):
+                            w("j = j0 + jj")
+                            self.pair_values(err)
+                            with w.block(f"if not {self.mask_expr()}:"):
+                                w("x[ii * BK + jj] = NEG_INF")
                 return
             self.pair_loops(full, masked)
             return
