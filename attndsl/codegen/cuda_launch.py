@@ -23,7 +23,15 @@ from ..runtime.kernel import Call, Kernel
 from ..symbolic import POSITIONS, SIZES
 from . import cuda_toolchain as tc
 from . import numpy_ref
-from .numba_cuda import Config, Layout, emit_module, fit_tiles, make_layout
+from .numba_cuda import (
+    LINEAR_KERNELS,
+    Config,
+    Layout,
+    emit_module,
+    fit_tiles,
+    linear_inputs,
+    make_layout,
+)
 
 KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 
@@ -165,6 +173,10 @@ class CudaKernel(Kernel):
             "attn_bwd_dkdv": base + [a4, a3, a3, a4] + dkdv_out,
             "attn_bwd_dq": base + [a4, a3, a3] + dq_out,
         }
+        if self.plan.linear_path:
+            sig["attn_linear_fwd"] = base + [a4, a3]
+            sig["attn_linear_bwd_ab"] = base + [a4, a4, a3, a4, a4]
+            sig["attn_linear_bwd_v"] = base + [a4, a4, a3, a4]
         return {name: f"void({', '.join(types)})" for name, types in sig.items()}
 
     def ptx(self, cc: tuple[int, int] = (8, 0), dtype: str = "float32",
@@ -174,9 +186,15 @@ class CudaKernel(Kernel):
         mod = self.module(cfg)
         threads = {"attn_fwd": cfg.bq, "attn_bwd_preprocess": cfg.bwd_bq,
                    "attn_bwd_dkdv": cfg.bwd_bk, "attn_bwd_dq": cfg.bwd_bq}
+        names = list(KERNELS)
+        if self.plan.linear_path:
+            a, _ = linear_inputs(self.layout)
+            dv, width = cfg.size("dv"), cfg.size(a.size)
+            threads.update(attn_linear_fwd=dv, attn_linear_bwd_ab=width, attn_linear_bwd_v=dv)
+            names += list(LINEAR_KERNELS)
         sigs = self.signatures(cfg.dtype)
         return {name: tc.compile_ptx(getattr(mod, name), sigs[name], cc=cc,
-                                     launch_bounds=threads[name]) for name in KERNELS}
+                                     launch_bounds=threads[name]) for name in names}
 
     # ---- validation ----
     def _validate_device(self, q: Any, k: Any, v: Any, extra: dict[str, Any]) -> Call:
@@ -336,6 +354,9 @@ class _Run:
         cfg = self.cfg
         out = self.args.empty((self.B, self.H, self.n_q, self.dv), self.dt)
         state = self.args.empty((self.B, self.H, self.n_q), self.dt)
+        if self.kernel.plan.linear_path:  # the associative form: one block per (head, batch)
+            self.mod.attn_linear_fwd[(self.H, self.B), self.dv](*self.base(), out, state)
+            return out, state
         grid = (_cdiv(self.n_q, cfg.bq), self.H, self.B)
         self.mod.attn_fwd[grid, cfg.bq](*self.base(), out, state)
         return out, state
@@ -355,6 +376,8 @@ class _Run:
         else:
             out_ = self._stage(out)
             state = self._stage(lse) if lse is not None else self.args.empty((B, H, n_q), dt)
+        if self.kernel.plan.linear_path:
+            return self._linear_backward(dout_, out_, state)
         delta = self.args.empty((B, H, n_q), dt)
         q_grid = (_cdiv(n_q, cfg.bwd_bq), H, B)
         if lay.has_state:
@@ -377,6 +400,26 @@ class _Run:
             *common, g_v, *dkdv_out)
         self.mod.attn_bwd_dq[q_grid, cfg.bwd_bq](*common, *dq_out)
         return self._epilogue(g_v, dkdv_out, dq_out)
+
+    def _linear_backward(self, dout: Any, out: Any, state: Any) -> dict[str, Any]:
+        """dA and dB by prefix/suffix sums (threads over features), dv (threads over dv);
+        key-side results are per query head and summed over GQA groups here."""
+        a, b = linear_inputs(self.layout)
+        B, H, KV, n_q, n_k, dt = self.B, self.H, self.KV, self.n_q, self.n_k, self.dt
+        width = self._width(a)
+        d_a = self.args.zeros((B, H, n_q, width), dt)
+        d_b = self.args.zeros((B, H, n_k, width), dt)
+        dv_h = self.args.zeros((B, H, n_k, self.dv), dt)
+        common = [*self.base(), dout, out, state]
+        self.mod.attn_linear_bwd_ab[(H, B), width](*common, d_a, d_b)
+        self.mod.attn_linear_bwd_v[(H, B), self.dv](*common, dv_h)
+
+        def grouped(x: Any) -> Any:
+            host = numpy_ops.group_heads(x.copy_to_host(), KV)
+            return self.cuda.to_device(np.ascontiguousarray(host))
+
+        key = grouped(d_b) if b.raw == "k" else d_b
+        return self._epilogue(grouped(dv_h), [key], [d_a])
 
     def _width(self, x: Any) -> int:
         if not x.vector:

@@ -269,6 +269,8 @@ class Emitter:
         self.preprocess()
         self.dkdv()
         self.dq()
+        if self.layout.plan.linear_path:
+            emit_linear(self)
         kernels = body.text()
         w = self.w = SourceWriter()
         d, c = self.deriv, self.config
@@ -843,6 +845,191 @@ class Emitter:
                 self.write_adjoints((Side.QUERY, Side.CONST), "h", "i")
         w()
         w()
+
+
+# ---- linear attention: the associative form ------------------------------------------------
+
+
+LINEAR_KERNELS = ("attn_linear_fwd", "attn_linear_bwd_ab", "attn_linear_bwd_v")
+
+
+def linear_inputs(layout: Layout) -> tuple[Input, Input]:
+    """The query-side and key-side factors of the one dot product: A_i . B_j."""
+    a, b = layout.plan.inputs_of_gemm(layout.plan.gemms[0])
+    pick = {x.item: x for x in layout.inputs}
+    return pick[a], pick[b]
+
+
+def emit_linear(em: Any) -> None:
+    """phi(q) . psi(k) with sum/none normalization, O(n F dv) per (head, batch) block:
+    out_i = A_i S_i / (A_i . z_i), S_i = sum_j B_j v_j^T, z_i = sum_j B_j over the keys row i
+    sees (all of them, or j <= i as running prefix sums). No shared memory: every thread owns
+    one column (forward, dv) or one row (backward, features) of S."""
+    w, lay = em.w, em.layout
+    a, bvec = linear_inputs(lay)
+    A, Bn = a.arg, bvec.arg
+    hb = "g" if bvec.raw == "k" else "h"
+    nf = size_const(a.size)
+    causal = lay.plan.deriv.mask is not None
+    summed = lay.plan.deriv.norm is NormKind.SUM
+    base = ", ".join(lay.base_args())
+
+    def head() -> None:
+        w("b, h = cuda.blockIdx.y, cuda.blockIdx.x")
+        w("heads, n_q = q.shape[1], q.shape[2]")
+        w("kv_heads, n_k = k.shape[1], k.shape[2]")
+        w("g = h // (heads // kv_heads)  # the key/value head of query head h")
+
+    def row_grad(own: str) -> None:
+        """gnum = dO_i / den_i and gden = -(dO_i . O_i) / den_i (none: dO_i and 0)."""
+        if not summed:
+            w("gden = ZERO")
+            if own == "all":
+                with w.block("for cc in range(DV):"):
+                    w("gnum[cc] = dout[b, h, i, cc]")
+            else:
+                w("gnum_c = dout[b, h, i, c]")
+            return
+        w("den = state[b, h, i]")
+        w("inv = ONE / den if den != ZERO else ZERO")
+        if own == "all":
+            w("dot = ZERO")
+            with w.block("for cc in range(DV):"):
+                w("gnum[cc] = dout[b, h, i, cc] * inv")
+                w("dot += dout[b, h, i, cc] * out[b, h, i, cc]")
+            w("gden = -dot * inv")
+        else:
+            w("gnum_c = dout[b, h, i, c] * inv")
+
+    # forward: thread c owns S[:, c] and a copy of z
+    w("@jit(DV)")
+    with w.block(f"def attn_linear_fwd({base}, out, state):"):
+        w('"""Linear attention per (head, batch); thread c owns column c of S."""')
+        w("c = cuda.threadIdx.x")
+        head()
+        w(f"S = cuda.local.array({nf}, DT)")
+        w(f"z = cuda.local.array({nf}, DT)")
+        with w.block(f"for f in range({nf}):"):
+            w("S[f] = ZERO")
+            w("z[f] = ZERO")
+
+        def add_keys(start: str, stop: str) -> None:
+            with w.block(f"for j in range({start}, {stop}):"), w.block(f"for f in range({nf}):"):
+                w(f"bf = {Bn}[b, {hb}, j, f]")
+                w("z[f] += bf")
+                w("S[f] += bf * v[b, g, j, c]")
+
+        if not causal:
+            add_keys("0", "n_k")
+        w("jn = 0")
+        with w.block("for i in range(n_q):"):
+            if causal:
+                w("stop = min(i + 1, n_k)  # mask j <= i")
+                add_keys("jn", "stop")
+                w("jn = stop")
+            w("den = ZERO")
+            w("num = ZERO")
+            with w.block(f"for f in range({nf}):"):
+                w(f"af = {A}[b, h, i, f]")
+                w("den += af * z[f]")
+                w("num += af * S[f]")
+            if summed:
+                w("out[b, h, i, c] = num / den if den != ZERO else ZERO")
+            else:
+                w("out[b, h, i, c] = num")
+            with w.block("if c == 0:"):
+                w("state[b, h, i] = den")
+    w()
+    w()
+    # backward, thread f: dA_i[f] = S_i[f, :] . gnum_i + z_i[f] gden_i, dB_j[f] = U_j[f, :] . v_j + u_j[f]
+    w(f"@jit({nf})")
+    with w.block(f"def attn_linear_bwd_ab({base}, dout, out, state, d_a, d_b):"):
+        w('"""dA (keys as a running prefix) and dB (rows as a running suffix, i >= j); thread f '
+          'owns row f of S and U."""')
+        w("f = cuda.threadIdx.x")
+        head()
+        w("row = cuda.local.array(DV, DT)  # S[f, :], then U[f, :]")
+        w("gnum = cuda.local.array(DV, DT)")
+        with w.block("for cc in range(DV):"):
+            w("row[cc] = ZERO")
+        w("zf = ZERO")
+
+        def add_keys(start: str, stop: str) -> None:
+            with w.block(f"for j in range({start}, {stop}):"):
+                w(f"bf = {Bn}[b, {hb}, j, f]")
+                w("zf += bf")
+                with w.block("for cc in range(DV):"):
+                    w("row[cc] += bf * v[b, g, j, cc]")
+
+        if not causal:
+            add_keys("0", "n_k")
+        w("jn = 0")
+        with w.block("for i in range(n_q):"):
+            if causal:
+                w("stop = min(i + 1, n_k)")
+                add_keys("jn", "stop")
+                w("jn = stop")
+            row_grad("all")
+            w("acc = zf * gden")
+            with w.block("for cc in range(DV):"):
+                w("acc += row[cc] * gnum[cc]")
+            w("d_a[b, h, i, f] = acc")
+        with w.block("for cc in range(DV):"):
+            w("row[cc] = ZERO")
+        w("uf = ZERO")
+
+        def add_rows(start: str, stop: str) -> None:
+            with w.block(f"for i in range({start}, {stop}, -1):"):
+                row_grad("all")
+                w(f"af = {A}[b, h, i, f]")
+                w("uf += af * gden")
+                with w.block("for cc in range(DV):"):
+                    w("row[cc] += af * gnum[cc]")
+
+        w("inext = n_q - 1")
+        if not causal:
+            add_rows("n_q - 1", "-1")
+            w("inext = -1")
+        with w.block("for j in range(n_k - 1, -1, -1):"):
+            if causal:
+                add_rows("inext", "j - 1")
+                w("inext = min(inext, j - 1)  # rows i >= j see key j")
+            w("acc = uf")
+            with w.block("for cc in range(DV):"):
+                w("acc += row[cc] * v[b, g, j, cc]")
+            w("d_b[b, h, j, f] = acc")
+    w()
+    w()
+    # backward, thread c: dv_j[c] = sum_f U_j[f, c] B_j[f]
+    w("@jit(DV)")
+    with w.block(f"def attn_linear_bwd_v({base}, dout, out, state, dv_h):"):
+        w('"""dv per query head (summed over GQA groups on the host); thread c owns U[:, c]."""')
+        w("c = cuda.threadIdx.x")
+        head()
+        w(f"col = cuda.local.array({nf}, DT)")
+        with w.block(f"for f in range({nf}):"):
+            w("col[f] = ZERO")
+
+        def add_rows_v(start: str, stop: str) -> None:
+            with w.block(f"for i in range({start}, {stop}, -1):"):
+                row_grad("own")
+                with w.block(f"for f in range({nf}):"):
+                    w(f"col[f] += {A}[b, h, i, f] * gnum_c")
+
+        w("inext = n_q - 1")
+        if not causal:
+            add_rows_v("n_q - 1", "-1")
+            w("inext = -1")
+        with w.block("for j in range(n_k - 1, -1, -1):"):
+            if causal:
+                add_rows_v("inext", "j - 1")
+                w("inext = min(inext, j - 1)")
+            w("acc = ZERO")
+            with w.block(f"for f in range({nf}):"):
+                w(f"acc += col[f] * {Bn}[b, {hb}, j, f]")
+            w("dv_h[b, h, j, c] = acc")
+    w()
+    w()
 
 
 def emit_module(layout: Layout, config: Config) -> str:

@@ -216,3 +216,35 @@ def test_attndsl_compile_cuda_target():
     kernel = attndsl.compile(EXAMPLES[0].parent / "causal.attn", target="cuda")
     assert kernel.target == "cuda"
     assert "def attn_fwd(" in kernel.source and "def attn_bwd_dkdv(" in kernel.source
+
+
+# ---- the linear-attention path (associative form) ----------------------------------------------
+
+LINEAR_SPECS = {
+    "raw_causal_none": "attention raw {\n score q . k\n normalize none\n mask j <= i\n}",
+    "raw_full_none": "attention raw2 {\n score q . k\n normalize none\n}",
+}
+
+
+@pytest.mark.parametrize("text", [str(EXAMPLES[0].parent / f"{name}.attn")
+                                  for name in ("linear", "causal_linear")]
+                         + list(LINEAR_SPECS.values()),
+                         ids=["linear", "causal_linear", *LINEAR_SPECS])
+@pytest.mark.parametrize("nq, nk", [(5, 7), (9, 4)])
+def test_linear_path_matches_reference_with_gqa(text: str, nq: int, nk: int) -> None:
+    """The O(n) kernels (prefix sums forward, suffix sums backward) against the reference:
+    GQA (4 query heads on 2 key/value heads), n_q < n_k and n_q > n_k, float64."""
+    import attndsl
+
+    reference = attndsl.compile(text, target="numpy")
+    kernel = attndsl.compile(text, target="cuda")
+    assert kernel.plan.linear_path
+    rng = np.random.default_rng(nq * 10 + nk)
+    q = rng.standard_normal((2, 4, nq, 3))
+    k = rng.standard_normal((2, 2, nk, 3))
+    v = rng.standard_normal((2, 2, nk, 5))
+    np.testing.assert_allclose(kernel(q, k, v), reference(q, k, v), atol=1e-10, rtol=0)
+    G = rng.standard_normal((2, 4, nq, 5))
+    want, got = reference.backward(q, k, v, G), kernel.backward(q, k, v, G)
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(got[name], want[name], atol=1e-10, rtol=0, err_msg=name)

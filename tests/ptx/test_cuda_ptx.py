@@ -13,7 +13,7 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 import attndsl
 from attndsl.codegen import cuda_toolchain as tc
 from attndsl.codegen.cuda_launch import KERNELS
-from attndsl.codegen.numba_cuda import compile_kernel
+from attndsl.codegen.numba_cuda import LINEAR_KERNELS, compile_kernel
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.attn"))
 CCS = [(8, 0), (9, 0)]
@@ -25,7 +25,8 @@ SMEM_LIMIT = 48 * 1024
 def test_example_assembles_without_spills_or_f64(path, cc):
     kernel = compile_kernel(attndsl.load(path))
     ptxs = kernel.ptx(cc=cc, dtype="float32")
-    assert sorted(ptxs) == sorted(KERNELS)
+    linear = LINEAR_KERNELS if kernel.plan.linear_path else ()
+    assert sorted(ptxs) == sorted(KERNELS + linear)
     for name, ptx in ptxs.items():
         assert tc.f64_instructions(ptx) == [], f"{name}: float64 in a float32 kernel"
         report = tc.assemble(ptx, cc)
