@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 # Bump whenever generated code calling these helpers must be recompiled (see module docstring).
-INTRINSICS_VERSION = "1"
+INTRINSICS_VERSION = "2"
 
 # Fast-math flags for kernels: everything but 'ninf' -- masked scores are -inf and must stay so.
 FASTMATH: set[str] = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
@@ -385,7 +385,9 @@ def exp2_f32(y):  # pragma: no cover - compiled
     p = p * f + _P1
     p = p * f + _P0
     r = _scale_by_pow2_bits(p, nf)
-    return r if y >= _MIN_EXP32 else _ZERO32
+    if y >= _MIN_EXP32:  # a statement, not a ternary: inlined twice, a ternary's phi node
+        return r  # trips Numba's NumbaIRAssumptionWarning (fx.tanh inlines exp2_f32)
+    return _ZERO32
 
 
 @njit(fastmath=FASTMATH, inline="always")
