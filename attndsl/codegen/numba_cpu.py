@@ -852,17 +852,7 @@ def _linear(self: CpuEmitter) -> None:
         with w.block("for task in prange(B * heads):"):
             w("b, h = task // heads, task % heads")
             w("hk = h // (heads // kv_heads)")
-            w("S = np.zeros((nf, dv), F)  # sum_j B_j v_j^T over the keys seen")
-            w("z = np.zeros(nf, F)  # sum_j B_j")
-            w("jn = 0")
-            if not causal:
-                w("jn = n_k")
-                self._linear_add_keys(Bn, hb, "0", "n_k")
-            with w.block("for i in range(n_q):"):
-                if causal:
-                    w("stop = min(i + 1, n_k)  # mask j <= i")
-                    self._linear_add_keys(Bn, hb, "jn", "stop")
-                    w("jn = stop")
+            with self._linear_rows_with_keys(Bn, hb, causal):
                 w("den = F(0)")
                 with w.block("for f in range(nf):"):
                     w(f"den += {A}[b, {ha}, i, f] * z[f]")
@@ -891,17 +881,7 @@ def _linear(self: CpuEmitter) -> None:
             w("hk = h // (heads // kv_heads)")
             w("gnum = np.empty(dv, F)  # dnum_i of the current row: no n_q x dv array")
             w("# dA over rows, keys accumulated as in the forward")
-            w("S = np.zeros((nf, dv), F)")
-            w("z = np.zeros(nf, F)")
-            w("jn = 0")
-            if not causal:
-                w("jn = n_k")
-                self._linear_add_keys(Bn, hb, "0", "n_k")
-            with w.block("for i in range(n_q):"):
-                if causal:
-                    w("stop = min(i + 1, n_k)")
-                    self._linear_add_keys(Bn, hb, "jn", "stop")
-                    w("jn = stop")
+            with self._linear_rows_with_keys(Bn, hb, causal):
                 self._linear_row_grad(normalized)
                 with w.block("for f in range(nf):"):
                     w("acc = z[f] * gden")
@@ -932,6 +912,26 @@ def _linear(self: CpuEmitter) -> None:
                     w("dv_h[b, h, j, c] += acc")
     w()
     w()
+
+
+@contextmanager
+def _linear_rows_with_keys(self: CpuEmitter, Bn: str, hb: str, causal: bool
+                           ) -> Iterator[None]:
+    """`for i in range(n_q):` with S = sum_j B_j v_j^T and z = sum_j B_j over the keys row i
+    sees: all of them, added before the loop, or j <= i, added as a running prefix."""
+    w = self.w
+    w("S = np.zeros((nf, dv), F)  # sum_j B_j v_j^T over the keys seen")
+    w("z = np.zeros(nf, F)  # sum_j B_j")
+    if not causal:
+        self._linear_add_keys(Bn, hb, "0", "n_k")
+    else:
+        w("jn = 0")
+    with w.block("for i in range(n_q):"):
+        if causal:
+            w("stop = min(i + 1, n_k)  # mask j <= i")
+            self._linear_add_keys(Bn, hb, "jn", "stop")
+            w("jn = stop")
+        yield
 
 
 def _linear_add_keys(self: CpuEmitter, Bn: str, hb: str, start: str, stop: str) -> None:
@@ -973,6 +973,7 @@ def _linear_row_grad(self: CpuEmitter, normalized: bool) -> None:
 
 
 CpuEmitter.linear = _linear  # type: ignore[attr-defined]
+CpuEmitter._linear_rows_with_keys = _linear_rows_with_keys  # type: ignore[attr-defined]
 CpuEmitter._linear_add_keys = _linear_add_keys  # type: ignore[attr-defined]
 CpuEmitter._linear_add_rows = _linear_add_rows  # type: ignore[attr-defined]
 CpuEmitter._linear_row_grad = _linear_row_grad  # type: ignore[attr-defined]
