@@ -277,7 +277,36 @@ def derived_gradients(deriv: Derivation, setup: ProofSetup) -> dict[str, np.ndar
 # ---- comparing two expressions ------------------------------------------------------------
 
 
-class _Oracle:
+class _Evaluator:
+    """The value of a SymPy tree at one point, memoized over shared sub-trees; subclasses say
+    what a number is (`_eval`) and share how conditions are decided."""
+
+    point: dict[sp.Symbol, Any]
+    memo: dict[sp.Basic, Any]
+
+    def __call__(self, e: sp.Basic) -> Any:
+        if e not in self.memo:
+            self.memo[e] = self._eval(e)
+        return self.memo[e]
+
+    def _eval(self, e: sp.Basic) -> Any:
+        raise NotImplementedError
+
+    def _truth(self, cond: sp.Basic) -> bool:
+        if isinstance(cond, sp.core.relational.Relational):
+            a, b = self(cond.lhs), self(cond.rhs)
+            return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b,
+                    "!=": a != b}[cond.rel_op]
+        if isinstance(cond, sp.And):
+            return all(self._truth(c) for c in cond.args)
+        if isinstance(cond, sp.Or):
+            return any(self._truth(c) for c in cond.args)
+        if isinstance(cond, sp.Not):
+            return not self._truth(cond.args[0])
+        raise _Inexact(type(cond).__name__)
+
+
+class _Oracle(_Evaluator):
     """Exact rational evaluation; transcendental applications become random values."""
 
     TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.erf, fn.Sigmoid, fn.Softplus,
@@ -292,12 +321,6 @@ class _Oracle:
         digest = hashlib.sha256(repr((self.salt, key)).encode()).digest()
         return Fraction(int.from_bytes(digest[:8], "big") % SCALE + 1)
 
-    def __call__(self, e: sp.Basic) -> Fraction:
-        if e in self.memo:
-            return self.memo[e]
-        value = self._eval(e)
-        self.memo[e] = value
-        return value
 
     def _eval(self, e: sp.Basic) -> Fraction:
         if e.is_Symbol:
@@ -344,20 +367,6 @@ class _Oracle:
             raise _Inexact("exp root")
         return self.random("exp", self(primitive)) ** int(power)
 
-    def _truth(self, cond: sp.Basic) -> bool:
-        if isinstance(cond, sp.core.relational.Relational):
-            a, b = self(cond.lhs), self(cond.rhs)
-            return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b,
-                    "!=": a != b}[cond.rel_op]
-        if isinstance(cond, sp.And):
-            return all(self._truth(c) for c in cond.args)
-        if isinstance(cond, sp.Or):
-            return any(self._truth(c) for c in cond.args)
-        if isinstance(cond, sp.Not):
-            return not self._truth(cond.args[0])
-        raise _Inexact(type(cond).__name__)
-
-
 class _Inexact(Exception):
     pass
 
@@ -390,7 +399,7 @@ def _points(symbols: list[sp.Symbol], count: int, seed: int) -> list[dict[sp.Sym
             for _ in range(count)]
 
 
-class _MpEval:
+class _MpEval(_Evaluator):
     """The true value of an expression at one point with mpmath, memoized over the shared
     sub-trees (printing whole gradient trees for `lambdify` cost seconds per entry)."""
 
@@ -405,11 +414,6 @@ class _MpEval:
     def __init__(self, point: dict[sp.Symbol, Any]) -> None:
         self.point = point
         self.memo: dict[sp.Basic, Any] = {}
-
-    def __call__(self, e: sp.Basic) -> Any:
-        if e not in self.memo:
-            self.memo[e] = self._eval(e)
-        return self.memo[e]
 
     def _eval(self, e: sp.Basic) -> Any:
         if e.is_Symbol:
@@ -441,18 +445,6 @@ class _MpEval:
             return self(fn.elementary(e))
         raise _Inexact(type(e).__name__)
 
-    def _truth(self, cond: sp.Basic) -> bool:
-        if isinstance(cond, sp.core.relational.Relational):
-            a, b = self(cond.lhs), self(cond.rhs)
-            return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b,
-                    "!=": a != b}[cond.rel_op]
-        if isinstance(cond, sp.And):
-            return all(self._truth(c) for c in cond.args)
-        if isinstance(cond, sp.Or):
-            return any(self._truth(c) for c in cond.args)
-        if isinstance(cond, sp.Not):
-            return not self._truth(cond.args[0])
-        raise _Inexact(type(cond).__name__)
 
 
 def _mp_equal(a: sp.Expr, b: sp.Expr, symbols: list[sp.Symbol], seed: int) -> float:
