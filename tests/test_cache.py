@@ -304,6 +304,19 @@ def test_item8_corrupt_generated_source_is_rewritten(populated: Path, tmp_path: 
 # ---- item 9: folders that cannot be written -----------------------------------------------
 
 
+def _modes_bind(tmp_path: Path) -> bool:
+    """Whether permission bits stop this process writing (not as root, which overrides them)."""
+    folder = tmp_path / "modes"
+    folder.mkdir(mode=0o555)
+    try:
+        (folder / "file").touch()
+    except PermissionError:
+        return True
+    finally:
+        folder.chmod(0o755)
+    return False
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in folder.rglob("*")}
@@ -316,11 +329,12 @@ def test_item9_read_only_populated_cache_is_read_not_written(populated: Path,
     its entries without compiling, and nothing is written into it or into the user's cache.
     As root, permission bits do not stop writes, so the worker then makes Python's file calls
     refuse writes under the cache as a read-only mount would (EROFS): Numba's own calls included,
-    which is what sent its files to ~/.cache/numba. As another user the folders are chmod a-w."""
+    which is what sent its files to ~/.cache/numba. Where permission bits bind (not root), the
+    folders are made read-only (chmod a-w) instead."""
     copy, _ = _copy(populated, tmp_path)
     before = _snapshot(copy)
     user_cache = tmp_path / "xdg"
-    simulate = os.geteuid() == 0
+    simulate = not _modes_bind(tmp_path)
     modes = {}
     if not simulate:
         for p in [copy, *copy.rglob("*")]:
@@ -365,8 +379,9 @@ def test_item9_uncreatable_cache_path_falls_back_with_one_warning(
 def test_item9_unwritable_cache_folder_falls_back(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder without write permission (the read-only test above covers root's case)."""
-    if os.geteuid() == 0:
-        pytest.skip("root writes through permission bits; the read-only cache test simulates it")
+    if not _modes_bind(tmp_path):
+        pytest.skip("this process (root) writes through permission bits; the read-only cache "
+                    "test simulates a read-only mount instead")
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o555)
     monkeypatch.setenv("ATTNDSL_CACHE", str(folder))
@@ -376,6 +391,7 @@ def test_item9_unwritable_cache_folder_falls_back(tmp_path: Path,
         out = attndsl.compile(spec, "numpy").forward(q, k, v)
     np.testing.assert_allclose(out, _softmax_attention(scale), rtol=1e-12, atol=1e-12)
     assert not list(folder.iterdir())
+    folder.chmod(0o755)
 
 
 def test_item9_no_fallback_either_is_a_clear_error(tmp_path: Path,

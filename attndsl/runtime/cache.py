@@ -82,6 +82,17 @@ def load_module(source: str, target: str, stem: str) -> ModuleType:
 # ---- where entries live -------------------------------------------------------------------
 
 
+def _user_level() -> int:
+    """The `stacklevel` of the first caller outside attndsl and Numba: the user's line."""
+    import numba
+
+    inside = (str(Path(__file__).parent.parent), str(Path(numba.__file__).parent))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _probe(folder: Path) -> None:
     """Raise OSError unless `folder` and its __pycache__ (Numba's files) can be written."""
     for path in (folder, folder / "__pycache__"):
@@ -108,8 +119,10 @@ def _fall_back(configured: Path, err: OSError) -> Path:
     global _fallback
     root = configured.parent
     named = (f"ATTNDSL_CACHE={root}" if os.environ.get("ATTNDSL_CACHE")
-             else f"the kernel cache {root} (set ATTNDSL_CACHE to choose another)")
-    reason = f"{err.strerror}: {err.filename}" if err.strerror else str(err)
+             else f"the kernel cache {root} (ATTNDSL_CACHE is not set)")
+    reason = err.strerror or str(err)
+    if err.strerror and err.filename:
+        reason += f": {err.filename}"
     try:
         if _fallback is None:
             _fallback = Path(tempfile.mkdtemp(prefix="attndsl-cache-"))
@@ -123,7 +136,7 @@ def _fall_back(configured: Path, err: OSError) -> Path:
         warnings.warn(f"{named} cannot be written ({reason}); kernels are compiled into "
                       f"{_fallback} for this process only (entries already in the cache are "
                       "read). Set ATTNDSL_CACHE to a writable directory to keep them.",
-                      CacheWarning, stacklevel=2)
+                      CacheWarning, stacklevel=_user_level())
         _warned.add(root)
     return folder
 
@@ -164,7 +177,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
         return
     if current is not None:  # the name holds the source's hash: any difference is damage
         warnings.warn(f"kernel cache: {path} did not match its key (corrupt or edited); "
-                      "rewrote it", CacheWarning, stacklevel=2)
+                      "rewrote it", CacheWarning, stacklevel=_user_level())
     path.parent.mkdir(parents=True, exist_ok=True)
     # a name of its own per writer (threads share the pid), renamed atomically: readers in
     # other threads and processes see the old file or the new one, never half of one
@@ -231,7 +244,7 @@ def _drop_entry(folder: Path, prefix: str, err: Exception) -> None:
     what = (f"{culprit} is corrupt" if culprit is not None
             else f"the entry {', '.join(map(str, files))} could not be loaded")
     warnings.warn(f"kernel cache: {what} ({type(err).__name__}: {err}); dropped it, compiling "
-                  "again", CacheWarning, stacklevel=2)
+                  "again", CacheWarning, stacklevel=_user_level())
     for f in files:
         with contextlib.suppress(OSError):
             f.unlink()
