@@ -153,11 +153,12 @@ def _run_verify(args: argparse.Namespace) -> int:
     import time
 
     from . import verify
+    from .verify import target_names
 
-    targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
-    unknown = [t for t in targets if t not in ("numpy", "cpu", "cuda")]
-    if unknown:
-        raise UsageError(f"unknown target {', '.join(unknown)}; choose numpy, cpu or cuda")
+    try:
+        targets = target_names(args.target)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     status = OK
     for path in args.files:
         try:

@@ -122,7 +122,21 @@ def test_verify_bad_spec_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_verify_unknown_target_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", example("luong_dot"), "--target", "numpy,tpu"]) == 2
-    assert "unknown target tpu" in capsys.readouterr().err
+    assert "unknown target 'tpu'; choose from numpy, cpu, cuda" in capsys.readouterr().err
+
+
+def test_item10_verify_reports_what_it_could_not_check(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """A table too small for verify's sizes: SKIP lines and exit status 1, no traceback."""
+    spec = tmp_path / "small.attn"
+    spec.write_text("attention small_table {\n    param table[2]\n    score q . k\n"
+                    "    bias table[j]\n}\n")
+    assert main(["verify", str(spec)]) == 1
+    captured = capsys.readouterr()
+    assert "verify small_table: INCOMPLETE" in captured.out
+    assert "SKIP proof" in captured.out and "could not be checked: ValueError" in captured.out
+    assert "Traceback" not in captured.err and captured.err == ""
 
 
 @pytest.mark.slow
