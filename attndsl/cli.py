@@ -47,13 +47,25 @@ def load_spec(path: str) -> ir.Spec:
 
 
 def summary(spec: ir.Spec) -> str:
-    """`score ..., normalize ..., heads ...`: what `attndsl check` prints for a good spec."""
+    """`score ..., normalize ..., heads ...`: what `attndsl check` prints for a good spec, with
+    the clauses as written (let names, not the inlined lets of the checked spec)."""
+    spec = as_written(spec)
     norm = spec.normalize
     normalize = ir.to_text(norm.expr) if norm.expr is not None else norm.kind.value
     heads = "from tensors" if spec.heads is None else str(spec.heads)
     if spec.kv_heads is not None:
         heads += f", kv_heads {spec.kv_heads}"
     return f"score {ir.to_text(spec.score)}, normalize {normalize}, heads {heads}"
+
+
+def as_written(spec: ir.Spec) -> ir.Spec:
+    """The unchecked IR of the spec's source: its clauses as the user wrote them."""
+    if not spec.source:
+        return spec
+    from .lower import to_ir
+    from .syntax import parse_tree
+
+    return to_ir(parse_tree(spec.source))
 
 
 # ---- verbs ----------------------------------------------------------------------------------
