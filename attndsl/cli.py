@@ -104,12 +104,13 @@ def _run_show(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return SPEC_ERROR
-    grads = derive(spec)
-    print(f"attention {spec.name}")
-    print(grads.pretty(latex=args.latex))
     from .plan import describe_path
 
-    print(describe_path(spec))
+    grads = derive(spec)
+    comment = "% " if args.latex else ""  # the LaTeX output stays valid LaTeX throughout
+    print(f"{comment}attention {spec.name}")
+    print(grads.pretty(latex=args.latex))
+    print(f"{comment}{describe_path(spec)}")
     return OK
 
 

@@ -47,10 +47,15 @@ class Gradients:
     partials: dict[str, list[tuple[sp.Symbol, sp.Expr]]] = field(default_factory=dict)
 
     def latex(self) -> str:
-        return self.pretty(latex=True)
+        """An amsmath align* block: every label, name and rule in LaTeX."""
+        from .latex import render
+
+        return render(self)
 
     def pretty(self, latex: bool = False) -> str:
-        show = sp.latex if latex else sp.sstr
+        if latex:
+            return self.latex()
+        show = sp.sstr
         d = self.deriv
         lines = ["forward:", f"  x = {show(d.logit)}"]
         if d.mask is not None:
