@@ -34,8 +34,10 @@ TENSORS = ("v", "out", "lse", "dout")
 INTEGER_PRESERVING = ("abs", "min", "max", "clamp", "where")
 
 # A let chain inlines into one deep tree: past these, a SpecError rather than a RecursionError
-# (or an expression too large to derive). The recursion limit is raised to fit what passes.
-MAX_DEPTH = 5000
+# (or an expression too large to derive). The recursion limit is raised (process-wide, never
+# lowered, to at most 9000 frames: C-level recursion such as == on IR trees stays far inside
+# the C stack) to fit what passes.
+MAX_DEPTH = 2000
 MAX_NODES = 200_000
 FRAMES_PER_LEVEL = 4  # the deepest walks (to_text, derivation, printing) recurse ~2-3 per level
 
