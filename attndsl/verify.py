@@ -757,7 +757,8 @@ def _attempt(report: Report, what: str, run: Callable[[], Any]) -> Any:
     try:
         return run()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a report line
-        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        text = " ".join(str(exc).split())  # one line, even for multi-line messages
+        why = f"{type(exc).__name__}: {text[:300]}"
         report.checks.append(Check(what, False, "not run", f"could not be checked: {why}",
                                    time.perf_counter() - t0, ran=False))
         return None
