@@ -63,9 +63,10 @@ def derive(spec: ir.Spec | str | Path):  # type: ignore[no-untyped-def]
     return derive_gradients(derive_forward(_as_spec(spec)))
 
 
-def verify(spec: ir.Spec | str | Path, targets: tuple[str, ...] = ("numpy",),
+def verify(spec: ir.Spec | str | Path, targets: str | tuple[str, ...] | list[str] = ("numpy",),
            proof: bool = True):  # type: ignore[no-untyped-def]
-    """Symbolic proof of the gradients and numeric checks of every target; a Report."""
+    """Symbolic proof of the gradients and numeric checks of every target ("numpy,cpu" or a
+    list); a Report whose unrunnable checks are SKIP lines."""
     import importlib
 
     module = importlib.import_module(".verify", __name__)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import sys
 from collections.abc import Iterable
 from typing import NoReturn
 
@@ -31,6 +32,14 @@ RESERVED = frozenset(
 TENSORS = ("v", "out", "lse", "dout")
 # Functions that keep integers integers; every other function gives a float.
 INTEGER_PRESERVING = ("abs", "min", "max", "clamp", "where")
+
+# A let chain inlines into one deep tree: past these, a SpecError rather than a RecursionError
+# (or an expression too large to derive). The recursion limit is raised (process-wide, never
+# lowered, to at most 9000 frames: C-level recursion such as == on IR trees stays far inside
+# the C stack) to fit what passes.
+MAX_DEPTH = 2000
+MAX_NODES = 200_000
+FRAMES_PER_LEVEL = 4  # the deepest walks (to_text, derivation, printing) recurse ~2-3 per level
 
 FLOAT = Type(Kind.FLOAT)
 INT = Type(Kind.INT)
@@ -57,6 +66,7 @@ class Checker:
         self.let_lines = {let.name: let.pos.line for let in spec.lets}
         self.current_let: str | None = None
         self.allow_s = False
+        self.sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (depth, nodes), see _measure
 
     # ---- declarations ----
     def declarations(self) -> None:
@@ -367,8 +377,14 @@ class Checker:
     # ---- clauses ----
     def let(self, let: ir.Let) -> None:
         self.current_let = let.name
-        self.lets[let.name] = self.expr(let.expr)
+        self.lets[let.name] = body = self.expr(let.expr)
         self.current_let = None
+        depth, nodes = _measure(body, self.sizes)
+        if depth > MAX_DEPTH or nodes > MAX_NODES:
+            _fail(f"let '{let.name}' is too large once the lets it uses are inlined: {depth} "
+                  f"levels deep and {nodes} nodes (at most {MAX_DEPTH} and {MAX_NODES})", let,
+                  hint="lets are inlined where used; write the expression with fewer lets")
+        _make_room(depth)
 
     def scalar_clause(self, clause: str, node: ir.Expr | None) -> ir.Expr | None:
         if node is None:
@@ -435,6 +451,31 @@ class Checker:
             if sub.type is not None and sub.type.kind is Kind.VECTOR:
                 _fail(f"normalize may not use {_describe(sub)} (a vector)", sub)
         return dataclasses.replace(norm, expr=typed)
+
+
+def _measure(expr: ir.Expr, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(depth, tree size) of `expr`, without recursion; inlined lets share sub-trees, so `memo`
+    (kept across lets, keyed by node identity) makes each let cost only its own nodes."""
+    stack = [(expr, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        kids = ir.children(node)
+        if ready:
+            depth = 1 + max((memo[id(c)][0] for c in kids), default=0)
+            memo[id(node)] = (depth, 1 + sum(memo[id(c)][1] for c in kids))
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in kids if id(c) not in memo)
+    return memo[id(expr)]
+
+
+def _make_room(depth: int) -> None:
+    """Raise (never lower) the recursion limit so walks of a `depth`-deep tree fit."""
+    needed = FRAMES_PER_LEVEL * depth + 1000
+    if sys.getrecursionlimit() < needed:
+        sys.setrecursionlimit(needed)
 
 
 def _literal_value(expr: ir.Expr) -> float | None:

@@ -47,13 +47,25 @@ def load_spec(path: str) -> ir.Spec:
 
 
 def summary(spec: ir.Spec) -> str:
-    """`score ..., normalize ..., heads ...`: what `attndsl check` prints for a good spec."""
+    """`score ..., normalize ..., heads ...`: what `attndsl check` prints for a good spec, with
+    the clauses as written (let names, not the inlined lets of the checked spec)."""
+    spec = as_written(spec)
     norm = spec.normalize
     normalize = ir.to_text(norm.expr) if norm.expr is not None else norm.kind.value
     heads = "from tensors" if spec.heads is None else str(spec.heads)
     if spec.kv_heads is not None:
         heads += f", kv_heads {spec.kv_heads}"
     return f"score {ir.to_text(spec.score)}, normalize {normalize}, heads {heads}"
+
+
+def as_written(spec: ir.Spec) -> ir.Spec:
+    """The unchecked IR of the spec's source: its clauses as the user wrote them."""
+    if not spec.source:
+        return spec
+    from .lower import to_ir
+    from .syntax import parse_tree
+
+    return to_ir(parse_tree(spec.source))
 
 
 # ---- verbs ----------------------------------------------------------------------------------
@@ -92,12 +104,13 @@ def _run_show(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return SPEC_ERROR
-    grads = derive(spec)
-    print(f"attention {spec.name}")
-    print(grads.pretty(latex=args.latex))
     from .plan import describe_path
 
-    print(describe_path(spec))
+    grads = derive(spec)
+    comment = "% " if args.latex else ""  # the LaTeX output stays valid LaTeX throughout
+    print(f"{comment}attention {spec.name}")
+    print(grads.pretty(latex=args.latex))
+    print(f"{comment}{describe_path(spec)}")
     return OK
 
 
@@ -153,11 +166,12 @@ def _run_verify(args: argparse.Namespace) -> int:
     import time
 
     from . import verify
+    from .verify import target_names
 
-    targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
-    unknown = [t for t in targets if t not in ("numpy", "cpu", "cuda")]
-    if unknown:
-        raise UsageError(f"unknown target {', '.join(unknown)}; choose numpy, cpu or cuda")
+    try:
+        targets = target_names(args.target)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     status = OK
     for path in args.files:
         try:

@@ -6,7 +6,8 @@ hoisted maps in their features); a small rule table covers what SymPy cannot see
   normalizer  softmax   dS = P * (dP - D),  D = rowsum(dO * O)
               sum       dS = (dP - rowsum(P * dP)) / rowsum(x)
               none      dS = dP
-              f(s)      dS = f'(x) * dP
+              f(s)      dS = f'(x) * dP   (an f reading params is folded into the logit
+                                               by derive, so it takes the `none` rule)
   reduction   R = sum_f body_f       d(input_f) += dR * d body_f / d input_f
               GEMM R = A . B         dA = dR @ B,   dB = dR^T @ A
   projection  P = X @ W              dX = dP @ W^T, dW = X^T dP
@@ -46,10 +47,15 @@ class Gradients:
     partials: dict[str, list[tuple[sp.Symbol, sp.Expr]]] = field(default_factory=dict)
 
     def latex(self) -> str:
-        return self.pretty(latex=True)
+        """An amsmath align* block: every label, name and rule in LaTeX."""
+        from .latex import render
+
+        return render(self)
 
     def pretty(self, latex: bool = False) -> str:
-        show = sp.latex if latex else sp.sstr
+        if latex:
+            return self.latex()
+        show = sp.sstr
         d = self.deriv
         lines = ["forward:", f"  x = {show(d.logit)}"]
         if d.mask is not None:
@@ -101,7 +107,8 @@ def derive_gradients(deriv: Derivation) -> Gradients:
         grads.dlogit[symbol] = sp.diff(deriv.logit, symbol)
     if deriv.norm_expr is not None:
         grads.dnorm = sp.diff(deriv.norm_expr, S)
-        _inputs(deriv.norm_expr, deriv)
+        if _inputs(deriv.norm_expr, deriv):  # derive() folds such normalizers into the logit
+            raise MissingRule(f"the normalizer {deriv.norm_expr} reads nodes besides s")
     for node in deriv.nodes:
         expr = node.body if isinstance(node, Reduction) else (
             node.expr if isinstance(node, Vec) and node.kind == "map" else None)

@@ -288,6 +288,17 @@ def _compare(op: str, left: sp.Expr, right: sp.Expr) -> sp.Basic:
         left, right, evaluate=False)
 
 
+def _fold_normalizer(out: Derivation) -> None:
+    """An element-wise f(s) that reads nodes (sb[h] in sigmoid(s + sb[h])) becomes the logit
+    f(x) under `none`: the same weights (masked pairs 0), and the chain rule then reaches
+    those nodes through d logit / d node like any other logit term."""
+    assert out.norm_expr is not None
+    if not any(out.node(symbol) is not None for symbol in out.norm_expr.free_symbols):
+        return
+    out.logit = out.norm_expr.xreplace({S: out.logit})
+    out.norm, out.norm_expr = NormKind.NONE, None
+
+
 def derive(spec: ir.Spec) -> Derivation:
     """The forward derivation of a checked spec."""
     deriver = Deriver(spec)
@@ -305,5 +316,6 @@ def derive(spec: ir.Spec) -> Derivation:
     out.norm = spec.normalize.kind
     if spec.normalize.expr is not None:
         out.norm_expr = deriver.scalar(spec.normalize.expr)
+        _fold_normalizer(out)
     out.uses_n = out.uses_n or check.uses_n(spec)  # also `n` as a param or index dimension
     return out

@@ -62,6 +62,20 @@ USE_TRACEMALLOC = True
 
 # ---- memory: peak RSS growth (covers NumPy, Numba NRT and torch allocations alike) --------
 
+def spec_names(text: str) -> list[str]:
+    """--specs: table names (full, causal, ...) or their example files (scaled_dot_product);
+    any other name is a ValueError listing the valid ones (each needs torch formulas here)."""
+    by_example = {example: name for name, example in SPECS.items()}
+    names = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name = item if item in SPECS else by_example.get(item)
+        if name is None:
+            raise ValueError(f"no benchmark for '{item}'; choose from {', '.join(SPECS)} "
+                             f"(or their example files: {', '.join(by_example)})")
+        names.append(name)
+    return names
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -684,6 +698,10 @@ def main() -> None:
                     help="run the NumPy reference only up to this N (it is slow)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    try:
+        names = spec_names(args.specs)
+    except ValueError as exc:
+        ap.error(f"--specs: {exc}")
     if args.from_json:
         data = json.loads((Path(args.out) / "cpu.json").read_text())
         write_report(data["rows"], data["targets"], data["meta"], Path(args.out))
@@ -724,7 +742,7 @@ def main() -> None:
         USE_TRACEMALLOC = bool(meta["tracemalloc"])
         meta["resumed"] = True
     done = {(r["name"], r["n"]) for r in rows}
-    for name in args.specs.split(","):
+    for name in names:
         for n in sizes:
             if name == "bahdanau" and n > BAHDANAU_MAX_N or (name, n) in done:
                 continue

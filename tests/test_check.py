@@ -453,3 +453,40 @@ def test_parse_and_check_is_fast() -> None:
             attndsl.parse(text)
     per_spec = (time.perf_counter() - start) / (rounds * len(texts))
     assert per_spec < 0.050, f"{per_spec * 1e3:.1f} ms per spec"
+
+
+# ---- item 11: long let chains ------------------------------------------------------------------
+
+
+def _let_chain(n: int, body: str = "a{p} + 1") -> str:
+    lets = ["let a0 = 1"] + [f"let a{i} = " + body.format(p=i - 1) for i in range(1, n)]
+    return spec_of(*lets, f"score q . k * a{n - 1}")
+
+
+def test_item11_five_hundred_chained_lets_check_derive_and_run() -> None:
+    import numpy as np
+
+    spec = attndsl.parse(_let_chain(500))
+    grads = attndsl.derive(spec)
+    r = next(iter(grads.dlogit))
+    assert grads.dlogit[r] == 500  # a499 = 500
+    deep = attndsl.parse(_let_chain(1500))  # deeper than Python's default recursion limit
+    kernel = attndsl.compile(deep, target="numpy")
+    q = np.random.default_rng(0).standard_normal((1, 1, 3, 2)) * 1e-3
+    out = kernel(q, q, q)
+    weights = np.exp(1500 * q[0, 0] @ q[0, 0].T)
+    want = (weights / weights.sum(-1, keepdims=True)) @ q[0, 0]
+    np.testing.assert_allclose(out[0, 0], want, rtol=1e-12)
+
+
+def test_item11_too_deep_or_too_large_lets_are_spec_errors() -> None:
+    from attndsl.check import MAX_DEPTH
+
+    with pytest.raises(attndsl.SpecError, match=f"levels deep .*at most {MAX_DEPTH}") as err:
+        attndsl.parse(_let_chain(MAX_DEPTH + 10))
+    assert err.value.line == MAX_DEPTH + 2 and err.value.column == 9
+    # doubling lets would inline into 2^40 nodes: refused at once, not after hours
+    start = time.perf_counter()
+    with pytest.raises(attndsl.SpecError, match="too large once the lets it uses are inlined"):
+        attndsl.parse(_let_chain(40, "a{p} + a{p}"))
+    assert time.perf_counter() - start < 2

@@ -148,3 +148,25 @@ def test_pip_install_into_a_fresh_venv_works_from_another_directory(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(": ok — ") == 19
     assert time.perf_counter() - start < 60
+
+
+def test_item13_check_prints_the_clauses_as_written(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Nested lets stay names in the summary: it used to print their inlined bodies."""
+    spec = tmp_path / "lets.attn"
+    spec.write_text("attention lets {\n    let a = q . k\n    let c = a * a + a\n"
+                    "    let e = c * c + c\n    score e\n    normalize sigmoid(s - c0)\n"
+                    "    param c0\n}\n")
+    assert main(["check", str(spec)]) == 0
+    assert capsys.readouterr().out == (f"{spec}: ok — score e, normalize sigmoid(s - c0), "
+                                       "heads from tensors\n")
+
+
+def test_item11_check_five_hundred_chained_lets(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "chain.attn"
+    lets = ["    let a0 = 1"] + [f"    let a{i} = a{i - 1} + 1" for i in range(1, 500)]
+    spec.write_text("attention chain {\n" + "\n".join(lets) + "\n    score q . k * a499\n}\n")
+    assert main(["check", str(spec)]) == 0
+    assert capsys.readouterr().out == (f"{spec}: ok — score (q . k) * a499, normalize softmax, "
+                                       "heads from tensors\n")

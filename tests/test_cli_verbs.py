@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,72 @@ def test_show_latex(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["show", "--latex", example("cosine")]) == 0
     out = capsys.readouterr().out
     assert "\\sqrt{" in out and "\\max" in out.lower()
-    assert "path:" in out
+    assert "% path:" in out
+
+
+ALIBI_LATEX = r"""% attention alibi
+\begin{align*}
+  &\text{forward:} \\
+  x &= \mathrm{slope}_{3} \left(- i + j\right) + \frac{r_{2}}{\sqrt{d}} \\
+  \text{allowed} &= j \leq i \\
+  q_{f} &= q\left[b, h, i, f\right] && \text{query vector over } d \\
+  k_{f} &= k\left[b, g(h), j, f\right] && \text{key vector over } d \\
+  r_{2} &= \sum_{f} k_{f} q_{f} && \text{GEMM} \\
+  \mathrm{slope}_{3} &= \mathrm{slope}\left[h\right] \\
+  \text{weights} &= \operatorname{softmax}_{j}(x) && \text{over allowed keys} \\
+  &\text{backward:} \\
+  dS &= P \circ (dP - D), \quad D = \operatorname{rowsum}(dO \circ O) \\
+  \frac{\partial x}{\partial r_{2}} &= \frac{1}{\sqrt{d}} \\
+  \frac{\partial x}{\partial \mathrm{slope}_{3}} &= - i + j
+\end{align*}
+% path: fused tiles (1 GEMM pair reduction(s), mask: 1 linear atom(s) bounded from tile corners, 0 checked per tile)
+"""
+
+LOG_T = """attention logt {
+    param log_t
+    param Wq[d, r]
+    param w[r]
+    score sum(w * tanh(q @ Wq + k @ Wq))
+    scale exp(log_t)
+    normalize sigmoid(s - log(n_k))
+}
+"""
+
+
+def test_item13_show_latex_golden(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", "--latex", example("alibi")]) == 0
+    assert capsys.readouterr().out == ALIBI_LATEX
+
+
+def _latex_rows(text: str) -> list[str]:
+    lines = text.splitlines()
+    assert lines[0] == r"\begin{align*}" and lines[-1] == r"\end{align*}", text
+    rows = [line.strip() for line in lines[1:-1]]
+    assert all(row.endswith(" \\\\") for row in rows[:-1]), text
+    return [row.removesuffix(" \\\\") for row in rows]
+
+
+def test_item13_show_latex_is_latex_throughout(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """No half-LaTeX: `log_t_3` printed as `log_{t 3}`, text labels such as `sum_f` or
+    `dx/dr2`; every row parses as math (matplotlib's mathtext, an independent parser)."""
+    mathtext = pytest.importorskip("matplotlib.mathtext")
+    parser = mathtext.MathTextParser("path")
+    spec = tmp_path / "logt.attn"
+    spec.write_text(LOG_T)
+    assert main(["show", "--latex", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "\\mathrm{log\\_t}_{" in out and "log_{t" not in out, out
+    for path in [spec, *sorted(EXAMPLES.glob("*.attn"))]:
+        assert main(["show", "--latex", str(path)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("% attention ") and lines[-1].startswith("% path: ")
+        for row in _latex_rows("\n".join(lines[1:-1])):
+            assert not re.search(r"_\{[^{}\\]* [^{}]*\}", row), row  # _{t 3}
+            assert not re.search(r"sum_f|/d|@|\*\*|_v\d|\[\]", row), row
+            # mathtext lacks \bmod and \textstyle, both plain LaTeX
+            math = row.replace("&&", r"\quad ").replace("&", " ").replace(r"\bmod", "mod")
+            parser.parse("$" + math.replace(r"\textstyle", "") + "$")
 
 
 def test_show_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,7 +188,21 @@ def test_verify_bad_spec_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_verify_unknown_target_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", example("luong_dot"), "--target", "numpy,tpu"]) == 2
-    assert "unknown target tpu" in capsys.readouterr().err
+    assert "unknown target 'tpu'; choose from numpy, cpu, cuda" in capsys.readouterr().err
+
+
+def test_item10_verify_reports_what_it_could_not_check(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """A table too small for verify's sizes: SKIP lines and exit status 1, no traceback."""
+    spec = tmp_path / "small.attn"
+    spec.write_text("attention small_table {\n    param table[2]\n    score q . k\n"
+                    "    bias table[j]\n}\n")
+    assert main(["verify", str(spec)]) == 1
+    captured = capsys.readouterr()
+    assert "verify small_table: INCOMPLETE" in captured.out
+    assert "SKIP proof" in captured.out and "could not be checked: ValueError" in captured.out
+    assert "Traceback" not in captured.err and captured.err == ""
 
 
 @pytest.mark.slow

@@ -198,3 +198,91 @@ def test_pretty_shows_the_rule_table_entry() -> None:
     assert NORMALIZER_RULES[NormKind.SUM] in text
     assert "GEMM" in text
     assert "dvec2/dq = EluGrad(q)" in text.replace("_f", "")
+
+
+# ---- item 1: a param gets its gradient from whichever clause reads it -----------------------
+
+PARAM_SPECS = {
+    # the issue's spec: a param inside an element-wise normalizer got d sb = 0
+    "normalize_issue": """attention sb {
+    param sb[heads]
+    score q . k
+    normalize sigmoid(s + sb[h])
+}""",
+    "normalize_gqa": """attention sbg {
+    heads 4
+    kv_heads 2
+    param sb[heads]
+    param gamma
+    score q . k
+    mask j <= i + 2
+    normalize relu(s + sb[h]) * gamma + softplus(s) * sb[h] ^ 2
+}""",
+    "every_clause": """attention every {
+    heads 4
+    kv_heads 2
+    param w[d]
+    param tau
+    param slope[heads]
+    param cap
+    score sum(w * q * k)
+    scale 1 / tau
+    bias slope[h] * (j - i)
+    softcap cap
+    mask j <= i + 2
+}""",
+}
+PARAM_VALUES = {"sb": [0.3, -0.4, 0.2, 0.1], "gamma": 1.3, "w": [0.8, -0.5, 1.1], "tau": 1.7,
+                "slope": [0.25, -0.5, 0.125, 0.3], "cap": 2.5}
+
+
+def _param_case(name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """q, k, v, dout [1|2, H, 5 or 6, 3 or 4] (odd, GQA where the spec has it) and params."""
+    spec = attndsl.parse(PARAM_SPECS[name])
+    rng = np.random.default_rng(8)
+    heads, kv = (spec.heads, spec.kv_heads) if spec.heads else (2, 2)
+    shape = (1, heads, 6, 4) if name == "normalize_issue" else (2, heads, 5, 3)
+    kv_shape = (shape[0], kv, 7 if shape[2] == 5 else 6, shape[3])
+    arrays = {"q": rng.standard_normal(shape), "k": rng.standard_normal(kv_shape),
+              "v": rng.standard_normal(kv_shape), "dout": rng.standard_normal(shape)}
+    params = {}
+    for p in spec.params:
+        value = np.array(PARAM_VALUES[p.name], dtype=np.float64)
+        params[p.name] = value[:heads] if p.dims == ("heads",) else value
+    return arrays, params
+
+
+@pytest.fixture(scope="module", params=["numpy", "cpu"])
+def param_kernels(request: pytest.FixtureRequest) -> dict[str, object]:
+    return {name: attndsl.compile(text, target=request.param)
+            for name, text in PARAM_SPECS.items()}
+
+
+@pytest.mark.parametrize("name", list(PARAM_SPECS))
+def test_item1_param_gradients_match_finite_differences(param_kernels: dict, name: str) -> None:
+    kernel = param_kernels[name]
+    arrays, params = _param_case(name)
+    q, k, v, dout = arrays["q"], arrays["k"], arrays["v"], arrays["dout"]
+    grads = kernel.backward(q, k, v, dout, **params)
+
+    def loss(pname: str, value: np.ndarray) -> float:
+        return float(np.sum(kernel(q, k, v, **{**params, pname: value}) * dout))
+
+    eps = 1e-6
+    for pname, base in params.items():
+        fd = np.zeros_like(base)
+        for idx in np.ndindex(*base.shape):
+            step = np.zeros_like(base)
+            step[idx] = eps
+            fd[idx] = (loss(pname, base + step) - loss(pname, base - step)) / (2 * eps)
+        assert np.abs(fd).max() > 1e-3, (pname, "the check must see a gradient")
+        np.testing.assert_allclose(grads[pname], fd, rtol=1e-6, atol=1e-7, err_msg=pname)
+
+
+def test_item1_normalizer_reading_a_param_is_folded_into_the_logit() -> None:
+    grads = attndsl.derive(PARAM_SPECS["normalize_issue"])
+    sb = next(lk.symbol for lk in grads.deriv.lookups if lk.array == "sb")
+    assert grads.deriv.norm is NormKind.NONE and grads.deriv.norm_expr is None
+    assert sb in grads.dlogit
+    # a normalizer of s and sizes alone keeps its own rule
+    assert attndsl.derive(EXAMPLES / "sigmoid.attn").deriv.norm is NormKind.ELEMENTWISE

@@ -6,6 +6,7 @@ each example's time is asserted and printed in the terminal summary (`-rA` or `-
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -207,3 +208,139 @@ def test_compare_methods() -> None:
                    r * (sp.Heaviside(x) + sp.log(1 + sp.exp(y))))[0]
     assert compare(r * sp.Max(x, y), r * sp.Max(y, x))[0]
     assert not compare(r * sp.Max(x, y), r * sp.Min(x, y))[0]
+
+
+# ---- item 10: what cannot be checked is a report line, never a traceback -----------------------
+
+ITEM10_SPECS = {
+    # masked pairs (j > i) read table[h, j - i + 2], past its end: the proof and the numeric
+    # checks evaluate every pair, so neither can run
+    "nested_where": """attention nested_where {
+    param table[heads, 3]
+    score q . k
+    mask j <= i
+    bias table[h, where(i - j > 1, 2, where(i - j >= 0, i - j, j - i + 2))]
+}""",
+    # fine for n_k <= 2, but the proof has n_k = 3 and the numeric checks n_k = 13
+    "small_table": """attention small_table {
+    param table[2]
+    score q . k
+    bias table[j]
+}""",
+    # the proof draws doc values 0..2 and the numeric checks 0..3; table[2] stops at 1 (this
+    # was an IndexError in the proof)
+    "index_reads_past_table_in_proof": """attention index_table {
+    index doc[n]
+    param table[2]
+    score q . k
+    bias table[doc[j]]
+}""",
+    # the numeric checks draw doc values 0..3; table[3] stops at 2
+    "index_reads_past_table": """attention index_table {
+    index doc[n]
+    param table[3]
+    score q . k
+    bias table[doc[j]]
+}""",
+}
+
+
+def _skipped(report: attndsl.verify.Report) -> dict[str, attndsl.verify.Check]:
+    return {c.what: c for c in report.checks if not c.ran}
+
+
+@pytest.mark.parametrize("name, skipped", [
+    ("nested_where", {"proof", "numpy vs finite differences"}),
+    ("small_table", {"proof", "numpy vs finite differences"}),
+    ("index_reads_past_table_in_proof", {"proof", "numpy vs finite differences"}),
+    ("index_reads_past_table", {"numpy vs finite differences"}),
+])
+def test_item10_out_of_range_tables_are_report_lines(name: str, skipped: set[str]) -> None:
+    report = attndsl.verify(ITEM10_SPECS[name])
+    assert not report.ok and report.status == "INCOMPLETE", str(report)
+    assert set(_skipped(report)) == skipped, str(report)
+    for check in _skipped(report).values():
+        assert re.match(r"could not be checked: ValueError: subscript \d of 'table' is out of "
+                        r"range", check.detail), check.detail
+    text = str(report)
+    assert text.startswith(f"verify {report.spec}: INCOMPLETE")
+    assert all(f"SKIP {what}" in text for what in skipped), text
+    # the checks that could run still ran, and passed
+    assert all(c.ok for c in report.checks if c.ran)
+
+
+def test_item10_modulus_shrunk_to_zero_is_not_a_crash() -> None:
+    """Shrinking the mask constant 4 of `i % 4` tries 0 as well: Mod(i, 0) is skipped."""
+    report = attndsl.verify("attention m {\n score q . k\n mask i % 4 == j % 4\n}")
+    assert report.ok, str(report)
+    report = attndsl.verify("attention m {\n score q . k\n mask (i + j) % 5 != 1 and j <= i\n}")
+    assert report.ok, str(report)
+
+
+def test_item10_alibi_with_float_slopes_verifies() -> None:
+    """2^(-8 (h + 1) / heads) is computed in float64 from concrete positions on the derived
+    side: the two sides agree to ~1e-18, not to 60 digits, and that passes."""
+    text = """attention alibi_pow {
+    heads 4
+    score q . k
+    scale 1 / sqrt(d)
+    bias 2 ^ (-(h + 1) * 8 / heads) * (j - i)
+    mask j <= i
+}"""
+    report = attndsl.verify(text)
+    assert report.ok, str(report)
+    assert "float64 constants" in str(report)
+
+
+def test_item10_float_constants_tolerance_still_catches_wrong_values() -> None:
+    from attndsl.verify import FLOAT_CONSTANT_TOLERANCE, compare
+
+    x, y = sp.symbols("x y", real=True)
+    c = sp.Float(0.992217938260244)  # exp(-1/128) in float64
+    exact = sp.exp(x - sp.Rational(1, 128)) * y
+    ok, method, detail = compare(exact, c * sp.exp(x) * y)
+    assert ok and method == "mpmath-60" and "float64 constants" in detail, detail
+    assert not compare(exact, c * sp.exp(x) * y * (1 + 1e-9))[0]
+    assert not compare(exact, sp.Float(0.99) * sp.exp(x) * y)[0]
+    assert FLOAT_CONSTANT_TOLERANCE <= 1e-12
+    # without float constants the 60-digit bound stays
+    assert not compare(sp.tanh(x), sp.tanh(x) + sp.Rational(1, 10**30))[0]
+
+
+def test_item10_kv_heads_without_heads_uses_grouped_heads() -> None:
+    from attndsl.symbolic import derive
+    from attndsl.verify import _numeric_inputs, proof_setup
+
+    spec = attndsl.parse("attention kv1 {\n kv_heads 1\n score q . k\n}")
+    arrays, _ = _numeric_inputs(spec, float, 0)
+    assert arrays["k"].shape[1] == 1 and arrays["q"].shape[1] == 2
+    setup, _ = proof_setup(derive(spec))
+    assert (setup.sizes["heads"], setup.sizes["kv_heads"]) == (2, 1)
+    report = attndsl.verify(spec)
+    assert report.ok, str(report)
+    assert "heads=2, kv_heads=1" in " ".join(report.notes)
+    three = attndsl.parse("attention kv3 {\n kv_heads 3\n score q . k\n}")
+    arrays, _ = _numeric_inputs(three, float, 0)
+    assert (arrays["q"].shape[1], arrays["k"].shape[1]) == (6, 3)
+
+
+# ---- item 11: targets as a comma-separated string or a list ----------------------------------
+
+
+def test_item11_verify_targets_string_or_list() -> None:
+    from attndsl.verify import target_names
+
+    assert target_names("numpy,cpu") == ("numpy", "cpu")
+    assert target_names(" numpy , cpu ") == ("numpy", "cpu")
+    assert target_names(["numpy", "cpu"]) == ("numpy", "cpu")
+    assert target_names(("cuda",)) == ("cuda",)
+    with pytest.raises(ValueError, match="unknown target 'gpu'; choose from numpy, cpu, cuda"):
+        target_names("numpy,gpu")
+    with pytest.raises(ValueError, match="unknown target 'n'"):
+        target_names(["n"])
+    with pytest.raises(TypeError, match="targets"):
+        target_names(3)  # type: ignore[arg-type]
+    report = attndsl.verify(EXAMPLES / "luong_dot.attn", targets="numpy", proof=False)
+    assert report.ok
+    with pytest.raises(ValueError, match="unknown target 'n'"):
+        attndsl.verify(EXAMPLES / "luong_dot.attn", targets="n,umpy", proof=False)

@@ -248,3 +248,41 @@ def test_linear_path_matches_reference_with_gqa(text: str, nq: int, nk: int) -> 
     want, got = reference.backward(q, k, v, G), kernel.backward(q, k, v, G)
     for name in ("q", "k", "v"):
         np.testing.assert_allclose(got[name], want[name], atol=1e-10, rtol=0, err_msg=name)
+
+
+ITEM1_SPECS = {
+    "normalize": """
+attention sbg {
+    heads 4
+    kv_heads 2
+    param sb[heads]
+    param gamma
+    score q . k
+    mask j <= i + 2
+    normalize relu(s + sb[h]) * gamma + softplus(s) * sb[h] ^ 2
+}
+""",
+    "every_clause": """
+attention every {
+    heads 4
+    kv_heads 2
+    param w[d]
+    param tau
+    param slope[heads]
+    param cap
+    score sum(w * q * k)
+    scale 1 / tau
+    bias slope[h] * (j - i)
+    softcap cap
+    mask j <= i + 2
+}
+""",
+}
+
+
+@pytest.mark.parametrize("name", list(ITEM1_SPECS))
+def test_item1_param_gradients_in_every_clause(name):
+    # the reference's param gradients are checked against finite differences in test_grad.py
+    spec = attndsl.parse(ITEM1_SPECS[name])
+    _, _, grads = check_against_reference(spec, np.float64, 5, 7, 3, tiles=(4, 4, 4, 4), B=2)
+    assert all(np.abs(grads[p.name]).max() > 1e-3 for p in spec.params)
