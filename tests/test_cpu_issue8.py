@@ -9,6 +9,7 @@ checks is in tests/cuda_sim/test_cuda_kernels.py.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 import attndsl
 
 pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 FEATURE_LOOPS = {  # pair bodies that are not a plain dot product: explicit feature loops
     "l2": "attention l2 {\n    score -sum((q - k) ^ 2)\n}",
@@ -159,3 +162,94 @@ def test_item6_given_out_trusted_alike(name: str, compiled: Compiled) -> None:
         assert max(diff.values()) <= 1e-10, (case, diff)
         moved = max(_max_diff(want, plain).values())
         assert (moved <= 1e-12) if case == "true" else (moved > 0.1), (case, moved)
+
+
+# ---- item 11 --------------------------------------------------------------------------------
+
+SOFTCAP_PARAM = "attention cap {\n    param cap\n    score q . k\n    softcap cap\n}"
+SOFTCAP_HEADS = "attention caph {\n    param cap[heads]\n    score q . k\n    softcap 2 * cap[h]\n}"
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_item11_softcap_param_not_positive(target: str) -> None:
+    """cap <= 0 from a param gave uniform attention (0) and d cap = NaN; now a ValueError
+    naming the param and the value, raised before any kernel is built or run."""
+    q, k, v, G = _qkv(2, 2, 5, 7)
+    for text, value, message in (
+            (SOFTCAP_PARAM, 0.0, "cap: the softcap must be positive, got 0.0"),
+            (SOFTCAP_PARAM, np.float32(-3), "cap: the softcap must be positive, got -3.0"),
+            (SOFTCAP_HEADS, np.array([1.0, -0.5]),
+             "cap: the softcap must be positive, got -1.0 at h = 1")):
+        kernel = attndsl.compile(text, target=target)
+        with pytest.raises(ValueError) as info:
+            kernel(q, k, v, cap=value)
+        assert str(info.value) == message
+        with pytest.raises(ValueError) as info:
+            kernel.backward(q, k, v, G, cap=value)
+        assert str(info.value) == message
+        assert not getattr(kernel, "modules", {}), "a kernel was built before the check"
+    ok = attndsl.compile(SOFTCAP_HEADS, target="numpy")
+    assert np.isfinite(ok(q, k, v, cap=np.array([1.0, 0.5]))).all()
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_item11_zero_heads(target: str) -> None:
+    """heads = 0 (or kv_heads = 0) gave ZeroDivisionError; zero-size inputs are refused (as
+    every other empty axis already was) with the argument and its shape."""
+    kernel = attndsl.compile("attention a {\n    score q . k\n}", target=target)
+    z = np.zeros
+    with pytest.raises(ValueError, match=r"^q: every size must be at least 1, got shape "
+                                         r"\[1, 0, 3, 4\]"):
+        kernel(z((1, 0, 3, 4)), z((1, 0, 3, 4)), z((1, 0, 3, 4)))
+    with pytest.raises(ValueError, match=r"^k: every size must be at least 1, got shape "
+                                         r"\[1, 0, 3, 4\]"):
+        kernel(z((1, 2, 3, 4)), z((1, 0, 3, 4)), z((1, 0, 3, 4)))
+    with pytest.raises(ValueError, match=r"^v: every size must be at least 1"):
+        kernel(z((1, 2, 3, 4)), z((1, 2, 3, 4)), z((1, 2, 3, 0)))
+
+
+# ---- section 3: index arrays shared by the batch --------------------------------------------
+
+
+def _doc_inputs(B: int = 3, n: int = 13) -> tuple[np.ndarray, ...]:
+    q, k, v, G = _qkv(4, 2, n, n, B=B, seed=5)
+    doc = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3, 3][:n], dtype=np.int32)
+    return q, k, v, G, doc
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_section3_shared_index_array(target: str) -> None:
+    """index doc[n] given as [n] is shared by the B = 3 batch: the same out, lse and gradients
+    as the tiled [B, n] array."""
+    spec = attndsl.load(EXAMPLES / "document.attn")
+    kernel = attndsl.compile(spec, target=target)
+    q, k, v, G, doc = _doc_inputs()
+    tiled = np.tile(doc, (3, 1))
+    assert tiled.shape == (3, 13)
+    for given in (doc, doc.astype(np.uint8)):
+        out, lse = kernel.forward(q, k, v, return_lse=True, doc=given)
+        want_out, want_lse = kernel.forward(q, k, v, return_lse=True, doc=tiled)
+        np.testing.assert_array_equal(out, want_out)
+        np.testing.assert_array_equal(lse, want_lse)
+        got, want = kernel.backward(q, k, v, G, doc=given), kernel.backward(q, k, v, G, doc=tiled)
+        assert max(_max_diff(got, want).values()) == 0
+    # the batch rows differ from a per-batch array that is not the same everywhere
+    other = tiled.copy()
+    other[1] = 0
+    assert not np.array_equal(kernel(q, k, v, doc=other)[1], kernel(q, k, v, doc=doc)[1])
+
+
+def test_section3_index_shape_errors() -> None:
+    """A wrong shape names the argument, the shape got and both shapes accepted."""
+    kernel = attndsl.compile(EXAMPLES / "document.attn", target="numpy")
+    q, k, v, _, doc = _doc_inputs()
+    accepted = "expected shape [B=3, n=13] or [n=13] (shared by the batch)"
+    for bad in (doc[:12], np.tile(doc, (2, 1)), np.tile(doc, (3, 1))[..., None]):
+        with pytest.raises(ValueError) as info:
+            kernel(q, k, v, doc=bad)
+        assert str(info.value) == f"doc: {accepted}, got [{', '.join(map(str, bad.shape))}]"
+    prefix = attndsl.compile(EXAMPLES / "prefix_lm.attn", target="numpy")
+    shared = prefix(q, k, v, prefix=np.array([4]))
+    np.testing.assert_array_equal(shared, prefix(q, k, v, prefix=np.full((3, 1), 4)))
+    with pytest.raises(ValueError, match=r"^prefix: expected shape \[B=3, 1\] or \[1\] "):
+        prefix(q, k, v, prefix=np.array(4))
