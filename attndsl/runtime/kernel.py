@@ -135,7 +135,6 @@ class Validator:
             dtypes[p.name] = value.dtype if value.dtype.kind == "f" else np.dtype(dtype)
             params[p.name] = np.ascontiguousarray(value.reshape(need), dtype=dtype)
         indices: dict[str, np.ndarray] = {}
-        self.batch = sizes["B"]
         for x in spec.indices:
             value = _as_array(x.name, extra[x.name])
             if value.dtype.kind not in "iu":
@@ -143,16 +142,16 @@ class Validator:
             # [*DIMS] (one less axis than [B, *DIMS]: ndim decides) is shared by the batch
             shared = value.ndim == len(x.dims)
             lead = () if shared else (sizes["B"],)
-            need = self._dims(x.name, x.dims, value.shape, sizes, lead, shared=True)
-            value = np.broadcast_to(value, (sizes["B"], *need)) if shared else value
+            need = self._dims(x.name, x.dims, value.shape, sizes, lead, batch=sizes["B"])
+            value = np.broadcast_to(value, need) if shared else value
             indices[x.name] = np.ascontiguousarray(value, dtype=np.int64)
         return params, dtypes, indices
 
     def _dims(self, name: str, dims: tuple[ir.Dim, ...], got: tuple[int, ...],
-              sizes: dict[str, int], lead: tuple[int, ...], shared: bool = False
+              sizes: dict[str, int], lead: tuple[int, ...], batch: int | None = None
               ) -> tuple[int, ...]:
-        """The shape `dims` asks for, binding fresh size names on first sight; `shared`: an
-        index array, whose errors list both accepted shapes, [B, *DIMS] and [*DIMS]."""
+        """The shape `dims` asks for ([batch, *DIMS] for an index array, whose errors list both
+        shapes accepted), binding fresh size names on first sight."""
         need: list[int | str] = list(lead)
         for dim in dims:
             if isinstance(dim, int):
@@ -162,25 +161,27 @@ class Validator:
             else:
                 need.append(dim)  # a fresh name, bound below
         if len(got) != len(need):
-            raise ValueError(f"{name}: expected shape {self._accepted(need, dims, lead, shared)}"
-                             f", got {_shape(got)}")
+            raise ValueError(f"{name}: expected shape {_accepted(need, dims, lead, batch)}, "
+                             f"got {_shape(got)}")
         for axis, (want, have) in enumerate(zip(need, got)):
             if isinstance(want, str):
                 sizes[want] = have
                 need[axis] = have
             elif want != have:
                 raise ValueError(f"{name}: expected shape "
-                                 f"{self._accepted(need, dims, lead, shared)}, got {_shape(got)}")
-        return tuple(int(n) for n in (need[len(lead):] if shared else need))
+                                 f"{_accepted(need, dims, lead, batch)}, got {_shape(got)}")
+        if batch is not None:
+            return (batch, *(int(n) for n in need[len(lead):]))
+        return tuple(int(n) for n in need)
 
-    def _accepted(self, need: list[int | str], dims: tuple[ir.Dim, ...], lead: tuple[int, ...],
-                  shared: bool) -> str:
-        if not shared:
-            return _fmt(need, dims, lead)
-        own = need[len(lead):]
-        batch = self.batch
-        return (f"{_fmt([batch, *own], dims, (batch,))} or {_fmt(own, dims, ())} "
-                "(shared by the batch)")
+
+def _accepted(need: list[int | str], dims: tuple[ir.Dim, ...], lead: tuple[int, ...],
+              batch: int | None) -> str:
+    """The shape wanted; for an index array (batch given) both, [B, *DIMS] or [*DIMS]."""
+    if batch is None:
+        return _fmt(need, dims, lead)
+    own = need[len(lead):]
+    return f"{_fmt([batch, *own], dims, (batch,))} or {_fmt(own, dims, ())} (shared by the batch)"
 
 
 def _fmt(need: list[int | str], dims: tuple[ir.Dim, ...], lead: tuple[int, ...]) -> str:
