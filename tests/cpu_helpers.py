@@ -53,6 +53,12 @@ INLINE = {
     score q . k
     bias  table[h, j]
 }""",
+    "softcap_window": """attention softcap_window {
+    score   q . k
+    scale   1 / sqrt(d)
+    softcap 30
+    mask    j <= i and i - j < 4
+}""",
     "table_index": """attention table_index {
     param table[heads, 5]
     index pos[n_k]
@@ -161,8 +167,15 @@ def errors(ref: dict[str, Any], got: dict[str, Any], floor: float = 1.0) -> dict
 
 
 def warm(names: list[str]) -> None:
+    """Compiles, stopping at the first Numba warning: that spec is then compiled by the test
+    session itself, where the warning fails a test (test_item12_no_numba_warnings)."""
+    import warnings
+
+    from numba.core.errors import NumbaWarning
+
     import attndsl
 
+    warnings.simplefilter("error", NumbaWarning)
     for name in names:
         spec = load_spec(name)
         kernel = attndsl.compile(spec, target="cpu")

@@ -290,8 +290,10 @@ def test_index_arrays() -> None:
             "float64")
     _raises(ValueError, lambda: kern(q, k, v, doc=np.zeros((2, 4), dtype=np.int64)), "doc:",
             "[B=2, n=5]", "[2, 4]")
-    _raises(ValueError, lambda: kern(q, k, v, doc=np.zeros(5, dtype=np.int64)), "doc:",
-            "[B=2, n=5]", "[5]")
+    # [n] is shared by the batch (LANGUAGE.md 6); a wrong length lists both shapes accepted
+    assert kern(q, k, v, doc=np.zeros(5, dtype=np.int64)).shape == (2, 2, 5, 4)
+    _raises(ValueError, lambda: kern(q, k, v, doc=np.zeros(4, dtype=np.int64)), "doc:",
+            "[B=2, n=5] or [n=5]", "[4]")
 
 
 def test_lookups_in_range() -> None:

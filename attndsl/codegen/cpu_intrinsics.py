@@ -56,6 +56,7 @@ __all__ = [
     "enable_512bit_vectors",
     "exp2",
     "exp2_f32",
+    "exp2_f32_clamped",
     "exp2_f64",
     "exp2_shift",
     "exp2_shift_sum",
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 # Bump whenever generated code calling these helpers must be recompiled (see module docstring).
-INTRINSICS_VERSION = "2"
+INTRINSICS_VERSION = "3"
 
 # Fast-math flags for kernels: everything but 'ninf' -- masked scores are -inf and must stay so.
 FASTMATH: set[str] = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
@@ -373,7 +374,16 @@ def _scale_by_pow2_bits(typingctx, p, n):
 @njit(fastmath=FASTMATH, inline="always")
 def exp2_f32(y):  # pragma: no cover - compiled
     """2**y for float32 y: rel. error < 1e-7 on [-126, 127]; 0 below -126, for -inf and NaN."""
-    yc = fmax(y, _MIN_EXP32)
+    r = exp2_f32_clamped(fmax(y, _MIN_EXP32))
+    if y >= _MIN_EXP32:  # a statement, not a ternary: inlined twice, a ternary's phi node
+        return r  # trips Numba's NumbaIRAssumptionWarning
+    return _ZERO32
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def exp2_f32_clamped(yc):  # pragma: no cover - compiled
+    """2**yc for float32 yc >= -126, branch-free: fx.tanh inlines it many times per kernel,
+    where exp2_f32's two returns trip Numba's NumbaIRAssumptionWarning."""
     # np.floor keeps float32 (math.floor returns int64 and drags the loop into float64).
     nf = np.floor(yc + _HALF32)
     f = yc - nf
@@ -384,10 +394,7 @@ def exp2_f32(y):  # pragma: no cover - compiled
     p = p * f + _P2
     p = p * f + _P1
     p = p * f + _P0
-    r = _scale_by_pow2_bits(p, nf)
-    if y >= _MIN_EXP32:  # a statement, not a ternary: inlined twice, a ternary's phi node
-        return r  # trips Numba's NumbaIRAssumptionWarning (fx.tanh inlines exp2_f32)
-    return _ZERO32
+    return _scale_by_pow2_bits(p, nf)
 
 
 @njit(fastmath=FASTMATH, inline="always")

@@ -373,6 +373,10 @@ class _Run:
         dout_ = self._stage(dout)
         if out is None or (lay.has_state and (lse is None or norm is NormKind.SUM)):
             out_, state = self.forward()  # `sum` keeps its row sums only inside the forward
+            # what was given is trusted as forward's result (as on numpy and cpu)
+            out_ = out_ if out is None else self._stage(out)
+            if lse is not None and norm is NormKind.SOFTMAX:
+                state = self._stage(lse)
         else:
             out_ = self._stage(out)
             state = self._stage(lse) if lse is not None else self.args.empty((B, H, n_q), dt)

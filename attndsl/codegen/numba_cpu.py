@@ -777,14 +777,12 @@ class CpuEmitter:
                     item = plan.input_for(symbol)
                     if item is None or not (keys if item.side is Side.KEY else queries):
                         continue
-                    if item.side is Side.CONST:  # per query tile: [pb, h, qt(, f)]
-                        feature = ", f" if item.is_vector else ""
-                        where = f"{adjoint_name(item)}[pb, h, qt{feature}]"
-                    else:
-                        where = element(item, "f" if item.is_vector else None).replace(
-                            input_name(item), adjoint_name(item), 1)
-                        if item.side is not Side.KEY:  # the part's own copy
-                            where = where.replace("[b, ", "[pb, ", 1)
+                    # adjoints are per query head (summed over a GQA group by the launcher):
+                    # h, never hk; query-side and constant ones in the part's own copy (pb)
+                    feature = ", f" if item.is_vector else ""
+                    row = {Side.QUERY: "i", Side.KEY: "j", Side.CONST: "qt"}[item.side]
+                    batch = "b" if item.side is Side.KEY else "pb"
+                    where = f"{adjoint_name(item)}[{batch}, h, {row}{feature}]"
                     w(f"{where} += g_{r.name} * ({self.fl(expr)})")
         if not queries:
             return

@@ -71,10 +71,12 @@ class Emitter:
         self.rows_backward()
         return w.text()
 
-    def signature(self, name: str, extra: str = "") -> str:
+    def signature(self, name: str, extra: str = "", optional: str = "") -> str:
         args = call_args(self.deriv)
         if extra:
             args.insert(3, extra)
+        if optional:
+            args.append(optional)
         return f"def {name}(xp, {', '.join(args)}):"
 
     def prologue(self) -> None:
@@ -181,8 +183,9 @@ class Emitter:
 
     def backward(self) -> None:
         w, d, grads = self.w, self.deriv, self.grads
-        with w.block(self.signature("backward", "dout")):
-            w('"""Gradients of sum(out * dout): q, k, v and every param."""')
+        with w.block(self.signature("backward", "dout", "out=None, lse=None")):
+            w('"""Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,')
+            w('softmax) is trusted as forward\'s result, as on every target."""')
             w(f"t = graph(xp, {', '.join(call_args(d))})")
             names = list(SIZE_ORDER) + ["b", "h", "i", "j", "g", "allowed"] + [
                 variable(n) for n in d.nodes]
@@ -190,19 +193,25 @@ class Emitter:
             w("p, state = normalize(xp, t)")
             w('x = t["x"]')
             w("v_rows = v[:, g]")
-            w("out = xp.matmul(p, v_rows)")
+            with w.block("if out is None:"):
+                w("out = xp.matmul(p, v_rows)")
+            if d.norm is NormKind.SOFTMAX:
+                with w.block("if lse is not None:  # P from the given lse, as the kernels do"):
+                    w("p = xp.weights_from_lse(x, allowed, lse)")
             w("dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]")
             w(f"# {NORMALIZER_RULES[d.norm]}")
             if d.norm is NormKind.SOFTMAX:
                 w("dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])")
-            elif d.norm is NormKind.SUM:
-                w("dS = xp.where(allowed, xp.safe_div(dP - xp.keysum(p[..., None] * dP), state), 0)")
+            elif d.norm is NormKind.SUM:  # sum_j p_j dP_j = rowsum(dout * out)
+                w("dS = xp.where(allowed, xp.safe_div(dP - xp.rowsum(dout * out)[..., None], "
+                  "state), 0)")
             elif d.norm is NormKind.NONE:
                 w("dS = xp.where(allowed, dP, 0)")
             else:
                 w("x = xp.where(allowed, x, 0)")
                 w(f"dS = xp.where(allowed, ({self.expr(grads.dnorm)}) * dP, 0)")
-            w("dv = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)")
+            # grad_v, not dv: the size dv may appear in subscripts below
+            w("grad_v = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)")
             w("dx = dS")
             w("# the chain rule through the logit, then node by node in reverse")
             # sympy.cse: sub-expressions shared by the logit's partial derivatives
@@ -220,7 +229,7 @@ class Emitter:
                 w(f"d_{param.name} = 0")
             for node in reversed(d.nodes):
                 self.backward_node(node)
-            w(f"grads = {{'q': {self.input_grad('q')}, 'k': {self.input_grad('k')}, 'v': dv}}")
+            w(f"grads = {{'q': {self.input_grad('q')}, 'k': {self.input_grad('k')}, 'v': grad_v}}")
             for param in d.spec.params:
                 w(f"grads[{param.name!r}] = xp.as_grad(d_{param.name}, {param.name})")
             w("return grads")
@@ -305,7 +314,8 @@ def _rows_backward(self: Emitter) -> None:
     with w.block(f"def rows_backward(xp, t, adjoints, {', '.join(['q', 'k', *params])}):"):
         w('"""Chains the adjoints of the pair kernel\'s row-level inputs to q, k and params."""')
         nodes = [n for n in d.nodes if _row_level(n)]
-        self.unpack(["kv_heads", "b", "h", "i", "j", "g"] + [variable(n) for n in nodes])
+        sizes = [n for n in _sizes_used(self, nodes) if n != "kv_heads"]
+        self.unpack(["kv_heads", *sizes, "b", "h", "i", "j", "g"] + [variable(n) for n in nodes])
         self.adjoints = set()
         for item in plan.inputs:
             name = variable(item.node)
@@ -318,6 +328,16 @@ def _rows_backward(self: Emitter) -> None:
         for param in params:
             w(f"grads[{param!r}] = xp.as_grad(d_{param}, {param})")
         w("return grads")
+
+
+def _sizes_used(self: Emitter, nodes: list[Vec | Reduction | Lookup]) -> list[str]:
+    """The size names (n_k, d, ...) in the subscripts and partials rows_backward prints."""
+    exprs: list[sp.Basic] = []
+    for node in nodes:
+        exprs += [sp.sympify(s) for s in getattr(node, "subscripts", ())]
+        exprs += [e for _, e in self.grads.partials.get(node.name, [])]
+    used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+    return [name for name, symbol in SIZES.items() if symbol in used]
 
 
 Emitter.rows = _rows  # type: ignore[attr-defined]

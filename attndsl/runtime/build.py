@@ -27,7 +27,7 @@ def compile_numpy(spec: ir.Spec) -> Kernel:
     def backward(call: Call, dout: np.ndarray, out: Any, lse: Any) -> dict[str, np.ndarray]:
         q, k, v, *rest = call.arrays()
         with np.errstate(all="ignore"):
-            return module.backward(numpy_ops, q, k, v, dout, *rest)
+            return module.backward(numpy_ops, q, k, v, dout, *rest, out=out, lse=lse)
 
     return Kernel(spec, "numpy", source, forward, backward)
 

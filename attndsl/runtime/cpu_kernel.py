@@ -132,8 +132,12 @@ class CpuKernel(Kernel):
         from ..codegen.cpu_intrinsics import single_threaded_blas
 
         norm = self.spec.normalize.kind
-        if out is None or (norm is NormKind.SOFTMAX and lse is None) or norm is NormKind.SUM:
-            out, state, t = self._run_forward(call)
+        softmax = norm is NormKind.SOFTMAX
+        if out is None or (softmax and lse is None) or norm is NormKind.SUM:
+            # what was not given is recomputed; what was is trusted as forward's (as on numpy)
+            fwd_out, state, t = self._run_forward(call)
+            out = fwd_out if out is None else out
+            state = lse if softmax and lse is not None else state
         else:
             state = lse if lse is not None else np.zeros(out.shape[:3], call.dtype)
             t = None

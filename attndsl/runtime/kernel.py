@@ -82,16 +82,20 @@ class Validator:
         if v.shape[:3] != (B, kv_heads, n_k):
             raise ValueError(f"v: expected shape {_shape((B, kv_heads, n_k, dv))} (B, kv_heads "
                              f"and n_k of k), got {_shape(v.shape)}")
+        # zero-size inputs are rejected (not an empty result): before kv_heads divides heads
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            if 0 in a.shape:
+                raise ValueError(f"{name}: every size must be at least 1, got shape "
+                                 f"{_shape(a.shape)} (empty input: q {_shape(q.shape)}, "
+                                 f"k {_shape(k.shape)}, v {_shape(v.shape)})")
         self._check_heads(q, k, heads, kv_heads)
-        if min(B, heads, n_q, n_k, d, dv) == 0:
-            raise ValueError(f"empty input: q {_shape(q.shape)}, k {_shape(k.shape)}, "
-                             f"v {_shape(v.shape)}")
         if self.uses_n and n_q != n_k:
             raise ValueError(f"the spec uses 'n', which needs n_q == n_k; got q with n_q = {n_q} "
                              f"and k with n_k = {n_k}")
         sizes = {"B": B, "heads": heads, "kv_heads": kv_heads, "n_q": n_q, "n_k": n_k, "d": d,
                  "dv": dv, "n": n_q}
         params, dtypes, indices = self._extras(extra, sizes, q.dtype)
+        _check_softcap(self.spec, params, sizes)
         return Call(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
                     params, indices, sizes, q.dtype, dtypes)
 
@@ -135,13 +139,19 @@ class Validator:
             value = _as_array(x.name, extra[x.name])
             if value.dtype.kind not in "iu":
                 raise TypeError(f"{x.name}: expected an integer array, got {value.dtype}")
-            self._dims(x.name, x.dims, value.shape, sizes, (sizes["B"],))
+            # [*DIMS] (one less axis than [B, *DIMS]: ndim decides) is shared by the batch
+            shared = value.ndim == len(x.dims)
+            lead = () if shared else (sizes["B"],)
+            need = self._dims(x.name, x.dims, value.shape, sizes, lead, batch=sizes["B"])
+            value = np.broadcast_to(value, need) if shared else value
             indices[x.name] = np.ascontiguousarray(value, dtype=np.int64)
         return params, dtypes, indices
 
     def _dims(self, name: str, dims: tuple[ir.Dim, ...], got: tuple[int, ...],
-              sizes: dict[str, int], lead: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape `dims` asks for, binding fresh size names on first sight."""
+              sizes: dict[str, int], lead: tuple[int, ...], batch: int | None = None
+              ) -> tuple[int, ...]:
+        """The shape `dims` asks for ([batch, *DIMS] for an index array, whose errors list both
+        shapes accepted), binding fresh size names on first sight."""
         need: list[int | str] = list(lead)
         for dim in dims:
             if isinstance(dim, int):
@@ -151,21 +161,89 @@ class Validator:
             else:
                 need.append(dim)  # a fresh name, bound below
         if len(got) != len(need):
-            raise ValueError(f"{name}: expected shape {_fmt(need, dims, lead)}, got "
-                             f"{_shape(got)}")
+            raise ValueError(f"{name}: expected shape {_accepted(need, dims, lead, batch)}, "
+                             f"got {_shape(got)}")
         for axis, (want, have) in enumerate(zip(need, got)):
             if isinstance(want, str):
                 sizes[want] = have
                 need[axis] = have
             elif want != have:
-                raise ValueError(f"{name}: expected shape {_fmt(need, dims, lead)}, got "
-                                 f"{_shape(got)}")
+                raise ValueError(f"{name}: expected shape "
+                                 f"{_accepted(need, dims, lead, batch)}, got {_shape(got)}")
+        if batch is not None:
+            return (batch, *(int(n) for n in need[len(lead):]))
         return tuple(int(n) for n in need)
+
+
+def _accepted(need: list[int | str], dims: tuple[ir.Dim, ...], lead: tuple[int, ...],
+              batch: int | None) -> str:
+    """The shape wanted; for an index array (batch given) both, [B, *DIMS] or [*DIMS]."""
+    if batch is None:
+        return _fmt(need, dims, lead)
+    own = need[len(lead):]
+    return f"{_fmt([batch, *own], dims, (batch,))} or {_fmt(own, dims, ())} (shared by the batch)"
 
 
 def _fmt(need: list[int | str], dims: tuple[ir.Dim, ...], lead: tuple[int, ...]) -> str:
     names = (["B"] if lead else []) + [str(d) for d in dims]
     return "[" + ", ".join(f"{n}={w}" if str(w) != n else str(n) for n, w in zip(names, need)) + "]"
+
+
+class _NotConstant(Exception):
+    """The softcap reads something this evaluator does not handle: left to the kernels."""
+
+
+def _check_softcap(spec: ir.Spec, params: dict[str, np.ndarray], sizes: dict[str, int]) -> None:
+    """A softcap from params must be positive for every head (LANGUAGE.md 7, q): cap <= 0
+    gives uniform attention and NaN gradients, so it is refused before any kernel runs."""
+    if spec.softcap is None:
+        return
+    try:
+        with np.errstate(all="ignore"):
+            value = _const_eval(spec.softcap, params, sizes)
+            cap = np.broadcast_to(value, (sizes["heads"],))
+    except (_NotConstant, IndexError, ValueError, TypeError, ZeroDivisionError):
+        return
+    bad = np.flatnonzero(cap <= 0)  # a NaN cap is not refused: NaN propagates (item 3)
+    if bad.size:
+        used = sorted({n.name for n in ir.walk(spec.softcap)
+                       if isinstance(n, (ir.Name, ir.Subscript)) and n.name in params})
+        where = f" at h = {int(bad[0])}" if np.ndim(value) else ""
+        raise ValueError(f"{', '.join(used) or 'softcap'}: the softcap must be positive, got "
+                         f"{float(cap[bad[0]])!r}{where}")
+
+
+def _const_eval(e: ir.Expr, params: dict[str, np.ndarray], sizes: dict[str, int]) -> Any:
+    """The value of a constant expression per head: numbers, sizes, h, params, arithmetic."""
+    from . import numpy_ops
+
+    def ev(x: ir.Expr) -> Any:
+        return _const_eval(x, params, sizes)
+
+    if isinstance(e, ir.Num):
+        return int(e.text) if e.is_int else float(e.text)
+    if isinstance(e, ir.Name):
+        if e.name == "h":
+            return np.arange(sizes["heads"])
+        if e.name in sizes:
+            return sizes[e.name]
+        if e.name in params and params[e.name].size == 1:
+            return params[e.name].reshape(())
+    if isinstance(e, ir.Subscript) and e.name in params:
+        subs = tuple(np.asarray(ev(i)) for i in e.indices)
+        if all(s.dtype.kind in "iu" and (s >= 0).all() for s in subs):
+            return params[e.name][subs]
+    if isinstance(e, ir.Unary) and e.op == "-":
+        return -ev(e.operand)
+    if isinstance(e, ir.Binary) and e.op in _ARITH:
+        return _ARITH[e.op](ev(e.left), ev(e.right))
+    if isinstance(e, ir.Call) and hasattr(numpy_ops, e.func):
+        return getattr(numpy_ops, e.func)(*(ev(a) for a in e.args))
+    raise _NotConstant
+
+
+_ARITH = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.true_divide,
+          "^": np.power, "//": np.floor_divide, "%": np.mod}
 
 
 def _uses_n(spec: ir.Spec) -> bool:

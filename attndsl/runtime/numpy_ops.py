@@ -213,6 +213,14 @@ def log_sum(m: np.ndarray, l: np.ndarray) -> np.ndarray:
     return np.where(l > 0, m + np.log(np.where(l > 0, l, 1)), -np.inf)
 
 
+def weights_from_lse(x: np.ndarray, allowed: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """Softmax weights [B, heads, n_q, n_k] from a given lse [B, heads, n_q] (backward's lse=):
+    exp(x - lse) on allowed pairs, 0 elsewhere and in empty rows (lse = -inf)."""
+    lse = np.asarray(lse)[..., None, None]
+    empty = lse == -np.inf
+    return np.where(allowed & ~empty, np.exp(x - np.where(empty, 0, lse)), 0)[..., 0]
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a, b)
 

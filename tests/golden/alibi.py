@@ -52,8 +52,9 @@ def forward(xp, q, k, v, slope):
     return out, state
 
 
-def backward(xp, q, k, v, dout, slope):
-    """Gradients of sum(out * dout): q, k, v and every param."""
+def backward(xp, q, k, v, dout, slope, out=None, lse=None):
+    """Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,
+    softmax) is trusted as forward's result, as on every target."""
     t = graph(xp, q, k, v, slope)
     B = t['B']
     heads = t['heads']
@@ -75,11 +76,14 @@ def backward(xp, q, k, v, dout, slope):
     p, state = normalize(xp, t)
     x = t["x"]
     v_rows = v[:, g]
-    out = xp.matmul(p, v_rows)
+    if out is None:
+        out = xp.matmul(p, v_rows)
+    if lse is not None:  # P from the given lse, as the kernels do
+        p = xp.weights_from_lse(x, allowed, lse)
     dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
     # dS = P * (dP - D), D = rowsum(dO * O)
     dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])
-    dv = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
+    grad_v = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
     dx = dS
     # the chain rule through the logit, then node by node in reverse
     d_r2 = xp.sum_to(xp.where(allowed, dx * ((1 / xp.sqrt(d))), 0), r2)
@@ -90,7 +94,7 @@ def backward(xp, q, k, v, dout, slope):
     # GEMM bwd: dq_rows = dr2 @ k_rows, dk_rows = dr2^T @ q_rows
     d_q_rows = xp.gemm_da(d_r2, k_rows)
     d_k_rows = xp.gemm_db(d_r2, q_rows)
-    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': dv}
+    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': grad_v}
     grads['slope'] = xp.as_grad(d_slope, slope)
     return grads
 

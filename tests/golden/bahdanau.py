@@ -54,8 +54,9 @@ def forward(xp, q, k, v, Wq, Wk, w):
     return out, state
 
 
-def backward(xp, q, k, v, dout, Wq, Wk, w):
-    """Gradients of sum(out * dout): q, k, v and every param."""
+def backward(xp, q, k, v, dout, Wq, Wk, w, out=None, lse=None):
+    """Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,
+    softmax) is trusted as forward's result, as on every target."""
     t = graph(xp, q, k, v, Wq, Wk, w)
     B = t['B']
     heads = t['heads']
@@ -79,11 +80,14 @@ def backward(xp, q, k, v, dout, Wq, Wk, w):
     p, state = normalize(xp, t)
     x = t["x"]
     v_rows = v[:, g]
-    out = xp.matmul(p, v_rows)
+    if out is None:
+        out = xp.matmul(p, v_rows)
+    if lse is not None:  # P from the given lse, as the kernels do
+        p = xp.weights_from_lse(x, allowed, lse)
     dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
     # dS = P * (dP - D), D = rowsum(dO * O)
     dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])
-    dv = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
+    grad_v = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
     dx = dS
     # the chain rule through the logit, then node by node in reverse
     d_r5 = xp.sum_to(xp.where(allowed, dx * (1), 0), r5)
@@ -100,7 +104,7 @@ def backward(xp, q, k, v, dout, Wq, Wk, w):
     d_q_rows = xp.project_dx(d_proj2, Wq)
     d_Wq = d_Wq + xp.project_dw(q_rows, d_proj2)
     d_w = d_w + xp.scatter(w.shape, (), d_w_v0, vector=True)
-    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': dv}
+    grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': grad_v}
     grads['Wq'] = xp.as_grad(d_Wq, Wq)
     grads['Wk'] = xp.as_grad(d_Wk, Wk)
     grads['w'] = xp.as_grad(d_w, w)
