@@ -31,6 +31,8 @@ RESERVED = frozenset(
 TENSORS = ("v", "out", "lse", "dout")
 # Functions that keep integers integers; every other function gives a float.
 INTEGER_PRESERVING = ("abs", "min", "max", "clamp", "where")
+# Functions that turn a float into an integer (gradient 0), so it can be a subscript.
+ROUNDING = ("floor", "ceil", "round")
 
 FLOAT = Type(Kind.FLOAT)
 INT = Type(Kind.INT)
@@ -343,8 +345,10 @@ class Checker:
         for arg in args:
             self._need_number(arg, f"{node.func}()")
         typed = self._broadcast(node, *args)
-        if typed.kind is Kind.INT and node.func not in INTEGER_PRESERVING:
+        if typed.kind is Kind.INT and node.func not in INTEGER_PRESERVING + ROUNDING:
             typed = dataclasses.replace(typed, kind=Kind.FLOAT)
+        if typed.kind is Kind.FLOAT and node.func in ROUNDING:
+            typed = dataclasses.replace(typed, kind=Kind.INT)
         return dataclasses.replace(node, args=args, type=typed)
 
     # ---- kind requirements ----

@@ -20,6 +20,7 @@ from typing import Any
 
 import sympy as sp
 
+from .. import functions as fn
 from .. import ir
 from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan
@@ -33,6 +34,9 @@ BQ, BK = 64, 128  # a 64 x 128 score tile (32 KiB in float32) stays in L1
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
 
 
+FLOAT_ROUNDING = {fn.Floor: "floor", fn.Ceil: "ceil", fn.Round: "rint"}
+
+
 class ToFloat(sp.Function):
     """An integer-valued sub-expression used in float math: printed as F(...)."""
 
@@ -44,8 +48,8 @@ def floatify(e: sp.Basic) -> sp.Basic:
     if isinstance(e, (sp.core.relational.Relational, sp.And, sp.Or, sp.Not,
                       sp.logic.boolalg.BooleanAtom)):
         return e  # conditions compare integers and floats as they are
-    if e.is_integer:
-        return ToFloat(e)
+    if e.is_integer and not (isinstance(e, (sp.Add, sp.Mul)) and e.has(*fn.ROUNDING)):
+        return ToFloat(e)  # a sum with floor(x) stays float math, so a NaN x stays NaN
     if e.is_Atom:
         return e
     if isinstance(e, sp.Pow) and e.args[1].is_Integer:
@@ -62,7 +66,23 @@ class NumbaPrinter(KernelPrinter):
         super().__init__("fx", names)
 
     def _print_ToFloat(self, expr: ToFloat) -> str:
-        return f"F({self._print(expr.args[0])})"
+        arg = expr.args[0]
+        if isinstance(arg, fn.ROUNDING):  # the float form (np.floor): NaN and inf stay
+            return self._rounding(FLOAT_ROUNDING[type(arg)], arg)
+        return f"F({self._print(arg)})"
+
+    def _print_Floor(self, expr: fn.Floor) -> str:
+        return self._rounding("ifloor", expr)
+
+    def _print_Ceil(self, expr: fn.Ceil) -> str:
+        return self._rounding("iceil", expr)
+
+    def _print_Round(self, expr: fn.Round) -> str:
+        return self._rounding("iround", expr)
+
+    def _rounding(self, name: str, expr: sp.Basic) -> str:
+        """An integer (subscripts, masks) or float rounding of a float argument."""
+        return f"fx.{name}({self._print(floatify(expr.args[0]))})"
 
     def _print_Integer(self, expr: sp.Integer) -> str:
         return str(int(expr))
@@ -86,6 +106,9 @@ class NumbaPrinter(KernelPrinter):
 
     def _print_exponent(self, exponent: sp.Basic) -> str:
         return f"F({self._print(exponent)})"
+
+    def _float_base(self, base: sp.Basic) -> str:
+        return f"F({self._print(base)})"
 
     def _print_Relational(self, expr: sp.Basic) -> str:
         return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
