@@ -37,7 +37,9 @@ INLINE = {
     fn.Norm: "math.sqrt({0})",
     fn.NormGrad: "(HALF / math.sqrt({0}) if {0} > ZERO else ZERO)",  # norm'(0) = 0
 }
-# floor/ceil/round of a float: math.floor and round() give int64 (round: a tie to even)
+# floor/ceil/round of a float. On the device math.floor of a float32 is a float32 (the
+# simulator's is a Python int), so integers go through int(...); the builtin round() would
+# convert float32 to float64, so round is floor(x + 1/2), one less at an odd tie.
 ROUNDING = {fn.Floor: "math.floor", fn.Ceil: "math.ceil", fn.Round: "round"}
 COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
@@ -102,7 +104,14 @@ class CudaPrinter:
         integer) is returned as it is, where the int64 conversion would garble it."""
         x = self.num(e.args[0])
         x = x if _simple(x) else f"({x})"
-        return f"(F({ROUNDING[type(e)]}({x})) if abs({x}) < {self.const(2**52)} else {x})"
+        return f"(F({self._integer_rounding(e, x)}) if abs({x}) < {self.const(2**52)} else {x})"
+
+    def _integer_rounding(self, e: sp.Basic, x: str) -> str:
+        if not isinstance(e, fn.Round):
+            return f"int({ROUNDING[type(e)]}({x}))"
+        up = f"({x} + HALF)"
+        floor = f"math.floor({up})"
+        return f"(int({floor}) - (1 if ({floor} == {up} and int({floor}) % 2 != 0) else 0))"
 
     def _add(self, e: sp.Add, each) -> str:  # type: ignore[no-untyped-def]
         terms = list(e.as_ordered_terms())
@@ -178,7 +187,8 @@ class CudaPrinter:
         if isinstance(e, sp.Pow) and e.args[1].is_integer and e.args[1].is_nonnegative:
             return f"({self.int_(e.args[0])} ** {self.int_(e.args[1])})"  # SymPy: an integer
         if type(e) in ROUNDING:
-            return f"{ROUNDING[type(e)]}({self.num(e.args[0])})"
+            x = self.num(e.args[0])
+            return self._integer_rounding(e, x if _simple(x) else f"({x})")
         if isinstance(e, sp.floor):
             split = integer_division(e)
             if isinstance(split, tuple):
