@@ -15,7 +15,7 @@ import attndsl
 from attndsl.codegen.numba_cuda import compile_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_rounding import ITEM4_MASKS, ROUNDING_SPEC, t5_bucket, weights_of  # noqa: E402
+from test_rounding import ITEM4_MASKS, ROUNDING_SPEC, t5_bucket, weights_of
 
 ROOT = Path(__file__).resolve().parents[2]
 TILES = (4, 8, 8, 4)
