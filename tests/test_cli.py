@@ -96,7 +96,7 @@ def test_console_script_in_a_subprocess(tmp_path: Path) -> None:
     done = subprocess.run([script, "check", *map(str, EXAMPLES)], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count(": ok — ") == 19
+    assert done.stdout.count(": ok — ") == 20
     missing = subprocess.run([script, "check", "missing.attn"], capture_output=True, text=True,
                              cwd=tmp_path, timeout=120, check=False)
     assert (missing.returncode, missing.stdout) == (2, "")
@@ -146,5 +146,5 @@ def test_pip_install_into_a_fresh_venv_works_from_another_directory(tmp_path: Pa
     done = subprocess.run([str(venv / "bin" / "attndsl"), "check", *names], capture_output=True,
                           text=True, cwd=elsewhere, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count(": ok — ") == 19
+    assert done.stdout.count(": ok — ") == 20
     assert time.perf_counter() - start < 60
