@@ -217,3 +217,31 @@ def test_item4_floor_semantics_of_printed_division() -> None:
         for target in ("numpy", "cpu", "cuda"):
             got = eval(out[target], namespace(target, {"x": -1, "y": 0, "z": 0, "w": 4}, {}))
             assert int(got) == want, (target, out[target])
+
+
+def test_item4_cpu_printer_compiles_with_numba() -> None:
+    """The Python stand-in for numba_funcs above cannot see Numba's typing (fx.exp of an int,
+    fx.maximum of two ints, math.floor's type): every 4th case, one case of every operator at
+    least, is compiled with Numba and checked against the IR's meaning at 12 points."""
+    from numba import njit
+
+    from attndsl.runtime import numba_funcs
+
+    chosen = cases()[::4]
+    assert {op for op, _ in chosen} == set(OUTER)
+    glob = {"math": math, "np": np, "fx": numba_funcs, "F": np.float64}
+    for op, text in chosen:
+        expr, value, names, kind = derived(text)
+        source = f"def case(x, y, z, w):\n    return {printed(value, names, kind)['cpu']}\n"
+        scope: dict[str, object] = {}
+        exec(compile(source, f"<{text}>", "exec"), glob, scope)  # noqa: S102 - printed by us
+        compiled = njit(scope["case"])
+        for env in POINTS[:12]:
+            try:
+                want = meaning(expr, env)
+            except (ZeroDivisionError, OverflowError, ValueError):
+                continue
+            if isinstance(want, complex) or (isinstance(want, float) and not math.isfinite(want)):
+                continue
+            got = compiled(*(np.int64(env[n]) for n in NAMES))
+            assert _same(got, want), f"{op}: {text} -> {source} gives {got} at {env}, not {want}"

@@ -155,3 +155,20 @@ def test_a_nan_reaching_a_rounded_subscript_is_an_error_naming_the_array() -> No
     q[0, 0, 1, 0] = np.nan
     with pytest.raises(ValueError, match="'P' is not finite"):
         kernel(q, np.ones((1, 1, 3, 4)), np.ones((1, 1, 3, 2)), P=np.zeros((1, 4)))
+
+
+def test_item4_cpu_compiles_integer_max_of_modulo_and_a_float_comparison() -> None:
+    """Found by the precedence table: SymPy cannot tell that i % (n_k - 4) is an integer (the
+    divisor might be 0), so cpu printed fx.maximum of two ints, and `exp(j - i) < 2.5` in a
+    mask printed fx.exp of an int: both failed Numba's typing. Now cpu equals numpy."""
+    spec = """attention t {
+        param P[heads, 8]
+        score q . k
+        bias P[h, max(i % (n_k - 4), j // (n_k - 4)) % 8]
+        mask exp(j - i) < 2.5
+    }"""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 9, 4)) for _ in range(3))
+    P = rng.standard_normal((2, 8))
+    outs = [attndsl.compile(spec, target)(q, k, v, P=P) for target in TARGETS]
+    assert np.abs(outs[0] - outs[1]).max() < 1e-12
