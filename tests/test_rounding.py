@@ -172,3 +172,17 @@ def test_item4_cpu_compiles_integer_max_of_modulo_and_a_float_comparison() -> No
     P = rng.standard_normal((2, 8))
     outs = [attndsl.compile(spec, target)(q, k, v, P=P) for target in TARGETS]
     assert np.abs(outs[0] - outs[1]).max() < 1e-12
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_item4_integer_power_with_a_negative_exponent_is_a_float(target: str) -> None:
+    """`^` gives a float (LANGUAGE.md 3); NumPy refuses an integer array to a negative integer
+    power, so the numpy target raised ValueError on 2 ^ (j - i)."""
+    kernel = attndsl.compile("attention p {\n score q . k\n bias 2 ^ (j - i)\n"
+                             " mask j <= i\n}", target)
+    n = 7
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    logit = np.where(j <= i, 2.0 ** (j - i), -np.inf)
+    want = np.exp(logit - logit.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    assert np.abs(weights_of(kernel, n, n)[0] - want).max() < 1e-12

@@ -122,7 +122,8 @@ class KernelPrinter(PythonCodePrinter):
             return f"(1 / {self.call('sqrt', base)})"
         if exponent == -1:
             return f"(1 / {self.parenthesize(base, precedence(expr))})"
-        if integer_valued(base) and not (exponent.is_Integer and exponent >= 0):
+        if integer_valued(base) and integer_valued(exponent) and not (
+                exponent.is_Integer and exponent >= 0):
             return f"{self._float_base(base)}**{self._print_exponent(exponent)}"
         return f"{self.parenthesize(base, precedence(expr))}**{self._print_exponent(exponent)}"
 
