@@ -245,3 +245,12 @@ def test_item4_cpu_printer_compiles_with_numba() -> None:
                 continue
             got = compiled(*(np.int64(env[n]) for n in NAMES))
             assert _same(got, want), f"{op}: {text} -> {source} gives {got} at {env}, not {want}"
+
+
+def test_item4_spec_printer_round_trips_every_case() -> None:
+    """ir.to_text (error messages, `attndsl check`) is the fourth printer: written back and
+    parsed again, every case gives the same tree."""
+    for _, text in cases():
+        expr = derived(text)[0]
+        again = derived(ir.to_text(expr))[0]
+        assert again == expr, (text, ir.to_text(expr))
