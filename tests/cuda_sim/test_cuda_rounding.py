@@ -55,3 +55,15 @@ def test_floor_ceil_round_cuda_matches_numpy(dtype: type) -> None:
     g_ref = ref.backward(q, k, v, dout, table=table)
     for name in g_ref:
         np.testing.assert_allclose(g_cuda[name], g_ref[name], atol=10 * tol, err_msg=name)
+
+
+def test_item4_cuda_prints_where_and_a_where_divisor() -> None:
+    """Found by the precedence table: the CUDA printer raised ValueError on any where() (its
+    last branch folds to a number) and NotImplementedError on `//` by a where()."""
+    spec = attndsl.parse("attention t {\n param P[heads, 9]\n score q . k\n"
+                         " bias where(j > i, 0.5, 0) + P[h, (i + 5) // where(j > 2, 3, 2) % 9]\n}")
+    cuda, ref = compile_kernel(spec, tiles=TILES), attndsl.compile(spec, "numpy")
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, 9, 4)) for _ in range(3))
+    P = rng.standard_normal((2, 9))
+    assert np.abs(cuda(q, k, v, P=P) - ref(q, k, v, P=P)).max() < 1e-12
