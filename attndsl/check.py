@@ -32,6 +32,8 @@ RESERVED = frozenset(
 TENSORS = ("v", "out", "lse", "dout")
 # Functions that keep integers integers; every other function gives a float.
 INTEGER_PRESERVING = ("abs", "min", "max", "clamp", "where")
+# Functions that turn a float into an integer (gradient 0), so it can be a subscript.
+ROUNDING = ("floor", "ceil", "round")
 
 # A let chain inlines into one deep tree: past these, a SpecError rather than a RecursionError
 # (or an expression too large to derive). The recursion limit is raised (process-wide, never
@@ -353,8 +355,10 @@ class Checker:
         for arg in args:
             self._need_number(arg, f"{node.func}()")
         typed = self._broadcast(node, *args)
-        if typed.kind is Kind.INT and node.func not in INTEGER_PRESERVING:
+        if typed.kind is Kind.INT and node.func not in INTEGER_PRESERVING + ROUNDING:
             typed = dataclasses.replace(typed, kind=Kind.FLOAT)
+        if typed.kind is Kind.FLOAT and node.func in ROUNDING:
+            typed = dataclasses.replace(typed, kind=Kind.INT)
         return dataclasses.replace(node, args=args, type=typed)
 
     # ---- kind requirements ----

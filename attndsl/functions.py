@@ -8,6 +8,8 @@ Functions stay opaque (unevaluated) so the proof can treat each as an independen
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import sympy as sp
 
 
@@ -138,6 +140,63 @@ class Norm(sp.Function):
         return rf"\left({text}\right)^{{{exp}}}" if exp else text
 
 
+class Floor(sp.floor):
+    """floor(x): a float to an integer; gradient 0 (SymPy's floor leaves d/dx unevaluated)."""
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.S.Zero
+
+    def _sympystr(self, printer: sp.printing.str.StrPrinter) -> str:
+        return f"floor({printer._print(self.args[0])})"
+
+    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: str | None = None) -> str:
+        text = rf"\left\lfloor{{{printer._print(self.args[0])}}}\right\rfloor"
+        return rf"{text}^{{{exp}}}" if exp else text
+
+
+class Ceil(sp.ceiling):
+    """ceil(x): a float to an integer; gradient 0."""
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.S.Zero
+
+    def _sympystr(self, printer: sp.printing.str.StrPrinter) -> str:
+        return f"ceil({printer._print(self.args[0])})"
+
+    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: str | None = None) -> str:
+        text = rf"\left\lceil{{{printer._print(self.args[0])}}}\right\rceil"
+        return rf"{text}^{{{exp}}}" if exp else text
+
+
+class Round(sp.Function):
+    """round(x): the nearest integer, a tie to the even one (Python, NumPy); gradient 0.
+    Integers are not pulled out of the argument: round(1 + 1/2) = 2 but 1 + round(1/2) = 1."""
+
+    nargs = 1
+    is_integer = True
+
+    @classmethod
+    def eval(cls, x: sp.Expr) -> sp.Expr | None:
+        if x.is_integer:
+            return x
+        if x.is_Rational:
+            return sp.Integer(round(Fraction(int(x.p), int(x.q))))
+        if x.is_Float:
+            return sp.Integer(round(float(x)))
+        if x.is_number and x.is_real:  # irrational: never a tie
+            return sp.floor(x + sp.S.Half)
+        return None
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.S.Zero
+
+    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: str | None = None) -> str:
+        text = rf"\operatorname{{round}}{{\left({printer._print(self.args[0])}\right)}}"
+        return rf"{text}^{{{exp}}}" if exp else text
+
+
+ROUNDING = (Floor, Ceil, Round)  # float -> integer, gradient 0
+
 # Spec function name -> how to build it from SymPy arguments.
 SPEC_FUNCTIONS = {
     "exp": sp.exp,
@@ -156,6 +215,9 @@ SPEC_FUNCTIONS = {
     "min": sp.Min,
     "max": sp.Max,
     "clamp": Clamp,
+    "floor": Floor,
+    "ceil": Ceil,
+    "round": Round,
 }
 
 OPAQUE = (Sigmoid, Softplus, Step, Relu, Elu, EluGrad, Gelu, GeluGrad, InRange, Clamp, Norm,

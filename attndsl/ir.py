@@ -122,6 +122,7 @@ FUNCTIONS: dict[str, int] = {  # name -> number of arguments
     "exp": 1, "log": 1, "sqrt": 1, "rsqrt": 1, "abs": 1, "tanh": 1, "sigmoid": 1,
     "softplus": 1, "relu": 1, "elu": 1, "gelu": 1, "sin": 1, "cos": 1,
     "min": 2, "max": 2, "clamp": 3, "where": 3, "dot": 2, "sum": 1, "norm": 1,
+    "floor": 1, "ceil": 1, "round": 1,
 }
 REDUCTIONS = ("dot", "sum", "norm")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import random
 import sys
 import time
@@ -381,7 +382,10 @@ class _Oracle(_Evaluator):
                      sp.sign: lambda x: Fraction((x > 0) - (x < 0)), sp.Abs: abs,
                      sp.Max: max, sp.Min: min,
                      fn.Clamp: lambda x, lo, hi: min(max(x, lo), hi),
-                     fn.InRange: lambda x, lo, hi: Fraction(int(lo <= x <= hi))}
+                     fn.InRange: lambda x, lo, hi: Fraction(int(lo <= x <= hi)),
+                     fn.Floor: lambda x: Fraction(math.floor(x)),
+                     fn.Ceil: lambda x: Fraction(math.ceil(x)),
+                     fn.Round: lambda x: Fraction(round(x))}  # Fraction: a tie to even
         if type(e) in piecewise:
             return piecewise[type(e)](*(self(a) for a in e.args))
         raise _Inexact(type(e).__name__)
@@ -435,6 +439,7 @@ class _MpEval(_Evaluator):
         sp.exp: mpmath.exp, sp.log: mpmath.log, sp.tanh: mpmath.tanh, sp.sin: mpmath.sin,
         sp.cos: mpmath.cos, sp.erf: mpmath.erf, sp.Abs: abs, sp.sign: mpmath.sign,
         sp.floor: mpmath.floor, sp.Max: max, sp.Min: min,
+        fn.Floor: mpmath.floor, fn.Ceil: mpmath.ceil, fn.Round: mpmath.nint,  # nint: tie to even
         sp.Heaviside: lambda x, h0=sp.S.Half: (mpmath.mpf(h0.p) / h0.q if x == 0
                                                else mpmath.mpf(int(x > 0))),
     }

@@ -287,8 +287,8 @@ def test_every_example_checks(path: Path) -> None:
     assert spec.checked and spec.filename == str(path) and spec.source
 
 
-def test_there_are_nineteen_examples() -> None:
-    assert len(EXAMPLES) == 19
+def test_there_are_twenty_examples() -> None:
+    assert len(EXAMPLES) == 20
 
 
 def _all_typed(spec: ir.Spec) -> None:

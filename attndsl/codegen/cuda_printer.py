@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import sympy as sp
 
 from .. import functions as fn
+from .printer import integer_division, integer_valued
 
 MATH = {sp.exp: "math.exp", sp.log: "math.log", sp.tanh: "math.tanh", sp.sin: "math.sin",
         sp.cos: "math.cos"}
@@ -36,6 +37,10 @@ INLINE = {
     fn.Norm: "math.sqrt({0})",
     fn.NormGrad: "(HALF / math.sqrt({0}) if {0} > ZERO else ZERO)",  # norm'(0) = 0
 }
+# floor/ceil/round of a float. On the device math.floor of a float32 is a float32 (the
+# simulator's is a Python int), so integers go through int(...); the builtin round() would
+# convert float32 to float64, so round is floor(x + 1/2), one less at an odd tie.
+ROUNDING = {fn.Floor: "math.floor", fn.Ceil: "math.ceil", fn.Round: "round"}
 COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
 
@@ -65,7 +70,10 @@ class CudaPrinter:
     def num(self, e: sp.Basic) -> str:
         if e.is_Number or e in (sp.pi, sp.E):
             return self.const(e)
-        if e.is_integer and not isinstance(e, sp.Symbol):
+        if type(e) in ROUNDING:
+            return self._rounded(e)
+        if integer_valued(e) and not isinstance(e, sp.Symbol) and not (
+                isinstance(e, (sp.Add, sp.Mul)) and e.has(*ROUNDING)):
             return f"F({self.int_(e)})"
         if isinstance(e, sp.Symbol):
             text = self.symbol(e)
@@ -90,6 +98,20 @@ class CudaPrinter:
             args = [self.num(a) for a in e.args]
             return INLINE[type(e)].format(*[a if _simple(a) else f"({a})" for a in args])
         raise NotImplementedError(f"no CUDA printer rule for {type(e).__name__}: {e}")
+
+    def _rounded(self, e: sp.Basic) -> str:
+        """floor/ceil/round in float math: a NaN, an inf or a float beyond 2^52 (already an
+        integer) is returned as it is, where the int64 conversion would garble it."""
+        x = self.num(e.args[0])
+        x = x if _simple(x) else f"({x})"
+        return f"(F({self._integer_rounding(e, x)}) if abs({x}) < {self.const(2**52)} else {x})"
+
+    def _integer_rounding(self, e: sp.Basic, x: str) -> str:
+        if not isinstance(e, fn.Round):
+            return f"int({ROUNDING[type(e)]}({x}))"
+        up = f"({x} + HALF)"
+        floor = f"math.floor({up})"
+        return f"(int({floor}) - (1 if ({floor} == {up} and int({floor}) % 2 != 0) else 0))"
 
     def _add(self, e: sp.Add, each) -> str:  # type: ignore[no-untyped-def]
         terms = list(e.as_ordered_terms())
@@ -144,7 +166,8 @@ class CudaPrinter:
         (value, cond), *rest = e.args
         if not rest or cond == sp.true:
             return each(value)
-        return f"({each(value)} if {self.bool_(cond)} else {self._piecewise(sp.Piecewise(*rest), each)})"
+        other = sp.Piecewise(*rest)  # one (value, True) pair left evaluates to the value
+        return f"({each(value)} if {self.bool_(cond)} else {each(other)})"
 
     # ---- integer context ----
     def int_(self, e: sp.Basic) -> str:
@@ -161,10 +184,17 @@ class CudaPrinter:
             return "(" + " * ".join(self.int_(a) for a in e.args) + ")"
         if isinstance(e, sp.Pow) and e.args[1].is_Integer and e.args[1] > 0:
             return "(" + " * ".join([self.int_(e.args[0])] * int(e.args[1])) + ")"
+        if isinstance(e, sp.Pow) and e.args[1].is_integer and e.args[1].is_nonnegative:
+            return f"({self.int_(e.args[0])} ** {self.int_(e.args[1])})"  # SymPy: an integer
+        if type(e) in ROUNDING:
+            x = self.num(e.args[0])
+            return self._integer_rounding(e, x if _simple(x) else f"({x})")
         if isinstance(e, sp.floor):
-            num, den = e.args[0].as_numer_denom()
-            if num.is_integer and den.is_integer:
-                return f"({self.int_(num)} // {self.int_(den)})"
+            split = integer_division(e)
+            if isinstance(split, tuple):
+                return f"({self.int_(split[0])} // {self.int_(split[1])})"
+            if split is not None:
+                return self.int_(split)
         if isinstance(e, sp.Mod):
             return f"({self.int_(e.args[0])} % {self.int_(e.args[1])})"
         if isinstance(e, (sp.Max, sp.Min)):
@@ -188,7 +218,7 @@ class CudaPrinter:
         if isinstance(e, sp.Not):
             return f"(not {self.bool_(e.args[0])})"
         if isinstance(e, sp.core.relational.Relational):
-            each = self.int_ if (e.lhs.is_integer and e.rhs.is_integer) else self.num
+            each = self.int_ if (integer_valued(e.lhs) and integer_valued(e.rhs)) else self.num
             return f"({each(e.lhs)} {COMPARE[e.rel_op]} {each(e.rhs)})"
         raise NotImplementedError(f"no CUDA boolean rule for {type(e).__name__}: {e}")
 

@@ -20,17 +20,21 @@ from typing import Any
 
 import sympy as sp
 
+from .. import functions as fn
 from .. import ir
 from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
 from . import numpy_ref
 from .cpu_intrinsics import INTRINSICS_VERSION
-from .printer import KernelPrinter
+from .printer import KernelPrinter, integer_valued
 from .source import SourceWriter
 
 BQ, BK = 64, 128  # a 64 x 128 score tile (32 KiB in float32) stays in L1
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
+
+
+FLOAT_ROUNDING = {fn.Floor: "floor", fn.Ceil: "ceil", fn.Round: "rint"}
 
 
 class ToFloat(sp.Function):
@@ -44,8 +48,8 @@ def floatify(e: sp.Basic) -> sp.Basic:
     if isinstance(e, (sp.core.relational.Relational, sp.And, sp.Or, sp.Not,
                       sp.logic.boolalg.BooleanAtom)):
         return e  # conditions compare integers and floats as they are
-    if e.is_integer:
-        return ToFloat(e)
+    if integer_valued(e) and not (isinstance(e, (sp.Add, sp.Mul)) and e.has(*fn.ROUNDING)):
+        return ToFloat(e)  # a sum with floor(x) stays float math, so a NaN x stays NaN
     if e.is_Atom:
         return e
     if isinstance(e, sp.Pow) and e.args[1].is_Integer:
@@ -62,7 +66,23 @@ class NumbaPrinter(KernelPrinter):
         super().__init__("fx", names)
 
     def _print_ToFloat(self, expr: ToFloat) -> str:
-        return f"F({self._print(expr.args[0])})"
+        arg = expr.args[0]
+        if isinstance(arg, fn.ROUNDING):  # the float form (np.floor): NaN and inf stay
+            return self._rounding(FLOAT_ROUNDING[type(arg)], arg)
+        return f"F({self._print(arg)})"
+
+    def _print_Floor(self, expr: fn.Floor) -> str:
+        return self._rounding("ifloor", expr)
+
+    def _print_Ceil(self, expr: fn.Ceil) -> str:
+        return self._rounding("iceil", expr)
+
+    def _print_Round(self, expr: fn.Round) -> str:
+        return self._rounding("iround", expr)
+
+    def _rounding(self, name: str, expr: sp.Basic) -> str:
+        """An integer (subscripts, masks) or float rounding of a float argument."""
+        return f"fx.{name}({self._print(floatify(expr.args[0]))})"
 
     def _print_Integer(self, expr: sp.Integer) -> str:
         return str(int(expr))
@@ -87,8 +107,12 @@ class NumbaPrinter(KernelPrinter):
     def _print_exponent(self, exponent: sp.Basic) -> str:
         return f"F({self._print(exponent)})"
 
+    def _float_base(self, base: sp.Basic) -> str:
+        return f"F({self._print(base)})"
+
     def _print_Relational(self, expr: sp.Basic) -> str:
-        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+        lhs, rhs = (e if integer_valued(e) else floatify(e) for e in (expr.lhs, expr.rhs))
+        return f"({self._print(lhs)} {expr.rel_op} {self._print(rhs)})"  # exp(i - j) < 1: F(i)
 
     def _print_And(self, expr: sp.And) -> str:
         return "(" + " and ".join(self._print(a) for a in expr.args) + ")"
@@ -107,16 +131,16 @@ class NumbaPrinter(KernelPrinter):
                f"{self._print(sp.Piecewise(*rest))})"
 
     def _print_Max(self, expr: sp.Max) -> str:
-        name = "max" if expr.is_integer else "fx.maximum"
+        name = "max" if integer_valued(expr) else "fx.maximum"  # max(z // w, 1): SymPy unsure
         return self._fold_call(name, expr.args)
 
     def _print_Min(self, expr: sp.Min) -> str:
-        name = "min" if expr.is_integer else "fx.minimum"
+        name = "min" if integer_valued(expr) else "fx.minimum"
         return self._fold_call(name, expr.args)
 
     def _print_Abs(self, expr: sp.Abs) -> str:
         arg = expr.args[0]
-        return f"abs({self._print(arg)})" if arg.is_integer else self.call("abs", arg)
+        return f"abs({self._print(arg)})" if integer_valued(arg) else self.call("abs", arg)
 
     def _fold_call(self, name: str, args: tuple[sp.Basic, ...]) -> str:
         text = self._print(args[0])

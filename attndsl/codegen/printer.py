@@ -17,9 +17,34 @@ ARRAY_FUNCTIONS: dict[type, str] = {
     fn.Sigmoid: "sigmoid", fn.Softplus: "softplus", fn.Relu: "relu", fn.Step: "step",
     fn.Elu: "elu", fn.EluGrad: "elu_grad", fn.Gelu: "gelu", fn.GeluGrad: "gelu_grad",
     fn.Clamp: "clamp", fn.InRange: "in_range", fn.Norm: "norm", fn.NormGrad: "norm_grad",
+    fn.Floor: "floor", fn.Ceil: "ceil", fn.Round: "round",
 }
 RELATIONS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
              "==": "equal", "!=": "not_equal"}
+
+
+def integer_valued(e: sp.Basic) -> bool:
+    """Integer-valued in the spec's sense. SymPy cannot tell for i % (n_k - 4) or z // w (is
+    the divisor 0?), but the checker lets `//` and `%` take integers only."""
+    if e.is_integer or isinstance(e, (sp.floor, sp.ceiling, fn.Round)):
+        return True
+    if isinstance(e, (sp.Mod, sp.Add, sp.Mul, sp.Max, sp.Min, sp.Abs)):
+        return all(integer_valued(a) for a in e.args)
+    if isinstance(e, sp.Piecewise):
+        return all(integer_valued(value) for value, _ in e.args)
+    return False
+
+
+def integer_division(e: sp.floor) -> tuple[sp.Basic, sp.Basic] | sp.Piecewise | None:
+    """floor(a / b) of integers as (a, b) for `a // b`; a divisor `where(...)` (SymPy moves
+    1/where into the branches) as a where of such floors; None for a float argument."""
+    num, den = e.args[0].as_numer_denom()
+    if den != 1 and integer_valued(num) and integer_valued(den):
+        return num, den
+    folded = sp.piecewise_fold(e.args[0])
+    if isinstance(folded, sp.Piecewise):
+        return sp.Piecewise(*((sp.floor(v), c) for v, c in folded.args))
+    return None
 
 
 class KernelPrinter(PythonCodePrinter):
@@ -51,19 +76,31 @@ class KernelPrinter(PythonCodePrinter):
 
     _print_exp = _print_log = _print_tanh = _print_sin = _print_cos = _print_Function
     _print_sign = _print_Abs = _print_Function
+    # floor/ceil/round of a float: a float array of integer values (NaN stays NaN); lookups
+    # and scatters turn such subscripts into integers
+    _print_Floor = _print_Ceil = _print_Round = _print_Function
 
     def _print_Heaviside(self, expr: sp.Heaviside) -> str:
         return self.call("heaviside", expr.args[0])  # H(0) = 1/2: max/min split a tie
 
     def _print_floor(self, expr: sp.floor) -> str:
-        arg = expr.args[0]
-        num, den = arg.as_numer_denom()
-        if self.integer_division and den != 1 and num.is_integer and den.is_integer:
-            return f"({self._print(num)} // {self._print(den)})"
-        return self.call("floor", arg)
+        split = integer_division(expr) if self.integer_division else None
+        if isinstance(split, tuple):
+            return f"({self._operand(split[0])} // {self._operand(split[1])})"
+        if split is not None:
+            return self._print(split)
+        return self.call("floor", expr.args[0])
 
     def _print_Mod(self, expr: sp.Mod) -> str:
-        return f"({self._print(expr.args[0])} % {self._print(expr.args[1])})"
+        return f"({self._operand(expr.args[0])} % {self._operand(expr.args[1])})"
+
+    def _operand(self, e: sp.Basic) -> str:
+        """An operand of `//` or `%`, parenthesized unless it is a name or a natural number:
+        `(i + 1) // 3` must not print as `i + 1 // 3` (issue 8, item 4)."""
+        text = self._print(e)
+        if e.is_Symbol or (e.is_Integer and e >= 0):
+            return text
+        return f"({text})"
 
     def _print_Max(self, expr: sp.Max) -> str:
         return self._fold("maximum", expr.args)
@@ -85,7 +122,15 @@ class KernelPrinter(PythonCodePrinter):
             return f"(1 / {self.call('sqrt', base)})"
         if exponent == -1:
             return f"(1 / {self.parenthesize(base, precedence(expr))})"
+        if integer_valued(base) and integer_valued(exponent) and not (
+                exponent.is_Integer and exponent >= 0):
+            return f"{self._float_base(base)}**{self._print_exponent(exponent)}"
         return f"{self.parenthesize(base, precedence(expr))}**{self._print_exponent(exponent)}"
+
+    def _float_base(self, base: sp.Basic) -> str:
+        """An integer base of a power the language makes a float: NumPy refuses an integer
+        array to a negative integer power (2 ^ (j - i))."""
+        return self.call("to_float", base)
 
     def _print_exponent(self, exponent: sp.Basic) -> str:
         if exponent.is_Integer and exponent >= 0:

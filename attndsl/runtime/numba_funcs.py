@@ -237,6 +237,12 @@ def _norm_grad(F: type) -> Callable[..., Any]:
 abs = _define("abs", 1, _abs)  # the spec function's name
 sign = _define("sign", 1, _sign)
 floor = _define("floor", 1, lambda F: lambda x: np.floor(x))
+ceil = _define("ceil", 1, lambda F: lambda x: np.ceil(x))
+rint = _define("rint", 1, lambda F: lambda x: np.rint(x))  # the spec's round: a tie to even
+# The spec's floor/ceil/round as integers (subscripts): math.floor and round() return int64
+ifloor = _define("ifloor", 1, lambda F: lambda x: math.floor(x))
+iceil = _define("iceil", 1, lambda F: lambda x: math.ceil(x))
+iround = _define("iround", 1, lambda F: lambda x: round(x))
 maximum = _define("maximum", 2, lambda F: _pick(F, True))
 minimum = _define("minimum", 2, lambda F: _pick(F, False))
 heaviside = _define("heaviside", 1, _heaviside)

@@ -17,10 +17,15 @@ arange = np.arange
 exp, log, sqrt, tanh, sin, cos, sign = np.exp, np.log, np.sqrt, np.tanh, np.sin, np.cos, np.sign
 abs = np.abs
 maximum, minimum, where, floor = np.maximum, np.minimum, np.where, np.floor
+ceil, round = np.ceil, np.rint
 less, less_equal, greater, greater_equal = np.less, np.less_equal, np.greater, np.greater_equal
 equal, not_equal = np.equal, np.not_equal
 logical_and, logical_or, logical_not = np.logical_and, np.logical_or, np.logical_not
 pi = np.pi
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
 
 
 def rational(p: int, q: int) -> float:
@@ -112,7 +117,7 @@ def full(x: np.ndarray | bool | float, shape: Sequence[int]) -> np.ndarray:
 def lookup(array: np.ndarray, name: str, subscripts: Sequence[np.ndarray],
            vector: bool = False) -> np.ndarray:
     """array[subscripts] with a ValueError naming the array when a subscript is out of range."""
-    subs = [np.asarray(s) for s in subscripts]
+    subs = [_integers(s, name, axis) for axis, s in enumerate(subscripts)]
     if vector:  # a row of the array: drop the feature axis of the subscripts
         subs = [s[..., 0] if s.ndim == 5 else s for s in subs]
     for axis, s in enumerate(subs):
@@ -124,6 +129,23 @@ def lookup(array: np.ndarray, name: str, subscripts: Sequence[np.ndarray],
     if not subs:
         return array
     return array[tuple(subs)]
+
+
+def _integers(s: object, name: str, axis: int) -> np.ndarray:
+    """A subscript as an integer array: floor/ceil/round give floats of integer values (SymPy
+    integers in the proof); a NaN or infinite one is an error naming the array."""
+    s = np.asarray(s)
+    if s.dtype.kind in "iub":
+        return s
+    if s.dtype == object:
+        try:
+            return s.astype(np.int64)
+        except TypeError:  # a symbolic subscript: the proof indexes with concrete ones only
+            return s
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"subscript {axis} of '{name}' is not finite (a NaN or infinite "
+                         "value reached floor, ceil or round)")
+    return s.astype(np.int64)
 
 
 def reduce(body: np.ndarray) -> np.ndarray:
@@ -173,7 +195,7 @@ def scatter(shape: Sequence[int], subscripts: Sequence[np.ndarray], values: np.n
             vector: bool = False) -> np.ndarray:
     """The adjoint of `lookup`: add each value at its subscripts."""
     out = np.zeros(tuple(shape), dtype=np.result_type(values, np.float32))
-    subs = [np.asarray(s) for s in subscripts]
+    subs = [_integers(s, "scatter", axis) for axis, s in enumerate(subscripts)]
     if vector:
         subs = [s[..., 0] if s.ndim == 5 else s for s in subs]
         lead = np.broadcast_shapes(*(s.shape for s in subs), values.shape[:-1])

@@ -34,13 +34,18 @@ def _elementwise(f: Callable[..., sp.Basic]) -> Callable[..., np.ndarray]:
     return lambda *args: vectorized(*args)
 
 
+def to_float(x: object) -> object:
+    return x  # exact: an integer base of a power stays exact
+
+
 def rational(p: int, q: int) -> sp.Rational:
     return sp.Rational(p, q)
 
 
 exp, log, sqrt, tanh, sin, cos = (_elementwise(f) for f in (sp.exp, sp.log, sp.sqrt, sp.tanh,
                                                             sp.sin, sp.cos))
-sign, abs, floor = _elementwise(sp.sign), _elementwise(sp.Abs), _elementwise(sp.floor)  # noqa: A001
+sign, abs, floor = _elementwise(sp.sign), _elementwise(sp.Abs), _elementwise(fn.Floor)
+ceil, round = _elementwise(fn.Ceil), _elementwise(fn.Round)
 heaviside = _elementwise(sp.Heaviside)
 sigmoid, softplus, relu, step = (_elementwise(f) for f in (fn.Sigmoid, fn.Softplus, fn.Relu,
                                                            fn.Step))
@@ -104,7 +109,7 @@ def safe_div(x: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.vectorize(lambda a, c: sp.S.Zero if _is_zero(c) else a / c, otypes=[object])(x, z)
 
 
-def log_sum(m: np.ndarray, l: np.ndarray) -> np.ndarray:  # noqa: E741
+def log_sum(m: np.ndarray, l: np.ndarray) -> np.ndarray:
     return np.vectorize(lambda a, c: -sp.oo if _is_zero(c) else a + sp.log(c),
                         otypes=[object])(m, l)
 
