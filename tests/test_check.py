@@ -439,22 +439,6 @@ def test_uses_n() -> None:
     assert not uses_n(parse("score q . k", "bias i / n_q"))
 
 
-# ---- speed -------------------------------------------------------------------------------------
-
-
-def test_parse_and_check_is_fast() -> None:
-    texts = [p.read_text() for p in EXAMPLES]
-    for text in texts:  # warm up: the grammar is built once
-        attndsl.parse(text)
-    start = time.perf_counter()
-    rounds = 5
-    for _ in range(rounds):
-        for text in texts:
-            attndsl.parse(text)
-    per_spec = (time.perf_counter() - start) / (rounds * len(texts))
-    assert per_spec < 0.050, f"{per_spec * 1e3:.1f} ms per spec"
-
-
 # ---- item 11: long let chains ------------------------------------------------------------------
 
 

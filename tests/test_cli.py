@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -110,7 +109,6 @@ def test_pip_install_into_a_fresh_venv_works_from_another_directory(tmp_path: Pa
     The fresh venv borrows this environment's dependencies through a .pth file, so nothing is
     downloaded; attndsl itself is built from a copy of the project and installed with --no-deps.
     """
-    start = time.perf_counter()
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -147,7 +145,6 @@ def test_pip_install_into_a_fresh_venv_works_from_another_directory(tmp_path: Pa
                           text=True, cwd=elsewhere, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(": ok — ") == 20
-    assert time.perf_counter() - start < 60
 
 
 def test_item13_check_prints_the_clauses_as_written(tmp_path: Path,

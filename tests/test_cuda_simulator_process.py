@@ -25,7 +25,7 @@ def test_cuda_simulator_suite_passes() -> None:
     env.pop("PYTEST_XDIST_WORKER", None)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda_sim"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False,
     )
     tail = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, f"simulator tests failed:\n{tail}"

@@ -1,7 +1,7 @@
 """attndsl.verify: every example is proved, wrong gradients are caught, the report is honest.
 
-The issue's budget is < 30 s per example (derive + verify) on the 2-core development machine;
-each example's time is asserted and printed in the terminal summary (`-rA` or `-s` shows it).
+The 30 s per example budget (derive + verify) is measured by benchmarks/bench_frontend.py;
+each example's time is recorded and printed in the terminal summary (`-rA` or `-s` shows it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from attndsl.codegen import numpy_ref
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.attn"))
-BUDGET_S = 30.0
 # Examples whose gradients hold roots: exact evaluation does not apply. None since norm(u) is
 # the opaque Norm(r) with its own derivative NormGrad (norm'(0) = 0), not sqrt(r).
 MPMATH: set[str] = set()
@@ -59,7 +58,6 @@ def test_example_verifies(name: str, record_property: pytest.RecordProperty) -> 
     assert text.startswith(f"verify {name}: ok")
     for what in wanted:
         assert f"proof d{what}" in text
-    assert elapsed < BUDGET_S, f"verify {name} took {elapsed:.1f} s (budget {BUDGET_S} s)"
 
 
 def test_proof_sizes_follow_the_spec() -> None:
