@@ -6,6 +6,7 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 * :func:`gemm` / :func:`gemm_unchecked` -- row-major ``C = alpha*op(A) @ op(B) + beta*C`` on
   sub-tiles addressed in place (element offsets + leading dimensions) through SciPy's
   single/double precision BLAS, bound by symbol name.
+* :func:`gemm_skip_zero` -- the same in plain loops, skipping terms whose A element is 0.
 * :func:`fmax` -- ``llvm.maxnum`` with fast-math flags; unlike Numba's ``max`` it vectorizes.
 * :func:`row_max` -- vectorized max of a contiguous run of a 1-D array.
 * :func:`exp2` -- scalar 2**y: polynomial + exponent bit trick for float32, ``math.exp`` for
@@ -61,6 +62,7 @@ __all__ = [
     "exp2_shift_sum",
     "fmax",
     "gemm",
+    "gemm_skip_zero",
     "gemm_unchecked",
     "row_max",
     "set_blas_num_threads",
@@ -68,10 +70,12 @@ __all__ = [
 ]
 
 # Bump whenever generated code calling these helpers must be recompiled (see module docstring).
-INTRINSICS_VERSION = "2"
+INTRINSICS_VERSION = "3"
 
-# Fast-math flags for kernels: everything but 'ninf' -- masked scores are -inf and must stay so.
-FASTMATH: set[str] = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
+# Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
+# 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
+# vectorize without them: sums need 'reassoc', the row max uses llvm.maxnum (see fmax).
+FASTMATH: set[str] = {"nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
 
 # ----------------------------------------------------------------------------------------------
 # 512-bit vectors. LLVM's tuning for recent Intel cores includes 'prefer-256-bit' (avoids zmm
@@ -293,6 +297,35 @@ def gemm(
     )
 
 
+@njit(inline="always")
+def _tile_at(x, off, ld, r, c, trans):  # pragma: no cover - compiled
+    """Element (r, c) of op(X) for the row-major tile at ``off`` with stride ``ld``."""
+    return x[off + c * ld + r] if trans else x[off + r * ld + c]
+
+
+@njit(cache=True)
+def gemm_skip_zero(
+    trans_a, trans_b, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc
+):  # pragma: no cover - compiled
+    """:func:`gemm_unchecked` that skips the terms whose A element is exactly 0: 0 * NaN = 0.
+
+    The careful path of a kernel whose row operands hold a NaN or inf: A is a tile of pair
+    weights or adjoints, exactly 0 for masked pairs, which must not pick up B's NaN. Plain
+    loops (only non-finite inputs take this path); ``beta`` 0 overwrites C.
+    """
+    a, b, c = a.reshape(a.size), b.reshape(b.size), c.reshape(c.size)  # C-contiguous: views
+    for i in range(m):
+        row = c_off + i * ldc
+        for j in range(n):
+            c[row + j] = c[row + j] * beta if beta != 0 else c.dtype.type(0)
+        for p in range(k):
+            av = _tile_at(a, a_off, lda, i, p, trans_a)
+            if av != 0:
+                s = alpha * av
+                for j in range(n):
+                    c[row + j] += s * _tile_at(b, b_off, ldb, p, j, trans_b)
+
+
 # ----------------------------------------------------------------------------------------------
 # Vectorizable max. Numba lowers max()/ternaries to compare+select that LLVM will not vectorize
 # as a reduction; llvm.maxnum with nnan/nsz is recognised as an fmax reduction.
@@ -372,7 +405,8 @@ def _scale_by_pow2_bits(typingctx, p, n):
 
 @njit(fastmath=FASTMATH, inline="always")
 def exp2_f32(y):  # pragma: no cover - compiled
-    """2**y for float32 y: rel. error < 1e-7 on [-126, 127]; 0 below -126, for -inf and NaN."""
+    """2**y for float32 y: rel. error < 1e-7 on [-126, 127]; 0 below -126 and for -inf; NaN
+    for NaN (a NaN logit must reach the row's sum, not vanish as a weight 0)."""
     yc = fmax(y, _MIN_EXP32)
     # np.floor keeps float32 (math.floor returns int64 and drags the loop into float64).
     nf = np.floor(yc + _HALF32)
@@ -385,9 +419,11 @@ def exp2_f32(y):  # pragma: no cover - compiled
     p = p * f + _P1
     p = p * f + _P0
     r = _scale_by_pow2_bits(p, nf)
-    if y >= _MIN_EXP32:  # a statement, not a ternary: inlined twice, a ternary's phi node
-        return r  # trips Numba's NumbaIRAssumptionWarning (fx.tanh inlines exp2_f32)
-    return _ZERO32
+    if y < _MIN_EXP32:  # statements, not ternaries: inlined twice, a ternary's phi node
+        return _ZERO32  # trips Numba's NumbaIRAssumptionWarning (fx.tanh inlines exp2_f32)
+    if y != y:  # noqa: PLR0124 - NaN (not r + (y - y): 'reassoc' folds that to r)
+        return y
+    return r
 
 
 @njit(fastmath=FASTMATH, inline="always")
