@@ -52,10 +52,10 @@ def make(spec: str, n_q: int, n_k: int, dtype: type = np.float64, heads: int = 4
     v = rng.standard_normal((1, kv_heads, n_k, dv)).astype(dtype)
     dout = rng.standard_normal((1, heads, n_q, dv)).astype(dtype)
     params = {}
-    if spec == HAZARDS:
+    if spec == HAZARDS:  # heads == kv_heads: cpu's GQA dk of feature loops is item 2's bug
         params = {"nanp": np.zeros((heads, 2), dtype),
                   "sb": (0.3 * rng.standard_normal((heads, 2))).astype(dtype)}
-        q[0, :, 3] = k[0, 0, 3]  # heads 0, 1 read kv head 0: an inf partial at pair (3, 3)
+        q[0, :, 3] = k[0, 0, 3]  # an inf partial at pair (3, 3) of the heads reading kv head 0
     return Inputs(q, k, v, dout, params)
 
 
@@ -185,11 +185,13 @@ def nan_param(x: Inputs) -> Callable[[dict, dict], None]:
     def expect(r: dict, c: dict) -> None:
         assert np.isnan(r["out"][0, 1]).all() and np.isnan(r["lse"][0, 1]).all()
         assert np.isnan(r["dsb"][1]).all() and np.isnan(r["dq"][0, 1]).all()
-        _close(r["out"][0, [0, 2, 3]], c["out"][0, [0, 2, 3]])
+        others = [h for h in range(r["out"].shape[1]) if h != 1]
+        _close(r["out"][0, others], c["out"][0, others])
     return expect
 
 
 HAZARD_CASES = [untaken_nan_param, nan_param]
+HAZARD_HEADS = {"heads": 2, "kv_heads": 2}  # GQA: see make()
 
 
 def finite_differences(kernel: Any, x: Inputs, picks: list[tuple[int, ...]], eps: float = 1e-6

@@ -363,7 +363,7 @@ def test_item3_where_branches_nan_policy_numpy(case) -> None:  # type: ignore[no
     """Untaken where branches (log of <= 0, inf derivatives, NaN params) change nothing; a NaN
     param on allowed pairs propagates."""
     ref = _nan_kernel(nan_cases.HAZARDS)
-    clean = nan_cases.make(nan_cases.HAZARDS, 67, 131)
+    clean = nan_cases.make(nan_cases.HAZARDS, 67, 131, **nan_cases.HAZARD_HEADS)
     poisoned = clean.copy()
     expect = case(poisoned)
     expect(nan_cases.run(ref, poisoned), nan_cases.run(ref, clean))
@@ -372,7 +372,7 @@ def test_item3_where_branches_nan_policy_numpy(case) -> None:  # type: ignore[no
 def test_item3_untaken_where_gradient_matches_finite_differences_numpy() -> None:
     """Row 3 == key 3: the untaken branch's derivative there is inf; dq is still the true one."""
     ref = _nan_kernel(nan_cases.HAZARDS)
-    x = nan_cases.make(nan_cases.HAZARDS, 67, 131)
+    x = nan_cases.make(nan_cases.HAZARDS, 67, 131, **nan_cases.HAZARD_HEADS)
     x.params["nanp"][:] = np.nan
     grads = nan_cases.run(ref, x)
     picks = [(0, 0, 3, 0), (0, 1, 3, 2), (0, 0, 2, 4)]
