@@ -20,13 +20,13 @@ CAUSAL = """attention causal {
     scale 1 / sqrt(d)
 }"""
 
-# Untaken branches: log(j - i) is -inf or NaN for j <= i, sqrt(abs(q - k))'s derivative is inf
-# where q == k (set at row 3 = key 3), nanp (NaN in the tests) is read only when i - j > 1000.
+# Untaken branches: log(j - i) is -inf or NaN for j <= i, the sqrt's derivative 0 / 0 where
+# q_f = k_f = 0 (row 3, key 3), nanp (NaN in the tests) is read only when i - j > 1000.
 HAZARDS = """attention hazards {
     param nanp[heads, 2]
     param sb[heads, 2]
     mask  j <= i + 1
-    score where(j <= i, q . k, -sum(sqrt(abs(q - k))) - log(j - i))
+    score where(j <= i, q . k, -sum(sqrt(q * q + k * k)) - log(j - i))
     bias  where(i - j > 1000, nanp[h, j % 2], sb[h, j % 2])
 }"""
 
@@ -55,7 +55,7 @@ def make(spec: str, n_q: int, n_k: int, dtype: type = np.float64, heads: int = 4
     if spec == HAZARDS:  # heads == kv_heads: cpu's GQA dk of feature loops is item 2's bug
         params = {"nanp": np.zeros((heads, 2), dtype),
                   "sb": (0.3 * rng.standard_normal((heads, 2))).astype(dtype)}
-        q[0, :, 3] = k[0, 0, 3]  # an inf partial at pair (3, 3) of the heads reading kv head 0
+        q[0, :, 3, 0] = k[0, 0, 3, 0] = 0  # a NaN partial at pair (3, 3) of kv head 0's heads
     return Inputs(q, k, v, dout, params)
 
 

@@ -370,7 +370,7 @@ def test_item3_where_branches_nan_policy_numpy(case) -> None:  # type: ignore[no
 
 
 def test_item3_untaken_where_gradient_matches_finite_differences_numpy() -> None:
-    """Row 3 == key 3: the untaken branch's derivative there is inf; dq is still the true one."""
+    """Pair (3, 3): the untaken branch's derivative there is 0 / 0; dq is still the true one."""
     ref = _nan_kernel(nan_cases.HAZARDS)
     x = nan_cases.make(nan_cases.HAZARDS, 67, 131, **nan_cases.HAZARD_HEADS)
     x.params["nanp"][:] = np.nan

@@ -7,6 +7,7 @@ a parameter of compile_kernel.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 import attndsl
 from attndsl.codegen import cuda_toolchain as tc
 from attndsl.codegen.numba_cuda import compile_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared NaN cases
+import nan_cases
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.attn"))
 TOL = {np.float64: {"rtol": 1e-10, "atol": 1e-10}, np.float32: {"rtol": 1e-4, "atol": 1e-4}}
@@ -248,3 +252,41 @@ def test_linear_path_matches_reference_with_gqa(text: str, nq: int, nk: int) -> 
     want, got = reference.backward(q, k, v, G), kernel.backward(q, k, v, G)
     for name in ("q", "k", "v"):
         np.testing.assert_allclose(got[name], want[name], atol=1e-10, rtol=0, err_msg=name)
+
+
+# ---- issue 8 item 3: the NaN policy (tests/nan_cases.py) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_kernels():
+    return {source: (compile_kernel(attndsl.parse(source), tiles=(4, 4, 4, 4)),
+                     attndsl.compile(source, target="numpy"))
+            for source in (nan_cases.CAUSAL, nan_cases.HAZARDS)}
+
+
+def _nan_case(kernels, source, case, n_q, n_k):
+    cuda, ref = kernels[source]
+    heads = nan_cases.HAZARD_HEADS if source == nan_cases.HAZARDS else {}
+    clean = nan_cases.make(source, n_q, n_k, **heads)
+    poisoned = clean.copy()
+    expect = case(poisoned)
+    got = nan_cases.run(cuda, poisoned)
+    want = nan_cases.run(ref, poisoned)
+    if getattr(case, "forward_only", False):
+        got, want = ({n: r[n] for n in ("out", "lse")} for r in (got, want))
+    nan_cases.assert_same(got, want, **TOL[np.float64])
+    expect(got, nan_cases.run(cuda, clean))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # simulator threads: no errstate
+@pytest.mark.parametrize("case", nan_cases.CAUSAL_CASES, ids=lambda c: c.__name__)
+def test_item3_causal_nan_policy_cuda(nan_kernels, case):
+    """13 x 13 causal, GQA, 4 x 4 tiles: NaN where numpy has it; keys masked for rows of the
+    same tile leave those rows as on clean data."""
+    _nan_case(nan_kernels, nan_cases.CAUSAL, case, 13, 13)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # simulator threads: no errstate
+@pytest.mark.parametrize("case", nan_cases.HAZARD_CASES, ids=lambda c: c.__name__)
+def test_item3_where_branches_nan_policy_cuda(nan_kernels, case):
+    _nan_case(nan_kernels, nan_cases.HAZARDS, case, 7, 11)
