@@ -163,6 +163,24 @@ def nan_in_dout(x: Inputs) -> Callable[[dict, dict], None]:
     return expect
 
 
+SHIFTED_SUM = """attention shifted_causal_sum {
+    score     (elu(q) + 1) . (elu(k) + 1)
+    normalize sum
+    mask      j <= i - 3
+}"""
+
+
+def nan_row_sum(x: Inputs) -> Callable[[dict, dict], None]:
+    """normalize sum: row 10 (keys 0..7) NaN; keys 8.. are masked for it and stay clean."""
+    x.q[0, 1, 10, 2] = np.nan
+
+    def expect(r: dict, c: dict) -> None:
+        assert np.isnan(r["out"][0, 1, 10]).all() and np.isnan(r["dk"][0, 0, :8]).all()
+        _close(r["dk"][:, :, 8:], c["dk"][:, :, 8:])
+        _close(r["dv"][:, :, 8:], c["dv"][:, :, 8:])
+    return expect
+
+
 CAUSAL_CASES = [nan_in_q, inf_in_k, huge_q, masked_nan_in_v, masked_inf_in_v, masked_nan_in_k,
                 nan_in_dout]
 

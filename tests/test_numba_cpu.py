@@ -514,3 +514,17 @@ def test_item3_causal_nan_policy_cpu(nan_kernels, case, dtype) -> None:  # type:
 def test_item3_where_branches_nan_policy_cpu(nan_kernels, case, dtype) -> None:  # type: ignore[no-untyped-def]
     """Untaken where branches with NaN/inf values and derivatives; a NaN param on allowed pairs."""
     _nan_case(nan_kernels, nan_cases.HAZARDS, case, 67, 131, dtype)
+
+
+def test_item3_sum_normalizer_nan_row_cpu(kernels: Kernels) -> None:
+    """normalize sum, float64 and float32: as numpy, masked keys of a NaN row stay clean."""
+    _spec, cpu, ref = kernels("shifted_causal_sum")
+    assert nan_cases.SHIFTED_SUM.split() == H.INLINE["shifted_causal_sum"].split()
+    for dtype in DTYPES:
+        clean = nan_cases.make(nan_cases.SHIFTED_SUM, 67, 67, dtype)
+        poisoned = clean.copy()
+        expect = nan_cases.nan_row_sum(poisoned)
+        got = nan_cases.run(cpu, poisoned)
+        tol = F64_TOL if dtype == np.float64 else F32_TOL
+        nan_cases.assert_same(got, nan_cases.run(ref, poisoned), rtol=tol, atol=tol)
+        expect(got, nan_cases.run(cpu, clean))

@@ -378,3 +378,11 @@ def test_item3_untaken_where_gradient_matches_finite_differences_numpy() -> None
     picks = [(0, 0, 3, 0), (0, 1, 3, 2), (0, 0, 2, 4)]
     fd = nan_cases.finite_differences(ref, x, picks)
     np.testing.assert_allclose([grads["dq"][p] for p in picks], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_item3_sum_normalizer_nan_row_numpy() -> None:
+    """normalize sum: a NaN row keeps weight 0 (not 0 / NaN) at its masked keys."""
+    ref = _nan_kernel(nan_cases.SHIFTED_SUM)
+    clean = nan_cases.make(nan_cases.SHIFTED_SUM, 67, 67)
+    poisoned = clean.copy()
+    nan_cases.nan_row_sum(poisoned)(nan_cases.run(ref, poisoned), nan_cases.run(ref, clean))

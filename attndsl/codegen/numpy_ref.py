@@ -150,7 +150,8 @@ class Emitter:
                 w("# x / sum_j x over allowed keys; an empty row gives out = 0")
                 w("xz = xp.where(allowed, x, 0)")
                 w("z = xp.keysum(xz)")
-                w("return xp.safe_div(xz, z)[..., 0], z")
+                w("# where: a NaN row (z NaN) keeps weight 0 at its masked keys")
+                w("return xp.where(allowed, xp.safe_div(xz, z), 0)[..., 0], z")
             elif d.norm is NormKind.NONE:
                 w("return xp.where(allowed, x, 0)[..., 0], None")
             else:
