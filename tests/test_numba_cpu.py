@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import cpu_helpers as H
+import nan_cases
 import numpy as np
 import pytest
 
@@ -493,3 +494,58 @@ def test_second_process_hits_the_disk_cache(kernels: Kernels, cache_dir: str,
             f"{r['compile']:.2f} s, first forward + backward {r['first_call']:.2f} s, "
             f"first result {r['first_result']:.2f} s, process wall {r['wall']:.2f} s")
     # The 2 s warm-start target is measured by benchmarks/bench_cpu.py, not asserted here.
+
+
+# ---- issue 8 item 3: the NaN policy (tests/nan_cases.py) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_kernels(cache_dir: str) -> dict[str, tuple[Any, Any]]:
+    return {source: (attndsl.compile(source, target="cpu"),
+                     attndsl.compile(source, target="numpy"))
+            for source in (nan_cases.CAUSAL, nan_cases.HAZARDS)}
+
+
+def _nan_case(kernels: dict[str, tuple[Any, Any]], source: str, case: Any, n_q: int, n_k: int,
+              dtype: type) -> None:
+    cpu, ref = kernels[source]
+    heads = nan_cases.HAZARD_HEADS if source == nan_cases.HAZARDS else {}
+    clean = nan_cases.make(source, n_q, n_k, dtype, **heads)
+    poisoned = clean.copy()
+    expect = case(poisoned)
+    got = nan_cases.run(cpu, poisoned)
+    want = nan_cases.run(ref, poisoned)
+    if getattr(case, "forward_only", False):
+        got, want = ({n: r[n] for n in ("out", "lse")} for r in (got, want))
+    tol = F64_TOL if dtype == np.float64 else F32_TOL
+    nan_cases.assert_same(got, want, rtol=tol, atol=tol)
+    expect(got, nan_cases.run(cpu, clean))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("case", nan_cases.CAUSAL_CASES, ids=lambda c: c.__name__)
+def test_item3_causal_nan_policy_cpu(nan_kernels, case, dtype) -> None:  # type: ignore[no-untyped-def]
+    """200 x 200 causal, GQA: NaN/inf at allowed pairs gives NaN exactly where numpy has it; at
+    keys masked for some rows of the same 64 x 128 tile it leaves those rows as on clean data."""
+    _nan_case(nan_kernels, nan_cases.CAUSAL, case, 200, 200, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("case", nan_cases.HAZARD_CASES, ids=lambda c: c.__name__)
+def test_item3_where_branches_nan_policy_cpu(nan_kernels, case, dtype) -> None:  # type: ignore[no-untyped-def]
+    """Untaken where branches with NaN/inf values and derivatives; a NaN param on allowed pairs."""
+    _nan_case(nan_kernels, nan_cases.HAZARDS, case, 67, 131, dtype)
+
+
+def test_item3_sum_normalizer_nan_row_cpu(kernels: Kernels) -> None:
+    """normalize sum, float64 and float32: as numpy, masked keys of a NaN row stay clean."""
+    _spec, cpu, ref = kernels("shifted_causal_sum")
+    assert nan_cases.SHIFTED_SUM.split() == H.INLINE["shifted_causal_sum"].split()
+    for dtype in DTYPES:
+        clean = nan_cases.make(nan_cases.SHIFTED_SUM, 67, 67, dtype)
+        poisoned = clean.copy()
+        expect = nan_cases.nan_row_sum(poisoned)
+        got = nan_cases.run(cpu, poisoned)
+        tol = F64_TOL if dtype == np.float64 else F32_TOL
+        nan_cases.assert_same(got, nan_cases.run(ref, poisoned), rtol=tol, atol=tol)
+        expect(got, nan_cases.run(cpu, clean))

@@ -17,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+import nan_cases
 import numpy as np
 import pytest
 
@@ -339,3 +340,51 @@ def test_n_needs_square_inputs() -> None:
 def test_empty_inputs_are_rejected() -> None:
     q, k, v = inputs(n_k=0)
     _raises(ValueError, lambda: kernel("luong_dot")(q, k, v), "empty")
+
+
+# ---- issue 8 item 3: the NaN policy (tests/nan_cases.py) ------------------------------------
+
+
+@functools.cache
+def _nan_kernel(source: str) -> attndsl.Kernel:
+    return attndsl.compile(source, target="numpy")
+
+
+@pytest.mark.parametrize("case", nan_cases.CAUSAL_CASES, ids=lambda c: c.__name__)
+def test_item3_causal_nan_policy_numpy(case) -> None:  # type: ignore[no-untyped-def]
+    """NaN/inf at allowed pairs propagates; at masked keys (same tiles, GQA) it stays there."""
+    ref = _nan_kernel(nan_cases.CAUSAL)
+    clean = nan_cases.make(nan_cases.CAUSAL, 200, 200)
+    poisoned = clean.copy()
+    expect = case(poisoned)
+    expect(nan_cases.run(ref, poisoned), nan_cases.run(ref, clean))
+
+
+@pytest.mark.parametrize("case", nan_cases.HAZARD_CASES, ids=lambda c: c.__name__)
+def test_item3_where_branches_nan_policy_numpy(case) -> None:  # type: ignore[no-untyped-def]
+    """Untaken where branches (log of <= 0, inf derivatives, NaN params) change nothing; a NaN
+    param on allowed pairs propagates."""
+    ref = _nan_kernel(nan_cases.HAZARDS)
+    clean = nan_cases.make(nan_cases.HAZARDS, 67, 131, **nan_cases.HAZARD_HEADS)
+    poisoned = clean.copy()
+    expect = case(poisoned)
+    expect(nan_cases.run(ref, poisoned), nan_cases.run(ref, clean))
+
+
+def test_item3_untaken_where_gradient_matches_finite_differences_numpy() -> None:
+    """Pair (3, 3): the untaken branch's derivative there is 0 / 0; dq is still the true one."""
+    ref = _nan_kernel(nan_cases.HAZARDS)
+    x = nan_cases.make(nan_cases.HAZARDS, 67, 131, **nan_cases.HAZARD_HEADS)
+    x.params["nanp"][:] = np.nan
+    grads = nan_cases.run(ref, x)
+    picks = [(0, 0, 3, 0), (0, 1, 3, 2), (0, 0, 2, 4)]
+    fd = nan_cases.finite_differences(ref, x, picks)
+    np.testing.assert_allclose([grads["dq"][p] for p in picks], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_item3_sum_normalizer_nan_row_numpy() -> None:
+    """normalize sum: a NaN row keeps weight 0 (not 0 / NaN) at its masked keys."""
+    ref = _nan_kernel(nan_cases.SHIFTED_SUM)
+    clean = nan_cases.make(nan_cases.SHIFTED_SUM, 67, 67)
+    poisoned = clean.copy()
+    nan_cases.nan_row_sum(poisoned)(nan_cases.run(ref, poisoned), nan_cases.run(ref, clean))

@@ -6,6 +6,7 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 * :func:`gemm` / :func:`gemm_unchecked` -- row-major ``C = alpha*op(A) @ op(B) + beta*C`` on
   sub-tiles addressed in place (element offsets + leading dimensions) through SciPy's
   single/double precision BLAS, bound by symbol name.
+* :func:`gemm_skip_zero` -- the same in plain loops, skipping terms whose A element is 0.
 * :func:`fmax` -- ``llvm.maxnum`` with fast-math flags; unlike Numba's ``max`` it vectorizes.
 * :func:`row_max` -- vectorized max of a contiguous run of a 1-D array.
 * :func:`exp2` -- scalar 2**y: polynomial + exponent bit trick for float32, ``math.exp`` for
@@ -61,7 +62,9 @@ __all__ = [
     "exp2_shift",
     "exp2_shift_sum",
     "fmax",
+    "keep_nan",
     "gemm",
+    "gemm_skip_zero",
     "gemm_unchecked",
     "row_max",
     "set_blas_num_threads",
@@ -69,10 +72,12 @@ __all__ = [
 ]
 
 # Bump whenever generated code calling these helpers must be recompiled (see module docstring).
-INTRINSICS_VERSION = "3"
+INTRINSICS_VERSION = "4"
 
-# Fast-math flags for kernels: everything but 'ninf' -- masked scores are -inf and must stay so.
-FASTMATH: set[str] = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
+# Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
+# 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
+# vectorize without them: sums need 'reassoc', the row max uses llvm.maxnum (see fmax).
+FASTMATH: set[str] = {"nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
 
 # ----------------------------------------------------------------------------------------------
 # 512-bit vectors. LLVM's tuning for recent Intel cores includes 'prefer-256-bit' (avoids zmm
@@ -294,6 +299,35 @@ def gemm(
     )
 
 
+@njit(inline="always")
+def _tile_at(x, off, ld, r, c, trans):  # pragma: no cover - compiled
+    """Element (r, c) of op(X) for the row-major tile at ``off`` with stride ``ld``."""
+    return x[off + c * ld + r] if trans else x[off + r * ld + c]
+
+
+@njit(cache=True)
+def gemm_skip_zero(
+    trans_a, trans_b, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc
+):  # pragma: no cover - compiled
+    """:func:`gemm_unchecked` that skips the terms whose A element is exactly 0: 0 * NaN = 0.
+
+    The careful path of a kernel whose row operands hold a NaN or inf: A is a tile of pair
+    weights or adjoints, exactly 0 for masked pairs, which must not pick up B's NaN. Plain
+    loops (only non-finite inputs take this path); ``beta`` 0 overwrites C.
+    """
+    a, b, c = a.reshape(a.size), b.reshape(b.size), c.reshape(c.size)  # C-contiguous: views
+    for i in range(m):
+        row = c_off + i * ldc
+        for j in range(n):
+            c[row + j] = c[row + j] * beta if beta != 0 else c.dtype.type(0)
+        for p in range(k):
+            av = _tile_at(a, a_off, lda, i, p, trans_a)
+            if av != 0:
+                s = alpha * av
+                for j in range(n):
+                    c[row + j] += s * _tile_at(b, b_off, ldb, p, j, trans_b)
+
+
 # ----------------------------------------------------------------------------------------------
 # Vectorizable max. Numba lowers max()/ternaries to compare+select that LLVM will not vectorize
 # as a reduction; llvm.maxnum with nnan/nsz is recognised as an fmax reduction.
@@ -316,6 +350,20 @@ def fmax(typingctx, a, b):
         return builder.call(fn, list(args), fastmath=_MAXNUM_FLAGS)
 
     return a(a, b), codegen
+
+
+@intrinsic
+def keep_nan(typingctx, x, r):
+    """``r``, or ``x`` where ``x`` is NaN: a select, not a branch (vectorizes, and no phi node
+    when inlined many times); for functions whose clamps (maxnum) would drop a NaN argument."""
+    if x not in (types.float32, types.float64) or r != x:
+        return None
+
+    def codegen(context, builder, signature, args):
+        xv, rv = args
+        return builder.select(builder.fcmp_unordered("uno", xv, xv), xv, rv)
+
+    return x(x, r), codegen
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -373,11 +421,14 @@ def _scale_by_pow2_bits(typingctx, p, n):
 
 @njit(fastmath=FASTMATH, inline="always")
 def exp2_f32(y):  # pragma: no cover - compiled
-    """2**y for float32 y: rel. error < 1e-7 on [-126, 127]; 0 below -126, for -inf and NaN."""
+    """2**y for float32 y: rel. error < 1e-7 on [-126, 127]; 0 below -126 and for -inf; NaN
+    for NaN (a NaN logit must reach the row's sum, not vanish as a weight 0)."""
     r = exp2_f32_clamped(fmax(y, _MIN_EXP32))
-    if y >= _MIN_EXP32:  # a statement, not a ternary: inlined twice, a ternary's phi node
-        return r  # trips Numba's NumbaIRAssumptionWarning
-    return _ZERO32
+    if y < _MIN_EXP32:  # statements, not ternaries: inlined twice, a ternary's phi node
+        return _ZERO32  # trips Numba's NumbaIRAssumptionWarning
+    if y != y:  # noqa: PLR0124 - NaN (not r + (y - y): 'reassoc' folds that to r)
+        return y
+    return r
 
 
 @njit(fastmath=FASTMATH, inline="always")

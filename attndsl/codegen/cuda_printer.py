@@ -163,6 +163,8 @@ class CudaPrinter:
         return text
 
     def _piecewise(self, e: sp.Piecewise, each) -> str:  # type: ignore[no-untyped-def]
+        if not isinstance(e, sp.Piecewise):  # Piecewise((x, True)) of the last branch is x
+            return each(e)
         (value, cond), *rest = e.args
         if not rest or cond == sp.true:
             return each(value)

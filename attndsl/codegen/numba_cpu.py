@@ -274,8 +274,8 @@ class CpuEmitter:
         w()
         # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
         # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
-        w("from attndsl.codegen.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_unchecked, "
-          "row_max")
+        w("from attndsl.codegen.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_skip_zero, "
+          "gemm_unchecked, row_max")
         w(f"from attndsl.codegen.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
@@ -304,6 +304,16 @@ class CpuEmitter:
     def unpack_sizes(self) -> None:
         self.w("B, heads, kv_heads, n_q, n_k, d, dv = sz[0], sz[1], sz[2], sz[3], sz[4], "
                "sz[5], sz[6]")
+
+    def mixing_gemm(self, args: str) -> None:
+        """A GEMM summing over pairs, the pair tile (weights or adjoints, 0 where masked or
+        where `where` took the other branch) as A: with a NaN or inf among the row operands
+        (sz[8], set by the launcher) it skips the zero terms, so 0 * NaN never spreads."""
+        w = self.w
+        with w.block("if sz[8]:"):
+            w(f"gemm_skip_zero({args})")
+        with w.block("else:"):
+            w(f"gemm_unchecked({args})")
 
     # ---- masks ----
     def tile_status(self) -> None:
@@ -500,8 +510,9 @@ class CpuEmitter:
                     self.logits_tile("bad")
                     self.normalize_tile()
                     w("# acc += P @ v[b, hk, j0:j0 + nk]")
-                    w("gemm_unchecked(False, False, mq, dv, nk, F(1), x, 0, BK, v, "
-                      "((b * kv_heads + hk) * n_k + j0) * dv, dv, F(1), acc, 0, dv)")
+                    self.mixing_gemm("False, False, mq, dv, nk, F(1), x, 0, BK, v, "
+                                     "((b * kv_heads + hk) * n_k + j0) * dv, dv, F(1), acc, 0, "
+                                     "dv")
                 w("err[task] = bad")
                 self.finish_rows()
         w()
@@ -582,8 +593,10 @@ class CpuEmitter:
             w("# online softmax in base 2: rescale acc and l by 2^(m_old - m_new)")
             with w.block("for ii in range(mq):"):
                 w("m_new = max(m[ii], row_max(x, ii * BK, nk))")
-                with w.block("if m_new == NEG_INF:"):
-                    w("x[ii * BK:ii * BK + nk] = F(0)  # nothing allowed yet in this row")
+                with w.block("if m_new == NEG_INF:  # nothing allowed yet in this row, but the "
+                             "max skips NaN:"):
+                    w("l[ii] += exp2_shift_sum(x, ii * BK, nk, F(0))  # 0, or NaN from a NaN "
+                      "logit")
                     w("continue")
                 w("l[ii] = l[ii] * exp2(m[ii] - m_new) + exp2_shift_sum(x, ii * BK, nk, m_new)")
                 with w.block("if m_new != m[ii]:  # rescale acc by 2^(m_old - m_new)"):
@@ -609,8 +622,10 @@ class CpuEmitter:
         w, d = self.w, self.deriv
         with w.block("for ii in range(mq):"):
             if d.norm is NormKind.SOFTMAX:
-                w("inv = F(1) / l[ii] if l[ii] > 0 else F(0)  # an empty row gives out = 0")
-                w("state[b, h, i0 + ii] = (m[ii] + math.log2(l[ii])) / LOG2E if l[ii] > 0 "
+                # l is > 0, 0 (an empty row: out = 0, lse = -inf) or NaN (a NaN or +inf logit
+                # at an allowed pair: out and lse NaN); `!= 0`, not `> 0`, keeps the NaN
+                w("inv = F(1) / l[ii] if l[ii] != 0 else F(0)")
+                w("state[b, h, i0 + ii] = (m[ii] + math.log2(l[ii])) / LOG2E if l[ii] != 0 "
                   "else NEG_INF")
             elif d.norm is NormKind.SUM:
                 w("inv = F(1) / l[ii] if l[ii] != 0 else F(0)")
@@ -676,9 +691,9 @@ class CpuEmitter:
                           "+ j0) * dv, dv, F(0), dp, 0, BK)")
                         self.dscores(True, True)
                         w("# dV += P^T @ dO")
-                        w("gemm_unchecked(True, False, nk, dv, mq, F(1), x, 0, BK, dout, "
-                          "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
-                          "((b * heads + h) * n_k + j0) * dv, dv)")
+                        self.mixing_gemm("True, False, nk, dv, mq, F(1), x, 0, BK, dout, "
+                                         "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
+                                         "((b * heads + h) * n_k + j0) * dv, dv")
                         self.gemm_adjoints(True)
                         self.gemm_adjoints(False)
                 w("err[task] = bad")
@@ -796,7 +811,9 @@ class CpuEmitter:
             if r.symbol not in plan.grads.dlogit:
                 continue
             w(f"g_{r.name} = ds * ({self.partial(r.symbol)})")
-            with w.block(f"for f in range({self.feature_size(r)}):"):
+            # skipped when 0: a `where` branch not taken may have inf partials (0 * inf = NaN)
+            with w.block(f"if g_{r.name} != 0:"), \
+                    w.block(f"for f in range({self.feature_size(r)}):"):
                 for symbol, expr in plan.grads.partials[r.name]:
                     item = plan.input_for(symbol)
                     if item is None or not (keys if item.side is Side.KEY else queries):
@@ -834,16 +851,16 @@ class CpuEmitter:
                 g, alpha = "dp", "c_fold"
             if keys:
                 w(f"# d{bvec.node.name} += {g}^T @ {a.node.name}")
-                w(f"gemm_unchecked(True, False, nk, {input_name(a)}.shape[3], mq, {alpha}, {g}, "
-                  f"0, BK, {input_name(a)}, {self.row_offset(a, 'i0')}, "
-                  f"{input_name(a)}.shape[3], F(1), {adjoint_name(bvec)}, "
-                  f"{self.adjoint_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3])")
+                self.mixing_gemm(f"True, False, nk, {input_name(a)}.shape[3], mq, {alpha}, {g}, "
+                                 f"0, BK, {input_name(a)}, {self.row_offset(a, 'i0')}, "
+                                 f"{input_name(a)}.shape[3], F(1), {adjoint_name(bvec)}, "
+                                 f"{self.adjoint_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3]")
             else:
                 w(f"# d{a.node.name} += {g} @ {bvec.node.name}")
-                w(f"gemm_unchecked(False, False, mq, {input_name(bvec)}.shape[3], nk, {alpha}, "
-                  f"{g}, 0, BK, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
-                  f"{input_name(bvec)}.shape[3], F(1), {adjoint_name(a)}, "
-                  f"{self.adjoint_offset(a, 'i0', 'pb')}, {input_name(a)}.shape[3])")
+                self.mixing_gemm(f"False, False, mq, {input_name(bvec)}.shape[3], nk, {alpha}, "
+                                 f"{g}, 0, BK, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
+                                 f"{input_name(bvec)}.shape[3], F(1), {adjoint_name(a)}, "
+                                 f"{self.adjoint_offset(a, 'i0', 'pb')}, {input_name(a)}.shape[3]")
 
     def adjoint_offset(self, item: PairInput, start: str, batch: str = "b") -> str:
         """Adjoints are per query head: [B, heads, n, F] ([parts * B, ...] query-side)."""

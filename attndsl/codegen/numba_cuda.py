@@ -481,19 +481,21 @@ class Emitter:
                     self.pair_prelude(p, ctx, "row_ok and j < n_k")
                     with w.block("if ok:"):
                         self.logit(p)
-                        if softmax:
-                            w("t_max = max(t_max, x)")
+                        if softmax:  # a NaN logit wins (max() would drop it): out, lse NaN
+                            with w.block("if x > t_max or x != x:"):
+                                w("t_max = x")
                         else:
                             if d.norm is NormKind.SUM:
                                 w("z += x")
                             w(f"pw = {self.weight(p)}")
-                            with w.block("for c in range(DV):"):
+                            with w.block("if pw != ZERO:  # 0 * a NaN v stays 0, as on cpu"), \
+                                    w.block("for c in range(DV):"):
                                 w("acc[c] += pw * s_v[r, c]")
                     if softmax:
                         w("s_r[r] = x")
                 if softmax:
-                    with w.block("if t_max > NEG_INF:  # else every key of the tile is masked"):
-                        w("m_new = max(m, t_max)")
+                    with w.block("if t_max != NEG_INF:  # else every key of the tile is masked"):
+                        w("m_new = t_max if t_max > m or t_max != t_max else m  # NaN wins")
                         w("corr = math.exp(m - m_new)  # m = -inf -> 0")
                         w("l *= corr")
                         with w.block("for c in range(DV):"):
@@ -501,12 +503,15 @@ class Emitter:
                         with w.block("for r in range(BK):"):
                             w("pw = math.exp(s_r[r] - m_new)  # masked: exp(-inf) = 0")
                             w("l += pw")
-                            with w.block("for c in range(DV):"):
+                            with w.block("if pw != ZERO:  # a masked key's NaN v stays there"), \
+                                    w.block("for c in range(DV):"):
                                 w("acc[c] += pw * s_v[r, c]")
                         w("m = m_new")
             with w.block("if row_ok:"):
                 if softmax:
-                    w("live = l > ZERO  # a row with no allowed key: out = 0, lse = -inf")
+                    # l > 0, 0 (no allowed key: out = 0, lse = -inf) or NaN (a NaN or +inf
+                    # logit at an allowed pair: out and lse NaN)
+                    w("live = l != ZERO")
                     w("inv = ONE / l if live else ZERO")
                     w("state[b, h, i] = m + math.log(l) if live else NEG_INF")
                 elif d.norm is NormKind.SUM:
@@ -600,7 +605,8 @@ class Emitter:
                     if not targets:
                         continue
                     w(f"dr = dx * {p.num(partial)}")
-                    with w.block(f"for f in range({size_const(node.size)}):"):
+                    with w.block("if dr != ZERO:  # 0 * a NaN row (masked, untaken) stays 0"), \
+                            w.block(f"for f in range({size_const(node.size)}):"):
                         for v, other in targets:
                             w(f"{self.adj(v.symbol)}[f] += dr * {p.names[other.symbol]}")
                     continue
@@ -610,7 +616,8 @@ class Emitter:
                 if not items:
                     continue
                 w(f"dr = dx * {p.num(partial)}")
-                with w.block(f"for f in range({size_const(node.size)}):"):
+                with w.block("if dr != ZERO:  # an untaken where branch: 0 * inf = NaN"), \
+                        w.block(f"for f in range({size_const(node.size)}):"):
                     for s, e, how in items:
                         index = "[f]" if how == "vec" else ""
                         w(f"{self.adj(s)}{index} += dr * {p.num(e)}")
@@ -721,7 +728,7 @@ class Emitter:
                         w("i = q0 + r")
                         live = " and i < n_q"
                         if d.norm is NormKind.SOFTMAX:
-                            live += " and s_state[r] > NEG_INF"
+                            live += " and s_state[r] != NEG_INF"  # a NaN row is live
                         elif d.norm is NormKind.SUM:
                             live += " and s_state[r] != ZERO"
                         self.pair_prelude(p, ctx, "col_ok" + live)
@@ -731,7 +738,7 @@ class Emitter:
                             with w.block("for c in range(DV):"):
                                 w("dp += s_do[r, c] * o_v[t, c]")
                             self.pair_grad(p, "dp", "s_state[r]", "s_delta[r]")
-                            with w.block("for c in range(DV):"):
+                            with w.block("if pw != ZERO:"), w.block("for c in range(DV):"):
                                 w("d_v[c] += pw * s_do[r, c]")
                             self.accumulate(p, ctx)
                 if per_head or lay.lookups_of(Side.KEY):
@@ -805,7 +812,7 @@ class Emitter:
             self.accumulators(ctx, (Side.QUERY, Side.CONST))
             live = "row_ok"
             if d.norm is NormKind.SOFTMAX:
-                live += " and row_state > NEG_INF"
+                live += " and row_state != NEG_INF"  # a NaN row is live
             elif d.norm is NormKind.SUM:
                 live += " and row_state != ZERO"
             with w.block("for k0 in range(0, n_k, BKB):"):

@@ -145,12 +145,15 @@ class Emitter:
                 w("m = xp.keymax(xm)")
                 w("e = xp.where(allowed, xp.exp(xm - m), 0)")
                 w("l = xp.keysum(e)")
-                w("return xp.safe_div(e, l)[..., 0], xp.log_sum(m, l)[..., 0, 0]")
+                w("# where: a NaN row (l NaN) keeps weight 0 at its masked keys")
+                w("p = xp.where(allowed, xp.safe_div(e, l), 0)")
+                w("return p[..., 0], xp.log_sum(m, l)[..., 0, 0]")
             elif d.norm is NormKind.SUM:
                 w("# x / sum_j x over allowed keys; an empty row gives out = 0")
                 w("xz = xp.where(allowed, x, 0)")
                 w("z = xp.keysum(xz)")
-                w("return xp.safe_div(xz, z)[..., 0], z")
+                w("# where: a NaN row (z NaN) keeps weight 0 at its masked keys")
+                w("return xp.where(allowed, xp.safe_div(xz, z), 0)[..., 0], z")
             elif d.norm is NormKind.NONE:
                 w("return xp.where(allowed, x, 0)[..., 0], None")
             else:
@@ -167,7 +170,7 @@ class Emitter:
             w('"""out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""')
             w(f"t = graph(xp, {', '.join(call_args(self.deriv))})")
             w("p, state = normalize(xp, t)")
-            w('out = xp.matmul(p, v[:, t["g"]])')
+            w('out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key\'s NaN v stays there')
             lse = "state" if self.deriv.norm is NormKind.SOFTMAX else "None"
             w(f"return out, {lse}")
         w()
@@ -194,7 +197,7 @@ class Emitter:
             w('x = t["x"]')
             w("v_rows = v[:, g]")
             with w.block("if out is None:"):
-                w("out = xp.matmul(p, v_rows)")
+                w("out = xp.pair_matmul(p, v_rows)")
             if d.norm is NormKind.SOFTMAX:
                 with w.block("if lse is not None:  # P from the given lse, as the kernels do"):
                     w("p = xp.weights_from_lse(x, allowed, lse)")
@@ -211,7 +214,7 @@ class Emitter:
                 w("x = xp.where(allowed, x, 0)")
                 w(f"dS = xp.where(allowed, ({self.expr(grads.dnorm)}) * dP, 0)")
             # grad_v, not dv: the size dv may appear in subscripts below
-            w("grad_v = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)")
+            w("grad_v = xp.group_heads(xp.pair_matmul(xp.transpose(p), dout), kv_heads)")
             w("dx = dS")
             w("# the chain rule through the logit, then node by node in reverse")
             # sympy.cse: sub-expressions shared by the logit's partial derivatives
@@ -259,7 +262,7 @@ class Emitter:
             for symbol, partial in self.grads.partials[node.name]:
                 source = self.deriv.node(symbol)
                 assert source is not None
-                contrib = f"{adjoint} * ({self.expr(partial)})"
+                contrib = f"xp.chain({adjoint}, {self.expr(partial)})"
                 if guard:
                     contrib = f"xp.where(allowed, {contrib}, 0)"
                 self.accumulate(f"d_{variable(source)}",

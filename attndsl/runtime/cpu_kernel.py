@@ -50,6 +50,11 @@ def _reference_layout(adjoint: np.ndarray, item: PairInput, tiles: int) -> np.nd
     return adjoint[:, :, None, None, :]
 
 
+def _all_finite(arrays: list[np.ndarray | None]) -> bool:
+    """O(N d): the kernels take their careful path (sz[8]) only when this is False."""
+    return all(a is None or bool(np.isfinite(a).all()) for a in arrays)
+
+
 def _parts(tasks: int) -> int:
     """How many parts the backward splits each (batch, head)'s key tiles into: 1 while the
     B * heads tasks fill the threads, else enough to give every thread work."""
@@ -78,14 +83,18 @@ class CpuKernel(Kernel):
         return self.modules[name]
 
     # ---- arguments ----
-    def _common(self, call: Call) -> tuple[dict[str, Any], list[np.ndarray]]:
+    def _common(self, call: Call, dout: np.ndarray | None = None
+                ) -> tuple[dict[str, Any], list[np.ndarray]]:
         with np.errstate(all="ignore"):
             t = self.ref.rows(numpy_ops, *call.arrays())
         inputs = [_kernel_layout(t[numpy_ref.variable(i.node)], i, call.sizes, call.dtype)
                   for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         s = call.sizes
-        sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"]],
-                      dtype=np.int64)
+        params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
+        # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands
+        careful = not _all_finite([call.q, call.k, call.v, *inputs, *params, dout])
+        sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
+                       1, careful], dtype=np.int64)
         if not self.plan.linear_path:  # each GEMM's key operand transposed: [B, H', F, n_k]
             by_node = {id(i.node): a for i, a in zip(
                 [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)], inputs)}
@@ -93,7 +102,6 @@ class CpuKernel(Kernel):
                 key = self.plan.inputs_of_gemm(r)[1]
                 value = call.k if key.is_raw_key else by_node[id(key.node)]
                 inputs.append(np.ascontiguousarray(np.swapaxes(value, 2, 3)))
-        params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
         args = [sz, call.q, call.k, call.v, *inputs, *params, *call.indices.values()]
         return t, args
 
@@ -141,7 +149,7 @@ class CpuKernel(Kernel):
         else:
             state = lse if lse is not None else np.zeros(out.shape[:3], call.dtype)
             t = None
-        t2, args = self._common(call)
+        t2, args = self._common(call, dout)
         t = t2
         s = call.sizes
         B, H = s["B"], s["heads"]
@@ -176,7 +184,8 @@ class CpuKernel(Kernel):
             if parts > 1:
                 first[array] = np.zeros((parts * value.shape[0], value.shape[1]), value.dtype)
         err = np.zeros(B * H * parts, np.int64)
-        sz = np.append(args[0], parts)
+        sz = args[0].copy()
+        sz[7] = parts
         with single_threaded_blas():
             module._attn_bwd(sz, *args[1:], dout, D, state,
                              *(adjoints[numpy_ref.variable(i.node)] for i in key_items),

@@ -157,12 +157,33 @@ def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a[:, :, :, 0, :], np.swapaxes(b[:, :, 0, :, :], -1, -2))[..., None]
 
 
+def pair_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b where a holds pair weights or adjoints (exactly 0 for masked pairs and untaken
+    `where` branches) and b rows: a zero term stays 0 even when b holds NaN or inf there.
+
+    Finite b (the common case, an O(size) check): one matmul. Otherwise the finite entries of b
+    by matmul, then each row of b with a NaN or inf added only where a is nonzero.
+    """
+    b = np.asarray(b)
+    if b.dtype.kind != "f" or np.isfinite(b).all():
+        return np.matmul(a, b)
+    ok = np.isfinite(b)
+    out = np.matmul(a, np.where(ok, b, 0))
+    bad = np.where(ok, 0, b)
+    rows = np.nonzero((~ok).any(axis=-1).reshape(-1, b.shape[-2]).any(axis=0))[0]
+    with np.errstate(invalid="ignore"):
+        for r in rows:  # one row of b at a time: [..., m, 1] * [..., 1, n]
+            col, row = a[..., :, r:r + 1], bad[..., r:r + 1, :]
+            out = out + np.where(col != 0, col * row, 0)
+    return out
+
+
 def gemm_da(dr: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.matmul(dr[..., 0], b[:, :, 0, :, :])[:, :, :, None, :]
+    return pair_matmul(dr[..., 0], b[:, :, 0, :, :])[:, :, :, None, :]
 
 
 def gemm_db(dr: np.ndarray, a: np.ndarray) -> np.ndarray:
-    return np.matmul(np.swapaxes(dr[..., 0], -1, -2), a[:, :, :, 0, :])[:, :, None, :, :]
+    return pair_matmul(np.swapaxes(dr[..., 0], -1, -2), a[:, :, :, 0, :])[:, :, None, :, :]
 
 
 def project(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -170,15 +191,25 @@ def project(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def project_dx(dp: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return np.matmul(dp, w.T)
+    return pair_matmul(dp, w.T)
 
 
 def project_dw(x: np.ndarray, dp: np.ndarray) -> np.ndarray:
-    """X^T dP summed over every row."""
+    """X^T dP summed over every row (a row whose dP is 0 adds nothing, even a NaN X row)."""
     shape = np.broadcast_shapes(x.shape[:-1], dp.shape[:-1])
     xs = np.broadcast_to(x, shape + x.shape[-1:]).reshape(-1, x.shape[-1])
     ds = np.broadcast_to(dp, shape + dp.shape[-1:]).reshape(-1, dp.shape[-1])
-    return xs.T @ ds
+    return pair_matmul(ds.T, xs).T
+
+
+def chain(adjoint: np.ndarray, partial: np.ndarray) -> np.ndarray:
+    """adjoint * partial, 0 where the adjoint is 0: an untaken `where` branch or a masked pair
+    may have an inf or NaN partial (0 * inf = NaN)."""
+    with np.errstate(invalid="ignore"):
+        product = adjoint * partial
+    if np.asarray(partial).dtype.kind != "f" or np.isfinite(partial).all():
+        return product
+    return np.where(adjoint == 0, 0, product)
 
 
 def sum_to(x: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -231,8 +262,8 @@ def safe_div(x: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def log_sum(m: np.ndarray, l: np.ndarray) -> np.ndarray:
-    """lse = m + log(l); -inf for an empty row."""
-    return np.where(l > 0, m + np.log(np.where(l > 0, l, 1)), -np.inf)
+    """lse = m + log(l); -inf for an empty row (l == 0), NaN when l is (a NaN or +inf logit)."""
+    return np.where(l == 0, -np.inf, m + np.log(np.where(l == 0, 1, l)))
 
 
 def weights_from_lse(x: np.ndarray, allowed: np.ndarray, lse: np.ndarray) -> np.ndarray:
@@ -252,9 +283,12 @@ def transpose(a: np.ndarray) -> np.ndarray:
 
 
 def keymax(x: np.ndarray) -> np.ndarray:
-    """The max over keys (axis -2 of the 5-D layout) for a stable softmax; 0 for an empty row."""
+    """The max over keys (axis -2 of the 5-D layout) for a stable softmax; 0 for an empty row.
+
+    NaN and +inf stay: exp(x - m) is then NaN for the row, so out and lse are NaN, as on cpu.
+    """
     m = np.max(x, axis=-2, keepdims=True)
-    return np.where(np.isfinite(m), m, 0)
+    return np.where(m == -np.inf, 0, m)
 
 
 def keysum(x: np.ndarray) -> np.ndarray:

@@ -21,12 +21,35 @@ pi = sp.pi
 positions, kv_head_of = _numeric.positions, _numeric.kv_head_of
 query_rows, key_rows, full, lookup = (_numeric.query_rows, _numeric.key_rows, _numeric.full,
                                       _numeric.lookup)
-reduce, gemm, gemm_da, gemm_db = (_numeric.reduce, _numeric.gemm, _numeric.gemm_da,
-                                  _numeric.gemm_db)
-project, project_dx, project_dw = _numeric.project, _numeric.project_dx, _numeric.project_dw
+reduce, gemm = _numeric.reduce, _numeric.gemm
+project = _numeric.project
+
+
+def gemm_da(dr: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.matmul(dr[..., 0], b[:, :, 0, :, :])[:, :, :, None, :]
+
+
+def gemm_db(dr: np.ndarray, a: np.ndarray) -> np.ndarray:
+    return np.matmul(np.swapaxes(dr[..., 0], -1, -2), a[:, :, :, 0, :])[:, :, None, :, :]
+
+
+def project_dx(dp: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.matmul(dp, w.T)
+
+
+def project_dw(x: np.ndarray, dp: np.ndarray) -> np.ndarray:
+    shape = np.broadcast_shapes(x.shape[:-1], dp.shape[:-1])
+    xs = np.broadcast_to(x, shape + x.shape[-1:]).reshape(-1, x.shape[-1])
+    ds = np.broadcast_to(dp, shape + dp.shape[-1:]).reshape(-1, dp.shape[-1])
+    return xs.T @ ds
 sum_to, group_heads, keysum, rowsum = (_numeric.sum_to, _numeric.group_heads, _numeric.keysum,
                                        _numeric.rowsum)
 matmul, transpose = _numeric.matmul, _numeric.transpose
+pair_matmul = np.matmul  # symbols are never NaN: the plain products
+
+
+def chain(adjoint: np.ndarray, partial: np.ndarray) -> np.ndarray:
+    return adjoint * partial
 
 
 def _elementwise(f: Callable[..., sp.Basic]) -> Callable[..., np.ndarray]:

@@ -7,6 +7,7 @@ a parameter of compile_kernel.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 import attndsl
 from attndsl.codegen import cuda_toolchain as tc
 from attndsl.codegen.numba_cuda import compile_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared NaN cases
+import nan_cases
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.attn"))
 TOL = {np.float64: {"rtol": 1e-10, "atol": 1e-10}, np.float32: {"rtol": 1e-4, "atol": 1e-4}}
@@ -286,3 +290,41 @@ def test_item1_param_gradients_in_every_clause(name):
     spec = attndsl.parse(ITEM1_SPECS[name])
     _, _, grads = check_against_reference(spec, np.float64, 5, 7, 3, tiles=(4, 4, 4, 4), B=2)
     assert all(np.abs(grads[p.name]).max() > 1e-3 for p in spec.params)
+
+
+# ---- issue 8 item 3: the NaN policy (tests/nan_cases.py) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_kernels():
+    return {source: (compile_kernel(attndsl.parse(source), tiles=(4, 4, 4, 4)),
+                     attndsl.compile(source, target="numpy"))
+            for source in (nan_cases.CAUSAL, nan_cases.HAZARDS)}
+
+
+def _nan_case(kernels, source, case, n_q, n_k):
+    cuda, ref = kernels[source]
+    heads = nan_cases.HAZARD_HEADS if source == nan_cases.HAZARDS else {}
+    clean = nan_cases.make(source, n_q, n_k, **heads)
+    poisoned = clean.copy()
+    expect = case(poisoned)
+    got = nan_cases.run(cuda, poisoned)
+    want = nan_cases.run(ref, poisoned)
+    if getattr(case, "forward_only", False):
+        got, want = ({n: r[n] for n in ("out", "lse")} for r in (got, want))
+    nan_cases.assert_same(got, want, **TOL[np.float64])
+    expect(got, nan_cases.run(cuda, clean))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # simulator threads: no errstate
+@pytest.mark.parametrize("case", nan_cases.CAUSAL_CASES, ids=lambda c: c.__name__)
+def test_item3_causal_nan_policy_cuda(nan_kernels, case):
+    """13 x 13 causal, GQA, 4 x 4 tiles: NaN where numpy has it; keys masked for rows of the
+    same tile leave those rows as on clean data."""
+    _nan_case(nan_kernels, nan_cases.CAUSAL, case, 13, 13)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # simulator threads: no errstate
+@pytest.mark.parametrize("case", nan_cases.HAZARD_CASES, ids=lambda c: c.__name__)
+def test_item3_where_branches_nan_policy_cuda(nan_kernels, case):
+    _nan_case(nan_kernels, nan_cases.HAZARDS, case, 7, 11)

@@ -41,14 +41,16 @@ def normalize(xp, t):
     m = xp.keymax(xm)
     e = xp.where(allowed, xp.exp(xm - m), 0)
     l = xp.keysum(e)
-    return xp.safe_div(e, l)[..., 0], xp.log_sum(m, l)[..., 0, 0]
+    # where: a NaN row (l NaN) keeps weight 0 at its masked keys
+    p = xp.where(allowed, xp.safe_div(e, l), 0)
+    return p[..., 0], xp.log_sum(m, l)[..., 0, 0]
 
 
 def forward(xp, q, k, v, slope):
     """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
     t = graph(xp, q, k, v, slope)
     p, state = normalize(xp, t)
-    out = xp.matmul(p, v[:, t["g"]])
+    out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key's NaN v stays there
     return out, state
 
 
@@ -77,13 +79,13 @@ def backward(xp, q, k, v, dout, slope, out=None, lse=None):
     x = t["x"]
     v_rows = v[:, g]
     if out is None:
-        out = xp.matmul(p, v_rows)
+        out = xp.pair_matmul(p, v_rows)
     if lse is not None:  # P from the given lse, as the kernels do
         p = xp.weights_from_lse(x, allowed, lse)
     dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
     # dS = P * (dP - D), D = rowsum(dO * O)
     dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])
-    grad_v = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
+    grad_v = xp.group_heads(xp.pair_matmul(xp.transpose(p), dout), kv_heads)
     dx = dS
     # the chain rule through the logit, then node by node in reverse
     d_r2 = xp.sum_to(xp.where(allowed, dx * ((1 / xp.sqrt(d))), 0), r2)

@@ -43,14 +43,16 @@ def normalize(xp, t):
     m = xp.keymax(xm)
     e = xp.where(allowed, xp.exp(xm - m), 0)
     l = xp.keysum(e)
-    return xp.safe_div(e, l)[..., 0], xp.log_sum(m, l)[..., 0, 0]
+    # where: a NaN row (l NaN) keeps weight 0 at its masked keys
+    p = xp.where(allowed, xp.safe_div(e, l), 0)
+    return p[..., 0], xp.log_sum(m, l)[..., 0, 0]
 
 
 def forward(xp, q, k, v, Wq, Wk, w):
     """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
     t = graph(xp, q, k, v, Wq, Wk, w)
     p, state = normalize(xp, t)
-    out = xp.matmul(p, v[:, t["g"]])
+    out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key's NaN v stays there
     return out, state
 
 
@@ -81,22 +83,22 @@ def backward(xp, q, k, v, dout, Wq, Wk, w, out=None, lse=None):
     x = t["x"]
     v_rows = v[:, g]
     if out is None:
-        out = xp.matmul(p, v_rows)
+        out = xp.pair_matmul(p, v_rows)
     if lse is not None:  # P from the given lse, as the kernels do
         p = xp.weights_from_lse(x, allowed, lse)
     dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
     # dS = P * (dP - D), D = rowsum(dO * O)
     dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])
-    grad_v = xp.group_heads(xp.matmul(xp.transpose(p), dout), kv_heads)
+    grad_v = xp.group_heads(xp.pair_matmul(xp.transpose(p), dout), kv_heads)
     dx = dS
     # the chain rule through the logit, then node by node in reverse
     d_r5 = xp.sum_to(xp.where(allowed, dx * (1), 0), r5)
     d_Wq = 0
     d_Wk = 0
     d_w = 0
-    d_w_v0 = xp.sum_to(xp.where(allowed, d_r5 * (xp.tanh(proj2 + proj4)), 0), w_v0)
-    d_proj2 = xp.sum_to(xp.where(allowed, d_r5 * (w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj2)
-    d_proj4 = xp.sum_to(xp.where(allowed, d_r5 * (w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj4)
+    d_w_v0 = xp.sum_to(xp.where(allowed, xp.chain(d_r5, xp.tanh(proj2 + proj4)), 0), w_v0)
+    d_proj2 = xp.sum_to(xp.where(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj2)
+    d_proj4 = xp.sum_to(xp.where(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj4)
     # projection bwd: dX = dP @ Wk^T, dWk = X^T dP
     d_k_rows = xp.project_dx(d_proj4, Wk)
     d_Wk = d_Wk + xp.project_dw(k_rows, d_proj4)
