@@ -13,6 +13,7 @@ appeared in, and the shortest spec that showed it. A spec the checker rejects is
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,7 +31,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-guards", action="store_true",
                         help="no NaN in untaken where branches or at masked pairs")
+    parser.add_argument("--poison", type=float, default=0.15,
+                        help="the fraction of cases with a NaN in q, k or v")
+    parser.add_argument("--all", action="store_true",
+                        help="also generate spec_gen.OUTSIDE_ISSUE's constructs (bugs outside "
+                        "issue 8, avoided by default)")
+    parser.add_argument("--avoid", default="",
+                        help="comma-separated extra OUTSIDE_ISSUE keys to avoid (e.g. float_where "
+                        "for the cuda tier)")
     parser.add_argument("--show", type=int, default=1, help="example specs shown per cause")
+    parser.add_argument("--dump", help="write every failure (cause, spec) to this JSON-lines file")
     parser.add_argument("--every", type=int, default=0,
                         help="also print the table every N cases (for long runs)")
     args = parser.parse_args()
@@ -54,10 +64,13 @@ def main() -> int:
     unique: set[str] = set()
     report_every: list = [0]
 
+    avoid = frozenset() if args.all else spec_gen.AVOID_IN_CI
+    avoid |= {a for a in args.avoid.split(",") if a}
+
     @seed(args.seed)
     @settings(max_examples=args.examples, database=None, deadline=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(spec_gen.cases(nan_guards=not args.no_guards))
+    @given(spec_gen.cases(nan_guards=not args.no_guards, avoid=avoid, poison=args.poison))
     def run(case: spec_gen.Case) -> None:
         counts["cases"] += 1
         unique.add(case.gen.text)
@@ -75,6 +88,10 @@ def main() -> int:
                 fuzz_tiers.TIERS[tier](case)
             except Exception as exc:  # noqa: BLE001 -- every failure is data here
                 cause = fuzz_tiers.classify(tier, exc)
+                if args.dump:
+                    with open(args.dump, "a") as f:
+                        f.write(json.dumps({"cause": cause, "text": case.gen.text,
+                                            "detail": str(exc)[:300]}) + "\n")
                 failures[cause].append(case.gen.text)
                 tiers_of[cause].add(tier)
                 failed = True
@@ -89,6 +106,7 @@ def main() -> int:
         total = time.perf_counter() - t0
         print(f"\n{counts['cases']} cases ({len(unique)} distinct specs), seed {args.seed}, "
               f"tiers {','.join(tiers)}: {counts['failed']} failed, {total:.0f} s")
+        print(f"  avoided constructs: {', '.join(sorted(avoid)) or 'none'}")
         for tier in tiers:
             print(f"  {tier}: {seconds[tier] / max(counts['cases'], 1):.3f} s per case")
         print(f"\n{'count':>6}  {'specs':>6}  cause")

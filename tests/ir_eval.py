@@ -10,7 +10,8 @@ readable, for tests only (the differential fuzzer's reference).
 Semantics it commits to, each from the contract: g(h) = h // (heads // kv_heads); `n` means
 n_q; `//` and `%` are Python's; `/` and `^` give floats; `floor`, `ceil`, `round` (half to even)
 give integers; a masked pair and the branch `where` does not pick are never evaluated (so a NaN
-there cannot reach the result); an empty row gives out = 0 and lse = -inf; `sum` gives out = 0
+there cannot reach the result) while a NaN at an allowed pair propagates to out and lse (as in
+PyTorch); an empty row gives out = 0 and lse = -inf; `sum` gives out = 0
 where the row's sum is 0; a subscript out of range is a ValueError naming the array.
 """
 
@@ -74,15 +75,15 @@ def _round_half_even(x: Value) -> Value:
 
 
 def _min(a: Value, b: Value) -> Value:
-    if np.ndim(a) or np.ndim(b):
-        return np.minimum(a, b)
-    return min(a, b)
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return np.minimum(a, b)  # a NaN propagates (Python's min would depend on the order)
 
 
 def _max(a: Value, b: Value) -> Value:
-    if np.ndim(a) or np.ndim(b):
-        return np.maximum(a, b)
-    return max(a, b)
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return np.maximum(a, b)
 
 
 FUNCTIONS: dict[str, Callable[..., Value]] = {
@@ -295,7 +296,7 @@ def _row_weights(spec: ir.Spec, x: np.ndarray, allowed: np.ndarray,
     if kind is NormKind.SOFTMAX:
         if not allowed.any():
             return w, -math.inf
-        m = max(x[allowed])
+        m = float(np.max(x[allowed]))  # NaN propagates
         e = np.where(allowed, np.exp(np.where(allowed, x - m, 0.0)), 0.0)
         total = float(np.sum(e))
         return e / total, m + math.log(total)
