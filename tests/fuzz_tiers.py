@@ -213,5 +213,7 @@ def classify(tier: str, exc: BaseException) -> str:
         where = f" at {path}:{f.name}"
     import re
 
-    message = re.sub(r"'[^']*'|\d+", "_", str(exc).split("\n")[0])[:60]
+    message = str(exc).split("\n")[0]
+    message = re.sub(r"attndsl_\w+\.py", "<generated>", message)  # one name per spec
+    message = re.sub(r"'[^']*'|\d+", "_", message)[:60]
     return f"{tier}: {type(exc).__name__}{where} ({message})"

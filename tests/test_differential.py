@@ -16,7 +16,7 @@ CI runs a fixed seed. Environment variables (all optional):
 
   ATTNDSL_FUZZ_EXAMPLES=N   specs in the numpy tier (default 150); the expensive tiers then run
                             N // 25 specs each unless their own variable says otherwise
-  ATTNDSL_FUZZ_CPU=N        specs in the cpu tier (default 6)
+  ATTNDSL_FUZZ_CPU=N        specs in the cpu tier (default 3)
   ATTNDSL_FUZZ_VERIFY=N     specs in the verify tier (default 5)
   ATTNDSL_FUZZ_CUDA=N       specs in the cuda tier (default 3)
   ATTNDSL_FUZZ_SEED=S       the seed (default 0); each tier offsets it so the tiers see
@@ -90,7 +90,7 @@ def test_numpy_tier(case: spec_gen.Case) -> None:
     run_tier("numpy", case)
 
 
-CPU_SPECS = tier_examples("ATTNDSL_FUZZ_CPU", 6)
+CPU_SPECS = tier_examples("ATTNDSL_FUZZ_CPU", 3)
 VERIFY_SPECS = tier_examples("ATTNDSL_FUZZ_VERIFY", 5)
 
 

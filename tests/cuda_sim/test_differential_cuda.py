@@ -24,10 +24,9 @@ import spec_gen
 
 SEED = int(os.environ.get("ATTNDSL_FUZZ_SEED", "0"))
 CUDA_SPECS = int(os.environ.get("ATTNDSL_FUZZ_CUDA", "3"))
-# As tests/test_differential.py, and float `where` too (it crashes the cuda printer, a bug outside
-# issue 8: spec_gen.OUTSIDE_ISSUE["float_where"]).
+# As tests/test_differential.py, and the cuda-only bugs outside issue 8 too (spec_gen.CUDA_ONLY).
 AVOID = (frozenset() if os.environ.get("ATTNDSL_FUZZ_ALL") == "1"
-         else spec_gen.AVOID_IN_CI | {"float_where"})
+         else spec_gen.AVOID_IN_CI | spec_gen.CUDA_ONLY)
 
 
 @functools.cache
