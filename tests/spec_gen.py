@@ -21,6 +21,7 @@ params are drawn in [0.3, 1.3]. The point is agreement between evaluators, not o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,10 @@ OUTSIDE_ISSUE = {
                        "(a projection of a pair-side vector)",
     "float_where": "cuda only: a float `where` (`score where(i > j, q . k, sum(q))`) crashes "
                    "cuda_printer._piecewise",
+    "constant_calls": "a function of literals only in min/max or a where condition: `min(gelu("
+                      "0.25), 0.5)` raises 'argument is not comparable', `where(1e-1 > 0, "
+                      "sqrt(1e-1), 1e-1)` raises 'Invalid comparison of non-real zoo' (derive)",
+    "self_cancel": "a vector minus itself: `dot(k, q - q)` raises TypeError in numpy_ops.gemm",
     "qk_free_score": "cuda only: a logit with no q or k (`score pos[j]`, `score (j - i)`) gives "
                      "an IndentationError in the generated kernel",
 }
@@ -223,8 +228,14 @@ class Gen:
         """A where() condition: on floats of q and k as well as positions."""
         if self.coin(0.5):
             return self.mask_bool("pair", 1)
-        x = self.float_expr(depth, vectors=True)
+        x = self.unconstant(self.float_expr(depth, vectors=True))
         return f"{x.text} {self.pick(['>', '<', '>=', '<='])} {self.pick(['0', '0.5', '-1'])}"
+
+    def unconstant(self, e: E) -> E:
+        """`e`, made to vary where functions of literals alone are avoided."""
+        if "constant_calls" in self.avoid and not _has_name(e.text):
+            return E(f"({e.text} + 0.1 * i)", e.bound + 1)
+        return e
 
     # ---- vectors over d or r ----
     def vec_atom(self, size: str) -> E:
@@ -252,6 +263,8 @@ class Gen:
         a = self.vec_expr(size, depth - 1)
         if kind in ("+", "-", "*"):
             b = self.vec_expr(size, depth - 1)
+            if kind == "-" and a.text == b.text and "self_cancel" in self.avoid:
+                kind = "+"
             bound = a.bound * b.bound if kind == "*" else a.bound + b.bound
             return self.squash(E(f"({a.text} {kind} {b.text})", bound))
         if kind in ("vs", "sv"):
@@ -286,6 +299,7 @@ class Gen:
         if f == "exp":
             a = a if a.bound <= 4 else E(f"tanh({a.text})", 1)
             return E(f"exp({a.text})", float(np.exp(a.bound)), float(np.exp(-a.bound)))
+        a = self.unconstant(a)
         if f == "abs" and "abs_of_norm" in self.avoid and "norm(" in a.text:
             f = "softplus"
         bounded = {"tanh": 1, "sigmoid": 1, "sin": 1, "cos": 1}
@@ -389,6 +403,7 @@ class Gen:
 
     def guard(self, a: E) -> E:
         """A where whose untaken branch is NaN (the contract: it never reaches a result)."""
+        a = self.unconstant(a)
         if "float_where" in self.avoid:
             return a
         self.guarded = True
@@ -443,9 +458,13 @@ class Gen:
         self.let_pool[kind].append(E(name, e.bound, e.low))
 
 
-def _mentions(text: str, name: str) -> bool:
-    import re
+def _has_name(text: str) -> bool:
+    """Whether `text` reads anything but literals (a name that is not a function)."""
+    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", re.sub(r"\d[\d.]*[eE][-+]?\d+", "", text)))
+    return bool(names - set(ir.FUNCTIONS) - {"floor", "ceil", "round"})
 
+
+def _mentions(text: str, name: str) -> bool:
     return re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", text) is not None
 
 
