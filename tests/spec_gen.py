@@ -114,6 +114,8 @@ class Gen:
     def int_atom(self, side: str) -> E:
         opts: list[E] = [E("i", 9), E("j", 9), E("h", 4), E("b", 2), E(str(self.draw(
             st.integers(0, 5))), 5), E("n_k", 9), E("n_q", 9), E("d", 5), E("heads", 6)]
+        if self.coin(0.2):  # other size names, in values and subscripts (n: n_q == n_k)
+            opts += [E("n", 9), E("dv", 3), E("kv_heads", 2)]
         if side == "const":
             return self.pick([o for o in opts if o.text not in ("i", "j")])
         if self.coin(0.15):
