@@ -86,6 +86,8 @@ OUTSIDE_ISSUE = {
     "constant_calls": "a function of literals only in min/max or a where condition: `min(gelu("
                       "0.25), 0.5)` raises 'argument is not comparable', `where(1e-1 > 0, "
                       "sqrt(1e-1), 1e-1)` raises 'Invalid comparison of non-real zoo' (derive)",
+    "size_dv": "the size `dv` as a value (`bias 0.1 * dv`, `table[h, (j * dv) % 7]`): the "
+               "numpy backward's gradient variable `dv` shadows it (broadcast/IndexError)",
     "self_cancel": "a vector minus itself: `dot(k, q - q)` raises TypeError in numpy_ops.gemm",
     "qk_free_score": "cuda only: a logit with no q or k (`score pos[j]`, `score (j - i)`) gives "
                      "an IndentationError in the generated kernel",
@@ -115,7 +117,8 @@ class Gen:
         opts: list[E] = [E("i", 9), E("j", 9), E("h", 4), E("b", 2), E(str(self.draw(
             st.integers(0, 5))), 5), E("n_k", 9), E("n_q", 9), E("d", 5), E("heads", 6)]
         if self.coin(0.2):  # other size names, in values and subscripts (n: n_q == n_k)
-            opts += [E("n", 9), E("dv", 3), E("kv_heads", 2)]
+            opts += [E("n", 9), E("kv_heads", 2)]
+            opts += [] if "size_dv" in self.avoid else [E("dv", 3)]
         if side == "const":
             return self.pick([o for o in opts if o.text not in ("i", "j")])
         if self.coin(0.15):
