@@ -1,0 +1,219 @@
+"""The differential fuzzer's checks, one function per tier, shared by the tests and the collector.
+
+Each tier takes a `spec_gen.Case` and returns None, or raises `Mismatch` (naming the check,
+the target and the quantity) or whatever the project raised (classified by the collector).
+
+  numpy   IR evaluator vs the numpy target on out and lse (float64, <= 1e-9 relative), and the
+          numpy gradients vs central finite differences of the IR evaluator, one random
+          direction per tensor (q, k, v, each param). No Numba compile: ~0.1 s per spec.
+          Some cases carry a NaN in q, k or v (spec_gen.cases): the forward must put NaN in
+          exactly the rows whose allowed pairs read it (no finite differences then).
+  cpu     the Numba CPU target vs the IR evaluator on out and lse and vs the numpy target on
+          every gradient (<= 1e-8 relative), at the case's shape and at one that spans several
+          tiles (n_q = 67, n_k = 133: partial query and key tiles).
+  cuda    the same for the CUDA target under the simulator, with 4 x 4 tiles (case shape only).
+  verify  `attndsl.verify(spec)` proves the gradients (report.ok).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ir_eval import evaluate, loss
+from spec_gen import Case, arrays
+
+import attndsl
+from attndsl import check as _check
+
+OUT_RTOL = 1e-9
+GRAD_RTOL = 1e-8
+FD_RTOL = 1e-5
+FD_STEPS = (1e-5, 1.3e-6)  # a second, smaller step rules out a kink or jump inside the first
+TILED = (67, 133)  # lengths that span partial CPU tiles (64 x 128)
+
+
+class Mismatch(AssertionError):
+    """Two evaluators disagree: `check` (what was compared), `target`, `quantity`."""
+
+    def __init__(self, check: str, target: str, quantity: str, detail: str) -> None:
+        super().__init__(f"{check}: {target} {quantity}: {detail}")
+        self.check, self.target, self.quantity = check, target, quantity
+
+
+def rel_err(got: Any, want: Any) -> float:
+    """max |got - want| / max(1, max |want|); inf when NaN/inf patterns differ."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return np.inf
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+        return np.inf
+    finite = np.isfinite(want) & ~same
+    if not finite.any():
+        return 0.0
+    scale = max(1.0, float(np.max(np.abs(want[np.isfinite(want)]))))
+    return float(np.max(np.abs(got[finite] - want[finite]))) / scale
+
+
+def expect_close(check: str, target: str, quantity: str, got: Any, want: Any,
+                 rtol: float) -> None:
+    if got is None or want is None:
+        if (got is None) != (want is None):
+            raise Mismatch(check, target, quantity, f"got {type(got).__name__}, want "
+                           f"{type(want).__name__}")
+        return
+    err = rel_err(got, want)
+    if err == np.inf:
+        raise Mismatch(check + " (NaN/inf where the other is finite)", target, quantity,
+                       f"NaN/inf pattern differs: got {np.count_nonzero(~np.isfinite(got))} "
+                       f"non-finite, want {np.count_nonzero(~np.isfinite(want))}")
+    if not err <= rtol:
+        raise Mismatch(check, target, quantity, f"relative error {err:.2e} > {rtol:.0e}")
+
+
+def _spec_and_arrays(case: Case, n_q: int | None = None, n_k: int | None = None):  # type: ignore[no-untyped-def]
+    spec = attndsl.parse(case.gen.text)
+    if _check.uses_n(spec) and (n_q or n_k):
+        n_k = n_q
+    return spec, arrays(case, spec, n_q, n_k)
+
+
+def _extras(a: dict[str, Any]) -> dict[str, Any]:
+    return {**a["params"], **a["indices"]}
+
+
+def forward_matches_oracle(spec: Any, kernel: Any, a: dict[str, Any], target: str) -> None:
+    ref = evaluate(spec, a["q"], a["k"], a["v"], a["params"], a["indices"])
+    out, lse = kernel.forward(a["q"], a["k"], a["v"], return_lse=True, **_extras(a))
+    expect_close("forward vs ir_eval", target, "out", out, ref.out, OUT_RTOL)
+    expect_close("forward vs ir_eval", target, "lse", lse, ref.lse, OUT_RTOL)
+
+
+def _directional_fd(spec: Any, a: dict[str, Any], name: str, direction: np.ndarray,
+                    step: float) -> float:
+    def at(sign: float) -> float:
+        moved = {**a, "params": dict(a["params"])}
+        if name in ("q", "k", "v"):
+            moved[name] = a[name] + sign * step * direction
+        else:
+            moved["params"][name] = a["params"][name] + sign * step * direction
+        return loss(spec, moved["q"], moved["k"], moved["v"], a["dout"], moved["params"],
+                    a["indices"])
+    return (at(1.0) - at(-1.0)) / (2 * step)
+
+
+def gradients_match_fd(spec: Any, grads: dict[str, np.ndarray], a: dict[str, Any],
+                       seed: int) -> None:
+    """<grad, u> against central differences of the IR evaluator's loss, per tensor."""
+    rng = np.random.default_rng(seed + 1)
+    for name in ["q", "k", "v", *a["params"]]:
+        value = a[name] if name in ("q", "k", "v") else a["params"][name]
+        direction = rng.normal(size=np.shape(value))
+        direction /= max(float(np.linalg.norm(direction)), 1e-300)
+        analytic = float(np.sum(np.asarray(grads[name]) * direction))
+        scale = max(1.0, abs(analytic), float(np.linalg.norm(grads[name])))
+        errors = []
+        for step in FD_STEPS:
+            numeric = _directional_fd(spec, a, name, direction, step)
+            errors.append(abs(numeric - analytic) / scale)
+            if errors[-1] <= FD_RTOL:
+                break
+        else:
+            check = "gradient vs finite differences"
+            if not np.isfinite(analytic):
+                check += " (NaN/inf gradient)"
+            raise Mismatch(check, "numpy", f"d{name}",
+                           f"<grad, u> = {analytic:.6g}, finite differences = {numeric:.6g} "
+                           f"(relative error {min(errors):.1e})")
+
+
+def tier_numpy(case: Case) -> None:
+    spec, a = _spec_and_arrays(case)
+    kernel = attndsl.compile(spec, "numpy")
+    forward_matches_oracle(spec, kernel, a, "numpy")
+    grads = kernel.backward(a["q"], a["k"], a["v"], a["dout"], **_extras(a))
+    if not case.poison:  # with a NaN input the loss is NaN: no finite differences
+        gradients_match_fd(spec, grads, a, case.seed)
+
+
+def targets_agree(spec: Any, kernel: Any, reference: Any, a: dict[str, Any], target: str,
+                  oracle: bool) -> None:
+    """`kernel` vs the IR evaluator (forward, when `oracle`) and vs numpy (every gradient)."""
+    if oracle:
+        forward_matches_oracle(spec, kernel, a, target)
+    else:
+        want = reference.forward(a["q"], a["k"], a["v"], return_lse=True, **_extras(a))
+        got = kernel.forward(a["q"], a["k"], a["v"], return_lse=True, **_extras(a))
+        expect_close("forward vs numpy (tiled)", target, "out", got[0], want[0], OUT_RTOL)
+        expect_close("forward vs numpy (tiled)", target, "lse", got[1], want[1], OUT_RTOL)
+    args = (a["q"], a["k"], a["v"], a["dout"])
+    want = reference.backward(*args, **_extras(a))
+    got = kernel.backward(*args, **_extras(a))
+    check = "backward vs numpy" + ("" if oracle else " (tiled)")
+    for name in want:
+        expect_close(check, target, f"d{name}", got.get(name), want[name], GRAD_RTOL)
+
+
+def tier_target(case: Case, target: str, kernel: Any = None, tiled: bool = True) -> None:
+    spec, a = _spec_and_arrays(case)
+    reference = attndsl.compile(spec, "numpy")
+    kernel = kernel or attndsl.compile(spec, target)
+    targets_agree(spec, kernel, reference, a, target, oracle=True)
+    if tiled:
+        spec, big = _spec_and_arrays(case, *TILED)
+        targets_agree(spec, kernel, reference, big, target, oracle=False)
+
+
+def tier_cpu(case: Case) -> None:
+    tier_target(case, "cpu")
+
+
+def tier_cuda(case: Case) -> None:
+    """4 x 4 tiles, so the case's lengths (up to 9) span partial tiles; the simulator runs every
+    thread in Python, so no larger shape."""
+    from attndsl.codegen.numba_cuda import compile_kernel
+
+    kernel = compile_kernel(attndsl.parse(case.gen.text), tiles=(4, 4, 4, 4))
+    tier_target(case, "cuda", kernel, tiled=False)
+
+
+def tier_verify(case: Case) -> None:
+    report = attndsl.verify(attndsl.parse(case.gen.text))
+    if not report.ok:
+        failed = [c for c in report.checks if not c.ok]
+        raise Mismatch("verify", "proof", failed[0].what if failed else "?", str(report))
+
+
+TIERS = {"numpy": tier_numpy, "cpu": tier_cpu, "cuda": tier_cuda, "verify": tier_verify}
+
+
+@dataclass
+class Failure:
+    tier: str
+    cause: str
+    text: str
+    detail: str
+
+
+def classify(tier: str, exc: BaseException) -> str:
+    """A failure's cause: which comparison on which quantity, or the exception type and the
+    innermost frame inside attndsl (or its generated code)."""
+    if isinstance(exc, Mismatch):
+        return f"{exc.check}: {exc.target} {exc.quantity}"
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/attndsl/" in f.filename or "attndsl_" in f.filename]
+    where = ""
+    if frames:  # the innermost frame in attndsl or in its generated code: where it broke
+        f = frames[-1]
+        path = f.filename.split("/attndsl/")[-1] if "/attndsl/" in f.filename else "generated"
+        where = f" at {path}:{f.name}"
+    import re
+
+    message = str(exc).split("\n")[0]
+    message = re.sub(r"attndsl_\w+\.py", "<generated>", message)  # one name per spec
+    message = re.sub(r"'[^']*'|\d+", "_", message)[:60]
+    return f"{tier}: {type(exc).__name__}{where} ({message})"
