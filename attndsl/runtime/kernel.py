@@ -309,7 +309,7 @@ class Kernel:
             lse = np.ascontiguousarray(lse, dtype=call.dtype)
         grads = self._backward(call, dout, out, lse)
         result = {name: np.asarray(grads[name], dtype=call.dtype) for name in ("q", "k", "v")}
-        for name, value in call.params.items():
+        for name in call.params:
             result[name] = np.asarray(grads[name]).astype(call.param_dtypes[name]).reshape(
                 np.shape(params_and_indices[name]))
         return result
