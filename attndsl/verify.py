@@ -558,9 +558,14 @@ def _numeric_inputs(spec: ir.Spec, dtype: Any, seed: int) -> tuple[dict[str, np.
         "v": rng.standard_normal((2, kv_heads, 13, 3)).astype(dtype),
     }
     extra: dict[str, np.ndarray] = {}
+    # scalar params (scales, temperatures) and what softcap reads are drawn in [0.5, ...):
+    # a softcap <= 0 is refused at call time
+    in_softcap = {n.name for n in ir.walk(spec.softcap)
+                  if isinstance(n, (ir.Name, ir.Subscript))} if spec.softcap is not None else set()
     for p in spec.params:
         value = rng.standard_normal(_shape(p.dims, sizes)) * 0.5
-        extra[p.name] = np.abs(value) + 0.5 if not p.dims else value
+        positive = not p.dims or p.name in in_softcap
+        extra[p.name] = np.abs(value) + 0.5 if positive else value
     for x in spec.indices:
         shape = (2, *_shape(x.dims, sizes))
         extra[x.name] = np.sort(rng.integers(0, 4, size=shape), axis=-1)
