@@ -10,8 +10,9 @@ readable, for tests only (the differential fuzzer's reference).
 Semantics it commits to, each from the contract: g(h) = h // (heads // kv_heads); `n` means
 n_q; `//` and `%` are Python's; `/` and `^` give floats; `floor`, `ceil`, `round` (half to even)
 give integers; a masked pair and the branch `where` does not pick are never evaluated (so a NaN
-there cannot reach the result) while a NaN at an allowed pair propagates to out and lse (as in
-PyTorch); an empty row gives out = 0 and lse = -inf; `sum` gives out = 0
+there cannot reach the result) while a NaN logit at an allowed pair propagates to out and lse
+(as in PyTorch); a pair whose weight is exactly 0 adds nothing to out (docs/language.md (x2),
+so a NaN in v read only by such pairs stays there, unlike PyTorch's 0 * NaN); an empty row gives out = 0 and lse = -inf; `sum` gives out = 0
 where the row's sum is 0; a subscript out of range is a ValueError naming the array.
 """
 
@@ -345,8 +346,10 @@ def evaluate(spec: ir.Spec, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 w, row_lse = _row_weights(spec, x, allowed, pairs, ev)
                 weights[b, h, i] = w
                 lse[b, h, i] = row_lse if row_lse is not None else np.nan
-                # only allowed keys are summed: a NaN in v at a masked key stays there
-                out[b, h, i] = w[allowed] @ v[b, g][allowed] if allowed.any() else 0.0
+                # docs/language.md (x2): a pair whose weight is exactly 0 (masked, underflowed,
+                # relu'd) adds nothing, so a NaN in v read only by such pairs stays there
+                live = allowed & (w != 0)
+                out[b, h, i] = w[live] @ v[b, g][live] if live.any() else 0.0
     is_softmax = spec.normalize.kind is NormKind.SOFTMAX
     return Result(out, lse if is_softmax else None, weights)
 
