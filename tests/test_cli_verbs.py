@@ -106,8 +106,10 @@ def test_item13_show_latex_is_latex_throughout(tmp_path: Path,
         for row in _latex_rows("\n".join(lines[1:-1])):
             assert not re.search(r"_\{[^{}\\]* [^{}]*\}", row), row  # _{t 3}
             assert not re.search(r"sum_f|/d|@|\*\*|_v\d|\[\]", row), row
-            # mathtext lacks \bmod and \textstyle, both plain LaTeX
+            # mathtext lacks \bmod, \textstyle and the cases environment, all plain LaTeX
             math = row.replace("&&", r"\quad ").replace("&", " ").replace(r"\bmod", "mod")
+            math = math.replace(r"\begin{cases}", r"\left\{").replace(r"\end{cases}", r"\right.")
+            math = math.replace(r"\\", ", ")
             parser.parse("$" + math.replace(r"\textstyle", "") + "$")
 
 
@@ -124,7 +126,7 @@ def test_emit_numpy_prints_the_reference(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["emit", example("sigmoid"), "--target", "numpy"]) == 0
     out = capsys.readouterr().out
     assert out.startswith('"""attndsl NumPy reference for \'sigmoid\' (generated; do not edit).')
-    assert "def forward(xp, q, k, v):" in out and "def backward(xp, q, k, v, dout):" in out
+    assert "def forward(xp, q, k, v):" in out and "def backward(xp, q, k, v, dout, out=None, lse=None):" in out
     compile(out, "sigmoid.py", "exec")
     # numpy is the default target
     assert main(["emit", example("sigmoid")]) == 0
