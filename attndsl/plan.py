@@ -77,9 +77,6 @@ class KernelPlan:
     def param_lookups(self) -> list[Lookup]:
         return [x for x in self.lookups if x.is_param]
 
-    def is_nested(self, symbol: sp.Symbol) -> bool:
-        return symbol in self.nested
-
     @property
     def nested_reductions(self) -> list[Reduction]:
         """GEMMs and loops read inside a loop's body, in node order."""
