@@ -56,6 +56,9 @@ class KernelPlan:
     lookups: list[Lookup] = field(default_factory=list)  # read inside the pair kernel
     mask_atoms: list[MaskAtom] = field(default_factory=list)
     linear_path: bool = False
+    # pair-kernel nodes (GEMMs, loops, lookups) that explicit loops read in their bodies:
+    # symbol -> [(loop, d body / d symbol)]; their adjoint gathers sum_f dloop * partial
+    nested: dict[sp.Symbol, list[tuple[Reduction, sp.Expr]]] = field(default_factory=dict)
 
     @property
     def spec(self) -> ir.Spec:
@@ -73,6 +76,24 @@ class KernelPlan:
     @property
     def param_lookups(self) -> list[Lookup]:
         return [x for x in self.lookups if x.is_param]
+
+    @property
+    def nested_reductions(self) -> list[Reduction]:
+        """GEMMs and loops read inside a loop's body, in node order."""
+        return [r for r in self.gemms + self.loops if r.symbol in self.nested]
+
+
+def _nested_reads(plan: KernelPlan) -> dict[sp.Symbol, list[tuple[Reduction, sp.Expr]]]:
+    """Which loops read which pair-kernel nodes: the adjoint of such a node is not only
+    dS * d logit / d node but also, per pair, sum over the reader's features of the reader's
+    adjoint times d body / d node (readers come later in node order: sweep them in reverse)."""
+    kernel = {r.symbol for r in plan.gemms + plan.loops} | {x.symbol for x in plan.lookups}
+    reads: dict[sp.Symbol, list[tuple[Reduction, sp.Expr]]] = {}
+    for loop in plan.loops:
+        for symbol, expr in plan.grads.partials[loop.name]:
+            if symbol in kernel:
+                reads.setdefault(symbol, []).append((loop, expr))
+    return reads
 
 
 def is_pair_level(node: Vec | Reduction | Lookup) -> bool:
@@ -144,6 +165,7 @@ def make_plan(spec_or_deriv: ir.Spec | Derivation) -> KernelPlan:
         atoms = sorted(deriv.mask.atoms(sp.core.relational.Relational), key=sp.default_sort_key)
         plan.mask_atoms = [MaskAtom(a, _is_linear(a, deriv)) for a in atoms]
     plan.linear_path = _linear_path(deriv, plan)
+    plan.nested = _nested_reads(plan)
     return plan
 
 

@@ -1,7 +1,8 @@
 """Issue 8 regressions on the cpu target against the NumPy reference (and finite differences):
 GQA feature-loop adjoints (item 2), size names in param subscripts (item 5), a given out= /
 lse= trusted alike on every target (item 6), call-time checks (item 11), no Numba warnings
-(item 12), index arrays shared by the batch (section 3).
+(item 12), index arrays shared by the batch (section 3), pair reductions nested inside a
+feature loop's body (found by the differential fuzzer; specs in tests/nested_specs.py).
 
 Every kernel is compiled once per module (float64, tiny odd shapes); the CUDA side of the same
 checks is in tests/cuda_sim/test_cuda_kernels.py.
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import nested_specs
 import numpy as np
 import pytest
 
@@ -253,3 +255,42 @@ def test_section3_index_shape_errors() -> None:
     np.testing.assert_array_equal(shared, prefix(q, k, v, prefix=np.full((3, 1), 4)))
     with pytest.raises(ValueError, match=r"^prefix: expected shape \[B=3, 1\] or \[1\] "):
         prefix(q, k, v, prefix=np.array(4))
+
+
+# ---- nested reductions (the differential fuzzer) -------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(nested_specs.NESTED))
+def test_nested_reduction_in_feature_loop_cpu(name: str, compiled: Compiled) -> None:
+    """A pair reduction read inside an explicit loop's body: the loop's adjoint flows on into
+    it (it was dropped: dq = 0 and dk, dW, dP off by 100% for the fuzzer's spec, a NameError
+    for a folded GEMM also read by a loop, d lookup = 0 for params read in a loop)."""
+    cpu, ref = compiled(nested_specs.text(name))
+    (q, k, v, G), params = nested_specs.inputs(4, 2, 7, 9)
+    want = ref.backward(q, k, v, G, **params)
+    errors = nested_specs.relative_errors(cpu.backward(q, k, v, G, **params), want)
+    assert max(errors.values()) <= 1e-10, errors
+    for arg in ("q", "k", "W", "wd", "T", "c", "u", "sb"):
+        _fd_check(ref, q, k, v, G, params, want, arg, picks=3)
+
+
+def test_nested_reduction_in_feature_loop_fuzzer_shapes(compiled: Compiled) -> None:
+    """The fuzzer's own case: B = 2, heads 6 over 2 kv heads, n = 5, d = dv = 1, r = 3."""
+    cpu, ref = compiled(nested_specs.text("fuzz"))
+    (q, k, v, G), params = nested_specs.inputs(6, 2, 5, 5, d=1, dv=1)
+    want = ref.backward(q, k, v, G, **params)
+    errors = nested_specs.relative_errors(cpu.backward(q, k, v, G, **params), want)
+    assert max(errors.values()) <= 1e-10, errors
+    assert float(np.abs(want["q"]).max()) > 0.1  # a gradient that can be dropped
+    for arg in ("q", "k", "W", "P"):
+        _fd_check(ref, q, k, v, G, params, want, arg, picks=4)
+
+
+@pytest.mark.parametrize("name", ["fuzz", "in_bias_causal"])
+def test_nested_reduction_in_feature_loop_several_tiles(name: str, compiled: Compiled) -> None:
+    """Sizes past one tile each way (BQ = 64, BK = 128), MQA: every query tile and key part."""
+    cpu, ref = compiled(nested_specs.text(name))
+    (q, k, v, G), params = nested_specs.inputs(3, 1, 70, 131, B=1)
+    errors = nested_specs.relative_errors(cpu.backward(q, k, v, G, **params),
+                                          ref.backward(q, k, v, G, **params))
+    assert max(errors.values()) <= 1e-10, errors

@@ -185,6 +185,7 @@ class CpuEmitter:
             names[r.symbol] = r.name
         for lookup in plan.lookups:
             names[lookup.symbol] = lookup.name
+        self.names_of = {node.symbol: node.name for node in plan.gemms + plan.loops + plan.lookups}
         for item in plan.inputs:
             names[item.node.symbol] = element(item, "f" if item.is_vector else None)
         names[S] = "xv"
@@ -207,6 +208,8 @@ class CpuEmitter:
             if d.mask is not None and r.symbol in d.mask.free_symbols:
                 continue
             if d.norm_expr is not None and r.symbol in d.norm_expr.free_symbols:
+                continue
+            if r.symbol in self.plan.nested:  # a loop reads it per pair: no fold
                 continue
             rest = d.logit.xreplace({r.symbol: sp.S.Zero})
             if r.symbol in rest.free_symbols or sp.simplify(d.logit - c * r.symbol - rest) != 0:
@@ -704,7 +707,7 @@ class CpuEmitter:
         return next(x for x in self.plan.param_lookups if x.array == array)
 
     def _row_adjoints(self, queries: bool) -> list[tuple[str, str, str]]:
-        """(local, target, partial) of per-row sums: query-side and constant row scalars and
+        """(local, target, adjoint) of per-row sums: query-side and constant row scalars and
         params read at subscripts without j, summed over a row in a local, then added once."""
         plan, result = self.plan, []
         if not queries:
@@ -714,14 +717,14 @@ class CpuEmitter:
                 continue
             if item.side is Side.QUERY:
                 result.append((f"ra_{numpy_ref.variable(item.node)}",
-                               f"{adjoint_name(item)}[pb, h, i]", self.partial(item.node.symbol)))
+                               f"{adjoint_name(item)}[pb, h, i]", self.adjoint(item.node.symbol)))
             elif item.side is Side.CONST:
                 result.append((f"ra_{numpy_ref.variable(item.node)}",
-                               f"{adjoint_name(item)}[pb, h, qt]", self.partial(item.node.symbol)))
+                               f"{adjoint_name(item)}[pb, h, qt]", self.adjoint(item.node.symbol)))
         for x in plan.param_lookups:
-            if x.symbol in plan.grads.dlogit and self.levels[x.name] <= 1:
+            if self.has_adjoint(x.symbol) and self.levels[x.name] <= 1:
                 result.append((f"ra_{x.name}", f"dp_{x.array}[qtask, {self.flat_index(x)}]",
-                               self.partial(x.symbol)))
+                               self.adjoint(x.symbol)))
         return result
 
     def dscores(self, keys: bool, queries: bool) -> None:
@@ -785,18 +788,39 @@ class CpuEmitter:
             w(f"pv = {self.fl(d.norm_expr)}")
             w(f"ds = ({self.fl(plan.grads.dnorm)}) * dpv")
         w("x[ii * BK + jj] = pv")
+        if plan.nested:  # loops first: they add to the adjoints of what their bodies read
+            self.nested_adjoints()
+            self.loop_adjoints(keys, queries)
         for n, r in enumerate(plan.gemms):
             if n == fold_n:
                 w("dp[ii * BK + jj] = ds  # d logit / d r = c_fold: the adjoint GEMMs' alpha")
             else:
-                w(f"g{n}[ii * BK + jj] = ds * ({self.partial(r.symbol)})")
-        for local, _, partial in row_sums:
-            w(f"{local} += ds * ({partial})")
+                w(f"g{n}[ii * BK + jj] = {self.adjoint(r.symbol)}")
+        for local, _, adjoint in row_sums:
+            w(f"{local} += {adjoint}")
         self.scalar_adjoints(keys, queries)
 
     def partial(self, symbol: sp.Symbol) -> str:
         expr = self.plan.grads.dlogit.get(symbol)
         return "F(0)" if expr is None else self.fl(expr)
+
+    def has_adjoint(self, symbol: sp.Symbol) -> bool:
+        return symbol in self.plan.grads.dlogit or symbol in self.plan.nested
+
+    def adjoint(self, symbol: sp.Symbol) -> str:
+        """The pair's adjoint of a node: dS * d logit / d node, or the local that also
+        gathers what the loops reading it add (see nested_adjoints)."""
+        if symbol in self.plan.nested:
+            return f"ga_{self.names_of[symbol]}"
+        return f"ds * ({self.partial(symbol)})"
+
+    def nested_adjoints(self) -> None:
+        """ga_<node> = dS * d logit / d node for each node a loop body reads; the loops,
+        swept readers first, then add sum_f g_loop * d body / d node."""
+        for symbol in self.plan.nested:
+            start = "F(0)" if symbol not in self.plan.grads.dlogit else \
+                f"ds * ({self.partial(symbol)})"
+            self.w(f"ga_{self.names_of[symbol]} = {start}")
 
     def scalar_adjoints(self, keys: bool, queries: bool) -> None:
         """Key-side row scalars, explicit loops and params read per pair (see _row_adjoints
@@ -807,14 +831,34 @@ class CpuEmitter:
                 continue
             if item.side is Side.KEY and keys:
                 w(f"{adjoint_name(item)}[b, h, j] += ds * ({self.partial(item.node.symbol)})")
-        for r in plan.loops:
-            if r.symbol not in plan.grads.dlogit:
+        if not plan.nested:
+            self.loop_adjoints(keys, queries)
+        if not queries:
+            return
+        for x in plan.param_lookups:
+            if not self.has_adjoint(x.symbol) or self.levels[x.name] <= 1:
                 continue
-            w(f"g_{r.name} = ds * ({self.partial(r.symbol)})")
+            flat = self.flat_index(x)
+            w(f"dp_{x.array}[qtask, {flat}] += {self.adjoint(x.symbol)}")
+
+    def loop_adjoints(self, keys: bool, queries: bool) -> None:
+        """Per explicit loop: g = its adjoint, then per feature g * d body / d input into the
+        inputs' adjoints (and into ga_<node> for the pair-kernel nodes the body reads)."""
+        w, plan = self.w, self.plan
+        for r in reversed(plan.loops):  # readers before the loops they read (node order)
+            if not self.has_adjoint(r.symbol):
+                continue
+            g = self.adjoint(r.symbol)
+            if r.symbol not in plan.nested:
+                w(f"g_{r.name} = {g}")
+                g = f"g_{r.name}"
             # skipped when 0: a `where` branch not taken may have inf partials (0 * inf = NaN)
-            with w.block(f"if g_{r.name} != 0:"), \
+            with w.block(f"if {g} != 0:"), \
                     w.block(f"for f in range({self.feature_size(r)}):"):
                 for symbol, expr in plan.grads.partials[r.name]:
+                    if symbol in plan.nested:
+                        w(f"ga_{self.names_of[symbol]} += {g} * ({self.fl(expr)})")
+                        continue
                     item = plan.input_for(symbol)
                     if item is None or not (keys if item.side is Side.KEY else queries):
                         continue
@@ -824,14 +868,7 @@ class CpuEmitter:
                     row = {Side.QUERY: "i", Side.KEY: "j", Side.CONST: "qt"}[item.side]
                     batch = "b" if item.side is Side.KEY else "pb"
                     where = f"{adjoint_name(item)}[{batch}, h, {row}{feature}]"
-                    w(f"{where} += g_{r.name} * ({self.fl(expr)})")
-        if not queries:
-            return
-        for x in plan.param_lookups:
-            if x.symbol not in plan.grads.dlogit or self.levels[x.name] <= 1:
-                continue
-            flat = self.flat_index(x)
-            w(f"dp_{x.array}[qtask, {flat}] += ds * ({self.partial(x.symbol)})")
+                    w(f"{where} += {g} * ({self.fl(expr)})")
 
     def flat_index(self, x: Lookup) -> str:
         if not x.subscripts:

@@ -594,37 +594,65 @@ class Emitter:
     def accumulate(self, p: CudaPrinter, ctx: Ctx) -> None:
         """The chain rule from dx through the logit into this kernel's own adjoints."""
         w = self.w
-        for symbol, partial in self.grads.dlogit.items():
+        nested = {r.symbol for r in self.plan.nested_reductions}
+        for r in self.plan.nested_reductions:  # the loops reading r add to ga_r below
+            partial = self.grads.dlogit.get(r.symbol)
+            w(f"ga_{r.name} = " + ("ZERO" if partial is None else f"dx * {p.num(partial)}"))
+        for symbol in self.adjoint_order():
             node = self.deriv.node(symbol)
+            dr = f"ga_{node.name}" if symbol in nested else \
+                f"dx * {p.num(self.grads.dlogit[symbol])}"
             if isinstance(node, Reduction) and node.side is Side.PAIR:
-                targets = []
                 if node.gemm:
-                    a, b_ = node.gemm
-                    targets = [(v, other) for v, other in ((a, b_), (b_, a))
-                               if self.is_target(v.symbol, ctx)]
-                    if not targets:
-                        continue
-                    w(f"dr = dx * {p.num(partial)}")
-                    with w.block("if dr != ZERO:  # 0 * a NaN row (masked, untaken) stays 0"), \
-                            w.block(f"for f in range({size_const(node.size)}):"):
-                        for v, other in targets:
-                            w(f"{self.adj(v.symbol)}[f] += dr * {p.names[other.symbol]}")
-                    continue
-                items = [(s, e, self.is_target(s, ctx))
-                         for s, e in self.grads.partials.get(node.name, [])]
-                items = [it for it in items if it[2]]
-                if not items:
-                    continue
-                w(f"dr = dx * {p.num(partial)}")
-                with w.block("if dr != ZERO:  # an untaken where branch: 0 * inf = NaN"), \
-                        w.block(f"for f in range({size_const(node.size)}):"):
-                    for s, e, how in items:
-                        index = "[f]" if how == "vec" else ""
-                        w(f"{self.adj(s)}{index} += dr * {p.num(e)}")
+                    self.gemm_adjoint(p, ctx, node, dr)
+                else:
+                    self.loop_adjoint(p, ctx, node, dr, nested)
                 continue
             how = self.is_target(symbol, ctx)
             if how is not None:
-                w(f"{self.adj(symbol)} += dx * {p.num(partial)}")
+                w(f"{self.adj(symbol)} += {dr}")
+
+    def adjoint_order(self) -> list[sp.Symbol]:
+        """The symbols with an adjoint; with nested reductions, loops first, readers before
+        what they read (reverse node order), so each ga_r is complete before it is used."""
+        plan = self.plan
+        if not plan.nested_reductions:
+            return list(self.grads.dlogit)
+        with_adjoint = set(self.grads.dlogit) | set(plan.nested)
+        reductions = [r.symbol for r in reversed(plan.loops)] + [r.symbol for r in plan.gemms]
+        return [s for s in reductions if s in with_adjoint] + \
+            [s for s in self.grads.dlogit if s not in reductions]
+
+    def gemm_adjoint(self, p: CudaPrinter, ctx: Ctx, node: Reduction, dr: str) -> None:
+        w = self.w
+        a, b_ = node.gemm  # type: ignore[misc]
+        targets = [(v, other) for v, other in ((a, b_), (b_, a)) if self.is_target(v.symbol, ctx)]
+        if not targets:
+            return
+        w(f"dr = {dr}")
+        with w.block("if dr != ZERO:  # 0 * a NaN row (masked, untaken) stays 0"), \
+                w.block(f"for f in range({size_const(node.size)}):"):
+            for v, other in targets:
+                w(f"{self.adj(v.symbol)}[f] += dr * {p.names[other.symbol]}")
+
+    def loop_adjoint(self, p: CudaPrinter, ctx: Ctx, node: Reduction, dr: str,
+                     nested: set[sp.Symbol]) -> None:
+        """dr * d body / d input per feature into own adjoints and the ga_ of nested reductions."""
+        w = self.w
+        items = [(s, e, "nested" if s in nested else self.is_target(s, ctx))
+                 for s, e in self.grads.partials.get(node.name, [])]
+        items = [it for it in items if it[2]]
+        if not items:
+            return
+        w(f"dr = {dr}")
+        with w.block("if dr != ZERO:  # an untaken where branch: 0 * inf = NaN"), \
+                w.block(f"for f in range({size_const(node.size)}):"):
+            for s, e, how in items:
+                if how == "nested":
+                    w(f"ga_{self.deriv.node(s).name} += dr * {p.num(e)}")  # type: ignore[union-attr]
+                    continue
+                index = "[f]" if how == "vec" else ""
+                w(f"{self.adj(s)}{index} += dr * {p.num(e)}")
 
     def accumulators(self, ctx: Ctx, sides: tuple[Side, ...]) -> None:
         w = self.w

@@ -219,7 +219,9 @@ def sum_to(x: np.ndarray, like: np.ndarray) -> np.ndarray:
     while x.ndim > len(like_shape):
         x = np.asarray(x.sum(axis=0))
     axes = tuple(a for a, n in enumerate(like_shape) if n == 1 and x.shape[a] != 1)
-    return x.sum(axis=axes, keepdims=True) if axes else x
+    x = x.sum(axis=axes, keepdims=True) if axes else x
+    # a partial free of the feature (d body_f / d wd_f = exp(q . k)): the same for every f
+    return np.broadcast_to(x, np.broadcast_shapes(x.shape, like_shape))
 
 
 def scatter(shape: Sequence[int], subscripts: Sequence[np.ndarray], values: np.ndarray,

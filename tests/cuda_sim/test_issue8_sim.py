@@ -1,11 +1,13 @@
 """Issue 8 regressions on the cuda target (simulator) against the NumPy reference: GQA
 feature-loop adjoints (item 2), size names in param subscripts (item 5), a given out= / lse=
 trusted alike (item 6), call-time checks (item 11), index arrays shared by the batch
-(section 3). The cpu side of the same checks is tests/test_cpu_issue8.py.
+(section 3), pair reductions nested inside a feature loop's body (the differential fuzzer's
+find; specs in tests/nested_specs.py). The cpu side of the same checks is tests/test_cpu_issue8.py.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 
 import attndsl
 from attndsl.codegen.numba_cuda import compile_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: nested_specs
+import nested_specs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TILES = (4, 8, 4, 8)
@@ -116,3 +121,25 @@ def test_section3_shared_index_array():
     with pytest.raises(ValueError, match=r"^doc: expected shape \[B=3, n=9\] or \[n=9\] "
                                          r"\(shared by the batch\), got \[8\]$"):
         kernel(q, k, v, doc=doc[:8])
+
+
+# (heads, kv_heads, n_q, n_k, d, dv): GQA over several tiles each way; the fuzzer's own shapes
+NESTED_SHAPES = {"gqa_odd": (4, 2, 7, 9, 3, 2), "fuzzer": (6, 2, 5, 5, 1, 1)}
+
+
+@pytest.mark.parametrize(("name", "shape"), [(n, "gqa_odd") for n in sorted(nested_specs.NESTED)]
+                         + [("fuzz", "fuzzer")])
+def test_nested_reduction_in_feature_loop_cuda(name, shape):
+    """A pair reduction read inside an explicit loop's body: both backward kernels carry the
+    loop's adjoint on into it (it was dropped: dq = 0 and dk, dW, dP off by 100% for the
+    fuzzer's spec)."""
+    spec = attndsl.parse(nested_specs.text(name))
+    heads, kv_heads, n_q, n_k, d, dv = NESTED_SHAPES[shape]
+    (q, k, v, G), params = nested_specs.inputs(heads, kv_heads, n_q, n_k, d, dv)
+    ref = attndsl.compile(spec, target="numpy")
+    cuda = compile_kernel(spec, tiles=TILES)
+    np.testing.assert_allclose(cuda(q, k, v, **params), ref(q, k, v, **params), rtol=0,
+                               atol=1e-10)
+    want = ref.backward(q, k, v, G, **params)
+    errors = nested_specs.relative_errors(cuda.backward(q, k, v, G, **params), want)
+    assert max(errors.values()) <= 1e-10, errors
