@@ -140,6 +140,21 @@ class Norm(sp.Function):
         return rf"\left({text}\right)^{{{exp}}}" if exp else text
 
 
+class Abs(sp.Abs):
+    """abs(x), differentiated as sign(x) * x': every value of the language is real, but SymPy
+    cannot tell that of relu(x) or sqrt(x), and then writes abs' with re, im and atan2, which
+    no printer knows (`abs(cos(relu(x)))`, `abs(norm(u))`)."""
+
+    @classmethod
+    def eval(cls, arg: sp.Expr) -> sp.Expr | None:
+        if arg.is_extended_real or arg.is_number:
+            return super().eval(arg)
+        return None  # SymPy would rewrite abs(exp(u)) as exp(re(u))
+
+    def _eval_derivative(self, x: sp.Symbol) -> sp.Expr:
+        return sp.sign(self.args[0]) * sp.diff(self.args[0], x)
+
+
 class Floor(sp.floor):
     """floor(x): a float to an integer; gradient 0 (SymPy's floor leaves d/dx unevaluated)."""
 
@@ -203,7 +218,7 @@ SPEC_FUNCTIONS = {
     "log": sp.log,
     "sqrt": sp.sqrt,
     "rsqrt": lambda x: 1 / sp.sqrt(x),
-    "abs": sp.Abs,
+    "abs": Abs,
     "tanh": sp.tanh,
     "sigmoid": Sigmoid,
     "softplus": Softplus,
