@@ -44,6 +44,23 @@ ABS_OF_OPAQUE = """attention fuzz {
     bias abs(log(abs(kr[j]) + 0.5))
 }"""
 
+# cause 4: SymPy 1.14 decides 1/(3 max(j - i, 1/2)) - 1/4 >= 0, so min(that, 0.25) folded to
+# 0.25 at every pair: a silently wrong forward (functions.Min/Max no longer fold symbols)
+MIN_OF_MAX = """attention fuzz {
+    score min(((0.5 / max((j - i), 0.5)) / max(1.5, 0.5)), 0.25) + 0.1 * (q . k)
+    softcap 2.5
+    normalize sigmoid(s - log(n_k))
+}"""
+
+# cause 5: `where(c, q, q)` is q for SymPy: the pair reduction dot(...) holds a query row and
+# its adjoint was masked again after the sum over keys (cause 1 on the query side, dq wrong)
+QUERY_ROW_PAIR_REDUCTION = """attention fuzz {
+    param P[heads, d]
+    scale softplus(dot(where(abs(i - j) <= 4, q, q), clamp(P[h], -1, 1.5))) + 0.25
+    score 1 + sigmoid(q . k)
+    mask j <= i + 1
+}"""
+
 
 def _case(spec: attndsl.ir.Spec, seed: int, heads: int = 4, kv_heads: int = 2, n_q: int = 7,
           n_k: int = 5, d: int = 3, dv: int = 2) -> dict:
@@ -109,3 +126,26 @@ def test_fuzz_cause3_abs_derivative_is_sign_times_inner() -> None:
         derivative = sp.diff(fn.Abs(inner), x)
         assert not derivative.has(sp.re, sp.im, sp.atan2), derivative
         assert sp.simplify(derivative - sp.sign(inner) * sp.diff(inner, x)) == 0
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_fuzz_cause4_min_of_max_is_not_folded_from_wrong_assumptions(target: str) -> None:
+    _check_against_oracle(MIN_OF_MAX, target, 0)
+
+
+def test_fuzz_cause4_min_max_fold_constants_only() -> None:
+    import sympy as sp
+
+    from attndsl import functions as fn
+    from attndsl.symbolic import POSITIONS
+
+    i, j = POSITIONS["i"], POSITIONS["j"]
+    x = 1 / (3 * fn.Max(j - i, sp.S.Half))
+    assert isinstance(fn.Min(x, sp.Rational(1, 4)), sp.Min)  # SymPy's Min gives 1/4
+    assert fn.Min(x, sp.Rational(1, 4)).subs({i: 0, j: 2}) == sp.Rational(1, 6)
+    assert fn.Max(sp.Rational(3, 2), sp.S.Half) == sp.Rational(3, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzz_cause5_numpy_dq_of_a_pair_reduction_simplified_to_a_query_row(seed: int) -> None:
+    _check_against_oracle(QUERY_ROW_PAIR_REDUCTION, "numpy", seed)

@@ -97,7 +97,7 @@ equal, not_equal = _relation(np.equal, sp.Eq), _relation(np.not_equal, sp.Ne)
 logical_and = _relation(np.logical_and, sp.And)
 logical_or = _relation(np.logical_or, sp.Or)
 # Integer clamps of subscripts print as maximum/minimum: concrete operands stay integer arrays.
-maximum, minimum = _relation(np.maximum, sp.Max), _relation(np.minimum, sp.Min)
+maximum, minimum = _relation(np.maximum, fn.Max), _relation(np.minimum, fn.Min)
 
 
 def logical_not(a: object) -> np.ndarray:
