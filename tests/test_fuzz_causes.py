@@ -61,6 +61,14 @@ QUERY_ROW_PAIR_REDUCTION = """attention fuzz {
     mask j <= i + 1
 }"""
 
+# cause 1 on the batch and head axes: norm(...) of a param and positions has no b or h axis, and
+# d wr came out B * heads times too large (spec_gen.OUTSIDE_ISSUE "param_only_vectors")
+PAIR_REDUCTION_WITHOUT_HEADS = """attention fuzz {
+    param wr[d]
+    score norm(wr / max(j - i, 0.5)) + q . k
+    mask j <= i + 2
+}"""
+
 
 def _case(spec: attndsl.ir.Spec, seed: int, heads: int = 4, kv_heads: int = 2, n_q: int = 7,
           n_k: int = 5, d: int = 3, dv: int = 2) -> dict:
@@ -99,6 +107,11 @@ def test_fuzz_cause1_numpy_dk_of_a_pair_reduction_simplified_to_a_key_row(seed: 
 
 def test_fuzz_cause1_cpu_dk_of_a_pair_reduction_simplified_to_a_key_row() -> None:
     _check_against_oracle(KEY_ROW_PAIR_REDUCTION, "cpu", 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzz_cause1_numpy_param_gradient_of_a_pair_reduction_without_b_or_h(seed: int) -> None:
+    _check_against_oracle(PAIR_REDUCTION_WITHOUT_HEADS, "numpy", seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -216,10 +216,10 @@ def at_allowed(allowed: np.ndarray, term: np.ndarray, value: np.ndarray, where=n
                ) -> np.ndarray:
     """A pair node's chain-rule term, 0 at pairs not allowed (its partial may be NaN there).
 
-    A node SymPy simplified off an axis (`sum(where(c, k, k))` is `sum(k)`, a key row) holds no
-    pair value: its adjoint is summed over the allowed pairs already, and masking it again
-    would count it once per allowed row."""
-    if np.shape(value)[2:4] != np.shape(allowed)[2:4]:
+    A node without some axis of the pairs (`sum(where(c, k, k))` is `sum(k)`, a key row;
+    `norm(wr / max(j - i, 0.5))` has no b or h) has its adjoint summed over that axis, allowed
+    pairs only, already: masking it again would count it once per allowed row (or b, h)."""
+    if np.shape(value)[:4] != np.shape(allowed)[:4]:
         return term
     return where(allowed, term, 0)
 
