@@ -140,6 +140,45 @@ class Norm(sp.Function):
         return rf"\left({text}\right)^{{{exp}}}" if exp else text
 
 
+class Abs(sp.Abs):
+    """abs(x), differentiated as sign(x) * x': every value of the language is real, but SymPy
+    cannot tell that of relu(x) or sqrt(x), and then writes abs' with re, im and atan2, which
+    no printer knows (`abs(cos(relu(x)))`, `abs(norm(u))`)."""
+
+    @classmethod
+    def eval(cls, arg: sp.Expr) -> sp.Expr | None:
+        if arg.is_extended_real or arg.is_number:
+            return super().eval(arg)
+        return None  # SymPy would rewrite abs(exp(u)) as exp(re(u))
+
+    def _eval_derivative(self, x: sp.Symbol) -> sp.Expr:
+        return sp.sign(self.args[0]) * sp.diff(self.args[0], x)
+
+
+def _constants(args: tuple) -> bool:
+    return all(sp.sympify(a).is_number for a in args)
+
+
+class Max(sp.Max):
+    """max, folded only when every argument is a constant. SymPy otherwise drops an argument
+    from assumptions on the differences, and gets some wrong: 1.14 finds
+    1/(3 max(j - i, 1/2)) - 1/4 >= 0, so min(that, 0.25) became 0.25 at every pair."""
+
+    def __new__(cls, *args: sp.Expr, **options: object) -> sp.Expr:
+        if _constants(args):  # no symbols, no assumptions: SymPy's own class folds them
+            return sp.Max(*args)
+        return super().__new__(cls, *args, evaluate=False)
+
+
+class Min(sp.Min):
+    """min, folded only when every argument is a constant (see Max)."""
+
+    def __new__(cls, *args: sp.Expr, **options: object) -> sp.Expr:
+        if _constants(args):  # no symbols, no assumptions: SymPy's own class folds them
+            return sp.Min(*args)
+        return super().__new__(cls, *args, evaluate=False)
+
+
 class Floor(sp.floor):
     """floor(x): a float to an integer; gradient 0 (SymPy's floor leaves d/dx unevaluated)."""
 
@@ -203,7 +242,7 @@ SPEC_FUNCTIONS = {
     "log": sp.log,
     "sqrt": sp.sqrt,
     "rsqrt": lambda x: 1 / sp.sqrt(x),
-    "abs": sp.Abs,
+    "abs": Abs,
     "tanh": sp.tanh,
     "sigmoid": Sigmoid,
     "softplus": Softplus,
@@ -212,8 +251,8 @@ SPEC_FUNCTIONS = {
     "gelu": Gelu,
     "sin": sp.sin,
     "cos": sp.cos,
-    "min": sp.Min,
-    "max": sp.Max,
+    "min": Min,
+    "max": Max,
     "clamp": Clamp,
     "floor": Floor,
     "ceil": Ceil,

@@ -19,7 +19,7 @@ import sympy as sp
 
 from . import check, ir
 from .errors import SpecError
-from .functions import SPEC_FUNCTIONS, Clamp, Norm
+from .functions import SPEC_FUNCTIONS, Clamp, Max, Min, Norm
 from .ir import Kind, NormKind, Side
 
 # Positions and sizes, shared by every derivation so expressions compare across specs.
@@ -259,7 +259,7 @@ class Deriver:
             return sp.Piecewise((then, cond), (other, True))
         integer = all(n.type is not None and n.type.kind is Kind.INT for n in nodes)
         if func == "clamp" and integer:  # integer clamps (subscripts) stay exact integers
-            return sp.Min(sp.Max(args[0], args[1]), args[2])
+            return Min(Max(args[0], args[1]), args[2])
         if func == "clamp":
             return Clamp(*args)
         return SPEC_FUNCTIONS[func](*args)

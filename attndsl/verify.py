@@ -379,8 +379,8 @@ class _Oracle(_Evaluator):
             raise _Inexact("piecewise with no branch")
         piecewise = {fn.Step: lambda x: Fraction(int(x > 0)), fn.Relu: lambda x: max(x, 0),
                      sp.Heaviside: lambda x, h0=Fraction(1, 2): h0 if x == 0 else Fraction(int(x > 0)),
-                     sp.sign: lambda x: Fraction((x > 0) - (x < 0)), sp.Abs: abs,
-                     sp.Max: max, sp.Min: min,
+                     sp.sign: lambda x: Fraction((x > 0) - (x < 0)), sp.Abs: abs, fn.Abs: abs,
+                     sp.Max: max, sp.Min: min, fn.Max: max, fn.Min: min,
                      fn.Clamp: lambda x, lo, hi: min(max(x, lo), hi),
                      fn.InRange: lambda x, lo, hi: Fraction(int(lo <= x <= hi)),
                      fn.Floor: lambda x: Fraction(math.floor(x)),
@@ -437,8 +437,9 @@ class _MpEval(_Evaluator):
 
     FUNCTIONS: ClassVar[dict[type, Any]] = {
         sp.exp: mpmath.exp, sp.log: mpmath.log, sp.tanh: mpmath.tanh, sp.sin: mpmath.sin,
-        sp.cos: mpmath.cos, sp.erf: mpmath.erf, sp.Abs: abs, sp.sign: mpmath.sign,
-        sp.floor: mpmath.floor, sp.Max: max, sp.Min: min,
+        sp.cos: mpmath.cos, sp.erf: mpmath.erf, sp.Abs: abs, fn.Abs: abs,
+        sp.sign: mpmath.sign,
+        sp.floor: mpmath.floor, sp.Max: max, sp.Min: min, fn.Max: max, fn.Min: min,
         fn.Floor: mpmath.floor, fn.Ceil: mpmath.ceil, fn.Round: mpmath.nint,  # nint: tie to even
         sp.Heaviside: lambda x, h0=sp.S.Half: (mpmath.mpf(h0.p) / h0.q if x == 0
                                                else mpmath.mpf(int(x > 0))),

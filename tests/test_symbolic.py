@@ -76,7 +76,7 @@ def test_cosine_has_query_and_key_row_reductions() -> None:
     assert d.logit.has(sp.Max)
     r2, r3, r4 = (r.symbol for r in d.reductions)
     norm = fn.Norm  # norm(u) = Norm(sum_f u_f^2): sqrt with norm'(0) = 0
-    assert d.logit == r2 / (norm(r3) * norm(r4) * sp.Max(sp.Rational(1, 100), tau.symbol))
+    assert d.logit == r2 / (norm(r3) * norm(r4) * fn.Max(sp.Rational(1, 100), tau.symbol))
 
 
 def test_linear_hoists_feature_maps_per_side() -> None:

@@ -264,7 +264,7 @@ class Emitter:
                 assert source is not None
                 contrib = f"xp.chain({adjoint}, {self.expr(partial)})"
                 if guard:
-                    contrib = f"xp.where(allowed, {contrib}, 0)"
+                    contrib = f"xp.at_allowed(allowed, {contrib}, {name})"
                 self.accumulate(f"d_{variable(source)}",
                                 f"xp.sum_to({contrib}, {variable(source)})")
         elif isinstance(node, Vec) and node.kind == "proj":

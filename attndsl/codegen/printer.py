@@ -13,7 +13,7 @@ from .. import functions as fn
 # Spec-level function -> the name of the backend's implementation (after the module prefix).
 ARRAY_FUNCTIONS: dict[type, str] = {
     sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos",
-    sp.sign: "sign", sp.Abs: "abs", sp.Heaviside: "heaviside", sp.floor: "floor",
+    sp.sign: "sign", sp.Abs: "abs", fn.Abs: "abs", sp.Heaviside: "heaviside", sp.floor: "floor",
     fn.Sigmoid: "sigmoid", fn.Softplus: "softplus", fn.Relu: "relu", fn.Step: "step",
     fn.Elu: "elu", fn.EluGrad: "elu_grad", fn.Gelu: "gelu", fn.GeluGrad: "gelu_grad",
     fn.Clamp: "clamp", fn.InRange: "in_range", fn.Norm: "norm", fn.NormGrad: "norm_grad",

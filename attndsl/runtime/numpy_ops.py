@@ -212,6 +212,18 @@ def chain(adjoint: np.ndarray, partial: np.ndarray) -> np.ndarray:
     return np.where(adjoint == 0, 0, product)
 
 
+def at_allowed(allowed: np.ndarray, term: np.ndarray, value: np.ndarray, where=np.where
+               ) -> np.ndarray:
+    """A pair node's chain-rule term, 0 at pairs not allowed (its partial may be NaN there).
+
+    A node without some axis of the pairs (`sum(where(c, k, k))` is `sum(k)`, a key row;
+    `norm(wr / max(j - i, 0.5))` has no b or h) has its adjoint summed over that axis, allowed
+    pairs only, already: masking it again would count it once per allowed row (or b, h)."""
+    if np.shape(value)[:4] != np.shape(allowed)[:4]:
+        return term
+    return where(allowed, term, 0)
+
+
 def sum_to(x: np.ndarray, like: np.ndarray) -> np.ndarray:
     """Sum `x` over the axes `like` broadcasts along (the adjoint of broadcasting)."""
     x = np.asarray(x)
@@ -232,7 +244,8 @@ def scatter(shape: Sequence[int], subscripts: Sequence[np.ndarray], values: np.n
     if vector:
         subs = [s[..., 0] if s.ndim == 5 else s for s in subs]
         lead = np.broadcast_shapes(*(s.shape for s in subs), values.shape[:-1])
-        vals = np.broadcast_to(values, lead + values.shape[-1:])
+        # a feature axis of 1: the same adjoint for every feature (d sum(w - q) / d w_f = 1)
+        vals = np.broadcast_to(values, lead + tuple(shape[len(subs):]))
         subs = [np.broadcast_to(s, lead) for s in subs]
     else:
         lead = np.broadcast_shapes(*(s.shape for s in subs), values.shape)

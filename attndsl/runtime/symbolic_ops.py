@@ -67,7 +67,7 @@ def rational(p: int, q: int) -> sp.Rational:
 
 exp, log, sqrt, tanh, sin, cos = (_elementwise(f) for f in (sp.exp, sp.log, sp.sqrt, sp.tanh,
                                                             sp.sin, sp.cos))
-sign, abs, floor = _elementwise(sp.sign), _elementwise(sp.Abs), _elementwise(fn.Floor)
+sign, abs, floor = _elementwise(sp.sign), _elementwise(fn.Abs), _elementwise(fn.Floor)
 ceil, round = _elementwise(fn.Ceil), _elementwise(fn.Round)
 heaviside = _elementwise(sp.Heaviside)
 sigmoid, softplus, relu, step = (_elementwise(f) for f in (fn.Sigmoid, fn.Softplus, fn.Relu,
@@ -97,7 +97,7 @@ equal, not_equal = _relation(np.equal, sp.Eq), _relation(np.not_equal, sp.Ne)
 logical_and = _relation(np.logical_and, sp.And)
 logical_or = _relation(np.logical_or, sp.Or)
 # Integer clamps of subscripts print as maximum/minimum: concrete operands stay integer arrays.
-maximum, minimum = _relation(np.maximum, sp.Max), _relation(np.minimum, sp.Min)
+maximum, minimum = _relation(np.maximum, fn.Max), _relation(np.minimum, fn.Min)
 
 
 def logical_not(a: object) -> np.ndarray:
@@ -117,6 +117,10 @@ def where(cond: object, a: object, b: object) -> np.ndarray:
     if _concrete(cond):
         return np.where(cond, a, b)
     return np.vectorize(_pick, otypes=[object])(cond, a, b)
+
+
+def at_allowed(allowed: np.ndarray, term: np.ndarray, value: np.ndarray) -> np.ndarray:
+    return _numeric.at_allowed(allowed, term, value, where=where)
 
 
 def keymax(x: np.ndarray) -> np.ndarray:

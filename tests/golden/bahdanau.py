@@ -96,9 +96,9 @@ def backward(xp, q, k, v, dout, Wq, Wk, w, out=None, lse=None):
     d_Wq = 0
     d_Wk = 0
     d_w = 0
-    d_w_v0 = xp.sum_to(xp.where(allowed, xp.chain(d_r5, xp.tanh(proj2 + proj4)), 0), w_v0)
-    d_proj2 = xp.sum_to(xp.where(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj2)
-    d_proj4 = xp.sum_to(xp.where(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), 0), proj4)
+    d_w_v0 = xp.sum_to(xp.at_allowed(allowed, xp.chain(d_r5, xp.tanh(proj2 + proj4)), r5), w_v0)
+    d_proj2 = xp.sum_to(xp.at_allowed(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), r5), proj2)
+    d_proj4 = xp.sum_to(xp.at_allowed(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), r5), proj4)
     # projection bwd: dX = dP @ Wk^T, dWk = X^T dP
     d_k_rows = xp.project_dx(d_proj4, Wk)
     d_Wk = d_Wk + xp.project_dw(k_rows, d_proj4)
