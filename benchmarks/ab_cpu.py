@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import lscpu_model  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"full": "scaled_dot_product", "causal": "causal", "alibi": "alibi",
@@ -81,12 +82,6 @@ print(json.dumps({key: sorted(v)[len(v) // 2] for key, v in times.items()}))
 """
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def one_side(checkout: Path, name: str, n: int, reps: int) -> dict[str, float]:
@@ -112,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     lines = [f"# cpu A/B: {sides['before']} vs {sides['after']}", "",
-             (f"CPU: {cpu_model()}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; "
+             (f"CPU: {lscpu_model()}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; "
               f"load at start {os.getloadavg()[0]:.2f}; {args.rounds} rounds x {args.reps} calls, "
               "medians; ratio to SDPA = attndsl time / SDPA time in the same subprocess"), "",
              ("| case | mode | before ms | after ms | after/before | before/SDPA | after/SDPA |"

@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from machine import lscpu_model  # benchmarks/machine.py
 
 import attndsl
 
@@ -481,11 +483,6 @@ def targets(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
 
 # ---- report --------------------------------------------------------------------------------
 
-def lscpu_model() -> str:
-    """lscpu's model name: the CPU changes between machines, so every result records it."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name:")), "unknown")
 
 
 def load_average() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,18 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import lscpu_model  # benchmarks/machine.py, beside this script
+
 import attndsl
 
 PARSE_TARGET_S = 0.050
 VERIFY_TARGET_S = 30.0
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def parse_seconds(text: str, rounds: int) -> float:
@@ -52,7 +47,7 @@ def main() -> None:
     examples = sorted((ROOT / "examples").glob("*.attn"))
     attndsl.parse(examples[0].read_text())  # builds the grammar once
     lines = ["# Front end: parse + check and verify per example", "",
-             (f"CPU: {cpu_model()}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; "
+             (f"CPU: {lscpu_model()}; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; "
               f"load at start {os.getloadavg()[0]:.2f}. Targets: parse + check < "
               f"{PARSE_TARGET_S * 1e3:.0f} ms, verify (numpy) < {VERIFY_TARGET_S:.0f} s."), "",
              "| example | parse + check ms | verify s | verify ok |", "| --- | ---: | ---: | --- |"]

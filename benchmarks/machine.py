@@ -1,0 +1,12 @@
+"""What every benchmark result records about the machine it ran on."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def lscpu_model() -> str:
+    """lscpu's model name: the CPU changes between machines, so every result records it."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                 if line.startswith("Model name:")), "unknown")
