@@ -179,32 +179,34 @@ class Min(sp.Min):
         return super().__new__(cls, *args, evaluate=False)
 
 
-class Floor(sp.floor):
-    """floor(x): a float to an integer; gradient 0 (SymPy's floor leaves d/dx unevaluated)."""
+class _ToInteger:
+    """floor/ceil: a float to an integer with gradient 0 (SymPy's own leave d/dx unevaluated),
+    printed by its spec name and, in LaTeX, between its brackets."""
+
+    word, left, right = "", "", ""
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return sp.S.Zero
 
     def _sympystr(self, printer: sp.printing.str.StrPrinter) -> str:
-        return f"floor({printer._print(self.args[0])})"
+        return f"{self.word}({printer._print(self.args[0])})"  # type: ignore[attr-defined]
 
     def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: str | None = None) -> str:
-        text = rf"\left\lfloor{{{printer._print(self.args[0])}}}\right\rfloor"
+        inner = printer._print(self.args[0])  # type: ignore[attr-defined]
+        text = rf"\left{self.left}{{{inner}}}\right{self.right}"
         return rf"{text}^{{{exp}}}" if exp else text
 
 
-class Ceil(sp.ceiling):
+class Floor(_ToInteger, sp.floor):
+    """floor(x): a float to an integer; gradient 0."""
+
+    word, left, right = "floor", r"\lfloor", r"\rfloor"
+
+
+class Ceil(_ToInteger, sp.ceiling):
     """ceil(x): a float to an integer; gradient 0."""
 
-    def fdiff(self, argindex: int = 1) -> sp.Expr:
-        return sp.S.Zero
-
-    def _sympystr(self, printer: sp.printing.str.StrPrinter) -> str:
-        return f"ceil({printer._print(self.args[0])})"
-
-    def _latex(self, printer: sp.printing.latex.LatexPrinter, exp: str | None = None) -> str:
-        text = rf"\left\lceil{{{printer._print(self.args[0])}}}\right\rceil"
-        return rf"{text}^{{{exp}}}" if exp else text
+    word, left, right = "ceil", r"\lceil", r"\rceil"
 
 
 class Round(sp.Function):
