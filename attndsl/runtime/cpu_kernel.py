@@ -113,10 +113,12 @@ class CpuKernel(Kernel):
                              f"{lookup.array}[{', '.join(map(str, lookup.subscripts))}] reads "
                              "outside the array")
 
-    def _run_forward(self, call: Call) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _run_forward(self, call: Call, common: tuple[dict[str, Any], list[np.ndarray]] | None
+                     = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """`common`: `_common`'s result when the caller already has it (the backward)."""
         from ..codegen.cpu_intrinsics import single_threaded_blas
 
-        t, args = self._common(call)
+        t, args = self._common(call) if common is None else common
         s = call.sizes
         out = np.zeros((s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
         state = np.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
@@ -141,16 +143,15 @@ class CpuKernel(Kernel):
 
         norm = self.spec.normalize.kind
         softmax = norm is NormKind.SOFTMAX
+        # one rows pass and one finiteness check, shared with a recomputed forward
+        t, args = self._common(call, dout)
         if out is None or (softmax and lse is None) or norm is NormKind.SUM:
             # what was not given is recomputed; what was is trusted as forward's (as on numpy)
-            fwd_out, state, t = self._run_forward(call)
+            fwd_out, state, _ = self._run_forward(call, (t, args))
             out = fwd_out if out is None else out
             state = lse if softmax and lse is not None else state
         else:
             state = lse if lse is not None else np.zeros(out.shape[:3], call.dtype)
-            t = None
-        t2, args = self._common(call, dout)
-        t = t2
         s = call.sizes
         B, H = s["B"], s["heads"]
         D = np.ascontiguousarray(np.sum(dout * out, axis=-1), dtype=call.dtype)
