@@ -21,15 +21,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .ir import NormKind
+from .normalizers import RULES
 from .symbolic import POSITIONS, SIZES, Derivation, Lookup, Node, Reduction, S, Vec
-
-NORMALIZER_RULES = {
-    NormKind.SOFTMAX: "dS = P * (dP - D), D = rowsum(dO * O)",
-    NormKind.SUM: "dS = (dP - rowsum(P * dP)) / rowsum(x)",
-    NormKind.NONE: "dS = dP",
-    NormKind.ELEMENTWISE: "dS = f'(x) * dP",
-}
 
 
 class MissingRule(Exception):
@@ -64,7 +57,7 @@ class Gradients:
             lines.append(f"  {_describe(node, show)}")
         norm = d.norm.value if d.norm_expr is None else f"f(s) = {show(d.norm_expr)}"
         lines += [f"  weights = {norm} over allowed keys", "backward:",
-                  f"  {NORMALIZER_RULES[d.norm]}"]
+                  f"  {RULES[d.norm]}"]
         if self.dnorm is not None:
             lines.append(f"  f'(s) = {show(self.dnorm)}")
         for symbol, expr in self.dlogit.items():

@@ -32,11 +32,10 @@ import numpy as np
 import sympy as sp
 
 from . import functions as fn
-from . import ir
+from . import ir, normalizers
 from .codegen import numpy_ref
-from .ir import NormKind
 from .runtime import cache, symbolic_ops
-from .symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, S, Vec, derive
+from .symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, Vec, derive
 
 SCALE = 2**61  # random values are drawn from integers up to this size
 FLOAT_CONSTANT_TOLERANCE = 1e-12  # mpmath agreement where an expression holds float64 numbers
@@ -277,19 +276,12 @@ def naive_loss_rows(deriv: Derivation, setup: ProofSetup) -> list[sp.Expr]:
 
 def _naive_weights(deriv: Derivation, logits: list[sp.Expr], keys: list[int], naive: Naive,
                    row: tuple[int, int, int]) -> dict[int, sp.Expr]:
+    """The weights of one row's allowed keys, as its normalizer defines them (an element-wise
+    f may read sizes and positions: evaluated at each pair)."""
     if not keys:
         return {}
-    if deriv.norm is NormKind.SOFTMAX:
-        z = sum(sp.exp(logits[j]) for j in keys)
-        return {j: sp.exp(logits[j]) / z for j in keys}
-    if deriv.norm is NormKind.SUM:
-        z = sum(logits[j] for j in keys)
-        return {j: logits[j] / z for j in keys}
-    if deriv.norm is NormKind.NONE:
-        return {j: logits[j] for j in keys}
-    assert deriv.norm_expr is not None
-    return {j: naive.expr(deriv.norm_expr.xreplace({S: logits[j]}), (*row, j), None)
-            for j in keys}
+    weights = normalizers.of(deriv).naive([logits[j] for j in keys])
+    return {j: naive.expr(w, (*row, j), None) for j, w in zip(keys, weights)}
 
 
 # ---- the derived gradients: the generated reference over SymPy arrays -----------------------

@@ -21,7 +21,7 @@ from typing import Any
 import sympy as sp
 
 from .. import functions as fn
-from .. import ir
+from .. import ir, normalizers
 from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
@@ -730,9 +730,7 @@ class CpuEmitter:
     def dscores(self, keys: bool, queries: bool) -> None:
         """P and dS per pair, then every elementwise adjoint (row scalars, loops, params)."""
         w, d, plan = self.w, self.deriv, self.plan
-        rule = {NormKind.SOFTMAX: "dS = P * (dP - D)", NormKind.SUM: "dS = (dP - D) / z",
-                NormKind.NONE: "dS = dP", NormKind.ELEMENTWISE: "dS = f'(x) * dP"}[d.norm]
-        w(f"# {rule}")
+        w(f"# {normalizers.of(d).rule}")
         fold_n = self.fold[0] if self.fold is not None else -1
         value = self.logit_value(f"s{fold_n}")
         row_sums = self._row_adjoints(queries)
@@ -774,19 +772,15 @@ class CpuEmitter:
                      queries: bool) -> None:
         w, d, plan = self.w, self.deriv, self.plan
         w("dpv = dp[ii * BK + jj]")
-        if d.norm is NormKind.SOFTMAX:
+        norm = normalizers.of(d)
+        local = {normalizers.X: "xv", normalizers.SAVED: "row_state", normalizers.WEIGHT: "pv",
+                 normalizers.DP: "dpv", normalizers.DELTA: "Di"}
+        named = {s: sp.Symbol(n) for s, n in local.items()}
+        if norm.kind is NormKind.SOFTMAX:  # exp(x - lse) in base 2: the GEMM's alpha holds log2 e
             w("pv = exp2(xv2 - rs2)")
-            w("ds = pv * (dpv - Di)")
-        elif d.norm is NormKind.SUM:
-            w("pv = xv / row_state if row_state != 0 else F(0)")
-            w("ds = (dpv - Di) / row_state if row_state != 0 else F(0)")
-        elif d.norm is NormKind.NONE:
-            w("pv = xv")
-            w("ds = dpv")
         else:
-            assert d.norm_expr is not None and plan.grads.dnorm is not None
-            w(f"pv = {self.fl(d.norm_expr)}")
-            w(f"ds = ({self.fl(plan.grads.dnorm)}) * dpv")
+            w(f"pv = {self.fl(norm.weight.xreplace(named))}")
+        w(f"ds = {self.fl(norm.dscore.xreplace(named))}")
         w("x[ii * BK + jj] = pv")
         if plan.nested:  # loops first: they add to the adjoints of what their bodies read
             self.nested_adjoints()

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from .. import ir
-from ..grad import NORMALIZER_RULES
+from .. import ir, normalizers
 from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S, Vec
@@ -280,7 +279,7 @@ class Emitter:
         w(f"x       = {sp.sstr(d.logit)}")
         w(f"allowed = {sp.sstr(d.mask) if d.mask is not None else 'every key'}")
         w(f"weights = {d.norm.value if d.norm_expr is None else sp.sstr(d.norm_expr)}")
-        w(f"backward: {NORMALIZER_RULES[d.norm]}")
+        w(f"backward: {normalizers.of(d).rule}")
         w('"""')
         w()
         w("import math")
@@ -553,21 +552,12 @@ class Emitter:
 
     def pair_grad(self, p: CudaPrinter, dp: str, state: str, delta: str) -> None:
         """pw (the weight after normalization, for dV) and dx = dS for an allowed pair."""
-        w, d = self.w, self.deriv
-        w(f"# {NORMALIZER_RULES[d.norm]}")
-        if d.norm is NormKind.SOFTMAX:
-            w(f"pw = math.exp(x - {state})")
-            w(f"dx = pw * ({dp} - {delta})")
-        elif d.norm is NormKind.SUM:
-            w(f"pw = x / {state}")
-            w(f"dx = ({dp} - {delta}) / {state}")
-        elif d.norm is NormKind.NONE:
-            w("pw = x")
-            w(f"dx = {dp}")
-        else:
-            assert self.grads.dnorm is not None
-            w(f"pw = {p.num(d.norm_expr)}")
-            w(f"dx = {p.num(self.grads.dnorm)} * {dp}")
+        norm = normalizers.of(self.deriv)
+        self.w(f"# {norm.rule}")
+        p = p.with_names({normalizers.X: "x", normalizers.SAVED: state, normalizers.WEIGHT: "pw",
+                          normalizers.DP: dp, normalizers.DELTA: delta})
+        self.w(f"pw = {p.num(norm.weight)}")
+        self.w(f"dx = {p.num(norm.dscore)}")
 
     def is_target(self, symbol: sp.Symbol, ctx: Ctx) -> str | None:
         """How this kernel accumulates the adjoint of `symbol`: 'vec', 'scalar', 'pair' or None."""

@@ -11,7 +11,8 @@ import hashlib
 
 import sympy as sp
 
-from ..grad import NORMALIZER_RULES, Gradients, derive_gradients
+from .. import normalizers
+from ..grad import Gradients, derive_gradients
 from ..ir import NormKind, Side
 from ..symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, S, Vec
 from .printer import KernelPrinter
@@ -202,17 +203,16 @@ class Emitter:
                 with w.block("if lse is not None:  # P from the given lse, as the kernels do"):
                     w("p = xp.weights_from_lse(x, allowed, lse)")
             w("dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]")
-            w(f"# {NORMALIZER_RULES[d.norm]}")
-            if d.norm is NormKind.SOFTMAX:
-                w("dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])")
-            elif d.norm is NormKind.SUM:  # sum_j p_j dP_j = rowsum(dout * out)
-                w("dS = xp.where(allowed, xp.safe_div(dP - xp.rowsum(dout * out)[..., None], "
-                  "state), 0)")
-            elif d.norm is NormKind.NONE:
-                w("dS = xp.where(allowed, dP, 0)")
-            else:
+            norm = normalizers.of(d)
+            w(f"# {norm.rule}")
+            if norm.uses_delta:
+                w("D = xp.rowsum(dout * out)[..., None]")
+            if norm.kind is NormKind.ELEMENTWISE:
                 w("x = xp.where(allowed, x, 0)")
-                w(f"dS = xp.where(allowed, ({self.expr(grads.dnorm)}) * dP, 0)")
+            names = {normalizers.WEIGHT: "p[..., None]", normalizers.X: "x",
+                     normalizers.SAVED: "state", normalizers.DP: "dP", normalizers.DELTA: "D"}
+            dscore = self.expr(norm.dscore.xreplace({s: sp.Symbol(n) for s, n in names.items()}))
+            w(f"dS = xp.where(allowed, {dscore}, 0)")
             # grad_v, not dv: the size dv may appear in subscripts below
             w("grad_v = xp.group_heads(xp.pair_matmul(xp.transpose(p), dout), kv_heads)")
             w("dx = dS")

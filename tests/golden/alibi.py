@@ -84,7 +84,8 @@ def backward(xp, q, k, v, dout, slope, out=None, lse=None):
         p = xp.weights_from_lse(x, allowed, lse)
     dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
     # dS = P * (dP - D), D = rowsum(dO * O)
-    dS = p[..., None] * (dP - xp.rowsum(dout * out)[..., None])
+    D = xp.rowsum(dout * out)[..., None]
+    dS = xp.where(allowed, p[..., None]*(-D + dP), 0)
     grad_v = xp.group_heads(xp.pair_matmul(xp.transpose(p), dout), kv_heads)
     dx = dS
     # the chain rule through the logit, then node by node in reverse

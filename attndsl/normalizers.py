@@ -1,0 +1,94 @@
+"""Row normalizers as strategies: what each `normalize` kind means, in one place for every target.
+
+A strategy states, as SymPy expressions over the symbols below, what a target computes per
+allowed pair once the forward has saved the row's state; a target maps the symbols to its own
+storage and prints the expressions with its table-driven printer:
+
+  P   the pair's weight, from its logit X and the row's saved state SAVED
+  dS  the adjoint of the logit, from P, dP = dO . v_j and D = rowsum(dO * O)
+
+It also owns the rule text `show` and the generated code print, what the forward saves per row
+(lse for softmax, the row sum z for `sum`, nothing otherwise) and the naive weights the proof
+differentiates. A row with no allowed key saves lse = -inf (softmax) or z = 0 (sum); its pairs
+are never evaluated. A `sum` row whose allowed logits add up to exactly 0 gets weight 0, as an
+empty row does, on every target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import sympy as sp
+
+from .ir import NormKind
+from .symbolic import Derivation, S
+
+# '@' keeps them apart from every symbol a spec derives (spec names are identifiers)
+X = sp.Symbol("@x", real=True)  # the pair's logit
+SAVED = sp.Symbol("@saved", real=True)  # the row's saved state: lse or z
+WEIGHT = sp.Symbol("@P", real=True)  # the pair's weight, once computed
+DP = sp.Symbol("@dP", real=True)  # dO . v_j
+DELTA = sp.Symbol("@D", real=True)  # rowsum(dO * O)
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """One row normalization; see the module docstring."""
+
+    kind: NormKind
+    rule: str  # the backward's rule, as `show` prints it
+    saved: str | None  # what the forward saves per row: "lse", "z" or None
+    weight: sp.Expr  # P in X and SAVED
+    dscore: sp.Expr  # dS in WEIGHT, X, SAVED, DP and DELTA
+    naive: Callable[[Sequence[sp.Expr]], list[sp.Expr]]  # a row's allowed logits -> weights
+
+    @property
+    def uses_delta(self) -> bool:
+        """dS reads D = rowsum(dO * O): the backward computes it first."""
+        return DELTA in self.dscore.free_symbols
+
+
+def _nonzero(value: sp.Expr) -> sp.Expr:
+    """`value` where SAVED != 0, else 0: a `sum` row that adds up to 0 weighs nothing."""
+    return sp.Piecewise((value, sp.Ne(SAVED, 0)), (sp.S.Zero, True))
+
+
+def _softmax_naive(logits: Sequence[sp.Expr]) -> list[sp.Expr]:
+    z = sum((sp.exp(x) for x in logits), sp.S.Zero)
+    return [sp.exp(x) / z for x in logits]
+
+
+def _sum_naive(logits: Sequence[sp.Expr]) -> list[sp.Expr]:
+    z = sum(logits, sp.S.Zero)
+    return [x / z for x in logits]
+
+
+SOFTMAX = Normalizer(
+    NormKind.SOFTMAX, "dS = P * (dP - D), D = rowsum(dO * O)", "lse",
+    weight=sp.exp(X - SAVED), dscore=WEIGHT * (DP - DELTA), naive=_softmax_naive)
+SUM = Normalizer(
+    NormKind.SUM, "dS = (dP - rowsum(P * dP)) / rowsum(x)", "z",
+    # rowsum(P * dP) = rowsum(dO * O) = D
+    weight=_nonzero(X / SAVED), dscore=_nonzero((DP - DELTA) / SAVED), naive=_sum_naive)
+NONE = Normalizer(NormKind.NONE, "dS = dP", None, weight=X, dscore=DP,
+                  naive=lambda logits: list(logits))
+_BY_KIND = {n.kind: n for n in (SOFTMAX, SUM, NONE)}
+ELEMENTWISE_RULE = "dS = f'(x) * dP"
+RULES = {**{kind: n.rule for kind, n in _BY_KIND.items()}, NormKind.ELEMENTWISE: ELEMENTWISE_RULE}
+
+
+def elementwise(f: sp.Expr) -> Normalizer:
+    """P = f(x) per pair, no row state: dS = f'(x) * dP."""
+    at_x = f.xreplace({S: X})
+    return Normalizer(NormKind.ELEMENTWISE, ELEMENTWISE_RULE, None, weight=at_x,
+                      dscore=sp.diff(at_x, X) * DP,
+                      naive=lambda logits: [at_x.xreplace({X: x}) for x in logits])
+
+
+def of(deriv: Derivation) -> Normalizer:
+    """The strategy of a derivation's `normalize` clause."""
+    if deriv.norm is NormKind.ELEMENTWISE:
+        assert deriv.norm_expr is not None
+        return elementwise(deriv.norm_expr)
+    return _BY_KIND[deriv.norm]

@@ -1,0 +1,74 @@
+"""The normalizer strategies prove themselves: P against the naive weights, and dS against the
+derivative of the naive loss, for a row of symbolic logits (no kernel, no printer)."""
+
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+
+import attndsl
+from attndsl import normalizers
+from attndsl.ir import NormKind
+from attndsl.normalizers import DELTA, DP, SAVED, WEIGHT, X
+from attndsl.symbolic import derive
+
+ROW = 3  # keys in the row
+
+
+def _strategy(normalize: str) -> normalizers.Normalizer:
+    return normalizers.of(derive(attndsl.parse(
+        f"attention a {{\n  score q . k\n  normalize {normalize}\n}}")))
+
+
+NORMALIZE = ["softmax", "sum", "none", "sigmoid(s - 1)", "exp(s) * s"]
+
+
+def _saved(norm: normalizers.Normalizer, x: list[sp.Symbol]) -> sp.Expr:
+    if norm.saved == "lse":
+        return sp.log(sum(sp.exp(e) for e in x))
+    if norm.saved == "z":
+        return sum(x, sp.S.Zero)
+    return sp.S.Zero
+
+
+def _generic(e: sp.Expr) -> sp.Expr:
+    """The expression for a row whose sum is not 0 (`sum` guards that case; tested below)."""
+    return e.xreplace({sp.Ne(SAVED, 0): sp.true})
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_weight_is_the_naive_weight(normalize: str) -> None:
+    norm = _strategy(normalize)
+    x = sp.symbols(f"x0:{ROW}", real=True)
+    saved = _saved(norm, list(x))
+    for xj, naive in zip(x, norm.naive(list(x))):
+        assert sp.simplify(_generic(norm.weight).xreplace({X: xj, SAVED: saved}) - naive) == 0
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_dscore_is_the_derivative_of_the_naive_loss(normalize: str) -> None:
+    """L = g * sum_j P_j v_j (one output feature): dL/dx_j = dS with dP = g v_j, D = g out."""
+    norm = _strategy(normalize)
+    x = sp.symbols(f"x0:{ROW}", real=True)
+    v = sp.symbols(f"v0:{ROW}", real=True)
+    g = sp.Symbol("g", real=True)
+    weights = norm.naive(list(x))
+    out = sum((p * vj for p, vj in zip(weights, v)), sp.S.Zero)
+    saved = _saved(norm, list(x))
+    for j, xj in enumerate(x):
+        want = sp.diff(g * out, xj)
+        got = _generic(norm.dscore).xreplace({WEIGHT: weights[j], X: xj, SAVED: saved,
+                                              DP: g * v[j], DELTA: g * out})
+        assert sp.simplify(got - want) == 0, (normalize, j)
+
+
+def test_a_rule_for_every_kind() -> None:
+    assert set(normalizers.RULES) == set(NormKind)
+    assert _strategy("softmax").uses_delta and not _strategy("none").uses_delta
+
+
+def test_a_sum_row_that_adds_up_to_zero_weighs_nothing() -> None:
+    norm = _strategy("sum")
+    at_zero = {X: sp.Integer(2), SAVED: sp.S.Zero, DP: sp.Integer(3), DELTA: sp.Integer(1)}
+    assert norm.weight.xreplace(at_zero) == 0
+    assert norm.dscore.xreplace(at_zero) == 0
