@@ -38,6 +38,8 @@ def heaviside(x: np.ndarray) -> np.ndarray:
 
 
 def step(x: np.ndarray) -> np.ndarray:
+    """1 where x > 0; also for a plain number (d clamp(t, lo, t) / dt holds step(0))."""
+    x = np.asarray(x)
     return (x > 0).astype(np.result_type(x, np.float32))
 
 
