@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import sympy as sp
 
@@ -1064,12 +1063,6 @@ def emit_source(spec: ir.Spec, dtype: str = "float32") -> str:
 
 def _key(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:12]
-
-
-def compile_kernel(spec: ir.Spec) -> Any:
-    from ..runtime.cpu_kernel import CpuKernel
-
-    return CpuKernel(spec)
 
 
 @contextmanager
