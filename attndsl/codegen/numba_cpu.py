@@ -25,7 +25,6 @@ from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
 from . import numpy_ref
-from .cpu_intrinsics import INTRINSICS_VERSION
 from .printer import KernelPrinter, integer_valued
 from .source import SourceWriter
 
@@ -266,7 +265,6 @@ class CpuEmitter:
         w(f"x       = {sp.sstr(d.logit)}")
         w(f"allowed = {sp.sstr(d.mask) if d.mask is not None else 'every key'}")
         w(f"weights = {d.norm.value if d.norm_expr is None else sp.sstr(d.norm_expr)}")
-        w(f"intrinsics version {INTRINSICS_VERSION}")
         w('"""')
         w()
         w("import math")
@@ -276,9 +274,9 @@ class CpuEmitter:
         w()
         # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
         # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
-        w("from attndsl.codegen.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_skip_zero, "
+        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_skip_zero, "
           "gemm_unchecked, row_max")
-        w(f"from attndsl.codegen.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
+        w(f"from attndsl.runtime.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
         w(f"F = np.{self.dtype}")

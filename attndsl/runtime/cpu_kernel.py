@@ -114,7 +114,7 @@ class CpuKernel(Kernel):
                              "outside the array")
 
     def _run_forward(self, call: Call) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        from ..codegen.cpu_intrinsics import single_threaded_blas
+        from .cpu_intrinsics import single_threaded_blas
 
         t, args = self._common(call)
         s = call.sizes
@@ -137,7 +137,7 @@ class CpuKernel(Kernel):
 
     def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any
                        ) -> dict[str, np.ndarray]:
-        from ..codegen.cpu_intrinsics import single_threaded_blas
+        from .cpu_intrinsics import single_threaded_blas
 
         norm = self.spec.normalize.kind
         softmax = norm is NormKind.SOFTMAX
