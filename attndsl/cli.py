@@ -167,8 +167,7 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     import time
 
-    from . import verify
-    from .verify import target_names
+    from .verification import target_names, verify
 
     try:
         targets = target_names(args.target)
