@@ -1052,8 +1052,10 @@ CpuEmitter._linear_add_rows = _linear_add_rows  # type: ignore[attr-defined]
 CpuEmitter._linear_row_grad = _linear_row_grad  # type: ignore[attr-defined]
 
 
-def emit_source(spec: ir.Spec, dtype: str = "float32") -> str:
-    return CpuEmitter(make_plan(spec), dtype).module()
+def emit_source(spec: ir.Spec | KernelPlan, dtype: str = "float32") -> str:
+    """The kernels' source; a compile passes its plan, so the spec is derived once."""
+    plan = spec if isinstance(spec, KernelPlan) else make_plan(spec)
+    return CpuEmitter(plan, dtype).module()
 
 
 # ---- the Kernel ---------------------------------------------------------------------------

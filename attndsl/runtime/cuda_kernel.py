@@ -47,7 +47,7 @@ def host_source(layout: Layout) -> str:
     """NumPy functions over the reference's 5-D layout: every in-kernel lookup (exact range
     check with the reference's error), and the subscripts of each lookup with a gradient."""
     deriv = layout.plan.deriv
-    em = numpy_ref.Emitter(deriv)
+    em = numpy_ref.Emitter(layout.plan)
     w = em.w
     args = ", ".join(numpy_ref.call_args(deriv))
     w('"""attndsl CUDA host helpers (generated; do not edit)."""')
@@ -126,7 +126,7 @@ class CudaKernel(Kernel):
         self.layout = make_layout(self.plan)
         self.tiles = tiles
         self._modules: dict[Config, Any] = {}
-        ref_source = numpy_ref.emit(self.plan.deriv)
+        ref_source = numpy_ref.emit(self.plan)
         self.ref = cache.load_module(ref_source, "numpy", spec.name)
         self.host = cache.load_module(host_source(self.layout), "cuda", f"{spec.name}_host")
         source = emit_module(self.layout, fit_tiles(self.layout, Config()))
