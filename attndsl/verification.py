@@ -244,11 +244,6 @@ def _in_range(name: str, subs: tuple[int, ...], arrays: dict[str, np.ndarray], s
     return subs
 
 
-def naive_loss(deriv: Derivation, setup: ProofSetup) -> sp.Expr:
-    """L = sum(out * G), out computed pair by pair exactly as LANGUAGE.md section 1 says."""
-    return sp.Add(*naive_loss_rows(deriv, setup))
-
-
 def naive_loss_rows(deriv: Derivation, setup: ProofSetup) -> list[sp.Expr]:
     """The terms of L = sum(out * G), one per query row (b, h, i)."""
     s = setup.sizes

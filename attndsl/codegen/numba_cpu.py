@@ -13,7 +13,6 @@ A call runs
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -1056,13 +1055,6 @@ def emit_source(spec: ir.Spec | KernelPlan, dtype: str = "float32") -> str:
     """The kernels' source; a compile passes its plan, so the spec is derived once."""
     plan = spec if isinstance(spec, KernelPlan) else make_plan(spec)
     return CpuEmitter(plan, dtype).module()
-
-
-# ---- the Kernel ---------------------------------------------------------------------------
-
-
-def _key(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 @contextmanager
