@@ -7,13 +7,13 @@ from pathlib import Path
 
 from . import check as _check
 from . import ir
+from ._version import __version__ as __version__
 from .errors import SpecError
 from .lower import to_ir
 from .runtime.kernel import Kernel
 from .syntax import parse_tree
 
 __all__ = ["SpecError", "load", "parse"]
-__version__ = "0.1.0"
 
 
 def parse(text: str, filename: str | None = None) -> ir.Spec:
@@ -67,11 +67,6 @@ def verify(spec: ir.Spec | str | Path, targets: str | tuple[str, ...] | list[str
            proof: bool = True):  # type: ignore[no-untyped-def]
     """Symbolic proof of the gradients and numeric checks of every target ("numpy,cpu" or a
     list); a Report whose unrunnable checks are SKIP lines."""
-    import importlib
+    from .verification import verify as verify_spec
 
-    module = importlib.import_module(".verify", __name__)
-    globals()["verify"] = _verify_function  # the import bound the submodule to this name
-    return module.verify(_as_spec(spec), targets=targets, proof=proof)
-
-
-_verify_function = verify
+    return verify_spec(_as_spec(spec), targets=targets, proof=proof)

@@ -148,7 +148,9 @@ def _run_emit(args: argparse.Namespace) -> int:
     if not args.cc.isdigit() or len(args.cc) < 2:
         raise UsageError(f"--cc {args.cc}: expected a compute capability such as 80 or 90")
     cc = (int(args.cc[:-1]), int(args.cc[-1]))
-    for name, ptx in numba_cuda.compile_kernel(spec).ptx(cc=cc, dtype=args.dtype).items():
+    from .runtime.cuda_kernel import compile_kernel
+
+    for name, ptx in compile_kernel(spec).ptx(cc=cc, dtype=args.dtype).items():
         print(f"// ---- {name} ----")
         print(ptx)
     return OK
@@ -165,8 +167,7 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     import time
 
-    from . import verify
-    from .verify import target_names
+    from .verification import target_names, verify
 
     try:
         targets = target_names(args.target)

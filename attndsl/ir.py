@@ -50,10 +50,6 @@ class Type:
     size: str | None = None  # the feature-size name of a vector ("d", "dv", "r")
     side: Side = Side.CONST
 
-    @property
-    def is_scalar(self) -> bool:
-        return self.kind in (Kind.FLOAT, Kind.INT)
-
     def __str__(self) -> str:
         if self.kind is Kind.VECTOR:
             return f"a vector over {self.size}"

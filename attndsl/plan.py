@@ -96,10 +96,6 @@ def _nested_reads(plan: KernelPlan) -> dict[sp.Symbol, list[tuple[Reduction, sp.
     return reads
 
 
-def is_pair_level(node: Vec | Reduction | Lookup) -> bool:
-    return node.side is Side.PAIR and not isinstance(node, Vec)
-
-
 def _pair_expressions(deriv: Derivation) -> list[sp.Basic]:
     exprs: list[sp.Basic] = [deriv.logit]
     if deriv.mask is not None:

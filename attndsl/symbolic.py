@@ -107,11 +107,6 @@ class Derivation:
             return self.norm_expr.subs(S, self.logit)
         return self.logit
 
-    def pretty(self) -> str:
-        from .grad import derive_gradients
-
-        return derive_gradients(self).pretty()
-
 
 def _sym(name: str) -> sp.Symbol:
     return sp.Symbol(name, real=True)

@@ -11,7 +11,7 @@ benchmarks/results/cpu.png. torch and matplotlib come from the `bench` extra
 Threads: torch.set_num_threads(2), numba.set_num_threads(2), BLAS single-threaded inside the
 kernels. Numba's threading layer is `workqueue` unless NUMBA_THREADING_LAYER is set: Numba's
 `omp` layer loads the same libgomp as torch, and whichever of the two starts its OpenMP pool
-second ran 1.5-3x slower in our measurements (see benchmarks/proto_softmax_cpu.py --first).
+second ran 1.5-3x slower in our measurements (see benchmarks/results/proto_cpu.md).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def _torch_impls(torch: Any, name: str, n: int, H: int) -> dict[str, Callable[..
 def run(ns: list[int], warmup: int, repeat: int) -> list[str]:
     torch, _ = _environment()
     import attndsl
-    from attndsl.codegen.numba_cuda import compile_kernel
+    from attndsl.runtime.cuda_kernel import compile_kernel
 
     B, H, D = 1, 8, 64
     lines = ["| spec | n | impl | fwd ms | fwd+bwd ms |", "| --- | --- | --- | --- | --- |"]

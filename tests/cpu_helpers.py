@@ -77,9 +77,9 @@ def load_spec(name: str) -> Any:
 
 
 def uses_n(spec: Any) -> bool:
-    from attndsl.runtime.kernel import _uses_n
+    from attndsl.check import uses_n
 
-    return bool(_uses_n(spec))
+    return uses_n(spec)
 
 
 def head_counts(spec: Any, heads: int, kv_heads: int) -> tuple[int, int]:

@@ -173,7 +173,7 @@ def tier_cpu(case: Case) -> None:
 def tier_cuda(case: Case) -> None:
     """4 x 4 tiles, so the case's lengths (up to 9) span partial tiles; the simulator runs every
     thread in Python, so no larger shape."""
-    from attndsl.codegen.numba_cuda import compile_kernel
+    from attndsl.runtime.cuda_kernel import compile_kernel
 
     kernel = compile_kernel(attndsl.parse(case.gen.text), tiles=(4, 4, 4, 4))
     tier_target(case, "cuda", kernel, tiled=False)

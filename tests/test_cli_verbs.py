@@ -158,7 +158,7 @@ def test_verify_no_proof(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_verify_exits_1_when_a_check_fails(monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    module = importlib.import_module("attndsl.verify")
+    module = importlib.import_module("attndsl.verification")
     real = module.verify
 
     def failing(spec, targets=("numpy",), proof=True):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Tests for attndsl.codegen.cpu_intrinsics: gemm, vectorized max, exp2, caching, BLAS threads."""
+"""Tests for attndsl.runtime.cpu_intrinsics: gemm, vectorized max, exp2, caching, BLAS threads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from attndsl.codegen import cpu_intrinsics as ci
+from attndsl.runtime import cpu_intrinsics as ci
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_cpu_features_prefer_512() -> None:
 _CACHED_MODULE = """
 import numpy as np
 from numba import njit, prange
-from attndsl.codegen.cpu_intrinsics import FASTMATH, gemm_unchecked, row_max
+from attndsl.runtime.cpu_intrinsics import FASTMATH, gemm_unchecked, row_max
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def tiles(a, b, c, nt):

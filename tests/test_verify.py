@@ -63,7 +63,7 @@ def test_example_verifies(name: str, record_property: pytest.RecordProperty) -> 
 def test_proof_sizes_follow_the_spec() -> None:
     """GQA is kept with two heads; n_q = n_k where the spec has a mask or uses n."""
     from attndsl.symbolic import derive
-    from attndsl.verify import proof_setup
+    from attndsl.verification import proof_setup
 
     def sizes(name: str) -> dict[str, int]:
         setup, _ = proof_setup(derive(attndsl.load(EXAMPLES / f"{name}.attn")))
@@ -125,7 +125,7 @@ def _patched_emit(monkeypatch: pytest.MonkeyPatch, old: str, new: str) -> None:
     monkeypatch.setattr(numpy_ref, "emit", wrong)
 
 
-def _failed(report: attndsl.verify.Report) -> dict[str, attndsl.verify.Check]:
+def _failed(report: attndsl.verification.Report) -> dict[str, attndsl.verification.Check]:
     return {c.what: c for c in report.checks if not c.ok}
 
 
@@ -182,7 +182,7 @@ def test_wrong_numeric_gradient_fails_finite_differences(monkeypatch: pytest.Mon
 
 
 def test_compare_methods() -> None:
-    from attndsl.verify import compare
+    from attndsl.verification import compare
 
     x, y = sp.symbols("x y", real=True)
     ok, method, detail = compare(sp.exp(x) * sp.tanh(y) + fn.Sigmoid(x),
@@ -242,7 +242,7 @@ ITEM10_SPECS = {
 }
 
 
-def _skipped(report: attndsl.verify.Report) -> dict[str, attndsl.verify.Check]:
+def _skipped(report: attndsl.verification.Report) -> dict[str, attndsl.verification.Check]:
     return {c.what: c for c in report.checks if not c.ran}
 
 
@@ -290,7 +290,7 @@ def test_item10_alibi_with_float_slopes_verifies() -> None:
 
 
 def test_item10_float_constants_tolerance_still_catches_wrong_values() -> None:
-    from attndsl.verify import FLOAT_CONSTANT_TOLERANCE, compare
+    from attndsl.verification import FLOAT_CONSTANT_TOLERANCE, compare
 
     x, y = sp.symbols("x y", real=True)
     c = sp.Float(0.992217938260244)  # exp(-1/128) in float64
@@ -306,7 +306,7 @@ def test_item10_float_constants_tolerance_still_catches_wrong_values() -> None:
 
 def test_item10_kv_heads_without_heads_uses_grouped_heads() -> None:
     from attndsl.symbolic import derive
-    from attndsl.verify import _numeric_inputs, proof_setup
+    from attndsl.verification import _numeric_inputs, proof_setup
 
     spec = attndsl.parse("attention kv1 {\n kv_heads 1\n score q . k\n}")
     arrays, _ = _numeric_inputs(spec, float, 0)
@@ -325,7 +325,7 @@ def test_item10_kv_heads_without_heads_uses_grouped_heads() -> None:
 
 
 def test_item11_verify_targets_string_or_list() -> None:
-    from attndsl.verify import target_names
+    from attndsl.verification import target_names
 
     assert target_names("numpy,cpu") == ("numpy", "cpu")
     assert target_names(" numpy , cpu ") == ("numpy", "cpu")
@@ -341,3 +341,14 @@ def test_item11_verify_targets_string_or_list() -> None:
     assert report.ok
     with pytest.raises(ValueError, match="unknown target 'n'"):
         attndsl.verify(EXAMPLES / "luong_dot.attn", targets="n,umpy", proof=False)
+
+
+def test_issue9_verify_is_only_the_function() -> None:
+    # the checks live in attndsl.verification; importing it leaves attndsl.verify the function
+    import types
+
+    import attndsl.verification
+
+    assert isinstance(attndsl.verify, types.FunctionType)
+    assert type(attndsl.verification) is types.ModuleType  # no class swapped to make it callable
+    assert attndsl.verify(EXAMPLES / "luong_dot.attn", proof=False).ok

@@ -13,10 +13,8 @@ A call runs
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import sympy as sp
 
@@ -26,7 +24,6 @@ from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
 from . import numpy_ref
-from .cpu_intrinsics import INTRINSICS_VERSION
 from .printer import KernelPrinter, integer_valued
 from .source import SourceWriter
 
@@ -267,7 +264,6 @@ class CpuEmitter:
         w(f"x       = {sp.sstr(d.logit)}")
         w(f"allowed = {sp.sstr(d.mask) if d.mask is not None else 'every key'}")
         w(f"weights = {d.norm.value if d.norm_expr is None else sp.sstr(d.norm_expr)}")
-        w(f"intrinsics version {INTRINSICS_VERSION}")
         w('"""')
         w()
         w("import math")
@@ -277,9 +273,9 @@ class CpuEmitter:
         w()
         # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
         # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
-        w("from attndsl.codegen.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_skip_zero, "
+        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_skip_zero, "
           "gemm_unchecked, row_max")
-        w(f"from attndsl.codegen.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
+        w(f"from attndsl.runtime.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
         w(f"F = np.{self.dtype}")
@@ -1049,21 +1045,10 @@ CpuEmitter._linear_add_rows = _linear_add_rows  # type: ignore[attr-defined]
 CpuEmitter._linear_row_grad = _linear_row_grad  # type: ignore[attr-defined]
 
 
-def emit_source(spec: ir.Spec, dtype: str = "float32") -> str:
-    return CpuEmitter(make_plan(spec), dtype).module()
-
-
-# ---- the Kernel ---------------------------------------------------------------------------
-
-
-def _key(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()[:12]
-
-
-def compile_kernel(spec: ir.Spec) -> Any:
-    from ..runtime.cpu_kernel import CpuKernel
-
-    return CpuKernel(spec)
+def emit_source(spec: ir.Spec | KernelPlan, dtype: str = "float32") -> str:
+    """The kernels' source; a compile passes its plan, so the spec is derived once."""
+    plan = spec if isinstance(spec, KernelPlan) else make_plan(spec)
+    return CpuEmitter(plan, dtype).module()
 
 
 @contextmanager

@@ -1066,12 +1066,4 @@ def emit_source(spec: ir.Spec, dtype: str = "float32", config: Config | None = N
     layout = make_layout(make_plan(spec))
     return emit_module(layout, fit_tiles(layout, config or Config(dtype=dtype)))
 
-
-def compile_kernel(spec: ir.Spec, tiles: tuple[int, int, int, int] | None = None) -> Any:
-    """A Kernel for the CUDA target (cuda_launch.CudaKernel): `tiles` = (BQ, BK, backward BQ,
-    backward BK), production (64, 64, 32, 32) by default; `.ptx(cc, dtype)` needs no GPU."""
-    from .cuda_launch import compile_kernel as build
-
-    return build(spec, tiles)
-
-__all__ = ["Config", "compile_kernel", "emit_source", "make_layout"]
+__all__ = ["Config", "emit_source", "make_layout"]

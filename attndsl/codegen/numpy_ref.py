@@ -12,8 +12,9 @@ import hashlib
 import sympy as sp
 
 from .. import normalizers
-from ..grad import Gradients, derive_gradients
+from ..grad import Gradients
 from ..ir import NormKind, Side
+from ..plan import KernelPlan, make_plan
 from ..symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, S, Vec
 from .printer import KernelPrinter
 from .source import SourceWriter
@@ -37,9 +38,11 @@ def call_args(deriv: Derivation) -> list[str]:
 
 
 class Emitter:
-    def __init__(self, deriv: Derivation, exact: bool = False) -> None:
-        self.deriv = deriv
-        self.grads: Gradients = derive_gradients(deriv)
+    def __init__(self, source: Derivation | KernelPlan, exact: bool = False) -> None:
+        # a compile passes its plan down: the gradients are derived once per compile
+        self.plan = source if isinstance(source, KernelPlan) else make_plan(source)
+        self.deriv = deriv = self.plan.deriv
+        self.grads: Gradients = self.plan.grads
         names = {n.symbol: variable(n) for n in deriv.nodes}
         names.update({s: name for name, s in POSITIONS.items()})
         names.update({s: name for name, s in SIZES.items()})
@@ -284,9 +287,9 @@ class Emitter:
               f"({subs}{',' if subs else ''}), {adjoint})")
 
 
-def emit(deriv: Derivation, exact: bool = False) -> str:
+def emit(source: Derivation | KernelPlan, exact: bool = False) -> str:
     """The NumPy reference module's source."""
-    return Emitter(deriv, exact=exact).module()
+    return Emitter(source, exact=exact).module()
 
 
 def _row_level(node: Vec | Reduction | Lookup) -> bool:
@@ -309,10 +312,7 @@ def _rows(self: Emitter) -> None:
 
 def _rows_backward(self: Emitter) -> None:
     """`rows_backward`: the kernel's adjoints of its row-level inputs -> q, k and params."""
-    from ..plan import make_plan
-
-    w, d = self.w, self.deriv
-    plan = make_plan(d)
+    w, d, plan = self.w, self.deriv, self.plan
     params = [p.name for p in d.spec.params]
     with w.block(f"def rows_backward(xp, t, adjoints, {', '.join(['q', 'k', *params])}):"):
         w('"""Chains the adjoints of the pair kernel\'s row-level inputs to q, k and params."""')

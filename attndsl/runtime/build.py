@@ -36,11 +36,11 @@ def compile_spec(spec: ir.Spec, target: str) -> Kernel:
     if target == "numpy":
         return compile_numpy(spec)
     if target == "cpu":
-        from ..codegen import numba_cpu
+        from .cpu_kernel import CpuKernel
 
-        return numba_cpu.compile_kernel(spec)
+        return CpuKernel(spec)
     if target == "cuda":
-        from ..codegen import numba_cuda
+        from .cuda_kernel import compile_kernel
 
-        return numba_cuda.compile_kernel(spec)
+        return compile_kernel(spec)
     raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")

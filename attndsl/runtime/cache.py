@@ -55,16 +55,21 @@ def cache_dir() -> Path:
     return Path(base).absolute() / "attndsl"
 
 
-def _versions() -> str:
+def _versions(target: str) -> str:
     import numba
 
-    from .. import __version__
+    from .._version import __version__
 
-    return f"attndsl {__version__} numpy {np.__version__} numba {numba.__version__}"
+    text = f"attndsl {__version__} numpy {np.__version__} numba {numba.__version__}"
+    if target == "cpu":  # Numba's cache cannot see a change in the helpers the kernels call
+        from .cpu_intrinsics import INTRINSICS_VERSION
+
+        text += f" intrinsics {INTRINSICS_VERSION}"
+    return text
 
 
 def key(source: str, target: str) -> str:
-    text = f"{target}\n{_versions()}\n{source}"
+    text = f"{target}\n{_versions(target)}\n{source}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

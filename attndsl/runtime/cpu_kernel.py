@@ -11,7 +11,6 @@ from .. import ir
 from ..codegen import numba_cpu, numpy_ref
 from ..ir import NormKind, Side
 from ..plan import PairInput, make_plan
-from ..symbolic import derive
 from . import cache, numpy_ops
 from .kernel import Call, Kernel
 
@@ -66,19 +65,17 @@ def _parts(tasks: int) -> int:
 
 class CpuKernel(Kernel):
     def __init__(self, spec: ir.Spec) -> None:
-        self.plan = make_plan(spec)
-        deriv = self.plan.deriv
-        reference = numpy_ref.emit(derive(spec))
+        self.plan = make_plan(spec)  # derived once; every emitter below reads this plan
+        reference = numpy_ref.emit(self.plan)
         self.ref = cache.load_module(reference, "numpy", spec.name)
         self.modules: dict[str, ModuleType] = {}
-        super().__init__(spec, "cpu", numba_cpu.emit_source(spec), self._forward_impl,
+        super().__init__(spec, "cpu", numba_cpu.emit_source(self.plan), self._forward_impl,
                          self._backward_impl)
-        del deriv
 
     def module(self, dtype: np.dtype) -> ModuleType:
         name = np.dtype(dtype).name
         if name not in self.modules:
-            source = numba_cpu.emit_source(self.spec, name)
+            source = numba_cpu.emit_source(self.plan, name)
             self.modules[name] = cache.load_module(source, "cpu", f"{self.spec.name}_{name}")
         return self.modules[name]
 
@@ -116,7 +113,7 @@ class CpuKernel(Kernel):
     def _run_forward(self, call: Call, common: tuple[dict[str, Any], list[np.ndarray]] | None
                      = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """`common`: `_common`'s result when the caller already has it (the backward)."""
-        from ..codegen.cpu_intrinsics import single_threaded_blas
+        from .cpu_intrinsics import single_threaded_blas
 
         t, args = self._common(call) if common is None else common
         s = call.sizes
@@ -139,7 +136,7 @@ class CpuKernel(Kernel):
 
     def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any
                        ) -> dict[str, np.ndarray]:
-        from ..codegen.cpu_intrinsics import single_threaded_blas
+        from .cpu_intrinsics import single_threaded_blas
 
         norm = self.spec.normalize.kind
         softmax = norm is NormKind.SOFTMAX

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import ir
+from ..check import uses_n
 
 FLOATS = (np.float32, np.float64)
 
@@ -57,7 +58,7 @@ class Validator:
 
     def __init__(self, spec: ir.Spec) -> None:
         self.spec = spec
-        self.uses_n = _uses_n(spec)
+        self.uses_n = uses_n(spec)
 
     def __call__(self, q: Any, k: Any, v: Any, extra: Mapping[str, Any]) -> Call:
         q, k, v = (_as_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
@@ -244,14 +245,6 @@ def _const_eval(e: ir.Expr, params: dict[str, np.ndarray], sizes: dict[str, int]
 
 _ARITH = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.true_divide,
           "^": np.power, "//": np.floor_divide, "%": np.mod}
-
-
-def _uses_n(spec: ir.Spec) -> bool:
-    exprs = [spec.score, spec.scale, spec.bias, spec.softcap, spec.mask, spec.normalize.expr]
-    in_exprs = any(isinstance(node, ir.Name) and node.name == "n"
-                   for e in exprs if e is not None for node in ir.walk(e))
-    in_dims = any("n" in decl.dims for decl in (*spec.params, *spec.indices))
-    return in_exprs or in_dims
 
 
 class Kernel:

@@ -59,7 +59,7 @@ def _tanh(F: type) -> Callable[..., Any]:
     error ~1e-7; libm's tanhf does not vectorize here); float64: math.tanh."""
     if F is not np.float32:
         return lambda x: math.tanh(x)
-    from ..codegen.cpu_intrinsics import exp2_f32_clamped, fmax, keep_nan
+    from .cpu_intrinsics import exp2_f32_clamped, fmax, keep_nan
 
     one, two, scale, cap, low = F(1), F(2), F(2 * 1.4426950408889634), F(64), F(-126)
 

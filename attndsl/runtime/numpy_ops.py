@@ -1,7 +1,7 @@
 """The array operations generated NumPy references call (`xp.*`), on float NumPy arrays.
 
 Layout: every value is broadcastable to [B, heads, n_q, n_k, features]; a query-row value has
-n_k = 1, a key-row value n_q = 1, a scalar features = 1. verify.py runs the same generated code
+n_k = 1, a key-row value n_q = 1, a scalar features = 1. verification.py runs the same generated code
 with a SymPy implementation of this namespace (object arrays) to prove the gradients.
 """
 

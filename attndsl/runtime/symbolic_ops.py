@@ -1,6 +1,6 @@
 """The `xp` namespace of runtime/numpy_ops.py over NumPy object arrays of SymPy expressions.
 
-verify.py runs the generated NumPy reference with it, at small sizes, to obtain the derived
+verification.py runs the generated NumPy reference with it, at small sizes, to obtain the derived
 gradients as exact SymPy expressions. Positions, masks and index arrays stay concrete integers.
 """
 

@@ -17,7 +17,7 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 
 import attndsl
 from attndsl.codegen import cuda_toolchain as tc
-from attndsl.codegen.numba_cuda import compile_kernel
+from attndsl.runtime.cuda_kernel import compile_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared NaN cases
 import nan_cases

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip install 'attndsl[cuda]'")
 
 import attndsl
-from attndsl.codegen.numba_cuda import compile_kernel
+from attndsl.runtime.cuda_kernel import compile_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_rounding import ITEM4_MASKS, ROUNDING_SPEC, t5_bucket, weights_of

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip install 'attndsl[cuda]'")
 
 import attndsl
-from attndsl.codegen.numba_cuda import compile_kernel
+from attndsl.runtime.cuda_kernel import compile_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: nested_specs
 import nested_specs

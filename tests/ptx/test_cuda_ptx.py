@@ -12,8 +12,8 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 
 import attndsl
 from attndsl.codegen import cuda_toolchain as tc
-from attndsl.codegen.cuda_launch import KERNELS
-from attndsl.codegen.numba_cuda import LINEAR_KERNELS, compile_kernel
+from attndsl.codegen.numba_cuda import LINEAR_KERNELS
+from attndsl.runtime.cuda_kernel import KERNELS, compile_kernel
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.attn"))
 CCS = [(8, 0), (9, 0)]

@@ -10,7 +10,7 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 
 import attndsl
 from attndsl.codegen import cuda_toolchain as tc
-from attndsl.codegen.numba_cuda import compile_kernel
+from attndsl.runtime.cuda_kernel import compile_kernel
 
 SPEC = """attention r {
     param table[heads, 9]

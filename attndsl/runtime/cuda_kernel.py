@@ -16,14 +16,9 @@ import numpy as np
 import sympy as sp
 
 from .. import ir
-from ..ir import NormKind, Side
-from ..plan import make_plan
-from ..runtime import cache, numpy_ops
-from ..runtime.kernel import Call, Kernel
-from ..symbolic import POSITIONS, SIZES
-from . import cuda_toolchain as tc
-from . import numpy_ref
-from .numba_cuda import (
+from ..codegen import cuda_toolchain as tc
+from ..codegen import numpy_ref
+from ..codegen.numba_cuda import (
     LINEAR_KERNELS,
     Config,
     Layout,
@@ -32,6 +27,11 @@ from .numba_cuda import (
     linear_inputs,
     make_layout,
 )
+from ..ir import NormKind, Side
+from ..plan import make_plan
+from ..symbolic import POSITIONS, SIZES
+from . import cache, numpy_ops
+from .kernel import Call, Kernel
 
 KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 
@@ -47,7 +47,7 @@ def host_source(layout: Layout) -> str:
     """NumPy functions over the reference's 5-D layout: every in-kernel lookup (exact range
     check with the reference's error), and the subscripts of each lookup with a gradient."""
     deriv = layout.plan.deriv
-    em = numpy_ref.Emitter(deriv)
+    em = numpy_ref.Emitter(layout.plan)
     w = em.w
     args = ", ".join(numpy_ref.call_args(deriv))
     w('"""attndsl CUDA host helpers (generated; do not edit)."""')
@@ -126,7 +126,7 @@ class CudaKernel(Kernel):
         self.layout = make_layout(self.plan)
         self.tiles = tiles
         self._modules: dict[Config, Any] = {}
-        ref_source = numpy_ref.emit(self.plan.deriv)
+        ref_source = numpy_ref.emit(self.plan)
         self.ref = cache.load_module(ref_source, "numpy", spec.name)
         self.host = cache.load_module(host_source(self.layout), "cuda", f"{spec.name}_host")
         source = emit_module(self.layout, fit_tiles(self.layout, Config()))
@@ -502,7 +502,8 @@ class _Run:
 
 def compile_kernel(spec: ir.Spec, tiles: tuple[int, int, int, int] | None = None
                    ) -> CudaKernel:
-    """A Kernel for the CUDA target. `tiles` = (BQ, BK, backward BQ, backward BK)."""
+    """A Kernel for the CUDA target: `tiles` = (BQ, BK, backward BQ, backward BK), production
+    (64, 64, 32, 32) by default; `.ptx(cc, dtype)` needs no GPU."""
     tc.require_cuda()
     return CudaKernel(spec, tiles)
 

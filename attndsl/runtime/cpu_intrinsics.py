@@ -16,7 +16,7 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 
 How a generated kernel module uses it::
 
-    from attndsl.codegen.cpu_intrinsics import (
+    from attndsl.runtime.cpu_intrinsics import (
         FASTMATH, gemm_unchecked, row_max, exp2, exp2_shift_sum, single_threaded_blas)
 
     @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -28,8 +28,8 @@ How a generated kernel module uses it::
             _fwd(q, kt, v, o, lse, scale_log2)
 
 Pitfall for cached kernels: Numba's cache index is keyed on the *kernel's* bytecode only, not
-on the helpers here; a code generator should embed a version tag of this module
-(:data:`INTRINSICS_VERSION`) in the generated source so a change here invalidates old caches.
+on the helpers here; the cache key of a "cpu" module includes :data:`INTRINSICS_VERSION`
+(runtime/cache.py) so a change here invalidates old caches.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def enable_512bit_vectors() -> bool:
     effect if no @njit function was defined yet in this process -- the features are frozen into
     Numba's target machine then. Importing this module defines some, so from outside call it
     only through the environment: set ``ATTNDSL_PREFER_512BIT=1`` before importing
-    ``attndsl.codegen.cpu_intrinsics`` (or any Numba code), or set ``NUMBA_CPU_FEATURES`` to
+    ``attndsl.runtime.cpu_intrinsics`` (or any Numba code), or set ``NUMBA_CPU_FEATURES`` to
     :func:`cpu_features_prefer_512`'s value before the process starts. Returns False (and leaves
     the setting to child processes) when it is too late. Cache interplay: the feature string is
     part of Numba's cache index key, so kernels cached under the other setting are compiled again

@@ -20,9 +20,7 @@ import hashlib
 import itertools
 import math
 import random
-import sys
 import time
-import types
 from collections.abc import Callable, Iterable
 from fractions import Fraction
 from typing import Any, ClassVar
@@ -243,11 +241,6 @@ def _in_range(name: str, subs: tuple[int, ...], arrays: dict[str, np.ndarray], s
             raise ValueError(f"subscript {axis} of '{name}' is out of range at the proof "
                              f"sizes: got {sub}, the array has size {size} on that axis")
     return subs
-
-
-def naive_loss(deriv: Derivation, setup: ProofSetup) -> sp.Expr:
-    """L = sum(out * G), out computed pair by pair exactly as LANGUAGE.md section 1 says."""
-    return sp.Add(*naive_loss_rows(deriv, setup))
 
 
 def naive_loss_rows(deriv: Derivation, setup: ProofSetup) -> list[sp.Expr]:
@@ -808,17 +801,3 @@ def _check_target(report: Report, reference: Any, spec: ir.Spec, target: str) ->
         if err is not None:
             report.checks.append(Check(what, err <= TOLERANCE[name], name,
                                        f"max rel. error {err:.1e}", time.perf_counter() - t0))
-
-
-class _CallableModule(types.ModuleType):
-    """`import attndsl.verify` (before any call of `attndsl.verify`) binds this module to the
-    package's name `verify`; calling it must still verify, as LANGUAGE.md 6 promises."""
-
-    def __call__(self, spec: Any, targets: str | Iterable[str] = ("numpy",),
-                 proof: bool = True) -> Report:
-        from . import _as_spec
-
-        return verify(_as_spec(spec), targets=targets, proof=proof)
-
-
-sys.modules[__name__].__class__ = _CallableModule
