@@ -1,11 +1,17 @@
 """Row normalizers as strategies: what each `normalize` kind means, in one place for every target.
 
-A strategy states, as SymPy expressions over the symbols below, what a target computes per
-allowed pair once the forward has saved the row's state; a target maps the symbols to its own
-storage and prints the expressions with its table-driven printer:
+A strategy states, as SymPy expressions over the symbols below, what a target computes; a
+target maps the symbols to its own storage and prints the expressions with its table-driven
+printer:
 
-  P   the pair's weight, from its logit X and the row's saved state SAVED
-  dS  the adjoint of the logit, from P, dP = dO . v_j and D = rowsum(dO * O)
+  finish  once per row, from the running state the forward folded over the allowed keys
+          (softmax: the max M and L = sum exp(x - M); sum: Z = sum x): SCALE, the factor
+          that turns the accumulated sum_j w_j v_j into the row's output, and SAVED
+  P       the pair's weight, from its logit X and the row's saved state SAVED
+  dS      the adjoint of the logit, from P, dP = dO . v_j and D = rowsum(dO * O)
+
+How a target folds the running state (key by key, tile by tile, online with rescaling) is its
+own business; what the state means is fixed here.
 
 It also owns the rule text `show` and the generated code print, what the forward saves per row
 (lse for softmax, the row sum z for `sum`, nothing otherwise) and the naive weights the proof
@@ -30,6 +36,10 @@ SAVED = sp.Symbol("@saved", real=True)  # the row's saved state: lse or z
 WEIGHT = sp.Symbol("@P", real=True)  # the pair's weight, once computed
 DP = sp.Symbol("@dP", real=True)  # dO . v_j
 DELTA = sp.Symbol("@D", real=True)  # rowsum(dO * O)
+M = sp.Symbol("@M", real=True)  # softmax: the running max of the allowed logits (-inf: none)
+L = sp.Symbol("@L", real=True)  # softmax: sum of exp(x - M) over the allowed keys
+Z = sp.Symbol("@Z", real=True)  # sum: the sum of the allowed logits
+SCALE = sp.Symbol("@scale", real=True)  # out = SCALE * sum_j w_j v_j
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,8 @@ class Normalizer:
     weight: sp.Expr  # P in X and SAVED
     dscore: sp.Expr  # dS in WEIGHT, X, SAVED, DP and DELTA
     naive: Callable[[Sequence[sp.Expr]], list[sp.Expr]]  # a row's allowed logits -> weights
+    running: tuple[sp.Symbol, ...] = ()  # the state the forward folds: (M, L), (Z,) or ()
+    finish: tuple[tuple[sp.Symbol, sp.Expr], ...] = ((SCALE, sp.S.One),)  # SCALE, SAVED
 
     @property
     def uses_delta(self) -> bool:
@@ -49,9 +61,10 @@ class Normalizer:
         return DELTA in self.dscore.free_symbols
 
 
-def _nonzero(value: sp.Expr) -> sp.Expr:
-    """`value` where SAVED != 0, else 0: a `sum` row that adds up to 0 weighs nothing."""
-    return sp.Piecewise((value, sp.Ne(SAVED, 0)), (sp.S.Zero, True))
+def _nonzero(value: sp.Expr, by: sp.Symbol = SAVED, otherwise: sp.Expr = sp.S.Zero) -> sp.Expr:
+    """`value` where `by` != 0: a row with no allowed key (or a `sum` row that adds up to 0)
+    weighs nothing. A NaN `by` takes `value`, so a NaN row stays NaN."""
+    return sp.Piecewise((value, sp.Ne(by, 0)), (otherwise, True))
 
 
 def _softmax_naive(logits: Sequence[sp.Expr]) -> list[sp.Expr]:
@@ -66,11 +79,14 @@ def _sum_naive(logits: Sequence[sp.Expr]) -> list[sp.Expr]:
 
 SOFTMAX = Normalizer(
     NormKind.SOFTMAX, "dS = P * (dP - D), D = rowsum(dO * O)", "lse",
-    weight=sp.exp(X - SAVED), dscore=WEIGHT * (DP - DELTA), naive=_softmax_naive)
+    weight=sp.exp(X - SAVED), dscore=WEIGHT * (DP - DELTA), naive=_softmax_naive,
+    running=(M, L),
+    finish=((SCALE, _nonzero(1 / L, L)), (SAVED, _nonzero(M + sp.log(L), L, sp.S.NegativeInfinity))))
 SUM = Normalizer(
     NormKind.SUM, "dS = (dP - rowsum(P * dP)) / rowsum(x)", "z",
     # rowsum(P * dP) = rowsum(dO * O) = D
-    weight=_nonzero(X / SAVED), dscore=_nonzero((DP - DELTA) / SAVED), naive=_sum_naive)
+    weight=_nonzero(X / SAVED), dscore=_nonzero((DP - DELTA) / SAVED), naive=_sum_naive,
+    running=(Z,), finish=((SCALE, _nonzero(1 / Z, Z)), (SAVED, Z)))
 NONE = Normalizer(NormKind.NONE, "dS = dP", None, weight=X, dscore=DP,
                   naive=lambda logits: list(logits))
 _BY_KIND = {n.kind: n for n in (SOFTMAX, SUM, NONE)}

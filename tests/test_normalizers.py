@@ -72,3 +72,41 @@ def test_a_sum_row_that_adds_up_to_zero_weighs_nothing() -> None:
     at_zero = {X: sp.Integer(2), SAVED: sp.S.Zero, DP: sp.Integer(3), DELTA: sp.Integer(1)}
     assert norm.weight.xreplace(at_zero) == 0
     assert norm.dscore.xreplace(at_zero) == 0
+
+
+def _running(norm: normalizers.Normalizer, x: list[sp.Expr]) -> tuple[dict, list[sp.Expr]]:
+    """The running state a forward folds over a row, and each key's w_j in acc = sum w_j v_j."""
+    if norm.running == (normalizers.M, normalizers.L):
+        m = sp.Max(*x)
+        return {normalizers.M: m, normalizers.L: sum(sp.exp(e - m) for e in x)}, \
+            [sp.exp(e - m) for e in x]
+    if norm.running == (normalizers.Z,):
+        return {normalizers.Z: sum(x, sp.S.Zero)}, list(x)
+    return {}, [norm.weight.xreplace({X: e}) for e in x]
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_finish_gives_the_naive_output_and_the_saved_state(normalize: str) -> None:
+    norm = _strategy(normalize)
+    x = [sp.Rational(3, 10), sp.Rational(-6, 5), sp.Integer(2)]
+    v = sp.symbols(f"v0:{len(x)}", real=True)
+    state, w = _running(norm, x)
+    finish = {target: expr.xreplace(state) for target, expr in norm.finish}
+    out = finish[normalizers.SCALE] * sum(wj * vj for wj, vj in zip(w, v))
+    want = sum(p * vj for p, vj in zip(norm.naive(x), v))
+    assert sp.simplify(out - want) == 0
+    if norm.saved == "lse":
+        # sympy does not see log(a / b) = log a - log b here: compare at 30 digits
+        assert abs(sp.N(finish[SAVED] - sp.log(sum(sp.exp(e) for e in x)), 30)) < 1e-25
+    elif norm.saved == "z":
+        assert finish[SAVED] == sum(x)
+
+
+def test_finish_of_an_empty_row() -> None:
+    """No allowed key: out = 0 and lse = -inf (softmax), z = 0 (sum)."""
+    empty = {normalizers.M: sp.S.NegativeInfinity, normalizers.L: sp.S.Zero,
+             normalizers.Z: sp.S.Zero}
+    softmax = {t: e.xreplace(empty) for t, e in normalizers.SOFTMAX.finish}
+    assert softmax == {normalizers.SCALE: 0, SAVED: sp.S.NegativeInfinity}
+    total = {t: e.xreplace(empty) for t, e in normalizers.SUM.finish}
+    assert total == {normalizers.SCALE: 0, SAVED: 0}

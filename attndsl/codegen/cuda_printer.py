@@ -54,6 +54,8 @@ class CudaPrinter:
 
     def const(self, value: sp.Expr) -> str:
         literal = repr(float(value))
+        if literal in ("inf", "-inf"):  # what `F(...)` in the module header can read
+            literal = literal.replace("inf", "np.inf")
         for name, text in self.consts.items():
             if text == literal:
                 return name

@@ -92,6 +92,12 @@ class NumbaPrinter(KernelPrinter):
     def _print_Float(self, expr: sp.Float) -> str:
         return f"F({float(expr)!r})"
 
+    def _print_Infinity(self, expr: sp.Basic) -> str:
+        return "F(np.inf)"
+
+    def _print_NegativeInfinity(self, expr: sp.Basic) -> str:
+        return "F(-np.inf)"
+
     def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
         base, exponent = expr.args
         if exponent == -sp.S.Half:  # F(1): an int numerator would make the quotient float64
@@ -618,19 +624,19 @@ class CpuEmitter:
                 w(f"x[ii * BK + jj] = {self.fl(d.norm_expr)}")
 
     def finish_rows(self) -> None:
-        w, d = self.w, self.deriv
+        """out = scale * acc and the saved row state, from the normalizer's finish."""
+        w, norm = self.w, normalizers.of(self.deriv)
+        # l is > 0, 0 (an empty row: out = 0, lse = -inf) or NaN (a NaN or +inf logit at an
+        # allowed pair: out and lse NaN): the finish tests `!= 0`, which keeps the NaN
+        running = {normalizers.M: ("mi", "m[ii] / LOG2E  # the running max, from base 2"),
+                   normalizers.L: ("li", "l[ii]"), normalizers.Z: ("zi", "l[ii]")}
+        named = {s: sp.Symbol(running[s][0]) for s in norm.running}
+        targets = {normalizers.SCALE: "inv", normalizers.SAVED: "state[b, h, i0 + ii]"}
         with w.block("for ii in range(mq):"):
-            if d.norm is NormKind.SOFTMAX:
-                # l is > 0, 0 (an empty row: out = 0, lse = -inf) or NaN (a NaN or +inf logit
-                # at an allowed pair: out and lse NaN); `!= 0`, not `> 0`, keeps the NaN
-                w("inv = F(1) / l[ii] if l[ii] != 0 else F(0)")
-                w("state[b, h, i0 + ii] = (m[ii] + math.log2(l[ii])) / LOG2E if l[ii] != 0 "
-                  "else NEG_INF")
-            elif d.norm is NormKind.SUM:
-                w("inv = F(1) / l[ii] if l[ii] != 0 else F(0)")
-                w("state[b, h, i0 + ii] = l[ii]")
-            else:
-                w("inv = F(1)")
+            for symbol in norm.running:
+                w(f"{running[symbol][0]} = {running[symbol][1]}")
+            for target, expr in norm.finish:
+                w(f"{targets[target]} = {self.fl(expr.xreplace(named))}")
             with w.block("for c in range(dv):"):
                 w("out[b, h, i0 + ii, c] = acc[ii * dv + c] * inv")
 

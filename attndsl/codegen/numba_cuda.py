@@ -507,22 +507,23 @@ class Emitter:
                                 w("acc[c] += pw * s_v[r, c]")
                         w("m = m_new")
             with w.block("if row_ok:"):
-                if softmax:
-                    # l > 0, 0 (no allowed key: out = 0, lse = -inf) or NaN (a NaN or +inf
-                    # logit at an allowed pair: out and lse NaN)
-                    w("live = l != ZERO")
-                    w("inv = ONE / l if live else ZERO")
-                    w("state[b, h, i] = m + math.log(l) if live else NEG_INF")
-                elif d.norm is NormKind.SUM:
-                    w("inv = ONE / z if z != ZERO else ZERO  # an empty row gives out = 0")
-                    w("state[b, h, i] = z")
-                else:
-                    w("inv = ONE")
-                    w("state[b, h, i] = ZERO")
+                # l > 0, 0 (no allowed key: out = 0, lse = -inf) or NaN (a NaN or +inf logit
+                # at an allowed pair: out and lse NaN): the finish tests `!= 0`
+                self.finish(p)
                 with w.block("for c in range(DV):"):
                     w("out[b, h, i, c] = acc[c] * inv")
         w()
         w()
+
+    def finish(self, p: CudaPrinter) -> None:
+        """inv (out = inv * acc) and the saved row state, from the normalizer's finish."""
+        norm = normalizers.of(self.deriv)
+        p = p.with_names({normalizers.M: "m", normalizers.L: "l", normalizers.Z: "z"})
+        targets = {normalizers.SCALE: "inv", normalizers.SAVED: "state[b, h, i]"}
+        for target, expr in norm.finish:
+            self.w(f"{targets[target]} = {p.num(expr)}")
+        if normalizers.SAVED not in dict(norm.finish):
+            self.w("state[b, h, i] = ZERO")
 
     def kernel_head(self, threads: str) -> None:
         w = self.w

@@ -143,21 +143,24 @@ class Emitter:
             used = [variable(n) for n in d.nodes if d.norm_expr is not None
                     and n.symbol in d.norm_expr.free_symbols]
             self.unpack(list(SIZE_ORDER) + ["b", "h", "i", "j", "x", "allowed"] + used)
+            norm = normalizers.of(d)
             if d.norm is NormKind.SOFTMAX:
-                w("# softmax over allowed keys; an empty row gives out = 0 and lse = -inf")
+                w("# softmax over allowed keys: the running state m, l, then the finish")
                 w("xm = xp.where(allowed, x, -xp.inf)")
                 w("m = xp.keymax(xm)")
                 w("e = xp.where(allowed, xp.exp(xm - m), 0)")
                 w("l = xp.keysum(e)")
+                self.finish(norm, {normalizers.M: "m", normalizers.L: "l"})
                 w("# where: a NaN row (l NaN) keeps weight 0 at its masked keys")
-                w("p = xp.where(allowed, xp.safe_div(e, l), 0)")
-                w("return p[..., 0], xp.log_sum(m, l)[..., 0, 0]")
+                w("p = xp.where(allowed, e * inv, 0)")
+                w("return p[..., 0], lse[..., 0, 0]")
             elif d.norm is NormKind.SUM:
-                w("# x / sum_j x over allowed keys; an empty row gives out = 0")
+                w("# x / sum_j x over allowed keys: the running state z, then the finish")
                 w("xz = xp.where(allowed, x, 0)")
                 w("z = xp.keysum(xz)")
+                self.finish(norm, {normalizers.Z: "z"})
                 w("# where: a NaN row (z NaN) keeps weight 0 at its masked keys")
-                w("return xp.where(allowed, xp.safe_div(xz, z), 0)[..., 0], z")
+                w("return xp.where(allowed, xz * inv, 0)[..., 0], z")
             elif d.norm is NormKind.NONE:
                 w("return xp.where(allowed, x, 0)[..., 0], None")
             else:
@@ -167,6 +170,16 @@ class Emitter:
                 w(f"return xp.where(allowed, {self.expr(d.norm_expr)}, 0)[..., 0], None")
         w()
         w()
+
+    def finish(self, norm: normalizers.Normalizer, running: dict[sp.Symbol, str]) -> None:
+        """inv (out = inv * sum_j w_j v_j) and the saved state from the normalizer's finish."""
+        named = {s: sp.Symbol(n) for s, n in running.items()}
+        targets = {normalizers.SCALE: "inv", normalizers.SAVED: "lse" if norm.saved == "lse"
+                   else "z"}
+        for target, expr in norm.finish:
+            text = self.expr(expr.xreplace(named))
+            if targets[target] != text:
+                self.w(f"{targets[target]} = {text}")
 
     def forward(self) -> None:
         w = self.w

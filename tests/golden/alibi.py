@@ -36,14 +36,16 @@ def normalize(xp, t):
     j = t['j']
     x = t['x']
     allowed = t['allowed']
-    # softmax over allowed keys; an empty row gives out = 0 and lse = -inf
+    # softmax over allowed keys: the running state m, l, then the finish
     xm = xp.where(allowed, x, -xp.inf)
     m = xp.keymax(xm)
     e = xp.where(allowed, xp.exp(xm - m), 0)
     l = xp.keysum(e)
+    inv = xp.where(xp.not_equal(l, 0), (1 / l), 0)
+    lse = xp.where(xp.not_equal(l, 0), m + xp.log(l), (-xp.inf))
     # where: a NaN row (l NaN) keeps weight 0 at its masked keys
-    p = xp.where(allowed, xp.safe_div(e, l), 0)
-    return p[..., 0], xp.log_sum(m, l)[..., 0, 0]
+    p = xp.where(allowed, e * inv, 0)
+    return p[..., 0], lse[..., 0, 0]
 
 
 def forward(xp, q, k, v, slope):
