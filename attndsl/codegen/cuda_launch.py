@@ -402,7 +402,8 @@ class _Run:
         common = [*self.base(), dout_, state, delta]
         self.mod.attn_bwd_dkdv[(_cdiv(n_k, cfg.bwd_bk), KV, B), cfg.bwd_bk](
             *common, g_v, *dkdv_out)
-        self.mod.attn_bwd_dq[q_grid, cfg.bwd_bq](*common, *dq_out)
+        if dq_out:  # else nothing query-side has an adjoint: the kernel would write nothing
+            self.mod.attn_bwd_dq[q_grid, cfg.bwd_bq](*common, *dq_out)
         return self._epilogue(g_v, dkdv_out, dq_out)
 
     def _linear_backward(self, dout: Any, out: Any, state: Any) -> dict[str, Any]:

@@ -876,8 +876,9 @@ class Emitter:
                             w(f"e = pi_{node.name}[rr, cc]")
                             with w.block("if e >= 0 and e % BQB == t:"):
                                 w(f"gl_{node.name}[blk, e] += pv_{node.name}[rr, cc]")
-            with w.block("if row_ok:"):
-                self.write_adjoints((Side.QUERY, Side.CONST), "h", "i")
+            if lay.dq_outputs():  # a logit with nothing query-side has no row adjoints
+                with w.block("if row_ok:"):
+                    self.write_adjoints((Side.QUERY, Side.CONST), "h", "i")
         w()
         w()
 
