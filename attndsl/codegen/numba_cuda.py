@@ -108,16 +108,26 @@ class Layout:
     @property
     def needs_rows(self) -> bool:
         """False when the pair kernel reads only q and k: no host prologue/epilogue at all."""
-        return any(x.raw is None for x in self.inputs)
+        return bool(self.hoisted())
+
+    def hoisted(self) -> list[Input]:
+        """The inputs computed on the host (not q or k themselves), in argument order."""
+        return [x for x in self.inputs if x.raw is None]
 
     def base_args(self) -> list[str]:
-        return ["q", "k", "v", *(x.arg for x in self.inputs if x.raw is None),
-                *(f"a_{a}" for a in self.arrays)]
+        return ["q", "k", "v", *(x.arg for x in self.hoisted()), *(f"a_{a}" for a in self.arrays)]
+
+    def dq_inputs(self) -> list[Input]:
+        return [x for x in self.inputs if x.side in (Side.QUERY, Side.CONST)]
+
+    def dq_lookups(self) -> list[Lookup]:
+        """attn_bwd_dq's lookup adjoints in argument order (per-row partials, then per-block
+        ones of pair lookups): the kernel, the launcher and the PTX signature all read this."""
+        return self.lookups_of(Side.QUERY, Side.CONST) + self.lookups_of(Side.PAIR)
 
     def dq_outputs(self) -> list[str]:
-        outs = [f"g_{x.var}" for x in self.inputs if x.side in (Side.QUERY, Side.CONST)]
-        outs += [f"gl_{x.name}" for x in self.lookups_of(Side.QUERY, Side.CONST, Side.PAIR)]
-        return outs
+        return [f"g_{x.var}" for x in self.dq_inputs()] + \
+            [f"gl_{x.name}" for x in self.dq_lookups()]
 
     def dkdv_outputs(self) -> list[str]:
         outs = [f"g_{x.var}" for x in self.side(Side.KEY)]
