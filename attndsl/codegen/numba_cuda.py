@@ -678,18 +678,24 @@ class Emitter:
         for node in self.layout.lookups_of(*sides):
             w(f"dl_{node.name} = ZERO")
 
-    def write_adjoints(self, sides: tuple[Side, ...], head: str, index: str) -> None:
+    def write_adjoints(self, sides: tuple[Side, ...], head: str, index: str, ok: str) -> None:
+        """Each own row's adjoints, when `ok`; nothing at all when no row has one (a logit
+        with nothing query-side: an empty `if` block is an IndentationError)."""
         w = self.w
-        for x in self.layout.inputs:
-            if x.side in sides:
+        inputs = [x for x in self.layout.inputs if x.side in sides]
+        lookups = self.layout.lookups_of(*sides)
+        if not inputs and not lookups:
+            return
+        with w.block(f"if {ok}:"):
+            for x in inputs:
                 hd = "g" if x.raw == "k" else head
                 if x.vector:
                     with w.block(f"for f in range({size_const(x.size)}):"):
                         w(f"g_{x.var}[b, {hd}, {index}, f] = d_{x.var}[f]")
                 else:
                     w(f"g_{x.var}[b, {hd}, {index}, 0] = d_{x.var}")
-        for node in self.layout.lookups_of(*sides):
-            w(f"gl_{node.name}[b, {head}, {index}] = dl_{node.name}")
+            for node in lookups:
+                w(f"gl_{node.name}[b, {head}, {index}] = dl_{node.name}")
 
     def dkdv(self) -> None:
         w, lay, d = self.w, self.layout, self.deriv
@@ -886,9 +892,7 @@ class Emitter:
                             w(f"e = pi_{node.name}[rr, cc]")
                             with w.block("if e >= 0 and e % BQB == t:"):
                                 w(f"gl_{node.name}[blk, e] += pv_{node.name}[rr, cc]")
-            if lay.dq_outputs():  # a logit with nothing query-side has no row adjoints
-                with w.block("if row_ok:"):
-                    self.write_adjoints((Side.QUERY, Side.CONST), "h", "i")
+            self.write_adjoints((Side.QUERY, Side.CONST), "h", "i", "row_ok")
         w()
         w()
 
