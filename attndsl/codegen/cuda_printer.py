@@ -205,7 +205,17 @@ class CudaPrinter:
             return f"abs({self.int_(e.args[0])})"
         if isinstance(e, sp.Piecewise):
             return self._piecewise(e, self.int_)
+        if isinstance(e, sp.sign):  # SymPy: the sign of a real is an integer (abs's derivative)
+            return self._integer_sign(e.args[0])
         raise NotImplementedError(f"no CUDA integer rule for {type(e).__name__}: {e}")
+
+    def _integer_sign(self, arg: sp.Basic) -> str:
+        """-1, 0 or 1 as a Python int; the argument is compared in its own type."""
+        exact = integer_valued(arg)
+        x = self.int_(arg) if exact else self.num(arg)
+        x = x if _simple(x) else f"({x})"
+        zero = "0" if exact else "ZERO"
+        return f"(1 if {x} > {zero} else (-1 if {x} < {zero} else 0))"
 
     # ---- boolean context ----
     def bool_(self, e: sp.Basic) -> str:

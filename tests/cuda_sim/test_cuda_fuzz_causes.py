@@ -105,14 +105,29 @@ def test_cuda_float_where(text):
     ("score (j - i)", ("v",)),
     ("score 0.5 * (j - i)\n    mask j <= i + 1", ("v",)),
     ("param u[n_k]\n    score sum(k * k * u[j])", ("k", "u")),
-], ids=["pos", "positions", "positions_masked", "key_side_only"])
+    ("param T[n_q, n_k]\n    param pos[n_k]\n    score T[i, j] + pos[j]", ("T", "pos")),
+], ids=["pos", "positions", "positions_masked", "key_side_only", "pair_lookup_only"])
 def test_cuda_qk_free_score(text, moved):
-    """attn_bwd_dq had no output to write and emitted an empty `if row_ok:` block
-    (IndentationError); the launcher now skips that kernel and dq is zero."""
+    """attn_bwd_dq had no row adjoint to write and emitted an empty `if row_ok:` block
+    (IndentationError; with only a pair lookup's per-block partials too); the launcher skips
+    the kernel when it has no output at all, and dq is zero."""
     source = emit_source(attndsl.parse(f"attention t {{\n    {text}\n}}"))
     compile(source, "<cuda kernels>", "exec")
     want = assert_cuda_agrees(text, moved=moved)
     assert np.max(np.abs(want["q"])) == 0
+
+
+# ---- sign: abs's derivative is an integer to SymPy ------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "param pos[n_k]\n    score q . k\n    scale (abs(pos[j]) + 0.5)",
+    "param pos[n_k]\n    score heads\n    scale (abs(pos[j]) + 0.5)\n    normalize sum",
+], ids=["softmax", "sum"])
+def test_cuda_abs_gradient_sign(text):
+    """d abs(pos[j]) = sign(pos[j]), integer-valued, so the float printer sent it to the
+    integer one, which had no rule for it (NotImplementedError, found by the fuzzer)."""
+    assert_cuda_agrees(text, moved=("pos",))
 
 
 # ---- param_only_vectors: a projection of a vector of params alone ---------------------------
