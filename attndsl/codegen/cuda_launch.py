@@ -62,9 +62,8 @@ def host_source(layout: Layout) -> str:
     w()
     with w.block(f"def subscripts(xp, {args}):"):
         em.prologue()
-        for node in layout.plan.lookups:
-            if not node.is_param:
-                em.forward_node(node)
+        for node in layout.plan.lookups:  # every one: a subscript may read a param's (tau)
+            em.forward_node(node)
         w("out = {}")
         for node in layout.grad_lookups:
             subs = ", ".join(em.expr(s) for s in node.subscripts)

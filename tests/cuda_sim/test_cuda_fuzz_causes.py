@@ -22,7 +22,8 @@ from attndsl.symbolic import POSITIONS
 TILES = (4, 8, 4, 8)  # forward BQ, BK; backward BQ, BK: 7 and 9 leave partial tiles each way
 B, HEADS, KV_HEADS, N_Q, N_K, D, DV, R = 2, 4, 2, 7, 9, 5, 3, 3
 PARAM_SHAPES = {"pos": (N_K,), "qpos": (N_Q,), "u": (N_K,), "wd": (D,), "W": (D, R),
-                "T": (N_Q, N_K), "c": (HEADS,), "sb": (HEADS,)}
+                "T": (N_Q, N_K), "c": (HEADS,), "sb": (HEADS,), "tau": (), "table": (HEADS, 7),
+                "kr": (N_K,)}
 
 
 def _inputs(text: str, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -178,3 +179,18 @@ def test_cuda_lookup_order_pair_and_row_partials(text):
     """The kernel took dq's lookup adjoints in grad_lookups order while the launcher allocated
     the per-row ones first (IndexError, or a partial read as another lookup's)."""
     assert_cuda_agrees(text, moved=tuple(n for n in ("T", "c", "qpos", "pos") if n in text))
+
+
+# ---- a lookup's subscript reading a param: the host's subscripts() for its gradient ---------
+
+
+@pytest.mark.parametrize("text", [
+    ("param tau\n    param table[heads, 7]\n    score table[h, floor((0.5 + tau)) % 7]\n"
+     "    normalize elu"),
+    ("param tau\n    param table[heads, 7]\n    param kr[n_k]\n"
+     "    score q . k + table[h, floor((kr[n_k - 1 - j] + tau)) % 7]"),
+], ids=["scalar_param", "param_lookup"])
+def test_cuda_lookup_subscript_reads_param(text):
+    """host_source's subscripts() skipped param lookups, so table's gradient subscript read an
+    undefined tau_0 (NameError, found by the cuda fuzz tier)."""
+    assert_cuda_agrees(text, moved=("table",))
