@@ -8,6 +8,10 @@ shapes with GQA, under the simulator with tiles that split every length.
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -18,6 +22,10 @@ import attndsl
 from attndsl.codegen.cuda_printer import CudaPrinter
 from attndsl.codegen.numba_cuda import compile_kernel, emit_source
 from attndsl.symbolic import POSITIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fuzzer's modules
+import fuzz_tiers
+import spec_gen
 
 TILES = (4, 8, 4, 8)  # forward BQ, BK; backward BQ, BK: 7 and 9 leave partial tiles each way
 B, HEADS, KV_HEADS, N_Q, N_K, D, DV, R = 2, 4, 2, 7, 9, 5, 3, 3
@@ -83,6 +91,18 @@ def test_cuda_constant_where_printer():
 ], ids=["bias", "masked_none", "scale", "score"])
 def test_cuda_constant_where_branches(text):
     assert_cuda_agrees(text, moved=("v",))
+
+
+BRANCHES = re.compile(r"bias where\(.*, (-?[\d.e]+), (-?[\d.e]+)\)$", re.MULTILINE)
+
+
+def test_cuda_constant_where_generated_by_the_fuzzer():
+    """spec_gen draws constant-branch where biases (CI's avoid set), and the cuda tier (vs the
+    IR evaluator and numpy) passes on the first one of a fixed seed."""
+    drawn = spec_gen.draw_cases(5, 120)
+    case = next((c for c in drawn if BRANCHES.search(c.gen.text)), None)
+    assert case is not None, "no constant-branch where in 120 generated specs"
+    fuzz_tiers.tier_cuda(case)
 
 
 # ---- float_where: a float where --------------------------------------------------------------
