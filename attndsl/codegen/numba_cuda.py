@@ -737,12 +737,16 @@ class Emitter:
             self.own_tile_load(raw_k, "o_v")
             with w.block("for hh in range(group):"):
                 w("h = g * group + hh")
-                if per_head:
+                # per-head shared rows (own key-side inputs, constant vectors) are reloaded:
+                # barriers so no thread still reads the previous head's or not yet this one's
+                reload = per_head or any(x.vector for x in lay.side(Side.CONST))
+                if reload:
                     w("cuda.syncthreads()")
-                    self.own_tile_load(per_head, None)
+                self.own_tile_load(per_head, None)
+                self.const_inputs("BKB")
+                if reload:
                     w("cuda.syncthreads()")
                 self.own_scalars(ctx, "j", "col_ok")
-                self.const_inputs("BKB")
                 self.lookups(p, (Side.CONST,), None)
                 self.lookups(p, (Side.KEY,), "col_ok")
                 for x in per_head:

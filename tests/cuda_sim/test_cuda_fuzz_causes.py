@@ -31,7 +31,7 @@ TILES = (4, 8, 4, 8)  # forward BQ, BK; backward BQ, BK: 7 and 9 leave partial t
 B, HEADS, KV_HEADS, N_Q, N_K, D, DV, R = 2, 4, 2, 7, 9, 5, 3, 3
 PARAM_SHAPES = {"pos": (N_K,), "qpos": (N_Q,), "u": (N_K,), "wd": (D,), "W": (D, R),
                 "T": (N_Q, N_K), "c": (HEADS,), "sb": (HEADS,), "tau": (), "table": (HEADS, 7),
-                "kr": (N_K,)}
+                "kr": (N_K,), "P": (HEADS, D)}
 
 
 def _inputs(text: str, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -214,3 +214,18 @@ def test_cuda_lookup_subscript_reads_param(text):
     """host_source's subscripts() skipped param lookups, so table's gradient subscript read an
     undefined tau_0 (NameError, found by the cuda fuzz tier)."""
     assert_cuda_agrees(text, moved=("table",))
+
+
+# ---- dkdv's per-head shared rows: a constant-side vector (P[h]) in a GQA group -------------
+
+
+@pytest.mark.parametrize("text", [
+    "param P[heads, d]\n    score tanh(q . (P[h] + (q * k)))\n    normalize none",
+    "param P[heads, d]\n    score q . k + sum(k * P[h])",
+], ids=["fuzzer", "key_times_param"])
+def test_cuda_dkdv_constant_vector_per_head(text):
+    """attn_bwd_dkdv loops over the query heads of its group and reloaded P[h]'s shared row for
+    the next head while other threads still read the previous one (no barrier before the
+    load): dk off by up to 7% in the simulator (cuda fuzz tier, seed 13)."""
+    for _ in range(3):  # a race: a few runs, each must agree
+        assert_cuda_agrees(text, moved=("k", "P"))
