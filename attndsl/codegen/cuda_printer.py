@@ -85,7 +85,7 @@ class CudaPrinter:
         if isinstance(e, sp.Pow):
             return self._pow(e)
         if isinstance(e, (sp.Max, sp.Min)):
-            return self._fold("max" if isinstance(e, sp.Max) else "min", e.args, self.num)
+            return self._nan_fold("max" if isinstance(e, sp.Max) else "min", e.args)
         if isinstance(e, sp.Abs):
             return f"abs({self.num(e.args[0])})"
         if isinstance(e, sp.floor):
@@ -160,6 +160,16 @@ class CudaPrinter:
         text = each(args[0])
         for arg in args[1:]:
             text = f"{name}({text}, {each(arg)})"
+        return text
+
+    def _nan_fold(self, name: str, args: tuple[sp.Basic, ...]) -> str:
+        """Float max/min that keep a NaN from any argument, as NumPy's maximum/minimum: the
+        builtins keep only a NaN in first place (max(a, NaN) is a), so each later argument b
+        is tested itself. The longest text goes first, printed once."""
+        texts = sorted((self.num(a) for a in args), key=len, reverse=True)
+        text = texts[0]
+        for b in texts[1:]:
+            text = f"({b} if {b} != {b} else {name}({text}, {b}))"
         return text
 
     def _piecewise(self, e: sp.Piecewise, each) -> str:  # type: ignore[no-untyped-def]

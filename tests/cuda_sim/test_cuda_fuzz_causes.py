@@ -229,3 +229,27 @@ def test_cuda_dkdv_constant_vector_per_head(text):
     load): dk off by up to 7% in the simulator (cuda fuzz tier, seed 13)."""
     for _ in range(3):  # a race: a few runs, each must agree
         assert_cuda_agrees(text, moved=("k", "P"))
+
+
+# ---- float max/min keep a NaN from either argument, as numpy's --------------------------------
+
+
+@pytest.mark.parametrize("who", ["q", "k"])
+@pytest.mark.parametrize("text", [
+    "score sum(max(q, k))",
+    "score norm(min(min(k, q), k))\n    normalize elu\n    softcap 5",
+    "score min(sum(q), sum(k))",
+], ids=["max_vectors", "nested_min", "min_scalars"])
+def test_cuda_minmax_nan_propagates(text, who):
+    """Python's max/min (the device's too) drop a NaN that is not the first argument, so a NaN
+    in q gave a finite out where numpy's is NaN (cuda fuzz tier, seed 16)."""
+    spec, (q, k, v, G), _ = _inputs(text)
+    (q if who == "q" else k)[1, 0, 2, 1] = np.nan
+    ref = attndsl.compile(spec, target="numpy")
+    cuda = compile_kernel(spec, tiles=TILES)
+    got = {"out": cuda.forward(q, k, v), **cuda.backward(q, k, v, G)}
+    want = {"out": ref.forward(q, k, v), **ref.backward(q, k, v, G)}
+    assert np.isnan(want["out"]).any()
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-10, equal_nan=True,
+                                   err_msg=name)

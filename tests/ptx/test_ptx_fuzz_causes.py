@@ -1,7 +1,7 @@
 """PTX for the CUDA fuzz causes (tests/cuda_sim/test_cuda_fuzz_causes.py): the signatures
 `CudaKernel.ptx` compiles with list dq's outputs in the kernel's argument order (a per-block
-pair partial is 2-D, a per-row one 3-D), and a logit with nothing query-side still gives every
-kernel. No GPU needed."""
+pair partial is 2-D, a per-row one 3-D), a logit with nothing query-side still gives every
+kernel, and the NaN-keeping float max/min stay float32. No GPU needed."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from attndsl.codegen.numba_cuda import compile_kernel
 SPECS = {
     "lookup_order": "param T[n_q, n_k]\n    param c[heads]\n    score q . k + T[i, j] + c[h]",
     "qk_free_score": "param pos[n_k]\n    score pos[j] + 0.5 * (j - i)",
+    "minmax_nan": "score sum(max(q, k)) + min(min(sum(q), 0.5 * sum(k)), 2)",
 }
 
 
