@@ -37,8 +37,8 @@ def main() -> int:
                         help="also generate spec_gen.OUTSIDE_ISSUE's constructs (bugs outside "
                         "issue 8, avoided by default)")
     parser.add_argument("--avoid", default="",
-                        help="comma-separated extra OUTSIDE_ISSUE keys to avoid (for the cuda "
-                        "tier: float_where,qk_free_score)")
+                        help="comma-separated extra OUTSIDE_ISSUE keys to avoid (e.g. "
+                        "param_only_vectors,size_dv)")
     parser.add_argument("--show", type=int, default=1, help="example specs shown per cause")
     parser.add_argument("--dump", help="write every failure (cause, spec) to this JSON-lines file")
     parser.add_argument("--every", type=int, default=0,

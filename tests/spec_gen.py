@@ -69,6 +69,7 @@ INDEX_DECLS = {"doc": "index doc[n]", "kdoc": "index kdoc[n_k]", "L": "index L",
 INDEX_KIND = {"doc": "id", "kdoc": "id", "L": "length", "prefix": "length"}
 NEEDS_SAME_N = ("kr", "doc")
 FLOAT_LITERALS = ("0.5", "1.5", "0.25", "2.0", "1e-1", "2.5E-1", "3")
+BRANCH_LITERALS = ("-1.5", "0.25", "-0.5", "2.0", "0", "1e-1")  # a where's constant branches
 
 # Constructs that hit bugs found by this fuzzer OUTSIDE issue 8's items (found on 6a9ea80). The
 # CI run avoids them so that it passes once the issue's items are fixed; ATTNDSL_FUZZ_ALL=1
@@ -86,8 +87,6 @@ OUTSIDE_ISSUE = {
     "scalar_index": "`index L` (no DIMS) in a mask: cpu SyntaxError `if :` in generated code",
     "pair_projection": "`where(i < j, q, k) @ W`: the checker accepts, compile raises SpecError "
                        "(a projection of a pair-side vector)",
-    "float_where": "cuda only: a float `where` (`score where(i > j, q . k, sum(q))`) crashes "
-                   "cuda_printer._piecewise",
     "constant_calls": "a function of literals only in min/max or a where condition: `min(gelu("
                       "0.25), 0.5)` raises 'argument is not comparable', `where(1e-1 > 0, "
                       "sqrt(1e-1), 1e-1)` raises 'Invalid comparison of non-real zoo' (derive)",
@@ -96,10 +95,8 @@ OUTSIDE_ISSUE = {
     "param_in_mask": "a mask comparing a param (`mask sb[h] <= 1`): attndsl.verify raises "
                      "TypeError 'cannot determine truth value of Relational' in _exercised",
     "self_cancel": "a vector minus itself: `dot(k, q - q)` raises TypeError in numpy_ops.gemm",
-    "qk_free_score": "cuda only: a logit with no q or k (`score pos[j]`, `score (j - i)`) gives "
-                     "an IndentationError in the generated kernel",
 }
-CUDA_ONLY = frozenset({"float_where", "qk_free_score"})
+CUDA_ONLY: frozenset[str] = frozenset()  # keys of OUTSIDE_ISSUE that fail on cuda alone
 AVOID_IN_CI = frozenset(OUTSIDE_ISSUE) - CUDA_ONLY
 
 
@@ -297,7 +294,7 @@ class Gen:
             return E(f"{self.pick(['min', 'max'])}({a.text}, {b.text})", max(a.bound, b.bound))
         if kind == "clamp":
             return E(f"clamp({a.text}, -1, 1.5)", 1.5)
-        if kind == "where" and "float_where" not in self.avoid:
+        if kind == "where":
             b = self.vec_expr(size, depth - 1)
             return E(f"where({self.condition(depth - 1)}, {a.text}, {b.text})",
                      max(a.bound, b.bound))
@@ -395,7 +392,7 @@ class Gen:
             return E(f"{self.pick(['min', 'max'])}({a.text}, {b.text})", max(a.bound, b.bound))
         if kind == "clamp":
             return E(f"clamp({a.text}, -2, {self.pick(['2', '0.5', 'tau'])})", 2)
-        if kind == "where" and "float_where" not in self.avoid:
+        if kind == "where":
             b = self.float_expr(depth - 1, vectors)
             return E(f"where({self.condition(depth - 1) if vectors else self.mask_bool()}, "
                      f"{a.text}, {b.text})", max(a.bound, b.bound))
@@ -416,8 +413,6 @@ class Gen:
     def guard(self, a: E) -> E:
         """A where whose untaken branch is NaN (the contract: it never reaches a result)."""
         a = self.unconstant(a)
-        if "float_where" in self.avoid:
-            return a
         self.guarded = True
         f = self.pick(["sqrt", "log"])
         if f == "sqrt":
@@ -507,8 +502,6 @@ def specs(draw: Any, nan_guards: bool = True, avoid: frozenset[str] = AVOID_IN_C
             clauses.append(f"scale {gen.pick(scales)}")
         if draw(st.booleans()):
             clauses.append(f"bias {gen.bias()}")
-    if "qk_free_score" in gen.avoid and not gen.uses_qk(clauses[0]):
-        clauses[0] = f"{clauses[0]} + 0.1 * sigmoid(q . k)"  # keeps a positive score positive
     mask = ""
     if draw(st.integers(0, 3)):
         mask = gen.mask_bool("pair", draw(st.integers(0, 2)))
@@ -538,7 +531,7 @@ def specs(draw: Any, nan_guards: bool = True, avoid: frozenset[str] = AVOID_IN_C
 
 
 def _bias(self: Gen) -> str:
-    kind = self.pick(["alibi", "table", "kr", "pos", "expr", "int"])
+    kind = self.pick(["alibi", "table", "kr", "pos", "expr", "int", "where"])
     if kind == "alibi":
         alibi = ["sb[h] * (j - i)", "-sb[h] * abs(i - j)"]
         if "float_base_int_power" not in self.avoid:
@@ -552,6 +545,9 @@ def _bias(self: Gen) -> str:
         return self.pick(["pos[j]", "qpos[i] - pos[j]", "pos[j] * (i - j) / n_k"])
     if kind == "int":
         return f"0.1 * {self.int_expr('pair', 2).text}"
+    if kind == "where":  # constant branches: issue 9's crash of the cuda printer
+        a, b = self.pick(BRANCH_LITERALS), self.pick(BRANCH_LITERALS)
+        return f"where({self.mask_bool('pair', 1)}, {a}, {b})"
     return self.float_expr(2).text
 
 
@@ -570,7 +566,7 @@ def _normalizer(self: Gen, norm: str) -> str:
     if form == "relu2":
         return self.pick(["normalize relu(s) ^ 2", "normalize relu(s) / n_k",
                           "normalize s * sigmoid(s)"])
-    if form == "where" and "float_where" not in self.avoid:
+    if form == "where":
         return "normalize where(s > 0, s, 0.1 * s)"
     e = self.float_expr(1, vectors=False)
     return f"normalize {self.pick(['sigmoid', 'tanh', 'softplus'])}(tanh(s) + {e.text})"

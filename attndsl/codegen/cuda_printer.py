@@ -87,7 +87,7 @@ class CudaPrinter:
         if isinstance(e, sp.Pow):
             return self._pow(e)
         if isinstance(e, (sp.Max, sp.Min)):
-            return self._fold("max" if isinstance(e, sp.Max) else "min", e.args, self.num)
+            return self._nan_fold("max" if isinstance(e, sp.Max) else "min", e.args)
         if isinstance(e, sp.Abs):
             return f"abs({self.num(e.args[0])})"
         if isinstance(e, sp.floor):
@@ -164,6 +164,16 @@ class CudaPrinter:
             text = f"{name}({text}, {each(arg)})"
         return text
 
+    def _nan_fold(self, name: str, args: tuple[sp.Basic, ...]) -> str:
+        """Float max/min that keep a NaN from any argument, as NumPy's maximum/minimum: the
+        builtins keep only a NaN in first place (max(a, NaN) is a), so each later argument b
+        is tested itself. The longest text goes first, printed once."""
+        texts = sorted((self.num(a) for a in args), key=len, reverse=True)
+        text = texts[0]
+        for b in texts[1:]:
+            text = f"({b} if {b} != {b} else {name}({text}, {b}))"
+        return text
+
     def _piecewise(self, e: sp.Piecewise, each) -> str:  # type: ignore[no-untyped-def]
         if not isinstance(e, sp.Piecewise):  # Piecewise((x, True)) of the last branch is x
             return each(e)
@@ -207,7 +217,17 @@ class CudaPrinter:
             return f"abs({self.int_(e.args[0])})"
         if isinstance(e, sp.Piecewise):
             return self._piecewise(e, self.int_)
+        if isinstance(e, sp.sign):  # SymPy: the sign of a real is an integer (abs's derivative)
+            return self._integer_sign(e.args[0])
         raise NotImplementedError(f"no CUDA integer rule for {type(e).__name__}: {e}")
+
+    def _integer_sign(self, arg: sp.Basic) -> str:
+        """-1, 0 or 1 as a Python int; the argument is compared in its own type."""
+        exact = integer_valued(arg)
+        x = self.int_(arg) if exact else self.num(arg)
+        x = x if _simple(x) else f"({x})"
+        zero = "0" if exact else "ZERO"
+        return f"(1 if {x} > {zero} else (-1 if {x} < {zero} else 0))"
 
     # ---- boolean context ----
     def bool_(self, e: sp.Basic) -> str:

@@ -107,16 +107,26 @@ class Layout:
     @property
     def needs_rows(self) -> bool:
         """False when the pair kernel reads only q and k: no host prologue/epilogue at all."""
-        return any(x.raw is None for x in self.inputs)
+        return bool(self.hoisted())
+
+    def hoisted(self) -> list[Input]:
+        """The inputs computed on the host (not q or k themselves), in argument order."""
+        return [x for x in self.inputs if x.raw is None]
 
     def base_args(self) -> list[str]:
-        return ["q", "k", "v", *(x.arg for x in self.inputs if x.raw is None),
-                *(f"a_{a}" for a in self.arrays)]
+        return ["q", "k", "v", *(x.arg for x in self.hoisted()), *(f"a_{a}" for a in self.arrays)]
+
+    def dq_inputs(self) -> list[Input]:
+        return [x for x in self.inputs if x.side in (Side.QUERY, Side.CONST)]
+
+    def dq_lookups(self) -> list[Lookup]:
+        """attn_bwd_dq's lookup adjoints in argument order (per-row partials, then per-block
+        ones of pair lookups): the kernel, the launcher and the PTX signature all read this."""
+        return self.lookups_of(Side.QUERY, Side.CONST) + self.lookups_of(Side.PAIR)
 
     def dq_outputs(self) -> list[str]:
-        outs = [f"g_{x.var}" for x in self.inputs if x.side in (Side.QUERY, Side.CONST)]
-        outs += [f"gl_{x.name}" for x in self.lookups_of(Side.QUERY, Side.CONST, Side.PAIR)]
-        return outs
+        return [f"g_{x.var}" for x in self.dq_inputs()] + \
+            [f"gl_{x.name}" for x in self.dq_lookups()]
 
     def dkdv_outputs(self) -> list[str]:
         outs = [f"g_{x.var}" for x in self.side(Side.KEY)]
@@ -659,18 +669,24 @@ class Emitter:
         for node in self.layout.lookups_of(*sides):
             w(f"dl_{node.name} = ZERO")
 
-    def write_adjoints(self, sides: tuple[Side, ...], head: str, index: str) -> None:
+    def write_adjoints(self, sides: tuple[Side, ...], head: str, index: str, ok: str) -> None:
+        """Each own row's adjoints, when `ok`; nothing at all when no row has one (a logit
+        with nothing query-side: an empty `if` block is an IndentationError)."""
         w = self.w
-        for x in self.layout.inputs:
-            if x.side in sides:
+        inputs = [x for x in self.layout.inputs if x.side in sides]
+        lookups = self.layout.lookups_of(*sides)
+        if not inputs and not lookups:
+            return
+        with w.block(f"if {ok}:"):
+            for x in inputs:
                 hd = "g" if x.raw == "k" else head
                 if x.vector:
                     with w.block(f"for f in range({size_const(x.size)}):"):
                         w(f"g_{x.var}[b, {hd}, {index}, f] = d_{x.var}[f]")
                 else:
                     w(f"g_{x.var}[b, {hd}, {index}, 0] = d_{x.var}")
-        for node in self.layout.lookups_of(*sides):
-            w(f"gl_{node.name}[b, {head}, {index}] = dl_{node.name}")
+            for node in lookups:
+                w(f"gl_{node.name}[b, {head}, {index}] = dl_{node.name}")
 
     def dkdv(self) -> None:
         w, lay, d = self.w, self.layout, self.deriv
@@ -712,12 +728,16 @@ class Emitter:
             self.own_tile_load(raw_k, "o_v")
             with w.block("for hh in range(group):"):
                 w("h = g * group + hh")
-                if per_head:
+                # per-head shared rows (own key-side inputs, constant vectors) are reloaded:
+                # barriers so no thread still reads the previous head's or not yet this one's
+                reload = per_head or any(x.vector for x in lay.side(Side.CONST))
+                if reload:
                     w("cuda.syncthreads()")
-                    self.own_tile_load(per_head, None)
+                self.own_tile_load(per_head, None)
+                self.const_inputs("BKB")
+                if reload:
                     w("cuda.syncthreads()")
                 self.own_scalars(ctx, "j", "col_ok")
-                self.const_inputs("BKB")
                 self.lookups(p, (Side.CONST,), None)
                 self.lookups(p, (Side.KEY,), "col_ok")
                 for x in per_head:
@@ -867,8 +887,7 @@ class Emitter:
                             w(f"e = pi_{node.name}[rr, cc]")
                             with w.block("if e >= 0 and e % BQB == t:"):
                                 w(f"gl_{node.name}[blk, e] += pv_{node.name}[rr, cc]")
-            with w.block("if row_ok:"):
-                self.write_adjoints((Side.QUERY, Side.CONST), "h", "i")
+            self.write_adjoints((Side.QUERY, Side.CONST), "h", "i", "row_ok")
         w()
         w()
 

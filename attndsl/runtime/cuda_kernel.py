@@ -62,9 +62,8 @@ def host_source(layout: Layout) -> str:
     w()
     with w.block(f"def subscripts(xp, {args}):"):
         em.prologue()
-        for node in layout.plan.lookups:
-            if not node.is_param:
-                em.forward_node(node)
+        for node in layout.plan.lookups:  # every one: a subscript may read a param's (tau)
+            em.forward_node(node)
         w("out = {}")
         for node in layout.grad_lookups:
             subs = ", ".join(em.expr(s) for s in node.subscripts)
@@ -161,11 +160,9 @@ class CudaKernel(Kernel):
             index = next(x for x in self.spec.indices if x.name == name)
             return f"int64[{':, ' * len(index.dims)}::1]"
 
-        base = [a4, a4, a4] + [a4 for x in lay.inputs if x.raw is None] + [
-            arr(a) for a in lay.arrays]
-        dq_out = [a4 for x in lay.inputs if x.side in (Side.QUERY, Side.CONST)]
-        dq_out += [a3 for _ in lay.lookups_of(Side.QUERY, Side.CONST)]
-        dq_out += [a2 for _ in lay.lookups_of(Side.PAIR)]
+        base = [a4, a4, a4] + [a4 for _ in lay.hoisted()] + [arr(a) for a in lay.arrays]
+        dq_out = [a4 for _ in lay.dq_inputs()]
+        dq_out += [a2 if x.side is Side.PAIR else a3 for x in lay.dq_lookups()]
         dkdv_out = [a4 for _ in lay.side(Side.KEY)] + [a3 for _ in lay.lookups_of(Side.KEY)]
         sig = {
             "attn_fwd": base + [a4, a3],
@@ -331,9 +328,7 @@ class _Run:
         """The hoisted row-level inputs, as [B, H, N, F] device arrays (N = n_q, n_k or 1)."""
         t = self.rows()
         staged = []
-        for x in self.layout.inputs:
-            if x.raw is not None:
-                continue
+        for x in self.layout.hoisted():  # the kernel's argument order (Layout.base_args)
             value = np.asarray(t[x.var], dtype=self.dt)
             if value.ndim < 5:
                 value = value.reshape((1,) * (5 - value.ndim) + value.shape)
@@ -393,17 +388,22 @@ class _Run:
             dkdv_out.append(self.args.zeros((B, KV if x.raw == "k" else H, n_k, F), dt))
         dkdv_out += [self.args.zeros((B, H, n_k), dt) for _ in lay.lookups_of(Side.KEY)]
         nblk = q_grid[0] * H * B
-        dq_out = [self.args.zeros((B, H, n_q, self._width(x)), dt) for x in lay.inputs
-                  if x.side in (Side.QUERY, Side.CONST)]
-        dq_out += [self.args.zeros((B, H, n_q), dt) for _ in lay.lookups_of(Side.QUERY,
-                                                                             Side.CONST)]
-        dq_out += [self.args.zeros((nblk, max(1, int(np.prod(self.call.params[x.array].shape)))),
-                                   dt) for x in lay.lookups_of(Side.PAIR)]
+        dq_out = [self.args.zeros((B, H, n_q, self._width(x)), dt) for x in lay.dq_inputs()]
+        dq_out += [self._lookup_partial(x, nblk) for x in lay.dq_lookups()]
         common = [*self.base(), dout_, state, delta]
         self.mod.attn_bwd_dkdv[(_cdiv(n_k, cfg.bwd_bk), KV, B), cfg.bwd_bk](
             *common, g_v, *dkdv_out)
-        self.mod.attn_bwd_dq[q_grid, cfg.bwd_bq](*common, *dq_out)
+        if dq_out:  # else nothing query-side has an adjoint: the kernel would write nothing
+            self.mod.attn_bwd_dq[q_grid, cfg.bwd_bq](*common, *dq_out)
         return self._epilogue(g_v, dkdv_out, dq_out)
+
+    def _lookup_partial(self, node: Any, nblk: int) -> Any:
+        """dq's partial of a lookup: per row, or per block over the whole flattened param
+        when its subscripts read both i and j."""
+        if node.side is not Side.PAIR:
+            return self.args.zeros((self.B, self.H, self.n_q), self.dt)
+        size = max(1, int(np.prod(self.call.params[node.array].shape)))
+        return self.args.zeros((nblk, size), self.dt)
 
     def _linear_backward(self, dout: Any, out: Any, state: Any) -> dict[str, Any]:
         """dA and dB by prefix/suffix sums (threads over features), dv (threads over dv);
@@ -435,7 +435,7 @@ class _Run:
     def _epilogue(self, g_v: Any, dkdv_out: list[Any], dq_out: list[Any]) -> dict[str, Any]:
         lay, call = self.layout, self.call
         key_inputs = lay.side(Side.KEY)
-        dq_inputs = [x for x in lay.inputs if x.side in (Side.QUERY, Side.CONST)]
+        dq_inputs = lay.dq_inputs()
         adj = dict(zip([x.var for x in key_inputs], dkdv_out))
         adj.update(zip([x.var for x in dq_inputs], dq_out))
         raw_q = next((x for x in lay.inputs if x.raw == "q"), None)
@@ -486,8 +486,7 @@ class _Run:
             subs = self.kernel.host.subscripts(numpy_ops, *self.host_qkv(shapes_only=True),
                                         *call.params.values(), *call.indices.values())
         parts = dict(zip([x.name for x in lay.lookups_of(Side.KEY)], key_parts))
-        parts.update(zip([x.name for x in lay.lookups_of(Side.QUERY, Side.CONST, Side.PAIR)],
-                         query_parts))
+        parts.update(zip([x.name for x in lay.dq_lookups()], query_parts))
         for node in lay.grad_lookups:
             shape = call.params[node.array].shape
             part = parts[node.name].copy_to_host()
