@@ -20,7 +20,8 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 
 import attndsl
 from attndsl.codegen.cuda_printer import CudaPrinter
-from attndsl.codegen.numba_cuda import compile_kernel, emit_source
+from attndsl.codegen.numba_cuda import emit_source
+from attndsl.runtime.cuda_kernel import compile_kernel
 from attndsl.symbolic import POSITIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fuzzer's modules

@@ -11,8 +11,7 @@ pytest.importorskip("numba_cuda", reason="numba-cuda is not installed: pip insta
 
 import attndsl
 from attndsl.codegen import cuda_toolchain as tc
-from attndsl.codegen.cuda_launch import KERNELS
-from attndsl.codegen.numba_cuda import compile_kernel
+from attndsl.runtime.cuda_kernel import KERNELS, compile_kernel
 
 SPECS = {
     "lookup_order": "param T[n_q, n_k]\n    param c[heads]\n    score q . k + T[i, j] + c[h]",
