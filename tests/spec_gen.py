@@ -93,8 +93,6 @@ OUTSIDE_ISSUE = {
                       "sqrt(1e-1), 1e-1)` raises 'Invalid comparison of non-real zoo' (derive)",
     "size_dv": "the size `dv` as a value (`bias 0.1 * dv`, `table[h, (j * dv) % 7]`): the "
                "numpy backward's gradient variable `dv` shadows it (broadcast/IndexError)",
-    "param_in_mask": "a mask comparing a param (`mask sb[h] <= 1`): attndsl.verify raises "
-                     "TypeError 'cannot determine truth value of Relational' in _exercised",
     "self_cancel": "a vector minus itself: `dot(k, q - q)` raises TypeError in numpy_ops.gemm",
     "qk_free_score": "cuda only: a logit with no q or k (`score pos[j]`, `score (j - i)`) gives "
                      "an IndentationError in the generated kernel",

@@ -162,3 +162,27 @@ def test_fuzz_cause4_min_max_fold_constants_only() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fuzz_cause5_numpy_dq_of_a_pair_reduction_simplified_to_a_query_row(seed: int) -> None:
     _check_against_oracle(QUERY_ROW_PAIR_REDUCTION, "numpy", seed)
+
+
+# ---- spec_gen.OUTSIDE_ISSUE keys, fixed: each test is named after its key ----
+
+# a mask comparing a param: the proof held every param symbolic and `sb_0 <= 1` has no truth
+# value; it now holds the mask's params at rational values (noted in the report)
+PARAM_IN_MASK = """attention fuzz {
+    param sb[heads]
+    param tau
+    score tau * (q . k) + sb[h] * (j - i)
+    mask sb[h] <= 1 or j <= i
+}"""
+
+
+def test_outside_param_in_mask_verify_proves_q_k_v() -> None:
+    report = attndsl.verify(PARAM_IN_MASK)
+    assert report.ok, str(report)
+    proved = {c.what for c in report.checks if c.ok and c.what.startswith("proof")}
+    assert proved == {"proof dq", "proof dk", "proof dv", "proof dtau"}, str(report)
+    assert any("param 'sb' is read by the mask" in note for note in report.notes), str(report)
+
+
+def test_outside_param_in_mask_numpy_matches_the_ir_evaluator() -> None:
+    _check_against_oracle(PARAM_IN_MASK, "numpy", 0)
