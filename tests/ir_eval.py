@@ -171,6 +171,9 @@ class Evaluator:
         if op == "or":
             return bool(left) or bool(self(node.right, at))
         right = self(node.right, at)
+        if op == "-" and node.left == node.right:  # docs/language.md (x3): x - x is 0, NaN or not
+            return np.zeros_like(left) if isinstance(left, np.ndarray) else (
+                left - left if math.isfinite(left) else 0.0)
         return _BINARY[op](left, right)
 
     def _call(self, node: ir.Call, at: Pair) -> Value:

@@ -91,9 +91,6 @@ OUTSIDE_ISSUE = {
     "constant_calls": "a function of literals only in min/max or a where condition: `min(gelu("
                       "0.25), 0.5)` raises 'argument is not comparable', `where(1e-1 > 0, "
                       "sqrt(1e-1), 1e-1)` raises 'Invalid comparison of non-real zoo' (derive)",
-    "size_dv": "the size `dv` as a value (`bias 0.1 * dv`, `table[h, (j * dv) % 7]`): the "
-               "numpy backward's gradient variable `dv` shadows it (broadcast/IndexError)",
-    "self_cancel": "a vector minus itself: `dot(k, q - q)` raises TypeError in numpy_ops.gemm",
     "qk_free_score": "cuda only: a logit with no q or k (`score pos[j]`, `score (j - i)`) gives "
                      "an IndentationError in the generated kernel",
 }
