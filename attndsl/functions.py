@@ -156,7 +156,8 @@ class Abs(sp.Abs):
 
 
 def _constants(args: tuple) -> bool:
-    return all(sp.sympify(a).is_number for a in args)
+    """Numbers SymPy can order: gelu(1/4) is a number it cannot evaluate, so cannot compare."""
+    return all(sp.sympify(a).is_comparable for a in args)
 
 
 class Max(sp.Max):

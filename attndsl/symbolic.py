@@ -19,7 +19,7 @@ import sympy as sp
 
 from . import check, ir
 from .errors import SpecError
-from .functions import SPEC_FUNCTIONS, Clamp, Max, Min, Norm
+from .functions import SPEC_FUNCTIONS, Clamp, Max, Min, Norm, elementary
 from .ir import Kind, NormKind, Side
 
 # Positions and sizes, shared by every derivation so expressions compare across specs.
@@ -306,8 +306,12 @@ def _arith(op: str, left: sp.Expr, right: sp.Expr, scalar: bool) -> sp.Expr:
 
 
 def _compare(op: str, left: sp.Expr, right: sp.Expr) -> sp.Basic:
-    return {"==": sp.Eq, "!=": sp.Ne, "<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge}[op](
-        left, right, evaluate=False)
+    relation = {"==": sp.Eq, "!=": sp.Ne, "<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge}[op]
+    if left.is_comparable and right.is_comparable:  # two numbers: true or false now
+        return relation(left, right)
+    if left.is_number and right.is_number:  # gelu(1/4) < 1: numbers SymPy cannot order
+        return relation(sp.N(elementary(left - right), 50), 0)
+    return relation(left, right, evaluate=False)
 
 
 def _fold_normalizer(out: Derivation) -> None:

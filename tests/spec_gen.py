@@ -88,9 +88,6 @@ OUTSIDE_ISSUE = {
                        "(a projection of a pair-side vector)",
     "float_where": "cuda only: a float `where` (`score where(i > j, q . k, sum(q))`) crashes "
                    "cuda_printer._piecewise",
-    "constant_calls": "a function of literals only in min/max or a where condition: `min(gelu("
-                      "0.25), 0.5)` raises 'argument is not comparable', `where(1e-1 > 0, "
-                      "sqrt(1e-1), 1e-1)` raises 'Invalid comparison of non-real zoo' (derive)",
     "qk_free_score": "cuda only: a logit with no q or k (`score pos[j]`, `score (j - i)`) gives "
                      "an IndentationError in the generated kernel",
 }
