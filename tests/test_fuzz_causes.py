@@ -279,3 +279,19 @@ def test_outside_constant_calls_match_the_ir_evaluator(target: str) -> None:
 def test_outside_constant_calls_verify() -> None:
     report = attndsl.verify(CONSTANT_CALLS)
     assert report.ok and any(c.what == "proof dk" for c in report.checks), str(report)
+
+
+# a float to an integer power that can be negative: NumPy refuses an integer base to a negative
+# integer power, and SymPy wrote 0.5 ^ (h + 1) as 2 ^ (-h - 1) (fixed in af2611e: the numpy
+# printer lifts an integer base to float; this pins it on every host target)
+FLOAT_BASE_INT_POWER = """attention fuzz {
+    param tau
+    score q . k
+    bias (0.5 ^ (h + 1)) * (j - i) + 2 ^ (j - i - 2) + (1.5 ^ (-h)) + 0.5 * (tau ^ (j - i))
+    mask j <= i + 1
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_outside_float_base_int_power_matches_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(FLOAT_BASE_INT_POWER, target, 0)
