@@ -75,7 +75,7 @@ def _case(spec: attndsl.ir.Spec, seed: int, heads: int = 4, kv_heads: int = 2, n
     if attndsl.check.uses_n(spec):
         n_k = n_q
     rng = np.random.default_rng(seed)
-    sizes = {"heads": heads, "d": d, "n": n_q, "n_k": n_k, "n_q": n_q}
+    sizes = {"heads": heads, "d": d, "n": n_q, "n_k": n_k, "n_q": n_q, "r": 4}
     params = {p.name: rng.uniform(-1.5, 1.5, size=tuple(sizes.get(x, x) for x in p.dims))
               for p in spec.params}
     return {"q": rng.normal(size=(2, heads, n_q, d)), "k": rng.normal(size=(2, kv_heads, n_k, d)),
@@ -295,3 +295,18 @@ FLOAT_BASE_INT_POWER = """attention fuzz {
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_outside_float_base_int_power_matches_the_ir_evaluator(target: str) -> None:
     _check_against_oracle(FLOAT_BASE_INT_POWER, target, 0)
+
+
+# abs of a norm: SymPy differentiated abs through re/im (fixed with cause 3, functions.Abs);
+# pinned here for norms of a param, of a key and of a projection
+ABS_OF_NORM = """attention fuzz {
+    param wd[d]
+    param W[d, r]
+    score abs(norm(q)) * 0.5 + abs(norm(wd - k)) + q . k + abs(norm(k @ W) - 1)
+    mask j <= i + 1
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_outside_abs_of_norm_matches_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(ABS_OF_NORM, target, 0)
