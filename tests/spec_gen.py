@@ -79,7 +79,6 @@ OUTSIDE_ISSUE = {
                           "raises in numpy backward (scatter reshape); `norm(wr / max(j - i, "
                           "0.5))` gives d wr times B*heads; cuda IndentationError on "
                           "`(wd * 2) @ W`",
-    "sum_of_projection": "`score sum(q @ W)`: numpy backward ValueError in project_dx",
     "scalar_index": "`index L` (no DIMS) in a mask: cpu SyntaxError `if :` in generated code",
     "pair_projection": "`where(i < j, q, k) @ W`: the checker accepts, compile raises SpecError "
                        "(a projection of a pair-side vector)",

@@ -310,3 +310,18 @@ ABS_OF_NORM = """attention fuzz {
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_outside_abs_of_norm_matches_the_ir_evaluator(target: str) -> None:
     _check_against_oracle(ABS_OF_NORM, target, 0)
+
+
+# a sum of a projection: the numpy backward's project_dx got an adjoint with no feature axis
+# (fixed with cause 2); pinned for sums of both sides' projections, alone and with a param
+SUM_OF_PROJECTION = """attention fuzz {
+    param W[d, r]
+    param wr[r]
+    score sum(q @ W) + sum(k @ W) * 0.5 + sum((q @ W) * wr) + tanh(sum(k @ W + wr)) + q . k
+    mask j <= i + 1
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_outside_sum_of_projection_matches_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(SUM_OF_PROJECTION, target, 0)
