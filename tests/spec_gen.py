@@ -75,10 +75,6 @@ FLOAT_LITERALS = ("0.5", "1.5", "0.25", "2.0", "1e-1", "2.5E-1", "3")
 # (tests) or --all (tests/fuzz_report.py) generates them too. Delete an entry once its bug is
 # fixed.
 OUTSIDE_ISSUE = {
-    "param_only_vectors": "a reduction of a vector with no q or k: `score sum(wd) + q . k` "
-                          "raises in numpy backward (scatter reshape); `norm(wr / max(j - i, "
-                          "0.5))` gives d wr times B*heads; cuda IndentationError on "
-                          "`(wd * 2) @ W`",
     "scalar_index": "`index L` (no DIMS) in a mask: cpu SyntaxError `if :` in generated code",
     "pair_projection": "`where(i < j, q, k) @ W`: the checker accepts, compile raises SpecError "
                        "(a projection of a pair-side vector)",

@@ -325,3 +325,20 @@ SUM_OF_PROJECTION = """attention fuzz {
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_outside_sum_of_projection_matches_the_ir_evaluator(target: str) -> None:
     _check_against_oracle(SUM_OF_PROJECTION, target, 0)
+
+
+# reductions of vectors with no q or k (fixed with causes 1 and 2: scatter reshape, d wr times
+# B * heads); pinned for sums, norms, dots and projections of params only, on numpy and cpu
+PARAM_ONLY_VECTORS = """attention fuzz {
+    param wd[d]
+    param wr[r]
+    param W[d, r]
+    score sum(wd) + q . k + norm(wr / max(j - i, 0.5)) + 0.5 * dot((wd * 2) @ W, wr)
+    bias tanh(sum((wd * 2) @ W) * (j - i))
+    mask j <= i + 2
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_outside_param_only_vectors_match_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(PARAM_ONLY_VECTORS, target, 0)
