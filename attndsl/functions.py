@@ -180,6 +180,17 @@ class Min(sp.Min):
         return super().__new__(cls, *args, evaluate=False)
 
 
+class Mod(sp.Mod):
+    """x % m, folded only for numbers: SymPy 1.14 rewrites Mod(3 * Mod(j, 4), 7) as
+    Mod(3 * Mod(j, 4)**2, 7), a wrong value at j = 2 (silently wrong subscripts)."""
+
+    @classmethod
+    def eval(cls, p: sp.Expr, q: sp.Expr) -> sp.Expr | None:
+        if (p.is_number and q.is_number) or q == 0:  # q == 0 raises, as SymPy's does
+            return sp.Mod.eval(p, q)
+        return None
+
+
 class _ToInteger:
     """floor/ceil: a float to an integer with gradient 0 (SymPy's own leave d/dx unevaluated),
     printed by its spec name and, in LaTeX, between its brackets."""

@@ -19,7 +19,7 @@ import sympy as sp
 
 from . import check, ir
 from .errors import SpecError
-from .functions import SPEC_FUNCTIONS, Clamp, Max, Min, Norm, elementary
+from .functions import SPEC_FUNCTIONS, Clamp, Max, Min, Mod, Norm, elementary
 from .ir import Kind, NormKind, Side
 
 # Positions and sizes, shared by every derivation so expressions compare across specs.
@@ -301,7 +301,7 @@ def _arith(op: str, left: sp.Expr, right: sp.Expr, scalar: bool) -> sp.Expr:
     if op == "//":
         return sp.floor(left / right)
     if op == "%":
-        return sp.Mod(left, right)
+        return Mod(left, right)  # not sp.Mod: see functions.Mod
     raise AssertionError(op)
 
 
