@@ -75,7 +75,6 @@ FLOAT_LITERALS = ("0.5", "1.5", "0.25", "2.0", "1e-1", "2.5E-1", "3")
 # (tests) or --all (tests/fuzz_report.py) generates them too. Delete an entry once its bug is
 # fixed.
 OUTSIDE_ISSUE = {
-    "scalar_index": "`index L` (no DIMS) in a mask: cpu SyntaxError `if :` in generated code",
     "pair_projection": "`where(i < j, q, k) @ W`: the checker accepts, compile raises SpecError "
                        "(a projection of a pair-side vector)",
     "float_where": "cuda only: a float `where` (`score where(i > j, q . k, sum(q))`) crashes "
