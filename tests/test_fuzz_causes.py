@@ -379,3 +379,28 @@ def test_outside_nested_mod_keeps_its_value() -> None:
     assert [lookup.subscripts[1].subs(i, v) for v in range(9)] == [
         ((v % 4) * v) % 7 for v in range(9)]
     assert sp.Mod(3 * sp.Mod(i, 4), 7) != attndsl.functions.Mod(3 * sp.Mod(i, 4), 7)
+
+
+# a projection of a pair-side vector: the checker accepted it and compile raised from the
+# derivation; the checker now refuses it at the operand, with the linear rewrite as the hint
+# (docs/language.md, vectors), and the rewrite matches the IR evaluator
+@pytest.mark.parametrize(("left", "column"), [("where(i < j, q, k)", 15), ("(q + k)", 16),
+                                              ("(q * (j - i))", 16)])
+def test_outside_pair_projection_is_refused_by_the_checker(left: str, column: int) -> None:
+    text = f"attention fuzz {{\n    param W[d, r]\n    score sum({left} @ W) + q . k\n}}"
+    with pytest.raises(attndsl.SpecError) as info:
+        attndsl.parse(text)
+    err = info.value
+    assert (err.line, err.column) == (3, column), str(err)
+    assert "both the query and the key side" in str(err) and "q @ W + k @ W" in str(err)
+
+
+PAIR_PROJECTION_REWRITTEN = """attention fuzz {
+    param W[d, r]
+    score sum(where(i < j, q @ W, k @ W)) * 0.5 + sum(q @ W + k @ W) + q . k
+    mask j <= i + 1
+}"""
+
+
+def test_outside_pair_projection_rewritten_matches_the_ir_evaluator() -> None:
+    _check_against_oracle(PAIR_PROJECTION_REWRITTEN, "numpy", 0)
