@@ -404,3 +404,29 @@ PAIR_PROJECTION_REWRITTEN = """attention fuzz {
 
 def test_outside_pair_projection_rewritten_matches_the_ir_evaluator() -> None:
     _check_against_oracle(PAIR_PROJECTION_REWRITTEN, "numpy", 0)
+
+
+# item 11 of the closing notes: the cpu kernels were said to reject the in-range subscript
+# kr[(n_k - 1 - j + i) % n_q]; not reproduced on this tree (SymPy had rewritten it as
+# Mod(i - j + n_k + n_q - 1, n_q), in range too); pinned at odd and tiled lengths, in a bias,
+# a mask and a normalizer
+MOD_SUBSCRIPT = """attention fuzz {
+    param kr[n]
+    score q . k + kr[(n_k - 1 - j + i) % n_q]
+    mask kr[(n - 1 - j + i) % n] > 0.2 or j <= i
+    normalize sigmoid(s + kr[(i + j) % n_k])
+}"""
+
+
+def test_outside_cpu_mod_subscript_in_range_matches_the_ir_evaluator() -> None:
+    _check_against_oracle(MOD_SUBSCRIPT, "cpu", 0)
+
+
+def test_outside_cpu_mod_subscript_in_range_at_tiled_lengths() -> None:
+    spec = attndsl.parse(MOD_SUBSCRIPT)
+    a = _case(spec, 0, n_q=67)
+    extra = a["params"]
+    want = _kernel(MOD_SUBSCRIPT, "numpy").backward(a["q"], a["k"], a["v"], a["dout"], **extra)
+    got = _kernel(MOD_SUBSCRIPT, "cpu").backward(a["q"], a["k"], a["v"], a["dout"], **extra)
+    for name, value in want.items():
+        expect_close("backward vs numpy", "cpu", f"d{name}", got[name], value, 1e-8)
