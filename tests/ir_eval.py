@@ -147,7 +147,7 @@ class Evaluator:
             return fixed[name]
         if name == "n":
             return at.sizes["n_q"]
-        if name in at.sizes:
+        if name in at.sizes and name != "B":  # B is no spec name: a param may be called B
             return at.sizes[name]
         if name in at.params:
             value = at.params[name]
