@@ -127,20 +127,22 @@ def _mask_atoms(deriv: Derivation) -> list[sp.Basic]:
 
 
 def _mask_params(deriv: Derivation) -> set[str]:
-    """Params the mask reads: the proof holds them at rational values, since a comparison of a
-    symbol has no truth value (their gradient is checked by finite differences only)."""
-    if deriv.mask is None:
-        return set()
-    free = deriv.mask.free_symbols
+    """Params the mask or a subscript reads (`mask sb[h] <= 1`, `table[h, round(tau)]`): the
+    proof holds them at rational values, since a comparison of a symbol has no truth value and
+    a symbol is no subscript (their gradient is checked by finite differences only)."""
+    read: set[sp.Basic] = set(deriv.mask.free_symbols) if deriv.mask is not None else set()
+    for n in deriv.nodes:
+        for sub in getattr(n, "subscripts", None) or ():
+            read |= sp.sympify(sub).free_symbols
     return {n.array for n in deriv.nodes
-            if isinstance(n, Lookup) and n.is_param and n.symbol in free}
+            if isinstance(n, Lookup) and n.is_param and n.symbol in read}
 
 
 def _rationals(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Values in [-2, 2] by halves: the fuzzer's and the docs' param comparisons go both ways."""
+    """Values in [-2, 2] by thirds: comparisons go both ways, and round() meets no tie."""
     out = np.empty(shape, dtype=object)
     for idx in np.ndindex(*shape):
-        out[idx] = sp.Rational(int(rng.integers(-4, 5)), 2)
+        out[idx] = sp.Rational(int(rng.integers(-6, 7)), 3)
     return out
 
 
@@ -747,8 +749,9 @@ def prove(deriv: Derivation, report: Report) -> None:
                             "(not exercised by the proof)")
     for name in sorted(_mask_params(deriv)):
         shown = ", ".join(map(str, setup.params[name].flat))
-        report.notes.append(f"param '{name}' is read by the mask: the proof holds it at "
-                            f"[{shown}] (its gradient is checked by finite differences only)")
+        report.notes.append(f"param '{name}' is read by the mask or a subscript: the proof "
+                            f"holds it at [{shown}] (its gradient is checked by finite "
+                            "differences only)")
     rows = naive_loss_rows(deriv, setup)
     row_symbols = [row.free_symbols for row in rows]
     derived = derived_gradients(deriv, setup)

@@ -188,6 +188,20 @@ def test_outside_param_in_mask_verify_proves_q_k_v() -> None:
     assert any("param 'sb' is read by the mask" in note for note in report.notes), str(report)
 
 
+def test_outside_param_in_mask_verify_with_a_param_in_a_subscript() -> None:
+    # the same for a param read by a subscript: a symbol is no subscript ('Cannot convert
+    # symbols to int' before)
+    report = attndsl.verify("""attention fuzz {
+    param tau
+    param table[heads, 7]
+    score q . k * tau
+    bias table[h, clamp(where(j < i, round(tau), 3), 0, 6)]
+}""")
+    assert report.ok, str(report)
+    proved = {c.what for c in report.checks if c.ok and c.what.startswith("proof")}
+    assert proved == {"proof dq", "proof dk", "proof dv", "proof dtable"}, str(report)
+
+
 def test_outside_param_in_mask_numpy_matches_the_ir_evaluator() -> None:
     _check_against_oracle(PARAM_IN_MASK, "numpy", 0)
 
