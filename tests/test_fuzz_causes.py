@@ -444,3 +444,9 @@ def test_outside_cpu_mod_subscript_in_range_at_tiled_lengths() -> None:
     got = _kernel(MOD_SUBSCRIPT, "cpu").backward(a["q"], a["k"], a["v"], a["dout"], **extra)
     for name, value in want.items():
         expect_close("backward vs numpy", "cpu", f"d{name}", got[name], value, 1e-8)
+
+
+def test_outside_float_base_int_power_verify() -> None:
+    # the proof's exact reference kept the base 2 a Python int: 2 ** (-h - 1) raised in NumPy
+    report = attndsl.verify(FLOAT_BASE_INT_POWER)
+    assert report.ok and any(c.what == "proof dtau" for c in report.checks), str(report)
