@@ -450,3 +450,17 @@ def test_outside_float_base_int_power_verify() -> None:
     # the proof's exact reference kept the base 2 a Python int: 2 ** (-h - 1) raised in NumPy
     report = attndsl.verify(FLOAT_BASE_INT_POWER)
     assert report.ok and any(c.what == "proof dtau" for c in report.checks), str(report)
+
+
+# found by `--all` at seed 1: d log(where(c, log(t), 0)) holds SymPy's 1/0 (nan) on the branch
+# not taken, and the printers wrote a bare `nan` (NameError); it prints as the namespace's nan
+NAN_IN_AN_UNTAKEN_BRANCH = """attention fuzz {
+    param table[heads, 7]
+    score where(where(table[h, 3] > 0.5, log(table[h, 3]), 0) > 0.5, log(where(table[h, 3] > 0.5, log(table[h, 3]), 0)), 0) + q . k
+    scale 0.5
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_outside_nan_constant_in_an_untaken_branch_matches_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(NAN_IN_AN_UNTAKEN_BRANCH, target, 0)

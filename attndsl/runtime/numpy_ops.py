@@ -13,6 +13,7 @@ import numpy as np
 from scipy import special
 
 inf = np.inf
+nan = np.nan  # SymPy's 1/0 in a `where` branch not taken
 arange = np.arange
 exp, log, sqrt, tanh, sin, cos, sign = np.exp, np.log, np.sqrt, np.tanh, np.sin, np.cos, np.sign
 abs = np.abs

@@ -15,6 +15,7 @@ from .. import functions as fn
 from . import numpy_ops as _numeric
 
 inf = sp.oo
+nan = sp.nan
 pi = sp.pi
 
 # Layout, lookups, scatters and reductions work unchanged on object arrays.
