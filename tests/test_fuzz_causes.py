@@ -464,3 +464,18 @@ NAN_IN_AN_UNTAKEN_BRANCH = """attention fuzz {
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_outside_nan_constant_in_an_untaken_branch_matches_the_ir_evaluator(target: str) -> None:
     _check_against_oracle(NAN_IN_AN_UNTAKEN_BRANCH, target, 0)
+
+
+# found by `--all` at seed 2: clamp(tau, -2, tau) differentiates to step(tau - tau) = step(0),
+# a plain number, and numpy_ops.step called .astype on a bool (AttributeError)
+CLAMP_TO_ITSELF = """attention fuzz {
+    param tau
+    normalize where(s > 0, s, 0.1 * s)
+    scale 0.5
+    score sin(clamp(tau, -2, tau)) + sin(clamp(tau, tau, 2)) * (q . k)
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_outside_step_of_a_folded_constant_matches_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(CLAMP_TO_ITSELF, target, 0)

@@ -39,11 +39,12 @@ def heaviside(x: np.ndarray) -> np.ndarray:
 
 
 def step(x: np.ndarray) -> np.ndarray:
-    return (x > 0).astype(np.result_type(x, np.float32))
+    # asarray: x may be a plain number (clamp(tau, -2, tau): step(tau - tau), folded to 0)
+    return np.asarray(x > 0).astype(np.result_type(x, np.float32))
 
 
 def in_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    return ((x >= lo) & (x <= hi)).astype(np.result_type(x, np.float32))
+    return np.asarray((x >= lo) & (x <= hi)).astype(np.result_type(x, np.float32))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
