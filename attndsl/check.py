@@ -291,6 +291,13 @@ class Checker:
         if left.type.kind is not Kind.VECTOR:
             _fail(f"the left operand of '@' must be a vector, but {_describe(left)} is "
                   f"{left.type}", left)
+        if left.type.side is Side.PAIR:  # kernels project rows once, never per (i, j) pair
+            _fail(f"the left operand of '@' depends on both the query and the key side "
+                  f"({_describe(left)}); a projection takes a query-side or a key-side vector",
+                  left, hint=f"project first, then combine (a projection is linear): "
+                  f"q @ {matrix.name} + k @ {matrix.name} for (q + k) @ {matrix.name}, "
+                  f"where(c, q @ {matrix.name}, k @ {matrix.name}) for where(c, q, k) @ "
+                  f"{matrix.name}, (q @ {matrix.name}) * s for (q * s) @ {matrix.name}")
         rows, cols = (str(x) for x in matrix.dims)
         if left.type.size != rows:
             _fail(f"size mismatch: {_describe(left)} is a vector over {left.type.size} but "

@@ -156,7 +156,8 @@ class Abs(sp.Abs):
 
 
 def _constants(args: tuple) -> bool:
-    return all(sp.sympify(a).is_number for a in args)
+    """Numbers SymPy can order: gelu(1/4) is a number it cannot evaluate, so cannot compare."""
+    return all(sp.sympify(a).is_comparable for a in args)
 
 
 class Max(sp.Max):
@@ -177,6 +178,17 @@ class Min(sp.Min):
         if _constants(args):  # no symbols, no assumptions: SymPy's own class folds them
             return sp.Min(*args)
         return super().__new__(cls, *args, evaluate=False)
+
+
+class Mod(sp.Mod):
+    """x % m, folded only for numbers: SymPy 1.14 rewrites Mod(3 * Mod(j, 4), 7) as
+    Mod(3 * Mod(j, 4)**2, 7), a wrong value at j = 2 (silently wrong subscripts)."""
+
+    @classmethod
+    def eval(cls, p: sp.Expr, q: sp.Expr) -> sp.Expr | None:
+        if (p.is_number and q.is_number) or q == 0:  # q == 0 raises, as SymPy's does
+            return sp.Mod.eval(p, q)
+        return None
 
 
 class _ToInteger:

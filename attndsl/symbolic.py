@@ -19,7 +19,7 @@ import sympy as sp
 
 from . import check, ir
 from .errors import SpecError
-from .functions import SPEC_FUNCTIONS, Clamp, Max, Min, Norm
+from .functions import SPEC_FUNCTIONS, Clamp, Max, Min, Mod, Norm, elementary
 from .ir import Kind, NormKind, Side
 
 # Positions and sizes, shared by every derivation so expressions compare across specs.
@@ -235,7 +235,10 @@ class Deriver:
         for t in types:
             side = side.join(t.side)  # type: ignore[union-attr]
         sides = [t.side for t in types]  # type: ignore[union-attr]
-        if op == "dot" and set(sides) == {Side.QUERY, Side.KEY}:
+        constant = [not self._has_features(v) for v in vectors]
+        if all(constant) or any(v == 0 for v in vectors):  # dot(k, q - q) is 0
+            return self._constant_reduction(op, vectors, size, args[0])
+        if op == "dot" and set(sides) == {Side.QUERY, Side.KEY} and not any(constant):
             a, b = (0, 1) if sides[0] is Side.QUERY else (1, 0)
             va = self.as_vec(vectors[a], types[a])  # type: ignore[arg-type]
             vb = self.as_vec(vectors[b], types[b])  # type: ignore[arg-type]
@@ -247,6 +250,25 @@ class Deriver:
         symbol = self._add(("reduce", body, side), lambda n: Reduction(
             f"r{n}", _sym(f"r{n}"), size, side, body)).symbol
         return Norm(symbol) if op == "norm" else symbol
+
+    def _has_features(self, vector: sp.Expr) -> bool:
+        """Whether a vector expression varies over its features (SymPy folds q - q to 0)."""
+        return any(isinstance(self.out.node(x), Vec) for x in vector.free_symbols)
+
+    @staticmethod
+    def _constant_reduction(op: str, vectors: list[sp.Expr], size: str, at: ir.Expr
+                            ) -> sp.Expr:
+        """sum/dot/norm of feature-constant vectors (`sum(q - q)`, `norm(wd * 0 + 1)`): the
+        size times the constant, as there is no feature axis to reduce over."""
+        body = {"dot": lambda: vectors[0] * vectors[1], "sum": lambda: vectors[0],
+                "norm": lambda: vectors[0] ** 2}[op]()
+        if body == 0:
+            return sp.S.Zero
+        if size not in SIZES:
+            raise SpecError(f"a {op} over '{size}' of a vector that does not vary over its "
+                            "features is not supported", at.pos.line, at.pos.column,
+                            hint=f"write the constant times the size of '{size}' instead")
+        return Norm(SIZES[size] * body) if op == "norm" else SIZES[size] * body
 
     def _call(self, func: str, args: list[sp.Expr], nodes: tuple[ir.Expr, ...]) -> sp.Expr:
         if func == "where":
@@ -274,13 +296,17 @@ def _arith(op: str, left: sp.Expr, right: sp.Expr, scalar: bool) -> sp.Expr:
     if op == "//":
         return sp.floor(left / right)
     if op == "%":
-        return sp.Mod(left, right)
+        return Mod(left, right)  # not sp.Mod: see functions.Mod
     raise AssertionError(op)
 
 
 def _compare(op: str, left: sp.Expr, right: sp.Expr) -> sp.Basic:
-    return {"==": sp.Eq, "!=": sp.Ne, "<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge}[op](
-        left, right, evaluate=False)
+    relation = {"==": sp.Eq, "!=": sp.Ne, "<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge}[op]
+    if left.is_comparable and right.is_comparable:  # two numbers: true or false now
+        return relation(left, right)
+    if left.is_number and right.is_number:  # gelu(1/4) < 1: numbers SymPy cannot order
+        return relation(sp.N(elementary(left - right), 50), 0)
+    return relation(left, right, evaluate=False)
 
 
 def _fold_normalizer(out: Derivation) -> None:

@@ -123,12 +123,32 @@ def _mask_atoms(deriv: Derivation) -> list[sp.Basic]:
     return sorted(deriv.mask.atoms(sp.core.relational.Relational), key=sp.default_sort_key)
 
 
-def _exercised(deriv: Derivation, sizes: dict[str, int], indices: dict[str, np.ndarray]
-               ) -> tuple[int, list[sp.Basic]]:
+def _mask_params(deriv: Derivation) -> set[str]:
+    """Params the mask or a subscript reads (`mask sb[h] <= 1`, `table[h, round(tau)]`): the
+    proof holds them at rational values, since a comparison of a symbol has no truth value and
+    a symbol is no subscript (their gradient is checked by finite differences only)."""
+    read: set[sp.Basic] = set(deriv.mask.free_symbols) if deriv.mask is not None else set()
+    for n in deriv.nodes:
+        for sub in getattr(n, "subscripts", None) or ():
+            read |= sp.sympify(sub).free_symbols
+    return {n.array for n in deriv.nodes
+            if isinstance(n, Lookup) and n.is_param and n.symbol in read}
+
+
+def _rationals(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Values in [-2, 2] by thirds: comparisons go both ways, and round() meets no tie."""
+    out = np.empty(shape, dtype=object)
+    for idx in np.ndindex(*shape):
+        out[idx] = sp.Rational(int(rng.integers(-6, 7)), 3)
+    return out
+
+
+def _exercised(deriv: Derivation, sizes: dict[str, int], indices: dict[str, np.ndarray],
+               fixed: dict[str, np.ndarray]) -> tuple[int, list[sp.Basic]]:
     """How many mask atoms take both values over the proof pairs, and those that do not."""
     atoms = _mask_atoms(deriv)
     seen: dict[sp.Basic, set[bool]] = {a: set() for a in atoms}
-    naive = Naive(deriv, sizes, {}, indices, {})
+    naive = Naive(deriv, sizes, {}, indices, fixed)
     for b, h, i, j in np.ndindex(sizes["B"], sizes["heads"], sizes["n_q"], sizes["n_k"]):
         env = naive.scalar_env(b, h, i, j)
         for atom in atoms:
@@ -141,26 +161,33 @@ def proof_setup(deriv: Derivation, seed: int = 0) -> tuple[ProofSetup, list[sp.B
     spec = deriv.spec
     sizes = _proof_sizes(spec)
     rng = np.random.default_rng(seed)
-    best: tuple[int, dict[str, np.ndarray], list[sp.Basic]] | None = None
-    for _ in range(20):  # index values that exercise as many mask clauses as possible
+    in_mask = _mask_params(deriv)
+    Best = tuple[tuple[int, bool], dict[str, np.ndarray], dict[str, np.ndarray], list[sp.Basic]]
+    best: Best | None = None
+    for _ in range(20):  # index (and mask param) values that exercise the most mask clauses
         indices = {}
         for x in spec.indices:
             shape = (sizes["B"], *_shape(x.dims, sizes))
             indices[x.name] = rng.integers(0, max(sizes["n_q"], 2), size=shape)
-        score, dead = _exercised(deriv, sizes, indices)
+        fixed = {p.name: _rationals(rng, _shape(p.dims, sizes)) for p in spec.params
+                 if p.name in in_mask}
+        exercised, dead = _exercised(deriv, sizes, indices, fixed)
+        some_allowed = deriv.mask is None or True in _mask_values(deriv, sizes, indices, fixed)
+        score = (exercised, some_allowed)  # a mask false everywhere leaves nothing to prove
         if best is None or score > best[0]:
-            best = (score, indices, dead)
-        if not dead:
+            best = (score, indices, fixed, dead)
+        if not dead and some_allowed:
             break
     assert best is not None
-    params = {p.name: _symbols(p.name, _shape(p.dims, sizes)) for p in spec.params}
+    params = {p.name: best[2].get(p.name, _symbols(p.name, _shape(p.dims, sizes)))
+              for p in spec.params}
     B, H, KVH = sizes["B"], sizes["heads"], sizes["kv_heads"]
     setup = ProofSetup(
         sizes, _symbols("q", (B, H, sizes["n_q"], sizes["d"])),
         _symbols("k", (B, KVH, sizes["n_k"], sizes["d"])),
         _symbols("v", (B, KVH, sizes["n_k"], sizes["dv"])),
         _symbols("G", (B, H, sizes["n_q"], sizes["dv"])), params, best[1])
-    return setup, best[2]
+    return setup, best[3]
 
 
 # ---- the naive forward of LANGUAGE.md section 1 ---------------------------------------------
@@ -174,13 +201,14 @@ class Naive:
         self.deriv, self.sizes = deriv, sizes
         self.arrays, self.indices, self.params = arrays, indices, params
         self.memo: dict[tuple, Any] = {}
+        self.in_mask = _mask_params(deriv)
 
     def scalar_env(self, b: int, h: int, i: int, j: int) -> dict[sp.Basic, Any]:
         env: dict[sp.Basic, Any] = {POSITIONS["b"]: b, POSITIONS["h"]: h, POSITIONS["i"]: i,
                                     POSITIONS["j"]: j}
         env.update({SIZES[n]: self.sizes[n] for n in SIZES})
         for node in self.deriv.nodes:
-            if isinstance(node, Lookup) and not node.is_param:
+            if isinstance(node, Lookup) and (not node.is_param or node.array in self.in_mask):
                 env[node.symbol] = self.lookup(node, env)
         return {k: sp.sympify(v) for k, v in env.items()}
 
@@ -654,8 +682,9 @@ def shrink_mask(deriv: Derivation) -> tuple[Derivation, dict[int, int]]:
     setup, _ = proof_setup(deriv)
 
     def score(candidate: Derivation) -> tuple[int, int]:
-        exercised, _ = _exercised(candidate, sizes, setup.indices)
-        whole = _mask_values(candidate, sizes, setup.indices)
+        fixed = {name: setup.params[name] for name in _mask_params(candidate)}
+        exercised, _ = _exercised(candidate, sizes, setup.indices, fixed)
+        whole = _mask_values(candidate, sizes, setup.indices, fixed)
         return (int(whole == {True, False}), exercised)
 
     best_score, best, best_map = score(deriv), deriv, {}
@@ -678,10 +707,10 @@ def shrink_mask(deriv: Derivation) -> tuple[Derivation, dict[int, int]]:
     return best, best_map
 
 
-def _mask_values(deriv: Derivation, sizes: dict[str, int], indices: dict[str, np.ndarray]
-                 ) -> set[bool]:
+def _mask_values(deriv: Derivation, sizes: dict[str, int], indices: dict[str, np.ndarray],
+                 fixed: dict[str, np.ndarray]) -> set[bool]:
     """The values the whole mask takes over the proof pairs."""
-    naive = Naive(deriv, sizes, {}, indices, {})
+    naive = Naive(deriv, sizes, {}, indices, fixed)
     assert deriv.mask is not None
     return {bool(deriv.mask.xreplace(naive.scalar_env(b, h, i, j)))
             for b, h, i, j in np.ndindex(sizes["B"], sizes["heads"], sizes["n_q"],
@@ -703,10 +732,17 @@ def prove(deriv: Derivation, report: Report) -> None:
     for atom in dead:
         report.notes.append(f"mask clause '{sp.sstr(atom)}' is constant at the proof sizes "
                             "(not exercised by the proof)")
+    for name in sorted(_mask_params(deriv)):
+        shown = ", ".join(map(str, setup.params[name].flat))
+        report.notes.append(f"param '{name}' is read by the mask or a subscript: the proof "
+                            f"holds it at [{shown}] (its gradient is checked by finite "
+                            "differences only)")
     rows = naive_loss_rows(deriv, setup)
     row_symbols = [row.free_symbols for row in rows]
     derived = derived_gradients(deriv, setup)
-    inputs = {"q": setup.q, "k": setup.k, "v": setup.v, **setup.params}
+    fixed = _mask_params(deriv)
+    inputs = {"q": setup.q, "k": setup.k, "v": setup.v,
+              **{name: a for name, a in setup.params.items() if name not in fixed}}
     symbols = sorted({x for a in (*inputs.values(), setup.G) for x in a.flat},
                      key=lambda x: x.name)
     root = _exp_root(*rows, *(e for g in derived.values() for e in np.asarray(g).flat))

@@ -130,6 +130,22 @@ class Pair:
     s: float | None = None
 
 
+def _folds_to_zero(node: ir.Expr) -> bool:
+    """Whether SymPy folds `node` to 0 whatever its operands hold (docs/language.md (x3)):
+    x - x, 0 * x, x * 0, 0 / x, -0, a literal 0."""
+    if isinstance(node, ir.Num):
+        return float(node.text) == 0
+    if isinstance(node, ir.Unary) and node.op == "-":
+        return _folds_to_zero(node.operand)
+    if not isinstance(node, ir.Binary):
+        return False
+    if node.op == "-":
+        return node.left == node.right
+    if node.op == "*":
+        return _folds_to_zero(node.left) or _folds_to_zero(node.right)
+    return node.op == "/" and _folds_to_zero(node.left)
+
+
 class Evaluator:
     """Evaluates checked (let-inlined, typed) expressions at one pair."""
 
@@ -147,7 +163,7 @@ class Evaluator:
             return fixed[name]
         if name == "n":
             return at.sizes["n_q"]
-        if name in at.sizes:
+        if name in at.sizes and name != "B":  # B is no spec name: a param may be called B
             return at.sizes[name]
         if name in at.params:
             value = at.params[name]
@@ -171,6 +187,12 @@ class Evaluator:
         if op == "or":
             return bool(left) or bool(self(node.right, at))
         right = self(node.right, at)
+        if _folds_to_zero(node):  # docs/language.md (x3): x - x, 0 * x, 0 / x are 0, NaN or not
+            shape = np.broadcast(left, right).shape
+            integers = all(isinstance(x, (int, np.integer)) for x in (left, right))
+            return np.zeros(shape) if shape else (0 if integers else 0.0)
+        if op == "." and (_folds_to_zero(node.left) or _folds_to_zero(node.right)):
+            return np.float64(0.0)
         return _BINARY[op](left, right)
 
     def _call(self, node: ir.Call, at: Pair) -> Value:
@@ -179,6 +201,8 @@ class Evaluator:
             cond, yes, no = node.args
             return self(yes, at) if self(cond, at) else self(no, at)
         args = [self(a, at) for a in node.args]
+        if func == "dot" and any(_folds_to_zero(a) for a in node.args):
+            return np.float64(0.0)  # docs/language.md (x3): dot(k, q - q) is 0
         if func == "dot":
             return np.float64(np.sum(args[0] * args[1]))
         if func == "sum":

@@ -416,7 +416,7 @@ class CpuEmitter:
             name = f"{x.name}_s{axis}"
             names.append(name)
             w(f"{name} = {sub}")
-        if check:
+        if check and names:  # a scalar index (`index L`) has no subscript to check
             offset = len(lead)
             bad = " or ".join(f"{n} < 0 or {n} >= {array}.shape[{axis + offset}]"
                               for axis, n in enumerate(names))

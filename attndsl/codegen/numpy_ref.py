@@ -28,13 +28,25 @@ def variable(node: Vec | Reduction | Lookup) -> str:
     return node.name
 
 
+def array(name: str) -> str:
+    """A param or index array in generated code. Spec names never hold '__' (check.py), and no
+    name the emitters invent ends with it: a spec name cannot shadow a generated local."""
+    return f"{name}__"
+
+
+def param_grad(name: str) -> str:
+    """The adjoint of a param: ends in '__grad', unlike every other generated name."""
+    return f"{name}__grad"
+
+
 def spec_hash(deriv: Derivation) -> str:
     return hashlib.sha256(deriv.spec.source.encode() or repr(deriv.spec).encode()).hexdigest()[:16]
 
 
 def call_args(deriv: Derivation) -> list[str]:
     spec = deriv.spec
-    return ["q", "k", "v", *(p.name for p in spec.params), *(x.name for x in spec.indices)]
+    return ["q", "k", "v", *(array(p.name) for p in spec.params),
+            *(array(x.name) for x in spec.indices)]
 
 
 class Emitter:
@@ -112,10 +124,11 @@ class Emitter:
                 how = "xp.query_rows(q)" if node.name == "q" else "xp.key_rows(k, g)"
             elif node.kind == "param":
                 subs = ", ".join(self.expr(s) for s in node.subscripts)
-                how = f'xp.lookup({node.param}, "{node.param}", ({subs}{"," if subs else ""}), ' \
+                how = f'xp.lookup({array(node.param)}, "{node.param}", ' \
+                      f'({subs}{"," if subs else ""}), ' \
                       "vector=True)"
             elif node.kind == "proj":
-                how = f"xp.project({self.expr(node.expr)}, {node.param})"
+                how = f"xp.project({self.expr(node.expr)}, {array(node.param)})"
             else:
                 how = self.expr(node.expr)
             w(f"{name} = {how}  # {node.side.value} vector over {node.size}")
@@ -130,7 +143,8 @@ class Emitter:
         else:
             lead = ("b",) if not node.is_param else ()
             subs = ", ".join(lead + tuple(self.expr(s) for s in node.subscripts))
-            w(f'{name} = xp.lookup({node.array}, "{node.array}", ({subs}{"," if subs else ""}))')
+            w(f'{name} = xp.lookup({array(node.array)}, "{node.array}", '
+              f'({subs}{"," if subs else ""}))')
 
     def unpack(self, names: list[str]) -> None:
         for name in names:
@@ -245,12 +259,13 @@ class Emitter:
                 self.accumulate(f"d_{name}", f"xp.sum_to(xp.where(allowed, dx * "
                                              f"({self.expr(partial)}), 0), {name})")
             for param in d.spec.params:
-                w(f"d_{param.name} = 0")
+                w(f"{param_grad(param.name)} = 0")
             for node in reversed(d.nodes):
                 self.backward_node(node)
             w(f"grads = {{'q': {self.input_grad('q')}, 'k': {self.input_grad('k')}, 'v': grad_v}}")
             for param in d.spec.params:
-                w(f"grads[{param.name!r}] = xp.as_grad(d_{param.name}, {param.name})")
+                w(f"grads[{param.name!r}] = xp.as_grad({param_grad(param.name)}, "
+                  f"{array(param.name)})")
             w("return grads")
 
     def input_grad(self, name: str) -> str:
@@ -287,16 +302,20 @@ class Emitter:
             source = self.deriv.node(node.expr)  # type: ignore[arg-type]
             assert source is not None
             w(f"# projection bwd: dX = dP @ {node.param}^T, d{node.param} = X^T dP")
-            self.accumulate(f"d_{variable(source)}", f"xp.project_dx({adjoint}, {node.param})")
-            w(f"d_{node.param} = d_{node.param} + xp.project_dw({variable(source)}, {adjoint})")
+            self.accumulate(f"d_{variable(source)}",
+                            f"xp.project_dx({adjoint}, {array(node.param)})")
+            grad = param_grad(node.param)
+            w(f"{grad} = {grad} + xp.project_dw({variable(source)}, {adjoint})")
         elif isinstance(node, Vec) and node.kind == "param":
             subs = ", ".join(self.expr(s) for s in node.subscripts)
-            w(f"d_{node.param} = d_{node.param} + xp.scatter({node.param}.shape, "
+            grad = param_grad(node.param)
+            w(f"{grad} = {grad} + xp.scatter({array(node.param)}.shape, "
               f"({subs}{',' if subs else ''}), {adjoint}, vector=True)")
         elif isinstance(node, Lookup) and node.is_param:
             subs = ", ".join(self.expr(s) for s in node.subscripts)
             w(f"# lookup bwd: scatter-add into {node.array}")
-            w(f"d_{node.array} = d_{node.array} + xp.scatter({node.array}.shape, "
+            grad = param_grad(node.array)
+            w(f"{grad} = {grad} + xp.scatter({array(node.array)}.shape, "
               f"({subs}{',' if subs else ''}), {adjoint})")
 
 
@@ -327,7 +346,8 @@ def _rows_backward(self: Emitter) -> None:
     """`rows_backward`: the kernel's adjoints of its row-level inputs -> q, k and params."""
     w, d, plan = self.w, self.deriv, self.plan
     params = [p.name for p in d.spec.params]
-    with w.block(f"def rows_backward(xp, t, adjoints, {', '.join(['q', 'k', *params])}):"):
+    args = ", ".join(["q", "k", *map(array, params)])
+    with w.block(f"def rows_backward(xp, t, adjoints, {args}):"):
         w('"""Chains the adjoints of the pair kernel\'s row-level inputs to q, k and params."""')
         nodes = [n for n in d.nodes if _row_level(n)]
         sizes = [n for n in _sizes_used(self, nodes) if n != "kv_heads"]
@@ -337,12 +357,12 @@ def _rows_backward(self: Emitter) -> None:
             name = variable(item.node)
             self.accumulate(f"d_{name}", f"adjoints[{name!r}]")
         for param in params:
-            w(f"d_{param} = 0")
+            w(f"{param_grad(param)} = 0")
         for node in reversed(nodes):
             self.backward_node(node)
         w(f"grads = {{'q': {self.input_grad('q')}, 'k': {self.input_grad('k')}}}")
         for param in params:
-            w(f"grads[{param!r}] = xp.as_grad(d_{param}, {param})")
+            w(f"grads[{param!r}] = xp.as_grad({param_grad(param)}, {array(param)})")
         w("return grads")
 
 

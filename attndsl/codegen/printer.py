@@ -159,6 +159,13 @@ class KernelPrinter(PythonCodePrinter):
     def _print_NegativeInfinity(self, expr: sp.Basic) -> str:
         return f"(-{self.module}.inf)"
 
+    def _print_NaN(self, expr: sp.Basic) -> str:
+        """d log(where(c, u, 0)) is 1/0 = nan on the branch not taken: printed, never read."""
+        return f"{self.module}.nan"
+
+    def _print_ComplexInfinity(self, expr: sp.Basic) -> str:
+        return f"{self.module}.nan"  # zoo: 1/0 of SymPy, as above
+
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         (value, cond), *rest = expr.args
         if not rest or cond == sp.true:

@@ -234,6 +234,7 @@ def _norm_grad(F: type) -> Callable[..., Any]:
     return norm_grad
 
 
+nan = math.nan  # SymPy's 1/0 in a `where` branch not taken
 abs = _define("abs", 1, _abs)  # the spec function's name
 sign = _define("sign", 1, _sign)
 floor = _define("floor", 1, lambda F: lambda x: np.floor(x))

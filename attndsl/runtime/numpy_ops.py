@@ -13,6 +13,7 @@ import numpy as np
 from scipy import special
 
 inf = np.inf
+nan = np.nan  # SymPy's 1/0 in a `where` branch not taken
 arange = np.arange
 exp, log, sqrt, tanh, sin, cos, sign = np.exp, np.log, np.sqrt, np.tanh, np.sin, np.cos, np.sign
 abs = np.abs
@@ -38,13 +39,12 @@ def heaviside(x: np.ndarray) -> np.ndarray:
 
 
 def step(x: np.ndarray) -> np.ndarray:
-    """1 where x > 0; also for a plain number (d clamp(t, lo, t) / dt holds step(0))."""
-    x = np.asarray(x)
-    return (x > 0).astype(np.result_type(x, np.float32))
+    # asarray: x may be a plain number (clamp(tau, -2, tau): step(tau - tau), folded to 0)
+    return np.asarray(x > 0).astype(np.result_type(x, np.float32))
 
 
 def in_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    return ((x >= lo) & (x <= hi)).astype(np.result_type(x, np.float32))
+    return np.asarray((x >= lo) & (x <= hi)).astype(np.result_type(x, np.float32))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

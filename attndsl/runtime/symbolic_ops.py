@@ -15,6 +15,7 @@ from .. import functions as fn
 from . import numpy_ops as _numeric
 
 inf = sp.oo
+nan = sp.nan
 pi = sp.pi
 
 # Layout, lookups, scatters and reductions work unchanged on object arrays.
@@ -57,8 +58,13 @@ def _elementwise(f: Callable[..., sp.Basic]) -> Callable[..., np.ndarray]:
     return lambda *args: vectorized(*args)
 
 
+_SYMPIFY = np.frompyfunc(sp.sympify, 1, 1)
+
+
 def to_float(x: object) -> object:
-    return x  # exact: an integer base of a power stays exact
+    """Exact: an integer base of a power becomes a SymPy Integer, so 2 ** (-h - 1) is a
+    Rational (a NumPy integer to a negative integer power raises)."""
+    return _SYMPIFY(x)
 
 
 def rational(p: int, q: int) -> sp.Rational:

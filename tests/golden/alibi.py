@@ -6,7 +6,7 @@ allowed = j <= i
 weights = softmax
 """
 
-def graph(xp, q, k, v, slope):
+def graph(xp, q, k, v, slope__):
     """Every forward value, materialized: [B, heads, n_q, n_k, features]."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -15,7 +15,7 @@ def graph(xp, q, k, v, slope):
     q_rows = xp.query_rows(q)  # query vector over d
     k_rows = xp.key_rows(k, g)  # key vector over d
     r2 = xp.gemm(q_rows, k_rows)  # GEMM: sum_f k_f*q_f
-    slope_3 = xp.lookup(slope, "slope", (h,))
+    slope_3 = xp.lookup(slope__, "slope", (h,))
     x = xp.full(slope_3*(-i + j) + r2/xp.sqrt(d), (B, heads, n_q, n_k, 1))  # the logits
     allowed = xp.full(xp.less_equal(j, i), (B, heads, n_q, n_k, 1))
     return locals()
@@ -48,18 +48,18 @@ def normalize(xp, t):
     return p[..., 0], lse[..., 0, 0]
 
 
-def forward(xp, q, k, v, slope):
+def forward(xp, q, k, v, slope__):
     """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
-    t = graph(xp, q, k, v, slope)
+    t = graph(xp, q, k, v, slope__)
     p, state = normalize(xp, t)
     out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key's NaN v stays there
     return out, state
 
 
-def backward(xp, q, k, v, dout, slope, out=None, lse=None):
+def backward(xp, q, k, v, dout, slope__, out=None, lse=None):
     """Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,
     softmax) is trusted as forward's result, as on every target."""
-    t = graph(xp, q, k, v, slope)
+    t = graph(xp, q, k, v, slope__)
     B = t['B']
     heads = t['heads']
     kv_heads = t['kv_heads']
@@ -93,18 +93,18 @@ def backward(xp, q, k, v, dout, slope, out=None, lse=None):
     # the chain rule through the logit, then node by node in reverse
     d_r2 = xp.sum_to(xp.where(allowed, dx * ((1 / xp.sqrt(d))), 0), r2)
     d_slope_3 = xp.sum_to(xp.where(allowed, dx * (-i + j), 0), slope_3)
-    d_slope = 0
+    slope__grad = 0
     # lookup bwd: scatter-add into slope
-    d_slope = d_slope + xp.scatter(slope.shape, (h,), d_slope_3)
+    slope__grad = slope__grad + xp.scatter(slope__.shape, (h,), d_slope_3)
     # GEMM bwd: dq_rows = dr2 @ k_rows, dk_rows = dr2^T @ q_rows
     d_q_rows = xp.gemm_da(d_r2, k_rows)
     d_k_rows = xp.gemm_db(d_r2, q_rows)
     grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': grad_v}
-    grads['slope'] = xp.as_grad(d_slope, slope)
+    grads['slope'] = xp.as_grad(slope__grad, slope__)
     return grads
 
 
-def rows(xp, q, k, v, slope):
+def rows(xp, q, k, v, slope__):
     """Row-level values (per query row, per key row, constant), 5-D layout."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -112,11 +112,11 @@ def rows(xp, q, k, v, slope):
     g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
     q_rows = xp.query_rows(q)  # query vector over d
     k_rows = xp.key_rows(k, g)  # key vector over d
-    slope_3 = xp.lookup(slope, "slope", (h,))
+    slope_3 = xp.lookup(slope__, "slope", (h,))
     return locals()
 
 
-def rows_backward(xp, t, adjoints, q, k, slope):
+def rows_backward(xp, t, adjoints, q, k, slope__):
     """Chains the adjoints of the pair kernel's row-level inputs to q, k and params."""
     kv_heads = t['kv_heads']
     b = t['b']
@@ -129,7 +129,7 @@ def rows_backward(xp, t, adjoints, q, k, slope):
     slope_3 = t['slope_3']
     d_q_rows = adjoints['q_rows']
     d_k_rows = adjoints['k_rows']
-    d_slope = 0
+    slope__grad = 0
     grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads)}
-    grads['slope'] = xp.as_grad(d_slope, slope)
+    grads['slope'] = xp.as_grad(slope__grad, slope__)
     return grads

@@ -6,17 +6,17 @@ allowed = every key
 weights = softmax
 """
 
-def graph(xp, q, k, v, Wq, Wk, w):
+def graph(xp, q, k, v, Wq__, Wk__, w__):
     """Every forward value, materialized: [B, heads, n_q, n_k, features]."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
     b, h, i, j = xp.positions(B, heads, n_q, n_k)
     g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
-    w_v0 = xp.lookup(w, "w", (), vector=True)  # const vector over r
+    w_v0 = xp.lookup(w__, "w", (), vector=True)  # const vector over r
     q_rows = xp.query_rows(q)  # query vector over d
-    proj2 = xp.project(q_rows, Wq)  # query vector over r
+    proj2 = xp.project(q_rows, Wq__)  # query vector over r
     k_rows = xp.key_rows(k, g)  # key vector over d
-    proj4 = xp.project(k_rows, Wk)  # key vector over r
+    proj4 = xp.project(k_rows, Wk__)  # key vector over r
     r5 = xp.reduce(w_v0*xp.tanh(proj2 + proj4))  # pair: sum_f w_v0_f*tanh(proj2_f + proj4_f)
     x = xp.full(r5, (B, heads, n_q, n_k, 1))  # the logits
     allowed = xp.full(True, (B, heads, n_q, n_k, 1))
@@ -50,18 +50,18 @@ def normalize(xp, t):
     return p[..., 0], lse[..., 0, 0]
 
 
-def forward(xp, q, k, v, Wq, Wk, w):
+def forward(xp, q, k, v, Wq__, Wk__, w__):
     """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
-    t = graph(xp, q, k, v, Wq, Wk, w)
+    t = graph(xp, q, k, v, Wq__, Wk__, w__)
     p, state = normalize(xp, t)
     out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key's NaN v stays there
     return out, state
 
 
-def backward(xp, q, k, v, dout, Wq, Wk, w, out=None, lse=None):
+def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None):
     """Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,
     softmax) is trusted as forward's result, as on every target."""
-    t = graph(xp, q, k, v, Wq, Wk, w)
+    t = graph(xp, q, k, v, Wq__, Wk__, w__)
     B = t['B']
     heads = t['heads']
     kv_heads = t['kv_heads']
@@ -96,41 +96,41 @@ def backward(xp, q, k, v, dout, Wq, Wk, w, out=None, lse=None):
     dx = dS
     # the chain rule through the logit, then node by node in reverse
     d_r5 = xp.sum_to(xp.where(allowed, dx * (1), 0), r5)
-    d_Wq = 0
-    d_Wk = 0
-    d_w = 0
+    Wq__grad = 0
+    Wk__grad = 0
+    w__grad = 0
     d_w_v0 = xp.sum_to(xp.at_allowed(allowed, xp.chain(d_r5, xp.tanh(proj2 + proj4)), r5), w_v0)
     d_proj2 = xp.sum_to(xp.at_allowed(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), r5), proj2)
     d_proj4 = xp.sum_to(xp.at_allowed(allowed, xp.chain(d_r5, w_v0*(1 - xp.tanh(proj2 + proj4)**2)), r5), proj4)
     # projection bwd: dX = dP @ Wk^T, dWk = X^T dP
-    d_k_rows = xp.project_dx(d_proj4, Wk)
-    d_Wk = d_Wk + xp.project_dw(k_rows, d_proj4)
+    d_k_rows = xp.project_dx(d_proj4, Wk__)
+    Wk__grad = Wk__grad + xp.project_dw(k_rows, d_proj4)
     # projection bwd: dX = dP @ Wq^T, dWq = X^T dP
-    d_q_rows = xp.project_dx(d_proj2, Wq)
-    d_Wq = d_Wq + xp.project_dw(q_rows, d_proj2)
-    d_w = d_w + xp.scatter(w.shape, (), d_w_v0, vector=True)
+    d_q_rows = xp.project_dx(d_proj2, Wq__)
+    Wq__grad = Wq__grad + xp.project_dw(q_rows, d_proj2)
+    w__grad = w__grad + xp.scatter(w__.shape, (), d_w_v0, vector=True)
     grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads), 'v': grad_v}
-    grads['Wq'] = xp.as_grad(d_Wq, Wq)
-    grads['Wk'] = xp.as_grad(d_Wk, Wk)
-    grads['w'] = xp.as_grad(d_w, w)
+    grads['Wq'] = xp.as_grad(Wq__grad, Wq__)
+    grads['Wk'] = xp.as_grad(Wk__grad, Wk__)
+    grads['w'] = xp.as_grad(w__grad, w__)
     return grads
 
 
-def rows(xp, q, k, v, Wq, Wk, w):
+def rows(xp, q, k, v, Wq__, Wk__, w__):
     """Row-level values (per query row, per key row, constant), 5-D layout."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
     b, h, i, j = xp.positions(B, heads, n_q, n_k)
     g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
-    w_v0 = xp.lookup(w, "w", (), vector=True)  # const vector over r
+    w_v0 = xp.lookup(w__, "w", (), vector=True)  # const vector over r
     q_rows = xp.query_rows(q)  # query vector over d
-    proj2 = xp.project(q_rows, Wq)  # query vector over r
+    proj2 = xp.project(q_rows, Wq__)  # query vector over r
     k_rows = xp.key_rows(k, g)  # key vector over d
-    proj4 = xp.project(k_rows, Wk)  # key vector over r
+    proj4 = xp.project(k_rows, Wk__)  # key vector over r
     return locals()
 
 
-def rows_backward(xp, t, adjoints, q, k, Wq, Wk, w):
+def rows_backward(xp, t, adjoints, q, k, Wq__, Wk__, w__):
     """Chains the adjoints of the pair kernel's row-level inputs to q, k and params."""
     kv_heads = t['kv_heads']
     b = t['b']
@@ -146,18 +146,18 @@ def rows_backward(xp, t, adjoints, q, k, Wq, Wk, w):
     d_w_v0 = adjoints['w_v0']
     d_proj2 = adjoints['proj2']
     d_proj4 = adjoints['proj4']
-    d_Wq = 0
-    d_Wk = 0
-    d_w = 0
+    Wq__grad = 0
+    Wk__grad = 0
+    w__grad = 0
     # projection bwd: dX = dP @ Wk^T, dWk = X^T dP
-    d_k_rows = xp.project_dx(d_proj4, Wk)
-    d_Wk = d_Wk + xp.project_dw(k_rows, d_proj4)
+    d_k_rows = xp.project_dx(d_proj4, Wk__)
+    Wk__grad = Wk__grad + xp.project_dw(k_rows, d_proj4)
     # projection bwd: dX = dP @ Wq^T, dWq = X^T dP
-    d_q_rows = xp.project_dx(d_proj2, Wq)
-    d_Wq = d_Wq + xp.project_dw(q_rows, d_proj2)
-    d_w = d_w + xp.scatter(w.shape, (), d_w_v0, vector=True)
+    d_q_rows = xp.project_dx(d_proj2, Wq__)
+    Wq__grad = Wq__grad + xp.project_dw(q_rows, d_proj2)
+    w__grad = w__grad + xp.scatter(w__.shape, (), d_w_v0, vector=True)
     grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads)}
-    grads['Wq'] = xp.as_grad(d_Wq, Wq)
-    grads['Wk'] = xp.as_grad(d_Wk, Wk)
-    grads['w'] = xp.as_grad(d_w, w)
+    grads['Wq'] = xp.as_grad(Wq__grad, Wq__)
+    grads['Wk'] = xp.as_grad(Wk__grad, Wk__)
+    grads['w'] = xp.as_grad(w__grad, w__)
     return grads
