@@ -155,6 +155,25 @@ class Abs(sp.Abs):
         return sp.sign(self.args[0]) * sp.diff(self.args[0], x)
 
 
+class SafeDiv(sp.Function):
+    """a / b, and 0 where b == 0 (a normalizer's row with no allowed key, or a `sum` row that
+    adds up to 0); a NaN b gives NaN. NumPy prints it as safe_div: a where evaluates both
+    branches, and the proof's exact 1 / 0 raises. Kernels print the ternary (its Piecewise)."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, a: sp.Expr, b: sp.Expr) -> sp.Expr | None:  # type: ignore[override]
+        if b.is_zero:
+            return sp.S.Zero
+        if b.is_zero is False:  # known nonzero (a number, or exp(...) sums in the tests)
+            return a / b
+        return None
+
+    def _eval_rewrite_as_Piecewise(self, a: sp.Expr, b: sp.Expr, **kwargs: object) -> sp.Expr:
+        return sp.Piecewise((a / b, sp.Ne(b, 0)), (sp.S.Zero, True))
+
+
 def _constants(args: tuple) -> bool:
     """Numbers SymPy can order: gelu(1/4) is a number it cannot evaluate, so cannot compare."""
     return all(sp.sympify(a).is_comparable for a in args)

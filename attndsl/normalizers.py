@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from .functions import SafeDiv
 from .ir import NormKind
 from .symbolic import Derivation, S
 
@@ -61,9 +62,9 @@ class Normalizer:
         return DELTA in self.dscore.free_symbols
 
 
-def _nonzero(value: sp.Expr, by: sp.Symbol = SAVED, otherwise: sp.Expr = sp.S.Zero) -> sp.Expr:
-    """`value` where `by` != 0: a row with no allowed key (or a `sum` row that adds up to 0)
-    weighs nothing. A NaN `by` takes `value`, so a NaN row stays NaN."""
+def _nonzero(value: sp.Expr, by: sp.Symbol, otherwise: sp.Expr) -> sp.Expr:
+    """`value` where `by` != 0, else `otherwise` (a row with no allowed key); a NaN `by` takes
+    `value`, so a NaN row stays NaN. Quotients use SafeDiv (see functions.SafeDiv)."""
     return sp.Piecewise((value, sp.Ne(by, 0)), (otherwise, True))
 
 
@@ -81,12 +82,13 @@ SOFTMAX = Normalizer(
     NormKind.SOFTMAX, "dS = P * (dP - D), D = rowsum(dO * O)", "lse",
     weight=sp.exp(X - SAVED), dscore=WEIGHT * (DP - DELTA), naive=_softmax_naive,
     running=(M, L),
-    finish=((SCALE, _nonzero(1 / L, L)), (SAVED, _nonzero(M + sp.log(L), L, sp.S.NegativeInfinity))))
+    finish=((SCALE, SafeDiv(1, L)),
+            (SAVED, _nonzero(M + sp.log(L), L, sp.S.NegativeInfinity))))
 SUM = Normalizer(
     NormKind.SUM, "dS = (dP - rowsum(P * dP)) / rowsum(x)", "z",
     # rowsum(P * dP) = rowsum(dO * O) = D
-    weight=_nonzero(X / SAVED), dscore=_nonzero((DP - DELTA) / SAVED), naive=_sum_naive,
-    running=(Z,), finish=((SCALE, _nonzero(1 / Z, Z)), (SAVED, Z)))
+    weight=SafeDiv(X, SAVED), dscore=SafeDiv(DP - DELTA, SAVED), naive=_sum_naive,
+    running=(Z,), finish=((SCALE, SafeDiv(1, Z)), (SAVED, Z)))
 NONE = Normalizer(NormKind.NONE, "dS = dP", None, weight=X, dscore=DP,
                   naive=lambda logits: list(logits))
 _BY_KIND = {n.kind: n for n in (SOFTMAX, SUM, NONE)}

@@ -33,7 +33,7 @@ def _saved(norm: normalizers.Normalizer, x: list[sp.Symbol]) -> sp.Expr:
 
 def _generic(e: sp.Expr) -> sp.Expr:
     """The expression for a row whose sum is not 0 (`sum` guards that case; tested below)."""
-    return e.xreplace({sp.Ne(SAVED, 0): sp.true})
+    return e.rewrite(sp.Piecewise).xreplace({sp.Ne(SAVED, 0): sp.true})
 
 
 @pytest.mark.parametrize("normalize", NORMALIZE)

@@ -151,7 +151,7 @@ def test_dropping_softmax_D_is_caught_cosine(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_dropping_sum_correction_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    _patched_emit(monkeypatch, "(-D + dP)/state", "dP/state")
+    _patched_emit(monkeypatch, "xp.safe_div(-D + dP, state)", "xp.safe_div(dP, state)")
     report = attndsl.verify(EXAMPLES / "linear.attn")
     assert set(_failed(report)) == {"proof dq", "proof dk"}, str(report)
 

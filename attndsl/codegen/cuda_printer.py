@@ -94,6 +94,8 @@ class CudaPrinter:
             return f"F(math.floor({self.num(e.args[0])}))"
         if isinstance(e, sp.Piecewise):
             return self._piecewise(e, self.num)
+        if isinstance(e, fn.SafeDiv):  # a ternary: only one branch runs
+            return self.num(e.rewrite(sp.Piecewise))
         if type(e) in MATH:
             return f"{MATH[type(e)]}({self.num(e.args[0])})"
         if type(e) in INLINE:

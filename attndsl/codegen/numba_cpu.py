@@ -92,6 +92,9 @@ class NumbaPrinter(KernelPrinter):
     def _print_Float(self, expr: sp.Float) -> str:
         return f"F({float(expr)!r})"
 
+    def _print_SafeDiv(self, expr: fn.SafeDiv) -> str:
+        return self._print(expr.rewrite(sp.Piecewise))  # a ternary: only one branch runs
+
     def _print_Infinity(self, expr: sp.Basic) -> str:
         return "F(np.inf)"
 

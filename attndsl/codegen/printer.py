@@ -17,7 +17,7 @@ ARRAY_FUNCTIONS: dict[type, str] = {
     fn.Sigmoid: "sigmoid", fn.Softplus: "softplus", fn.Relu: "relu", fn.Step: "step",
     fn.Elu: "elu", fn.EluGrad: "elu_grad", fn.Gelu: "gelu", fn.GeluGrad: "gelu_grad",
     fn.Clamp: "clamp", fn.InRange: "in_range", fn.Norm: "norm", fn.NormGrad: "norm_grad",
-    fn.Floor: "floor", fn.Ceil: "ceil", fn.Round: "round",
+    fn.Floor: "floor", fn.Ceil: "ceil", fn.Round: "round", fn.SafeDiv: "safe_div",
 }
 RELATIONS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
              "==": "equal", "!=": "not_equal"}

@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 # Bump whenever generated code calling these helpers must be recompiled (see module docstring).
-INTRINSICS_VERSION = "4"
+INTRINSICS_VERSION = "5"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions

@@ -175,13 +175,14 @@ def _sign(F: type) -> Callable[..., Any]:
 
 
 def _pick(F: type, larger: bool) -> Callable[..., Any]:
+    # a NaN in either argument wins, as in NumPy's maximum/minimum (`a >= b` alone drops a NaN a)
     def maximum(a, b):  # type: ignore[no-untyped-def]
-        if a >= b:
+        if a >= b or a != a:  # noqa: PLR0124 - a NaN test (math.isnan: float64 only)
             return a
         return b
 
     def minimum(a, b):  # type: ignore[no-untyped-def]
-        if a <= b:
+        if a <= b or a != a:  # noqa: PLR0124 - a NaN test (math.isnan: float64 only)
             return a
         return b
 

@@ -41,7 +41,7 @@ def normalize(xp, t):
     m = xp.keymax(xm)
     e = xp.where(allowed, xp.exp(xm - m), 0)
     l = xp.keysum(e)
-    inv = xp.where(xp.not_equal(l, 0), (1 / l), 0)
+    inv = xp.safe_div(1, l)
     lse = xp.where(xp.not_equal(l, 0), m + xp.log(l), (-xp.inf))
     # where: a NaN row (l NaN) keeps weight 0 at its masked keys
     p = xp.where(allowed, e * inv, 0)
