@@ -243,6 +243,9 @@ class CudaPrinter:
             return "(" + " or ".join(self.bool_(a) for a in e.args) + ")"
         if isinstance(e, sp.Not):
             return f"(not {self.bool_(e.args[0])})"
+        if isinstance(e, sp.ITE):  # SymPy's form of `where(c, a, b) > 0`: a ternary of booleans
+            cond, then, other = (self.bool_(a) for a in e.args)
+            return f"({then} if {cond} else {other})"
         if isinstance(e, sp.core.relational.Relational):
             each = self.int_ if (integer_valued(e.lhs) and integer_valued(e.rhs)) else self.num
             return f"({each(e.lhs)} {COMPARE[e.rel_op]} {each(e.rhs)})"

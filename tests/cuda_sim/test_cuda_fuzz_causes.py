@@ -119,6 +119,14 @@ def test_cuda_float_where(text):
     assert_cuda_agrees(text, moved=moved)
 
 
+def test_cuda_where_compared_is_an_ite():
+    """`where(c, a, b) > 0` reaches the printer as SymPy's ITE(c, a > 0, b > 0), which had no
+    CUDA rule (NotImplementedError; found by the cuda fuzz tier, seed 1000)."""
+    text = ("score where(where(j >= i, j - i, tanh(q . k)) > 0, q . k, 0.5 * (q . k))\n"
+            "    normalize none")
+    assert_cuda_agrees(text, moved=("q", "k"))
+
+
 # ---- qk_free_score: nothing query-side (or nothing at all) in the logit --------------------
 
 
