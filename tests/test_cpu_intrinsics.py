@@ -157,6 +157,26 @@ def test_exp2_float64_accuracy() -> None:
     assert _exp2_scalar(-3.0) == pytest.approx(0.125, rel=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)
+def test_transposed_rows_copies_and_checks_finiteness(dtype) -> None:
+    """The launcher's key transpose: exact, for key counts around the 64-key block, and its
+    finiteness flag catches a NaN, +inf or -inf anywhere (first element, last of a partial
+    block), which sends the kernel down its careful path."""
+    rng = np.random.default_rng(0)
+    for n in (1, 63, 64, 65, 131):
+        x = rng.standard_normal((2, 3, n, 5)).astype(dtype)
+        xt, finite = ci.transposed_rows(x)
+        assert finite and xt.flags.c_contiguous and xt.dtype == dtype
+        np.testing.assert_array_equal(xt, np.swapaxes(x, 2, 3))
+        for where, value in (((0, 0, 0, 0), np.nan), ((1, 2, n - 1, 4), np.inf),
+                             ((1, 0, n // 2, 2), -np.inf)):
+            y = x.copy()
+            y[where] = value
+            yt, finite = ci.transposed_rows(y)
+            assert not finite
+            np.testing.assert_array_equal(yt, np.swapaxes(y, 2, 3))
+
+
 def test_single_threaded_blas_restores_thread_count() -> None:
     before = ci.blas_num_threads()
     if before is None:

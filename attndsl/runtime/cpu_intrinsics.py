@@ -12,6 +12,8 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 * :func:`exp2` -- scalar 2**y: polynomial + exponent bit trick for float32, ``math.exp`` for
   float64. :func:`exp2_shift_sum` -- the fused softmax step ``x <- 2**(x - m)``, returns the sum.
 * :func:`single_threaded_blas` -- BLAS must not spawn threads inside ``prange``.
+* :func:`transposed_rows` -- (called by the launcher) a GEMM's key operand transposed, and
+  whether it is finite.
 * :func:`cpu_features_prefer_512` / :func:`enable_512bit_vectors` -- let LLVM use zmm vectors.
 
 How a generated kernel module uses it::
@@ -44,7 +46,7 @@ from collections.abc import Iterator
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -69,6 +71,7 @@ __all__ = [
     "row_max",
     "set_blas_num_threads",
     "single_threaded_blas",
+    "transposed_rows",
 ]
 
 # Bump whenever generated code calling these helpers must be recompiled (see module docstring).
@@ -492,6 +495,38 @@ def exp2_shift_sum(x, off, n, shift):  # pragma: no cover - compiled
         x[base + i] = e
         acc += e
     return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side helpers of the launcher (runtime/cpu_kernel.py): O(N d) passes over the row operands.
+# ----------------------------------------------------------------------------------------------
+
+_TRANSPOSE_BLOCK = 64  # keys per task: a block of rows is read once, written d columns apart
+
+
+@njit(cache=True, parallel=True)
+def transposed_rows(x):  # pragma: no cover - compiled
+    """``x`` [B, H, n, F] as a C-contiguous [B, H, F, n], and whether every element is finite.
+
+    The GEMMs' key operands, transposed in blocks of keys (NumPy's strided copy runs at half
+    this speed), with the finiteness check of the careful path in the same pass over ``x``.
+    """
+    B, H, n, F = x.shape
+    out = np.empty((B, H, F, n), x.dtype)
+    blocks = (n + _TRANSPOSE_BLOCK - 1) // _TRANSPOSE_BLOCK
+    bad = 0
+    for task in prange(B * H * blocks):
+        b, h = task // (H * blocks), (task // blocks) % H
+        j0 = (task % blocks) * _TRANSPOSE_BLOCK
+        j1 = min(j0 + _TRANSPOSE_BLOCK, n)
+        nonfinite = 0
+        for c in range(F):
+            for j in range(j0, j1):
+                e = x[b, h, j, c]
+                out[b, h, c, j] = e
+                nonfinite += not math.isfinite(e)
+        bad += nonfinite
+    return out, bad == 0
 
 
 # ----------------------------------------------------------------------------------------------

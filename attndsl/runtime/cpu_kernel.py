@@ -88,17 +88,24 @@ class CpuKernel(Kernel):
                   for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         s = call.sizes
         params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
-        # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands
-        careful = not _all_finite([call.q, call.k, call.v, *inputs, *params, dout])
-        sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
-                       1, careful], dtype=np.int64)
+        operands = [call.q, call.k, call.v, *inputs, *params, dout]
+        keys_finite, transposed = True, []  # checked while transposed: not checked again
         if not self.plan.linear_path:  # each GEMM's key operand transposed: [B, H', F, n_k]
+            from .cpu_intrinsics import transposed_rows
+
             by_node = {id(i.node): a for i, a in zip(
                 [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)], inputs)}
             for r in self.plan.gemms:
                 key = self.plan.inputs_of_gemm(r)[1]
                 value = call.k if key.is_raw_key else by_node[id(key.node)]
-                inputs.append(np.ascontiguousarray(np.swapaxes(value, 2, 3)))
+                value_t, finite = transposed_rows(value)
+                inputs.append(value_t)
+                keys_finite, transposed = keys_finite and finite, [*transposed, value]
+        rest = [a for a in operands if not any(a is t for t in transposed)]
+        # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands
+        careful = not (keys_finite and _all_finite(rest))
+        sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
+                       1, careful], dtype=np.int64)
         args = [sz, call.q, call.k, call.v, *inputs, *params, *call.indices.values()]
         return t, args
 

@@ -109,6 +109,8 @@ def query_rows(x: np.ndarray) -> np.ndarray:
 
 
 def key_rows(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    if g.size == x.shape[1]:  # one query head per key head: a view, not a copy of k
+        return x[:, :, None, :, :]
     return x[:, g][:, :, None, :, :]
 
 
