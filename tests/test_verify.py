@@ -352,3 +352,25 @@ def test_issue9_verify_is_only_the_function() -> None:
     assert isinstance(attndsl.verify, types.FunctionType)
     assert type(attndsl.verification) is types.ModuleType  # no class swapped to make it callable
     assert attndsl.verify(EXAMPLES / "luong_dot.attn", proof=False).ok
+
+
+# ---- points where a side leaves the reals (fuzz seed 2000) ---------------------------------
+
+
+def test_proof_redraws_points_where_a_param_root_is_complex() -> None:
+    """tau ^ 0.5 of a negative tau: mpmath gave a complex value that min() could not compare
+    (TypeError: the whole proof 'could not be checked'). Such points are drawn again, and a
+    wrong gradient there is still caught."""
+    from attndsl import verification as V
+
+    spec = attndsl.parse("attention t {\n param tau\n score min(min(tau ^ 0.5, 0.5), tau)\n"
+                         " softcap (d + 1)\n heads 2\n kv_heads 1\n}")
+    report = attndsl.verify(spec)
+    assert report.ok, str(report)
+    assert any(c.what == "proof dtau" and c.ok for c in report.checks), str(report)
+    tau = sp.Symbol("tau", real=True)
+    right = sp.Min(sp.sqrt(tau), tau)
+    assert V.compare(right, sp.Min(sp.sqrt(tau), tau) * 1)[0]
+    assert not V.compare(right, sp.Min(sp.sqrt(tau), tau) + tau * sp.Rational(1, 10**9))[0]
+    with pytest.raises(V._OutsideDomain):  # never real: said, not passed
+        V.compare(sp.sqrt(-tau**2 - 1), sp.sqrt(-tau**2 - 1) * 2)
