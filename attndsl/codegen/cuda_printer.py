@@ -189,6 +189,8 @@ class CudaPrinter:
     def int_(self, e: sp.Basic) -> str:
         if e.is_Integer:
             return str(int(e))
+        if e.is_zero:  # SymPy proved it (Min(0, Max(0, i)) / 50): no integer rule for 1/50
+            return "0"
         if isinstance(e, sp.Symbol):
             return self.symbol(e)
         if isinstance(e, sp.Add):

@@ -262,3 +262,14 @@ def test_cuda_minmax_nan_propagates(text, who):
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-10, equal_nan=True,
                                    err_msg=name)
+
+
+# ---- a product SymPy proves is 0 (fuzz seed 2000) --------------------------------------------
+
+
+def test_cuda_integer_product_proved_zero():
+    """clamp(max(i, h), 0, 0) / 50 is 0 and SymPy knows it (is_zero), so its product with 1/50
+    counts as an integer; the integer printer had no rule for the 1/50 (NotImplementedError)."""
+    text = ("param pos[n_k]\n    score pos[j]\n    bias 0.1 * clamp(max(i, h), 0, 0)\n"
+            "    softcap 5\n    normalize none")
+    assert_cuda_agrees(text, moved=("pos",))
