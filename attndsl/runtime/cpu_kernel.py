@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -13,6 +14,11 @@ from ..ir import NormKind, Side
 from ..plan import PairInput, make_plan
 from . import cache, numpy_ops
 from .kernel import Call, Kernel
+
+# Every parallel launch (the kernels, the key transposes) holds this lock: Numba's default
+# workqueue threading layer aborts the process when two Python threads run parallel regions
+# at once, and each launch already uses every core (and sets BLAS's global thread count).
+_PARALLEL = threading.Lock()
 
 
 def _kernel_layout(value: np.ndarray, item: PairInput, sizes: dict[str, int],
@@ -52,6 +58,14 @@ def _reference_layout(adjoint: np.ndarray, item: PairInput, tiles: int) -> np.nd
 def _all_finite(arrays: list[np.ndarray | None]) -> bool:
     """O(N d): the kernels take their careful path (sz[8]) only when this is False."""
     return all(a is None or bool(np.isfinite(a).all()) for a in arrays)
+
+
+def _sink_rows(value: Any, sizes: dict[str, int], dtype: np.dtype) -> np.ndarray:
+    """softmax(sink = e): the sink logit of every row, [B, H, n_q], from the 5-D layout."""
+    value = np.asarray(value, dtype=dtype)
+    value = value.reshape((1,) * (5 - value.ndim) + value.shape)[:, :, :, 0, 0]
+    shape = (sizes["B"], sizes["heads"], sizes["n_q"])
+    return np.require(np.broadcast_to(value, shape), requirements=["C", "W"])
 
 
 def _parts(tasks: int) -> int:
@@ -98,7 +112,8 @@ class CpuKernel(Kernel):
             for r in self.plan.gemms:
                 key = self.plan.inputs_of_gemm(r)[1]
                 value = call.k if key.is_raw_key else by_node[id(key.node)]
-                value_t, finite = transposed_rows(value)
+                with _PARALLEL:
+                    value_t, finite = transposed_rows(value)
                 inputs.append(value_t)
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
         rest = [a for a in operands if not any(a is t for t in transposed)]
@@ -130,10 +145,12 @@ class CpuKernel(Kernel):
         err = np.zeros(s["B"] * s["heads"] * tiles, np.int64)
         module = self.module(call.dtype)
         if self.plan.linear_path:  # the associative form: O(n d dv), no tiles
-            module._linear_fwd(*args, out, state)
+            with _PARALLEL:
+                module._linear_fwd(*args, out, state)
             return out, state, t
-        with single_threaded_blas():
-            module._attn_fwd(*args, out, state, err)
+        sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
+        with _PARALLEL, single_threaded_blas():
+            module._attn_fwd(*args, out, state, *sink, err)
         self._raise_on(err)
         return out, state, t
 
@@ -173,8 +190,10 @@ class CpuKernel(Kernel):
         module = self.module(call.dtype)
         if self.plan.linear_path:
             a, b = self.plan.inputs_of_gemm(self.plan.gemms[0])
-            module._linear_bwd(*args, dout, out, state, adjoints[numpy_ref.variable(a.node)],
-                               adjoints[numpy_ref.variable(b.node)], dv_h)
+            with _PARALLEL:
+                module._linear_bwd(*args, dout, out, state,
+                                   adjoints[numpy_ref.variable(a.node)],
+                                   adjoints[numpy_ref.variable(b.node)], dv_h)
             return self._finish(call, t, adjoints, dv_h, first, q_tiles)
         # One task per (batch, head, part): parts > 1 only while B * heads cannot fill the
         # threads; each part then has its own copy of the query-side adjoints (summed here).
@@ -191,7 +210,7 @@ class CpuKernel(Kernel):
         err = np.zeros(B * H * parts, np.int64)
         sz = args[0].copy()
         sz[7] = parts
-        with single_threaded_blas():
+        with _PARALLEL, single_threaded_blas():
             module._attn_bwd(sz, *args[1:], dout, D, state,
                              *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
                              *(parted[numpy_ref.variable(i.node)] for i in other_items),
@@ -200,15 +219,21 @@ class CpuKernel(Kernel):
         if parts > 1:  # the parts' copies, summed in part order (deterministic)
             for name, value in parted.items():
                 adjoints[name] = value.reshape((parts, B) + value.shape[1:]).sum(axis=0)
-        return self._finish(call, t, adjoints, dv_h, first, q_tiles)
+        return self._finish(call, t, adjoints, dv_h, first, q_tiles, (state, D))
 
     def _finish(self, call: Call, t: dict[str, Any], adjoints: dict[str, np.ndarray],
-                dv_h: np.ndarray, first: dict[str, np.ndarray], q_tiles: int
-                ) -> dict[str, np.ndarray]:
+                dv_h: np.ndarray, first: dict[str, np.ndarray], q_tiles: int,
+                rows: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The epilogue: row-level adjoints -> q, k, params; dv summed over GQA groups."""
         s = call.sizes
         five_d = {numpy_ref.variable(i.node): _reference_layout(
             adjoints[numpy_ref.variable(i.node)], i, q_tiles) for i in self.plan.inputs}
+        if self.plan.deriv.sink is not None:  # the sink's adjoint, -exp(sink - lse) * D per row
+            assert rows is not None  # (lse, D) of the tiled path
+            lse, D = rows
+            sink = _sink_rows(t["sink"], s, call.dtype)
+            with np.errstate(all="ignore"):
+                five_d["sink"] = (-np.exp(sink - lse) * D)[..., None, None]
         with np.errstate(all="ignore"):
             grads = self.ref.rows_backward(numpy_ops, t, five_d, call.q, call.k,
                                            *call.params.values())

@@ -1,0 +1,44 @@
+"""Python threads calling one cpu kernel at once (a data loader, a server): Numba's default
+workqueue threading layer aborts the process on concurrent parallel regions, so every
+parallel launch of the launcher holds one lock (runtime/cpu_kernel._PARALLEL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import json, threading
+    import numpy as np
+    import attndsl
+    kern = attndsl.compile("attention t {\\n score q . k\\n mask j <= i\\n}", "cpu")
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((1, 2, 70, 8)) for _ in range(4))
+    want = kern.backward(q, k, v, dout)
+    same = []
+    def work():
+        for _ in range(25):
+            got = kern.backward(q, k, v, dout)
+            same.append(all(np.array_equal(got[n], want[n]) for n in want))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"calls": len(same), "same": all(same)}))
+""")
+
+
+def test_four_threads_share_one_cpu_kernel_under_workqueue(tmp_path: Path) -> None:
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"calls": 100, "same": True}
