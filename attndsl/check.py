@@ -437,6 +437,8 @@ class Checker:
         return typed
 
     def normalize(self, norm: ir.Normalize) -> ir.Normalize:
+        if norm.sink is not None:
+            return dataclasses.replace(norm, sink=self.sink(norm.sink))
         if norm.expr is None:
             return norm
         bare = norm.expr
@@ -462,6 +464,21 @@ class Checker:
             if sub.type is not None and sub.type.kind is Kind.VECTOR:
                 _fail(f"normalize may not use {_describe(sub)} (a vector)", sub)
         return dataclasses.replace(norm, expr=typed)
+
+
+    def sink(self, node: ir.Expr) -> ir.Expr:
+        """`softmax(sink = EXPR)`: one logit per row, so no vectors and no key position."""
+        typed = self.expr(node)
+        for sub in ir.walk(typed):
+            if sub.type is not None and sub.type.kind is Kind.VECTOR:
+                _fail(f"a sink may not use {_describe(sub)} (a vector)", sub,
+                      hint="a sink is one logit per row: positions i, h, b, params, indices")
+        self._need_scalar(typed, "'sink'")
+        assert typed.type is not None
+        if typed.type.side not in (Side.CONST, Side.QUERY):
+            _fail(f"a sink must not depend on j, but {_describe(typed)} does", typed,
+                  hint="a sink is one logit per row: positions i, h, b, params, indices")
+        return typed
 
 
 def _measure(expr: ir.Expr, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
@@ -505,7 +522,7 @@ def uses_n(spec: ir.Spec) -> bool:
     if any("n" in decl.dims for decl in arrays):
         return True
     exprs = [spec.score, spec.scale, spec.bias, spec.softcap, spec.mask, spec.normalize.expr,
-             *(let.expr for let in spec.lets)]
+             spec.normalize.sink, *(let.expr for let in spec.lets)]
     return any(isinstance(node, ir.Name) and node.name == "n"
                for e in exprs if e is not None for node in ir.walk(e))
 

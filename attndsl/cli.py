@@ -52,6 +52,8 @@ def summary(spec: ir.Spec) -> str:
     spec = as_written(spec)
     norm = spec.normalize
     normalize = ir.to_text(norm.expr) if norm.expr is not None else norm.kind.value
+    if norm.sink is not None:
+        normalize += f"(sink = {ir.to_text(norm.sink)})"
     heads = "from tensors" if spec.heads is None else str(spec.heads)
     if spec.kv_heads is not None:
         heads += f", kv_heads {spec.kv_heads}"

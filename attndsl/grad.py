@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .normalizers import RULES
+from . import normalizers
 from .symbolic import POSITIONS, SIZES, Derivation, Lookup, Node, Reduction, S, Vec
 
 
@@ -36,6 +36,8 @@ class Gradients:
     dlogit: dict[sp.Symbol, sp.Expr] = field(default_factory=dict)
     # element-wise normalizers: f'(s)
     dnorm: sp.Expr | None = None
+    # softmax(sink = e): d sink / d symbol, for every node symbol the sink uses
+    dsink: dict[sp.Symbol, sp.Expr] = field(default_factory=dict)
     # Vec maps and reduction bodies: node name -> [(input symbol, d expr / d input)]
     partials: dict[str, list[tuple[sp.Symbol, sp.Expr]]] = field(default_factory=dict)
 
@@ -56,12 +58,16 @@ class Gradients:
         for node in d.nodes:
             lines.append(f"  {_describe(node, show)}")
         norm = d.norm.value if d.norm_expr is None else f"f(s) = {show(d.norm_expr)}"
+        if d.sink is not None:
+            norm = f"softmax with sink = {show(d.sink)}"
         lines += [f"  weights = {norm} over allowed keys", "backward:",
-                  f"  {RULES[d.norm]}"]
+                  f"  {normalizers.of(d).rule}"]
         if self.dnorm is not None:
             lines.append(f"  f'(s) = {show(self.dnorm)}")
         for symbol, expr in self.dlogit.items():
             lines.append(f"  dx/d{symbol} = {show(expr)}")
+        for symbol, expr in self.dsink.items():
+            lines.append(f"  dsink/d{symbol} = {show(expr)}")
         for name, items in self.partials.items():
             for symbol, expr in items:
                 lines.append(f"  d{name}/d{symbol} = {show(expr)}")
@@ -102,6 +108,8 @@ def derive_gradients(deriv: Derivation) -> Gradients:
         grads.dnorm = sp.diff(deriv.norm_expr, S)
         if _inputs(deriv.norm_expr, deriv):  # derive() folds such normalizers into the logit
             raise MissingRule(f"the normalizer {deriv.norm_expr} reads nodes besides s")
+    if deriv.sink is not None:
+        grads.dsink = {s: sp.diff(deriv.sink, s) for s in _inputs(deriv.sink, deriv)}
     for node in deriv.nodes:
         expr = node.body if isinstance(node, Reduction) else (
             node.expr if isinstance(node, Vec) and node.kind == "map" else None)

@@ -161,6 +161,7 @@ class Normalize:
     kind: NormKind
     expr: Expr | None = None  # only for ELEMENTWISE; a scalar expression of `s`
     pos: Pos = field(default=NOPOS, compare=False)
+    sink: Expr | None = None  # only for SOFTMAX: the logit of a key with no value, per row
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,14 @@ class Latex:
         weights = WEIGHTS[d.norm]
         if d.norm_expr is not None:
             weights += rf", \quad f(s) = {self.show(d.norm_expr)}"
+        if d.sink is not None:
+            weights += rf", \quad \text{{sink}} = {self.show(d.sink)}"
         rows += [rf"\text{{weights}} &= {weights} && \text{{over allowed keys}}",
                  r"&\text{backward:}", f"dS &= {RULES[d.norm]}"]
+        if d.sink is not None:
+            rows.append(r"d\,\text{sink} &= -e^{\text{sink} - \mathrm{lse}} \, D")
+            rows += [rf"\frac{{\partial\,\text{{sink}}}}{{\partial {self.names[s]}}} &= "
+                     f"{self.show(e)}" for s, e in g.dsink.items()]
         if g.dnorm is not None:
             rows.append(f"f'(s) &= {self.show(g.dnorm)}")
         rows += [rf"\frac{{\partial x}}{{\partial {self.names[s]}}} &= {self.show(e)}"

@@ -89,6 +89,18 @@ class ToIR(Transformer[Token, Any]):
             norm = ir.Normalize(ir.NormKind.ELEMENTWISE, expr, pos=expr.pos)
         return ("normalize", norm, _pos(meta))
 
+    def normalize_keyword(self, meta: Meta, name: Token, keyword: Token, expr: ir.Expr
+                          ) -> tuple[str, Any, ir.Pos]:
+        """`normalize softmax(sink = EXPR)`: the only keyword argument of the language."""
+        if str(name) != "softmax":
+            raise SpecError(f"'{name}' takes no keyword argument", name.line, name.column,
+                            hint="only 'normalize softmax(sink = EXPR)' has one")
+        if str(keyword) != "sink":
+            raise SpecError(f"softmax has no argument '{keyword}'", keyword.line, keyword.column,
+                            hint="write 'normalize softmax(sink = EXPR)'")
+        norm = ir.Normalize(ir.NormKind.SOFTMAX, pos=_pos(name), sink=expr)
+        return ("normalize", norm, _pos(meta))
+
     def heads(self, meta: Meta, value: Token) -> tuple[str, Any, ir.Pos]:
         return ("heads", int(value), _pos(meta))
 

@@ -41,6 +41,7 @@ M = sp.Symbol("@M", real=True)  # softmax: the running max of the allowed logits
 L = sp.Symbol("@L", real=True)  # softmax: sum of exp(x - M) over the allowed keys
 Z = sp.Symbol("@Z", real=True)  # sum: the sum of the allowed logits
 SCALE = sp.Symbol("@scale", real=True)  # out = SCALE * sum_j w_j v_j
+SINK = sp.Symbol("@sink", real=True)  # softmax(sink = e): the row's sink logit
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,14 @@ class Normalizer:
     saved: str | None  # what the forward saves per row: "lse", "z" or None
     weight: sp.Expr  # P in X and SAVED
     dscore: sp.Expr  # dS in WEIGHT, X, SAVED, DP and DELTA
-    naive: Callable[[Sequence[sp.Expr]], list[sp.Expr]]  # a row's allowed logits -> weights
+    # a row's allowed logits (and its sink logit, softmax(sink = e)) -> their weights
+    naive: Callable[[Sequence[sp.Expr], sp.Expr | None], list[sp.Expr]]
     running: tuple[sp.Symbol, ...] = ()  # the state the forward folds: (M, L), (Z,) or ()
-    finish: tuple[tuple[sp.Symbol, sp.Expr], ...] = ((SCALE, sp.S.One),)  # SCALE, SAVED
+    # SCALE and SAVED, in order after any intermediate (a target's local, see `local`)
+    finish: tuple[tuple[sp.Symbol, sp.Expr], ...] = ((SCALE, sp.S.One),)
+    # finish intermediates that only shift for stability, and what exact arithmetic (the proof)
+    # takes instead: the result does not depend on them
+    shifts: tuple[tuple[sp.Symbol, sp.Expr], ...] = ()
 
     @property
     def uses_delta(self) -> bool:
@@ -68,12 +74,12 @@ def _nonzero(value: sp.Expr, by: sp.Symbol, otherwise: sp.Expr) -> sp.Expr:
     return sp.Piecewise((value, sp.Ne(by, 0)), (otherwise, True))
 
 
-def _softmax_naive(logits: Sequence[sp.Expr]) -> list[sp.Expr]:
-    z = sum((sp.exp(x) for x in logits), sp.S.Zero)
+def _softmax_naive(logits: Sequence[sp.Expr], sink: sp.Expr | None = None) -> list[sp.Expr]:
+    z = sum((sp.exp(x) for x in logits), sp.S.Zero if sink is None else sp.exp(sink))
     return [sp.exp(x) / z for x in logits]
 
 
-def _sum_naive(logits: Sequence[sp.Expr]) -> list[sp.Expr]:
+def _sum_naive(logits: Sequence[sp.Expr], sink: sp.Expr | None = None) -> list[sp.Expr]:
     z = sum(logits, sp.S.Zero)
     return [x / z for x in logits]
 
@@ -90,10 +96,28 @@ SUM = Normalizer(
     weight=SafeDiv(X, SAVED), dscore=SafeDiv(DP - DELTA, SAVED), naive=_sum_naive,
     running=(Z,), finish=((SCALE, SafeDiv(1, Z)), (SAVED, Z)))
 NONE = Normalizer(NormKind.NONE, "dS = dP", None, weight=X, dscore=DP,
-                  naive=lambda logits: list(logits))
+                  naive=lambda logits, sink=None: list(logits))
+# softmax(sink = e): the sink is one more key, with no value. Its term joins the running
+# (M, L) at the finish, so an empty row (M = -inf, L = 0) saves lse = sink and outputs 0; P and
+# dS keep softmax's form (lse includes the sink), and d sink = -exp(sink - lse) * D per row.
+M_SINK = sp.Symbol("@m_sink", real=True)  # max(M, SINK)
+L_SINK = sp.Symbol("@l_sink", real=True)  # L rescaled to M_SINK, plus the sink's term
+SOFTMAX_SINK = Normalizer(
+    NormKind.SOFTMAX, SOFTMAX.rule + "; d sink = -exp(sink - lse) * D", "lse",
+    weight=SOFTMAX.weight, dscore=SOFTMAX.dscore, naive=_softmax_naive, running=(M, L),
+    finish=((M_SINK, sp.Max(M, SINK)),
+            (L_SINK, L * sp.exp(M - M_SINK) + sp.exp(SINK - M_SINK)),
+            (SCALE, sp.exp(M - M_SINK) / L_SINK), (SAVED, M_SINK + sp.log(L_SINK))),
+    shifts=((M_SINK, M),))
+DSINK = -sp.exp(SINK - SAVED) * DELTA  # the adjoint of a row's sink logit
 _BY_KIND = {n.kind: n for n in (SOFTMAX, SUM, NONE)}
 ELEMENTWISE_RULE = "dS = f'(x) * dP"
 RULES = {**{kind: n.rule for kind, n in _BY_KIND.items()}, NormKind.ELEMENTWISE: ELEMENTWISE_RULE}
+
+
+def local(symbol: sp.Symbol) -> str:
+    """The name a target gives an intermediate of `finish` (a local of its row loop)."""
+    return symbol.name.lstrip("@")
 
 
 def elementwise(f: sp.Expr) -> Normalizer:
@@ -101,7 +125,7 @@ def elementwise(f: sp.Expr) -> Normalizer:
     at_x = f.xreplace({S: X})
     return Normalizer(NormKind.ELEMENTWISE, ELEMENTWISE_RULE, None, weight=at_x,
                       dscore=sp.diff(at_x, X) * DP,
-                      naive=lambda logits: [at_x.xreplace({X: x}) for x in logits])
+                      naive=lambda logits, sink=None: [at_x.xreplace({X: x}) for x in logits])
 
 
 def of(deriv: Derivation) -> Normalizer:
@@ -109,4 +133,6 @@ def of(deriv: Derivation) -> Normalizer:
     if deriv.norm is NormKind.ELEMENTWISE:
         assert deriv.norm_expr is not None
         return elementwise(deriv.norm_expr)
+    if deriv.sink is not None:
+        return SOFTMAX_SINK
     return _BY_KIND[deriv.norm]

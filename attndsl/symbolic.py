@@ -80,6 +80,7 @@ class Derivation:
     mask: sp.Basic | None = None  # a SymPy boolean, None = every key allowed
     norm: NormKind = NormKind.SOFTMAX
     norm_expr: sp.Expr | None = None  # element-wise normalizers: an expression in S
+    sink: sp.Expr | None = None  # softmax(sink = e): the sink logit, a row-level expression
     uses_n: bool = False  # 'n' appears: n_q must equal n_k
 
     def of(self, cls: type) -> list:
@@ -338,5 +339,7 @@ def derive(spec: ir.Spec) -> Derivation:
     if spec.normalize.expr is not None:
         out.norm_expr = deriver.scalar(spec.normalize.expr)
         _fold_normalizer(out)
+    if spec.normalize.sink is not None:
+        out.sink = deriver.scalar(spec.normalize.sink)
     out.uses_n = out.uses_n or check.uses_n(spec)  # also `n` as a param or index dimension
     return out

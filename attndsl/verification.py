@@ -301,7 +301,8 @@ def _naive_weights(deriv: Derivation, logits: list[sp.Expr], keys: list[int], na
     f may read sizes and positions: evaluated at each pair)."""
     if not keys:
         return {}
-    weights = normalizers.of(deriv).naive([logits[j] for j in keys])
+    sink = None if deriv.sink is None else naive.expr(deriv.sink, (*row, 0), None)
+    weights = normalizers.of(deriv).naive([logits[j] for j in keys], sink)
     return {j: naive.expr(w, (*row, j), None) for j, w in zip(keys, weights)}
 
 

@@ -263,6 +263,29 @@ def sliding_window(q, k, v, dout=None, *, allowed=None, window=128):
     )
 
 
+def sliding_window_sink(q, k, v, dout=None, *, sink, allowed=None, window=128):
+    """The sliding window with a sink per head: softmax over the row's keys plus one more key
+    whose logit is sink[h] and whose value is 0 (LANGUAGE.md section 4)."""
+    i, j = positions(q.shape[2], k.shape[2])
+    H, KH = q.shape[1], k.shape[1]
+    kx, vx = expand_kv(k, H), expand_kv(v, H)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    L = q @ np.swapaxes(kx, -1, -2) * scale
+    A = full_mask(L.shape, (j <= i) & (i - j < window))
+    A = full_mask(L.shape, A if allowed is None else (A & np.broadcast_to(allowed, L.shape)))
+    column = L.shape[:3] + (1,)
+    L_aug = np.concatenate([L, np.broadcast_to(np.asarray(sink)[None, :, None, None], column)], -1)
+    A_aug = np.concatenate([A, np.ones(column, dtype=bool)], -1)
+    v_aug = np.concatenate([vx, np.zeros(vx.shape[:2] + (1, vx.shape[3]))], axis=2)
+    out, lse, dL_aug, dv_aug = _softmax(L_aug, A_aug, v_aug, dout)
+    if dout is None:
+        return _result(out, lse, None)
+    dS = dL_aug[..., :-1] * scale
+    grads = {"q": dS @ kx, "k": reduce_kv(np.swapaxes(dS, -1, -2) @ q, KH),
+             "v": reduce_kv(dv_aug[:, :, :-1], KH), "sink": dL_aug[..., -1].sum(axis=(0, 2))}
+    return _result(out, lse, grads)
+
+
 def prefix_lm(q, k, v, dout=None, *, prefix, allowed=None):
     """allowed = j <= i or j < prefix[b]; prefix has shape [B, 1]."""
     i, j = positions(q.shape[2], k.shape[2])
@@ -562,6 +585,7 @@ REFERENCES = {
     "alibi": (alibi, ("slope",), ()),
     "softcap": (softcap, (), ()),
     "sliding_window": (sliding_window, (), ()),
+    "sliding_window_sink": (sliding_window_sink, ("sink",), ()),
     "prefix_lm": (prefix_lm, (), ("prefix",)),
     "document": (document, (), ("doc",)),
     "relative_bias": (relative_bias, ("table",), ()),

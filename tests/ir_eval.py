@@ -314,10 +314,18 @@ def logit(spec: ir.Spec, at: Pair, ev: Evaluator) -> float:
 
 
 def _row_weights(spec: ir.Spec, x: np.ndarray, allowed: np.ndarray,
-                 pairs: list[Pair | None], ev: Evaluator) -> tuple[np.ndarray, float | None]:
-    """The weights of one row from its logits, and its lse (softmax only)."""
+                 pairs: list[Pair | None], ev: Evaluator, sink_pair: Pair
+                 ) -> tuple[np.ndarray, float | None]:
+    """The weights of one row from its logits, and its lse (softmax only). `sink_pair` is
+    the row at key 0, where a sink (one logit per row: it never reads j) is evaluated."""
     kind = spec.normalize.kind
     w = np.zeros_like(x)
+    if spec.normalize.sink is not None:  # one more key, with no value, at the row's logit
+        sink = float(ev(spec.normalize.sink, sink_pair))
+        m = float(np.max(np.append(x[allowed], sink)))  # NaN propagates
+        e = np.where(allowed, np.exp(np.where(allowed, x - m, 0.0)), 0.0)
+        total = float(np.sum(e)) + math.exp(sink - m)
+        return e / total, m + math.log(total)
     if kind is NormKind.SOFTMAX:
         if not allowed.any():
             return w, -math.inf
@@ -367,7 +375,8 @@ def evaluate(spec: ir.Spec, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                     allowed[j] = True
                     pairs[j] = at
                     x[j] = logit(spec, at, ev)
-                w, row_lse = _row_weights(spec, x, allowed, pairs, ev)
+                row = Pair(b, h, i, 0, g, q[b, h, i], k[b, g, 0], sizes, params, indices)
+                w, row_lse = _row_weights(spec, x, allowed, pairs, ev, row)
                 weights[b, h, i] = w
                 lse[b, h, i] = row_lse if row_lse is not None else np.nan
                 # docs/language.md (x2): a pair whose weight is exactly 0 (masked, underflowed,

@@ -539,7 +539,14 @@ def _bias(self: Gen) -> str:
     return self.float_expr(2).text
 
 
+# softmax(sink = e): one logit per row, from i, h, b, sizes, params and indices (issue 9)
+SINKS = ("sb[h]", "0", "tau", "qpos[i] - log(n_k)", "2 * sb[h] - 1", "table[h, i % 7]",
+         "where(i % 2 == 0, sb[h], 0.5)", "sb[h] * tau", "kr[i]", "0.1 * doc[i]")
+
+
 def _normalizer(self: Gen, norm: str) -> str:
+    if norm == "softmax" and self.coin(1 / 3):
+        return f"normalize softmax(sink = {self.pick(SINKS)})"
     if norm in ("softmax", "sum", "none"):
         return f"normalize {norm}" if norm != "softmax" or self.coin() else ""
     if norm == "bare":

@@ -65,6 +65,7 @@ SIZES = {  # (n_q, n_k) where 5 x 7 would not exercise the spec
     "document": (7, 7),
     "spatial_window": (21, 39),  # several image rows of width 16
     "sliding_window": (140, 11),  # i - j < 128 bites; rows 138, 139 have no key
+    "sliding_window_sink": (140, 11),  # the same, so rows 138, 139 have only the sink
     "relative_bias": (5, 140),  # offsets beyond 128 are clipped
 }
 
@@ -90,6 +91,8 @@ def make_inputs(name, rng, H, KH, sizes=None):
         )
     elif name == "alibi":
         extra["slope"] = 2.0 ** -np.arange(1, H + 1) * rng.uniform(0.5, 4.0, H)
+    elif name == "sliding_window_sink":
+        extra["sink"] = rng.standard_normal(H)
     elif name == "relative_bias":
         extra["table"] = rng.standard_normal((H, 257))
     elif name == "cosine":
@@ -164,6 +167,10 @@ def test_matches_reference(name, H, KH):
     if name == "sliding_window":  # rows 138 and 139 see no key: out 0, lse -inf
         assert np.all(out[:, :, 138:] == 0) and np.all(np.isneginf(lse[:, :, 138:]))
         assert np.all(np.isfinite(lse[:, :, :138]))
+    if name == "sliding_window_sink":  # rows 138 and 139 see only the sink: out 0, lse = sink
+        assert np.all(out[:, :, 138:] == 0)
+        np.testing.assert_allclose(lse[:, :, 138:], np.broadcast_to(
+            extra["sink"][None, :, None], lse[:, :, 138:].shape), rtol=1e-14)
 
 
 def keep_arrays(n_q, n_k):
@@ -202,7 +209,10 @@ def test_empty_rows(name):
     assert np.all(out[empty] == 0)
     assert np.all(grads["q"][empty] == 0)
     assert np.all(grads["k"][0] == 0) and np.all(grads["v"][0] == 0)
-    if lse is not None:
+    if name == "sliding_window_sink":  # only the sink's term: lse = sink[h]
+        sink = np.broadcast_to(extra["sink"][None, :, None], lse.shape)
+        np.testing.assert_allclose(lse[empty], sink[empty], rtol=1e-14)
+    elif lse is not None:
         assert np.all(np.isneginf(lse[empty]))  # other rows: checked against the reference
 
 

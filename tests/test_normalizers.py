@@ -110,3 +110,63 @@ def test_finish_of_an_empty_row() -> None:
     assert softmax == {normalizers.SCALE: 0, SAVED: sp.S.NegativeInfinity}
     total = {t: e.xreplace(empty) for t, e in normalizers.SUM.finish}
     assert total == {normalizers.SCALE: 0, SAVED: 0}
+
+
+# ---- softmax(sink = e) -----------------------------------------------------------------------
+
+
+def _finish(norm: normalizers.Normalizer, state: dict) -> dict:
+    """The finish's assignments in order: intermediates (m_sink, l_sink) feed the later ones."""
+    values = dict(state)
+    for target, expr in norm.finish:
+        values[target] = expr.xreplace(values)
+    return values
+
+
+def test_sink_finish_gives_the_naive_output_and_lse() -> None:
+    norm = _strategy("softmax(sink = 0.5)")
+    assert norm is normalizers.SOFTMAX_SINK
+    x = [sp.Rational(3, 10), sp.Rational(-6, 5), sp.Integer(2)]
+    v = sp.symbols(f"v0:{len(x)}", real=True)
+    for sink in (sp.Rational(1, 2), sp.Integer(5)):  # below and above the row's max
+        state, w = _running(norm, x)
+        done = _finish(norm, {**state, normalizers.SINK: sink})
+        out = done[normalizers.SCALE] * sum(wj * vj for wj, vj in zip(w, v))
+        want = sum(p * vj for p, vj in zip(norm.naive(x, sink), v))
+        assert sp.simplify(out - want) == 0
+        lse = sp.log(sp.exp(sink) + sum(sp.exp(e) for e in x))
+        assert abs(sp.N(done[SAVED] - lse, 30)) < 1e-25
+        # the proof's exact arithmetic shifts by nothing: the same output
+        exact = dict(norm.shifts)
+        unshifted = dict(state)
+        for target, expr in norm.finish:
+            unshifted[target] = exact.get(target, expr).xreplace(
+                {**unshifted, normalizers.SINK: sink})
+        assert sp.simplify(unshifted[normalizers.SCALE] * sum(wj * vj for wj, vj in zip(w, v))
+                           - want) == 0
+
+
+def test_sink_finish_of_an_empty_row_gives_out_0_and_lse_sink() -> None:
+    empty = {normalizers.M: sp.S.NegativeInfinity, normalizers.L: sp.S.Zero,
+             normalizers.SINK: sp.Rational(-3, 4)}
+    done = _finish(normalizers.SOFTMAX_SINK, empty)
+    assert done[normalizers.SCALE] == 0 and done[SAVED] == sp.Rational(-3, 4)
+
+
+def test_dsink_is_the_derivative_of_the_naive_loss() -> None:
+    """L = g * sum_j P_j v_j with P_j = exp(x_j) / (exp(sink) + sum exp(x)): dL/dsink."""
+    x = sp.symbols(f"x0:{ROW}", real=True)
+    v = sp.symbols(f"v0:{ROW}", real=True)
+    g, sink = sp.symbols("g sink", real=True)
+    weights = normalizers.SOFTMAX_SINK.naive(list(x), sink)
+    out = sum((p * vj for p, vj in zip(weights, v)), sp.S.Zero)
+    lse = sp.log(sp.exp(sink) + sum(sp.exp(e) for e in x))
+    got = normalizers.DSINK.xreplace({normalizers.SINK: sink, SAVED: lse, DELTA: g * out})
+    assert sp.simplify(got - sp.diff(g * out, sink)) == 0
+    # P and dS keep softmax's form: lse includes the sink
+    for j, xj in enumerate(x):
+        dscore = normalizers.SOFTMAX_SINK.dscore.xreplace(
+            {WEIGHT: weights[j], DP: g * v[j], DELTA: g * out})
+        assert sp.simplify(dscore - sp.diff(g * out, xj)) == 0
+        assert sp.simplify(normalizers.SOFTMAX_SINK.weight.xreplace({X: xj, SAVED: lse})
+                           - weights[j]) == 0

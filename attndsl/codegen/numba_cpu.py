@@ -484,7 +484,8 @@ class CpuEmitter:
         w, d, plan = self.w, self.deriv, self.plan
         softmax = d.norm is NormKind.SOFTMAX
         w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
-        with w.block(self.signature("_attn_fwd", ["out", "state", "err"])):
+        sink = ["sink_rows"] if self.deriv.sink is not None else []  # [B, H, n_q], the host's
+        with w.block(self.signature("_attn_fwd", ["out", "state", *sink, "err"])):
             w(f'"""out = normalize(x) @ v per (batch, head, query tile); state = '
               f'{"lse" if softmax else "the row sum" if d.norm is NormKind.SUM else "unused"}."""')
             self.unpack_sizes()
@@ -632,14 +633,18 @@ class CpuEmitter:
         # l is > 0, 0 (an empty row: out = 0, lse = -inf) or NaN (a NaN or +inf logit at an
         # allowed pair: out and lse NaN): the finish tests `!= 0`, which keeps the NaN
         running = {normalizers.M: ("mi", "m[ii] / LOG2E  # the running max, from base 2"),
-                   normalizers.L: ("li", "l[ii]"), normalizers.Z: ("zi", "l[ii]")}
-        named = {s: sp.Symbol(running[s][0]) for s in norm.running}
+                   normalizers.L: ("li", "l[ii]"), normalizers.Z: ("zi", "l[ii]"),
+                   normalizers.SINK: ("si", "sink_rows[b, h, i0 + ii]")}
+        reads = norm.running + ((normalizers.SINK,) if self.deriv.sink is not None else ())
+        named = {s: sp.Symbol(running[s][0]) for s in reads}
         targets = {normalizers.SCALE: "inv", normalizers.SAVED: "state[b, h, i0 + ii]"}
         with w.block("for ii in range(mq):"):
-            for symbol in norm.running:
+            for symbol in reads:
                 w(f"{running[symbol][0]} = {running[symbol][1]}")
             for target, expr in norm.finish:
-                w(f"{targets[target]} = {self.fl(expr.xreplace(named))}")
+                name = targets.get(target, normalizers.local(target))
+                w(f"{name} = {self.fl(expr.xreplace(named))}")
+                named[target] = sp.Symbol(name)
             with w.block("for c in range(dv):"):
                 w("out[b, h, i0 + ii, c] = acc[ii * dv + c] * inv")
 

@@ -443,7 +443,8 @@ class Emitter:
         w, lay, d = self.w, self.layout, self.deriv
         ctx = Ctx("fwd", Side.QUERY, own_shared=False)
         p = self.printer(ctx)
-        args = ", ".join(lay.base_args() + ["out", "state"])
+        sink = ["sink_rows"] if d.sink is not None else []  # [B, H, n_q], from the host
+        args = ", ".join(lay.base_args() + ["out", "state", *sink])
         w("@jit(BQ)")
         with w.block(f"def attn_fwd({args}):"):
             w('"""One block per (query tile, head, batch), one thread per query row."""')
@@ -528,10 +529,13 @@ class Emitter:
     def finish(self, p: CudaPrinter) -> None:
         """inv (out = inv * acc) and the saved row state, from the normalizer's finish."""
         norm = normalizers.of(self.deriv)
-        p = p.with_names({normalizers.M: "m", normalizers.L: "l", normalizers.Z: "z"})
+        names = {normalizers.M: "m", normalizers.L: "l", normalizers.Z: "z",
+                 normalizers.SINK: "sink_rows[b, h, i]"}
         targets = {normalizers.SCALE: "inv", normalizers.SAVED: "state[b, h, i]"}
         for target, expr in norm.finish:
-            self.w(f"{targets[target]} = {p.num(expr)}")
+            name = targets.get(target, normalizers.local(target))
+            self.w(f"{name} = {p.with_names(names).num(expr)}")
+            names[target] = name
         if normalizers.SAVED not in dict(norm.finish):
             self.w("state[b, h, i] = ZERO")
 

@@ -60,6 +60,7 @@ class Emitter:
         names.update({s: name for name, s in SIZES.items()})
         names[S] = "x"
         self.p = KernelPrinter("xp", names, exact=exact)
+        self.exact = exact
         self.w = SourceWriter()
         self.adjoints: set[str] = set()
 
@@ -154,8 +155,9 @@ class Emitter:
         w, d = self.w, self.deriv
         with w.block("def normalize(xp, t):"):
             w('"""The weights P [B, heads, n_q, n_k] (0 where not allowed) and the row state."""')
-            used = [variable(n) for n in d.nodes if d.norm_expr is not None
-                    and n.symbol in d.norm_expr.free_symbols]
+            read = d.norm_expr if d.norm_expr is not None else d.sink
+            used = [variable(n) for n in d.nodes if read is not None
+                    and n.symbol in read.free_symbols]
             self.unpack(list(SIZE_ORDER) + ["b", "h", "i", "j", "x", "allowed"] + used)
             norm = normalizers.of(d)
             if d.norm is NormKind.SOFTMAX:
@@ -164,7 +166,11 @@ class Emitter:
                 w("m = xp.keymax(xm)")
                 w("e = xp.where(allowed, xp.exp(xm - m), 0)")
                 w("l = xp.keysum(e)")
-                self.finish(norm, {normalizers.M: "m", normalizers.L: "l"})
+                running = {normalizers.M: "m", normalizers.L: "l"}
+                if d.sink is not None:
+                    w(f"sink = {self.expr(d.sink)}  # one more key, with no value")
+                    running[normalizers.SINK] = "sink"
+                self.finish(norm, running)
                 w("# where: a NaN row (l NaN) keeps weight 0 at its masked keys")
                 w("p = xp.where(allowed, e * inv, 0)")
                 w("return p[..., 0], lse[..., 0, 0]")
@@ -191,9 +197,13 @@ class Emitter:
         targets = {normalizers.SCALE: "inv", normalizers.SAVED: "lse" if norm.saved == "lse"
                    else "z"}
         for target, expr in norm.finish:
+            if self.exact:  # the proof shifts by nothing (keymax is 0): exact arithmetic
+                expr = dict(norm.shifts).get(target, expr)
             text = self.expr(expr.xreplace(named))
-            if targets[target] != text:
-                self.w(f"{targets[target]} = {text}")
+            name = targets.get(target, normalizers.local(target))
+            named[target] = sp.Symbol(name)
+            if name != text:
+                self.w(f"{name} = {text}")
 
     def forward(self) -> None:
         w = self.w
@@ -258,6 +268,8 @@ class Emitter:
                 name = variable(node)
                 self.accumulate(f"d_{name}", f"xp.sum_to(xp.where(allowed, dx * "
                                              f"({self.expr(partial)}), 0), {name})")
+            if d.sink is not None:
+                self.sink_backward()
             for param in d.spec.params:
                 w(f"{param_grad(param.name)} = 0")
             for node in reversed(d.nodes):
@@ -267,6 +279,24 @@ class Emitter:
                 w(f"grads[{param.name!r}] = xp.as_grad({param_grad(param.name)}, "
                   f"{array(param.name)})")
             w("return grads")
+
+    def sink_backward(self) -> None:
+        """The sink's adjoint per row, then the chain rule into the nodes the sink reads."""
+        w, d = self.w, self.deriv
+        assert d.sink is not None
+        dsink = normalizers.DSINK.xreplace({normalizers.SINK: sp.Symbol("sink"),
+                                            normalizers.SAVED: sp.Symbol("row_lse"),
+                                            normalizers.DELTA: sp.Symbol("D")})
+        w("# the sink, one more key with no value: d sink = -exp(sink - lse) * D per row")
+        w(f"sink = {self.expr(d.sink)}")
+        w("row_lse = (state if lse is None else lse)[..., None, None]")
+        w(f"d_sink = {self.expr(dsink)}")
+        for symbol, partial in self.grads.dsink.items():
+            node = d.node(symbol)
+            assert node is not None
+            name = variable(node)
+            self.accumulate(f"d_{name}", f"xp.sum_to(xp.chain(d_sink, {self.expr(partial)}), "
+                                         f"{name})")
 
     def input_grad(self, name: str) -> str:
         adjoint = f"d_{name}_rows"
@@ -337,6 +367,8 @@ def _rows(self: Emitter) -> None:
         for node in self.deriv.nodes:
             if _row_level(node):
                 self.forward_node(node)
+        if self.deriv.sink is not None:  # softmax(sink = e): the kernels' finish reads it
+            w(f"sink = {self.expr(self.deriv.sink)}")
         w("return locals()")
     w()
     w()
@@ -356,6 +388,10 @@ def _rows_backward(self: Emitter) -> None:
         for item in plan.inputs:
             name = variable(item.node)
             self.accumulate(f"d_{name}", f"adjoints[{name!r}]")
+        for symbol, partial in self.grads.dsink.items():  # the host computes d sink per row
+            name = variable(d.node(symbol))  # type: ignore[arg-type]
+            self.accumulate(f"d_{name}", f"xp.sum_to(xp.chain(adjoints['sink'], "
+                                         f"{self.expr(partial)}), {name})")
         for param in params:
             w(f"{param_grad(param)} = 0")
         for node in reversed(nodes):
@@ -372,6 +408,7 @@ def _sizes_used(self: Emitter, nodes: list[Vec | Reduction | Lookup]) -> list[st
     for node in nodes:
         exprs += [sp.sympify(s) for s in getattr(node, "subscripts", ())]
         exprs += [e for _, e in self.grads.partials.get(node.name, [])]
+    exprs += list(self.grads.dsink.values())
     used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
     return [name for name, symbol in SIZES.items() if symbol in used]
 

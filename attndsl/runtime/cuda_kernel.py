@@ -36,6 +36,16 @@ from .kernel import Call, Kernel
 KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 
 
+def _five_d(value: Any, dtype: Any) -> np.ndarray:
+    """A row value of the reference's 5-D layout (constants may come unexpanded)."""
+    value = np.asarray(value, dtype=dtype)
+    return value.reshape((1,) * (5 - value.ndim) + value.shape)
+
+
+def _host(a: Any) -> np.ndarray:
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -165,7 +175,7 @@ class CudaKernel(Kernel):
         dq_out += [a2 if x.side is Side.PAIR else a3 for x in lay.dq_lookups()]
         dkdv_out = [a4 for _ in lay.side(Side.KEY)] + [a3 for _ in lay.lookups_of(Side.KEY)]
         sig = {
-            "attn_fwd": base + [a4, a3],
+            "attn_fwd": base + [a4, a3] + ([a3] if self.plan.deriv.sink is not None else []),
             "attn_bwd_preprocess": [a4, a4, a3],
             "attn_bwd_dkdv": base + [a4, a3, a3, a4] + dkdv_out,
             "attn_bwd_dq": base + [a4, a3, a3] + dq_out,
@@ -353,8 +363,17 @@ class _Run:
             self.mod.attn_linear_fwd[(self.H, self.B), self.dv](*self.base(), out, state)
             return out, state
         grid = (_cdiv(self.n_q, cfg.bq), self.H, self.B)
-        self.mod.attn_fwd[grid, cfg.bq](*self.base(), out, state)
+        sink = [] if self.sink_rows() is None else [self.cuda.to_device(self.sink_rows())]
+        self.mod.attn_fwd[grid, cfg.bq](*self.base(), out, state, *sink)
         return out, state
+
+    def sink_rows(self) -> np.ndarray | None:
+        """softmax(sink = e): every row's sink logit [B, H, n_q] (host), None without one."""
+        if self.kernel.plan.deriv.sink is None:
+            return None
+        sink = np.broadcast_to(_five_d(self.rows()["sink"], self.dt)[:, :, :, 0, 0],
+                               (self.B, self.H, self.n_q))
+        return np.ascontiguousarray(sink)
 
     def _stage(self, a: Any) -> Any:
         if tc.is_device_array(a):
@@ -390,6 +409,9 @@ class _Run:
         nblk = q_grid[0] * H * B
         dq_out = [self.args.zeros((B, H, n_q, self._width(x)), dt) for x in lay.dq_inputs()]
         dq_out += [self._lookup_partial(x, nblk) for x in lay.dq_lookups()]
+        if self.sink_rows() is not None:  # its adjoint, for the host epilogue: -exp(sink - lse) D
+            with np.errstate(all="ignore"):
+                self._d_sink = -np.exp(self.sink_rows() - _host(state)) * _host(delta)
         common = [*self.base(), dout_, state, delta]
         self.mod.attn_bwd_dkdv[(_cdiv(n_k, cfg.bwd_bk), KV, B), cfg.bwd_bk](
             *common, g_v, *dkdv_out)
@@ -441,7 +463,7 @@ class _Run:
         raw_q = next((x for x in lay.inputs if x.raw == "q"), None)
         raw_k = next((x for x in lay.inputs if x.raw == "k"), None)
         grads: dict[str, Any] = {}
-        if not lay.needs_rows:
+        if not lay.needs_rows and self.sink_rows() is None:
             grads["q"] = adj[raw_q.var] if raw_q else self.args.zeros(tuple(call.q.shape), self.dt)
             grads["k"] = adj[raw_k.var] if raw_k else self.args.zeros(tuple(call.k.shape), self.dt)
             for p in self.kernel.spec.params:
@@ -472,6 +494,8 @@ class _Run:
                 adjoints[x.var] = g[:, :, None, :, :]
             else:
                 adjoints[x.var] = g.sum(axis=2)[:, :, None, None, :]
+        if self.sink_rows() is not None:
+            adjoints["sink"] = self._d_sink[..., None, None]
         q, k, _ = self.host_qkv()
         with np.errstate(all="ignore"):
             return dict(self.kernel.ref.rows_backward(numpy_ops, self.rows(), adjoints, q, k,

@@ -32,7 +32,7 @@ TILES = (4, 8, 4, 8)  # forward BQ, BK; backward BQ, BK: 7 and 9 leave partial t
 B, HEADS, KV_HEADS, N_Q, N_K, D, DV, R = 2, 4, 2, 7, 9, 5, 3, 3
 PARAM_SHAPES = {"pos": (N_K,), "qpos": (N_Q,), "u": (N_K,), "wd": (D,), "W": (D, R),
                 "T": (N_Q, N_K), "c": (HEADS,), "sb": (HEADS,), "tau": (), "table": (HEADS, 7),
-                "kr": (N_K,), "P": (HEADS, D)}
+                "kr": (N_K,), "P": (HEADS, D), "sink": (HEADS,)}
 
 
 def _inputs(text: str, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -273,3 +273,19 @@ def test_cuda_integer_product_proved_zero():
     text = ("param pos[n_k]\n    score pos[j]\n    bias 0.1 * clamp(max(i, h), 0, 0)\n"
             "    softcap 5\n    normalize none")
     assert_cuda_agrees(text, moved=("pos",))
+
+
+# ---- issue 9: softmax(sink = e) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    ("param sink[heads]\n    score q . k\n    mask j <= i - 2 and i - j < 5\n"
+    "    normalize softmax(sink = sink[h])"),
+    ("param u[n_k]\n    param qpos[n_q]\n    score q . k + u[j]\n"
+    "    normalize softmax(sink = qpos[i] - log(n_k))"),
+], ids=["window_head_sink", "row_sink_and_size"])
+def test_cuda_softmax_sink(text):
+    """The forward's finish folds the sink into (m, l); its adjoint -exp(sink - lse) D reaches
+    the params in the host epilogue. Rows 0 and 1 of the window see no key: out 0, lse = sink."""
+    name = "sink" if "sink[" in text else "qpos"
+    assert_cuda_agrees(text, moved=(name, "q"))
