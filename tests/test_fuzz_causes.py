@@ -479,3 +479,43 @@ CLAMP_TO_ITSELF = """attention fuzz {
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_outside_step_of_a_folded_constant_matches_the_ir_evaluator(target: str) -> None:
     _check_against_oracle(CLAMP_TO_ITSELF, target, 0)
+
+
+# ---- fuzz seed 2000: relu, sign and heaviside dropped a NaN on cpu and cuda -----------------
+
+NAN_FUNCTIONS = [
+    "score relu(q . k)\n    normalize none",  # relu(NaN) was 0 on cpu
+    "score abs(q . k)\n    normalize none",  # its backward's sign(NaN) was 0
+    "score max(q . k, 0.5)\n    normalize none",  # its backward's heaviside(NaN) was 0
+    "score q . k\n    normalize relu",  # the fuzz case: relu as the normalizer
+]
+
+
+def nan_function_case(text: str, seed: int = 3) -> tuple[attndsl.ir.Spec, dict]:
+    spec = attndsl.parse(f"attention t {{\n    {text}\n}}")
+    a = _case(spec, seed)
+    a["q"][1, 2, 4, 1] = np.nan  # row 4 of batch 1, head 2: NaN at every key
+    return spec, a
+
+
+def assert_same_nan_pattern_and_values(got: dict, want: dict, rtol: float = 1e-10) -> None:
+    for name, value in want.items():
+        g, w = np.asarray(got[name]), np.asarray(value)
+        assert np.array_equal(np.isnan(g), np.isnan(w)), name
+        finite = ~np.isnan(w)
+        np.testing.assert_allclose(g[finite], w[finite], rtol=rtol, atol=rtol, err_msg=name)
+
+
+@pytest.mark.parametrize("text", NAN_FUNCTIONS, ids=["relu", "abs_sign", "max_tie", "relu_norm"])
+def test_fuzz_nan_through_relu_sign_heaviside_cpu(text: str) -> None:
+    spec, a = nan_function_case(text)
+    results = {}
+    for target in ("numpy", "cpu"):
+        kernel = _kernel(f"attention t {{\n    {text}\n}}", target)
+        out = kernel(a["q"], a["k"], a["v"])
+        grads = kernel.backward(a["q"], a["k"], a["v"], a["dout"])
+        results[target] = {"out": out, **grads}
+    assert np.isnan(results["numpy"]["out"][1, 2, 4]).all()  # the row the NaN reaches
+    assert_same_nan_pattern_and_values(results["cpu"], results["numpy"])
+    ref = evaluate(spec, a["q"], a["k"], a["v"], {}, {})
+    assert np.array_equal(np.isnan(ref.out), np.isnan(results["numpy"]["out"]))

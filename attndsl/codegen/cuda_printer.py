@@ -21,11 +21,13 @@ MATH = {sp.exp: "math.exp", sp.log: "math.log", sp.tanh: "math.tanh", sp.sin: "m
 # Special functions, inlined: a cuda.jit device function needs a GPU to compile (numba-cuda asks
 # the current device for its compute capability), which PTX checks on a CPU machine cannot give.
 INLINE = {
-    sp.sign: "(ONE if {0} > ZERO else (-ONE if {0} < ZERO else ZERO))",
-    sp.Heaviside: "(ONE if {0} > ZERO else (HALF if {0} == ZERO else ZERO))",  # H(0) = 1/2
+    # a NaN argument gives NaN, as in NumPy (the last branch is reached only by 0 or NaN)
+    sp.sign: "(ONE if {0} > ZERO else (-ONE if {0} < ZERO else (ZERO if {0} == ZERO else {0})))",
+    sp.Heaviside: "(ONE if {0} > ZERO else (ZERO if {0} < ZERO else (HALF if {0} == ZERO else "
+                  "{0})))",  # H(0) = 1/2
     fn.Sigmoid: "(ONE / (ONE + math.exp(-{0})))",
     fn.Softplus: "(max({0}, ZERO) + math.log1p(math.exp(-abs({0}))))",  # stable, no threshold
-    fn.Relu: "max({0}, ZERO)",
+    fn.Relu: "(ZERO if {0} <= ZERO else {0})",  # NaN stays NaN (max may drop it on a GPU)
     fn.Step: "(ONE if {0} > ZERO else ZERO)",
     fn.Elu: "({0} if {0} > ZERO else math.expm1({0}))",
     fn.EluGrad: "(ONE if {0} > ZERO else math.exp({0}))",
@@ -74,6 +76,8 @@ class CudaPrinter:
             return self.const(e)
         if type(e) in ROUNDING:
             return self._rounded(e)
+        if isinstance(e, sp.sign) and not integer_valued(e.args[0]):  # SymPy calls it an
+            return self._inline(e)  # integer, but the sign of a float NaN is NaN
         if integer_valued(e) and not isinstance(e, sp.Symbol) and not (
                 isinstance(e, (sp.Add, sp.Mul)) and e.has(*ROUNDING)):
             return f"F({self.int_(e)})"
@@ -99,9 +103,12 @@ class CudaPrinter:
         if type(e) in MATH:
             return f"{MATH[type(e)]}({self.num(e.args[0])})"
         if type(e) in INLINE:
-            args = [self.num(a) for a in e.args]
-            return INLINE[type(e)].format(*[a if _simple(a) else f"({a})" for a in args])
+            return self._inline(e)
         raise NotImplementedError(f"no CUDA printer rule for {type(e).__name__}: {e}")
+
+    def _inline(self, e: sp.Basic) -> str:
+        args = [self.num(a) for a in e.args]
+        return INLINE[type(e)].format(*[a if _simple(a) else f"({a})" for a in args])
 
     def _rounded(self, e: sp.Basic) -> str:
         """floor/ceil/round in float math: a NaN, an inf or a float beyond 2^52 (already an

@@ -134,9 +134,11 @@ def _heaviside(F: type) -> Callable[..., Any]:
     def heaviside(x):  # type: ignore[no-untyped-def]
         if x > zero:
             return one
+        if x < zero:
+            return zero
         if x == zero:
             return half
-        return zero
+        return x  # NaN, as NumPy's heaviside
 
     return heaviside
 
@@ -169,7 +171,9 @@ def _sign(F: type) -> Callable[..., Any]:
             return one
         if x < zero:
             return -one
-        return zero
+        if x == zero:
+            return zero
+        return x  # NaN, as NumPy's sign
 
     return sign
 
@@ -195,9 +199,9 @@ def _relu(F: type) -> Callable[..., Any]:
     zero = F(0)
 
     def relu(x):  # type: ignore[no-untyped-def]
-        if x > zero:
-            return x
-        return zero
+        if x <= zero:
+            return zero
+        return x  # and a NaN, as NumPy's maximum(x, 0)
 
     return relu
 

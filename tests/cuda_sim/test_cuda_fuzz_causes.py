@@ -289,3 +289,26 @@ def test_cuda_softmax_sink(text):
     the params in the host epilogue. Rows 0 and 1 of the window see no key: out 0, lse = sink."""
     name = "sink" if "sink[" in text else "qpos"
     assert_cuda_agrees(text, moved=(name, "q"))
+
+
+# ---- fuzz seed 2000: relu, sign and heaviside keep a NaN, as NumPy's ------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "score relu(q . k)\n    normalize none",
+    "score abs(q . k)\n    normalize none",  # the backward's sign
+    "score max(q . k, 0.5)\n    normalize none",  # the backward's heaviside
+    "score q . k\n    normalize relu",
+], ids=["relu", "abs_sign", "max_tie", "relu_norm"])
+def test_cuda_nan_through_relu_sign_heaviside(text):
+    spec, (q, k, v, G), _ = _inputs(text)
+    q[1, 2, 4, 1] = np.nan  # row 4 of batch 1, head 2: NaN at every key
+    ref = attndsl.compile(spec, target="numpy")
+    cuda = compile_kernel(spec, tiles=TILES)
+    got = {"out": cuda(q, k, v), **cuda.backward(q, k, v, G)}
+    want = {"out": ref(q, k, v), **ref.backward(q, k, v, G)}
+    assert np.isnan(want["out"][1, 2, 4]).all()
+    for name, value in want.items():
+        assert np.array_equal(np.isnan(np.asarray(got[name])), np.isnan(value)), name
+        finite = ~np.isnan(value)
+        assert _rel(np.asarray(got[name])[finite], value[finite]) <= 1e-10, name
