@@ -84,9 +84,31 @@ def _extras(a: dict[str, Any]) -> dict[str, Any]:
     return {**a["params"], **a["indices"]}
 
 
+def _cancelled_poison(spec: Any, a: dict[str, Any]) -> Any:
+    """The oracle's result when the poisoned entry (a NaN in q, k or v) cancels out: SymPy
+    simplifies `(q @ W) - ((q @ W) - wr)` to `wr`, which the pair-by-pair evaluator cannot see.
+    If the evaluator gives one result for two different finite values in the NaN's place, the
+    entry does not matter, and that result is what a target must give; else None."""
+    poisoned = [n for n in ("q", "k", "v") if np.isnan(a[n]).any()]
+    if len(poisoned) != 1:
+        return None
+    results = []
+    for value in (3.7, -2.9):
+        moved = {n: np.where(np.isnan(a[n]), value, a[n]) if n in poisoned else a[n]
+                 for n in ("q", "k", "v")}
+        results.append(evaluate(spec, moved["q"], moved["k"], moved["v"], a["params"],
+                                a["indices"]))
+    same = all(np.allclose(getattr(results[0], f), getattr(results[1], f), rtol=1e-12,
+                           atol=1e-12, equal_nan=True)
+               for f in ("out", "lse") if getattr(results[0], f) is not None)
+    return results[0] if same else None
+
+
 def forward_matches_oracle(spec: Any, kernel: Any, a: dict[str, Any], target: str) -> None:
     ref = evaluate(spec, a["q"], a["k"], a["v"], a["params"], a["indices"])
     out, lse = kernel.forward(a["q"], a["k"], a["v"], return_lse=True, **_extras(a))
+    if rel_err(out, ref.out) == np.inf:  # a NaN pattern apart: did the NaN cancel?
+        ref = _cancelled_poison(spec, a) or ref
     expect_close("forward vs ir_eval", target, "out", out, ref.out, OUT_RTOL)
     expect_close("forward vs ir_eval", target, "lse", lse, ref.lse, OUT_RTOL)
 

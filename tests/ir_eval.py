@@ -130,19 +130,29 @@ class Pair:
     s: float | None = None
 
 
+# f(0) = 0 that SymPy evaluates when it builds f(0) (its own functions; attndsl's relu, elu,
+# gelu and norm stay unevaluated, so a NaN times relu(0) is still NaN)
+_ZERO_AT_ZERO = ("tanh", "sin", "sqrt", "abs", "sum")
+
+
 def _folds_to_zero(node: ir.Expr) -> bool:
     """Whether SymPy folds `node` to 0 whatever its operands hold (docs/language.md (x3)):
-    x - x, 0 * x, x * 0, 0 / x, -0, a literal 0."""
+    x - x, 0 * x, x * 0, 0 / x, -0, 0 ^ c (c > 0), tanh(0), sum(0), a literal 0."""
     if isinstance(node, ir.Num):
         return float(node.text) == 0
     if isinstance(node, ir.Unary) and node.op == "-":
         return _folds_to_zero(node.operand)
+    if isinstance(node, ir.Call):
+        return node.func in _ZERO_AT_ZERO and _folds_to_zero(node.args[0])
     if not isinstance(node, ir.Binary):
         return False
     if node.op == "-":
         return node.left == node.right
     if node.op == "*":
         return _folds_to_zero(node.left) or _folds_to_zero(node.right)
+    if node.op == "^":
+        return (_folds_to_zero(node.left) and isinstance(node.right, ir.Num)
+                and float(node.right.text) > 0)
     return node.op == "/" and _folds_to_zero(node.left)
 
 

@@ -132,7 +132,7 @@ def test_examples_match_numpy_target(path: Path) -> None:
     heads = spec.heads or 4
     kv = spec.kv_heads or (spec.heads if spec.heads else 2)
     B, n_q, n_k, d, dv = 2, 5, 5, 3, 2
-    sizes = {"heads": heads, "kv_heads": kv, "d": d, "dv": dv, "n_q": n_q, "n_k": n_k, "n": n_q,
+    sizes = {"B": B, "heads": heads, "kv_heads": kv, "d": d, "dv": dv, "n_q": n_q, "n_k": n_k, "n": n_q,
              "r": 3}
     params = {p.name: rng.uniform(0.5, 1.5, [sizes.get(x, x) for x in p.dims])
               for p in spec.params}
@@ -173,3 +173,29 @@ def test_comparisons_catch_nan_and_small_errors() -> None:
     assert fuzz_tiers.rel_err([1.0, 0.0], [1.0, -np.inf]) == np.inf
     with pytest.raises(fuzz_tiers.Mismatch, match="numpy lse"):
         fuzz_tiers.expect_close("c", "numpy", "lse", None, x, 1e-9)
+
+
+# ---- a poisoned entry that SymPy cancels (fuzz seeds 21, 22) ----------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "param sb[heads]\n    param pos[n_k]\n    score (q . tanh((q - q) ^ 2))\n    bias pos[j]",
+    "param W[d, r]\n    param wr[r]\n    score tanh(sum(((q @ W) - ((q @ W) - wr))))",
+], ids=["power_of_a_cancelled_vector", "cancelled_projection"])
+def test_a_nan_that_sympy_cancels_is_not_a_mismatch(text: str) -> None:
+    """The numpy target never reads the NaN (SymPy simplified its operand away); the oracle
+    then checks it against its own result with two finite values in the NaN's place."""
+    gen = spec_gen.GenSpec(f"attention t {{\n    {text}\n}}")
+    for seed in range(4):
+        fuzz_tiers.tier_numpy(spec_gen.Case(gen, 1, 2, 2, 5, 6, 3, 2, 2, seed, "q"))
+
+
+def test_a_nan_that_matters_is_still_a_mismatch() -> None:
+    """relu(NaN) = 0 (the cpu bug of fuzz seed 2000) would pass as a cancelled NaN only if the
+    row did not depend on q; it does, so the oracle keeps its NaN."""
+    spec = attndsl.parse("attention t {\n    score relu(q . k)\n    normalize none\n}")
+    rng = np.random.default_rng(0)
+    a = {"q": rng.normal(size=(1, 2, 4, 3)), "k": rng.normal(size=(1, 2, 5, 3)),
+         "v": rng.normal(size=(1, 2, 5, 2)), "params": {}, "indices": {}}
+    a["q"][0, 1, 2, 0] = np.nan
+    assert fuzz_tiers._cancelled_poison(spec, a) is None
