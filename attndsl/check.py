@@ -20,7 +20,7 @@ SIZE_NAMES = ("heads", "kv_heads", "d", "dv", "n_q", "n_k", "n")
 POSITION_NAMES = {"i": Side.QUERY, "j": Side.KEY, "h": Side.CONST, "b": Side.CONST}
 CLAUSE_KEYWORDS = (
     "attention", "score", "scale", "bias", "softcap", "mask", "normalize", "heads", "kv_heads",
-    "param", "index", "let",
+    "param", "index", "input", "let",
 )
 RESERVED = frozenset(
     ("q", "k", "v", "out", "lse", "dout", "s", "i", "j", "h", "b", "d", "dv", "n", "n_q", "n_k",
@@ -76,12 +76,13 @@ class Checker:
         decls: list[ir.Param | ir.Index | ir.Let] = [*self.spec.params, *self.spec.indices,
                                                      *self.spec.lets]
         for decl in decls:
-            kind = type(decl).__name__.lower()
+            kind = decl.kind if isinstance(decl, ir.Param) else type(decl).__name__.lower()
+            kind = f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
             if decl.name in RESERVED:
-                _fail(f"'{decl.name}' is reserved and cannot name a {kind}", decl,
+                _fail(f"'{decl.name}' is reserved and cannot name {kind}", decl,
                       hint="choose another name")
             if "__" in decl.name or keyword.iskeyword(decl.name):
-                _fail(f"'{decl.name}' cannot name a {kind}", decl,
+                _fail(f"'{decl.name}' cannot name {kind}", decl,
                       hint="names with '__' and Python keywords are reserved; a spec is not "
                       "Python")
             if decl.name in declared:
@@ -172,6 +173,8 @@ class Checker:
         self._unknown(name, node)
 
     def _bare_param(self, node: ir.Name, param: ir.Param) -> ir.Expr:
+        if param.batched:  # the row of the call's batch: c is c[b]
+            return self._subscript(ir.Subscript(param.name, (), pos=node.pos))
         if not param.dims:
             return dataclasses.replace(node, type=FLOAT)
         if len(param.dims) == 1:
@@ -202,22 +205,27 @@ class Checker:
             if index.type.kind is not Kind.INT:
                 _fail(f"subscript {_describe(index)} of '{node.name}' is {index.type}; "
                       "subscripts must be integers", index)
+        is_param = isinstance(array, ir.Param)
+        if is_param and array.batched:  # an input: its batch axis is read at b
+            indices = (self.expr(ir.Name("b", pos=node.pos)), *indices)
         side = _join(i.type.side for i in indices if i.type)
         rank = len(array.dims)
-        is_param = isinstance(array, ir.Param)
         if len(indices) == rank:
             return dataclasses.replace(node, indices=indices,
                                        type=Type(Kind.FLOAT if is_param else Kind.INT, side=side))
         if is_param and len(indices) == rank - 1:
             return dataclasses.replace(node, indices=indices,
                                        type=Type(Kind.VECTOR, str(array.dims[-1]), side))
-        what = "param" if is_param else "index"
+        what = array.kind if is_param else "index"
+        dims = array.spec_dims if is_param else array.dims
+        used = len(node.indices)
+        rank = len(dims)
         if rank == 0:
             _fail(f"{what} '{node.name}' is a scalar and takes no subscripts", node,
                   hint=f"write {node.name}")
         _fail(f"{what} '{node.name}' has {rank} dimension{'s' if rank != 1 else ''} "
-              f"[{', '.join(map(str, array.dims))}] but is used with {len(indices)} "
-              f"subscript{'s' if len(indices) != 1 else ''}", node,
+              f"[{', '.join(map(str, dims))}] but is used with {used} "
+              f"subscript{'s' if used != 1 else ''}", node,
               hint=f"write {rank} subscript{'s' if rank != 1 else ''}"
               + (" (or one fewer for a vector)" if is_param else "; index arrays are never vectors"))
 

@@ -133,6 +133,19 @@ class Param:
     name: str
     dims: tuple[Dim, ...]
     pos: Pos = field(default=NOPOS, compare=False)
+    # `input NAME[DIMS]`: a param with a batch axis, dims ("B", *DIMS), that the checker reads
+    # at the spec's b (c[h, i] is c[b, h, i]); passed per call and differentiated like a param
+    batched: bool = False
+
+    @property
+    def kind(self) -> str:
+        """What the spec calls it: "input" or "param"."""
+        return "input" if self.batched else "param"
+
+    @property
+    def spec_dims(self) -> tuple[Dim, ...]:
+        """The dims as the spec writes them (an input's without its batch axis)."""
+        return self.dims[1:] if self.batched else self.dims
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,10 @@ class ToIR(Transformer[Token, Any]):
     def param(self, meta: Meta, name: Token, dims: tuple[ir.Dim, ...] | None) -> Any:
         return ("param", ir.Param(str(name), dims or (), pos=_pos(name)), _pos(meta))
 
+    def input(self, meta: Meta, name: Token, dims: tuple[ir.Dim, ...] | None) -> Any:
+        param = ir.Param(str(name), ("B", *(dims or ())), pos=_pos(name), batched=True)
+        return ("param", param, _pos(meta))
+
     def index(self, meta: Meta, name: Token, dims: tuple[ir.Dim, ...] | None) -> Any:
         return ("index", ir.Index(str(name), dims or (), pos=_pos(name)), _pos(meta))
 

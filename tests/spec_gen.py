@@ -63,11 +63,13 @@ PARAM_DECLS = {
     "sb": "param sb[heads]", "tau": "param tau", "W": "param W[d, r]", "wr": "param wr[r]",
     "wd": "param wd[d]", "P": "param P[heads, d]", "table": "param table[heads, 7]",
     "kr": "param kr[n]", "pos": "param pos[n_k]", "qpos": "param qpos[n_q]",
+    # float inputs with a batch axis (issue 9)
+    "cg": "input cg[heads, n]", "rq": "input rq[n_q, r]", "rk": "input rk[n_k, r]",
 }
 INDEX_DECLS = {"doc": "index doc[n]", "kdoc": "index kdoc[n_k]", "L": "index L",
                "prefix": "index prefix[1]"}
 INDEX_KIND = {"doc": "id", "kdoc": "id", "L": "length", "prefix": "length"}
-NEEDS_SAME_N = ("kr", "doc")
+NEEDS_SAME_N = ("kr", "doc", "cg")
 FLOAT_LITERALS = ("0.5", "1.5", "0.25", "2.0", "1e-1", "2.5E-1", "3")
 BRANCH_LITERALS = ("-1.5", "0.25", "-0.5", "2.0", "0", "1e-1")  # a where's constant branches
 
@@ -519,7 +521,10 @@ def _pair_side(text: str) -> bool:
 
 
 def _bias(self: Gen) -> str:
-    kind = self.pick(["alibi", "table", "kr", "pos", "expr", "int", "where"])
+    kind = self.pick(["alibi", "table", "kr", "pos", "expr", "int", "where", "input"])
+    if kind == "input":  # Forgetting Transformer gates, decoupled rotary parts
+        return self.pick(["cg[h, i] - cg[h, j]", "rq[i] . rk[j]", "0.5 * sum(rq[i] * rk[j])",
+                          "cg[h, j] * (j - i) / n_k"])
     if kind == "alibi":
         alibi = ["sb[h] * (j - i)", "-sb[h] * abs(i - j)"]
         if "float_base_int_power" not in self.avoid:
@@ -644,8 +649,8 @@ def arrays(case: Case, spec: ir.Spec, n_q: int | None = None, n_k: int | None = 
     n_q = n_q or case.n_q
     n_k = n_k or case.n_k
     B, H, KV, d, dv = case.B, case.heads, case.kv_heads, case.d, case.dv
-    sizes = {"heads": H, "kv_heads": KV, "d": d, "dv": dv, "n_q": n_q, "n_k": n_k, "n": n_q,
-             "r": case.r}
+    sizes = {"B": B, "heads": H, "kv_heads": KV, "d": d, "dv": dv, "n_q": n_q, "n_k": n_k,
+             "n": n_q, "r": case.r}
 
     def shape(dims: tuple[ir.Dim, ...]) -> tuple[int, ...]:
         return tuple(x if isinstance(x, int) else sizes[x] for x in dims)

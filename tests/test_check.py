@@ -287,10 +287,12 @@ def test_every_example_checks(path: Path) -> None:
     assert spec.checked and spec.filename == str(path) and spec.source
 
 
-def test_the_examples_are_the_contracts_twenty_and_t5_bucket() -> None:
-    """LANGUAGE.md section 5's twenty (sliding_window_sink since issue 9), and t5_bucket."""
-    assert len(EXAMPLES) == 21, [p.name for p in EXAMPLES]
-    assert {"sliding_window_sink.attn", "t5_bucket.attn"} <= {p.name for p in EXAMPLES}
+def test_the_examples_are_the_contracts_twenty_and_three_more() -> None:
+    """LANGUAGE.md section 5's twenty (sliding_window_sink since issue 9), t5_bucket (issue 8),
+    and issue 9's inputs: forgetting and latent_rope."""
+    assert len(EXAMPLES) == 23, [p.name for p in EXAMPLES]
+    assert {"sliding_window_sink.attn", "t5_bucket.attn", "forgetting.attn",
+            "latent_rope.attn"} <= {p.name for p in EXAMPLES}
 
 
 def _all_typed(spec: ir.Spec) -> None:

@@ -75,7 +75,7 @@ def _case(spec: attndsl.ir.Spec, seed: int, heads: int = 4, kv_heads: int = 2, n
     if attndsl.check.uses_n(spec):
         n_k = n_q
     rng = np.random.default_rng(seed)
-    sizes = {"heads": heads, "d": d, "n": n_q, "n_k": n_k, "n_q": n_q, "r": 4}
+    sizes = {"B": 2, "heads": heads, "d": d, "n": n_q, "n_k": n_k, "n_q": n_q, "r": 4}
     params = {p.name: rng.uniform(-1.5, 1.5, size=tuple(sizes.get(x, x) for x in p.dims))
               for p in spec.params}
     return {"q": rng.normal(size=(2, heads, n_q, d)), "k": rng.normal(size=(2, kv_heads, n_k, d)),

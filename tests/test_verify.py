@@ -24,8 +24,8 @@ NAMES = sorted(p.stem for p in EXAMPLES.glob("*.attn"))
 MPMATH: set[str] = set()
 
 
-def test_all_twenty_one_examples_are_here() -> None:
-    assert len(NAMES) == 21, NAMES
+def test_all_twenty_three_examples_are_here() -> None:
+    assert len(NAMES) == 23, NAMES
 
 
 @pytest.mark.slow

@@ -312,3 +312,29 @@ def test_cuda_nan_through_relu_sign_heaviside(text):
         assert np.array_equal(np.isnan(np.asarray(got[name])), np.isnan(value)), name
         finite = ~np.isnan(value)
         assert _rel(np.asarray(got[name])[finite], value[finite]) <= 1e-10, name
+
+
+# ---- issue 9: input tensors with a batch axis ------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "input c[heads, n]\n    score q . k\n    bias c[h, i] - c[h, j]\n    mask j <= i",
+    "input rq[n_q, r]\n    input rk[n_k, r]\n    score q . k + rq[i] . rk[j]",
+], ids=["forgetting", "latent_rope"])
+def test_cuda_batched_inputs(text):
+    """Inputs are params with a batch axis read at b: per-batch values and gradients."""
+    spec = attndsl.parse(f"attention t {{\n    {text}\n}}")
+    rng = np.random.default_rng(5)
+    q, k = rng.standard_normal((B, HEADS, N_Q, D)), rng.standard_normal((B, KV_HEADS, N_Q, D))
+    v, G = rng.standard_normal((B, KV_HEADS, N_Q, DV)), rng.standard_normal((B, HEADS, N_Q, DV))
+    sizes = {"B": B, "heads": HEADS, "n": N_Q, "n_q": N_Q, "n_k": N_Q, "r": R}
+    extra = {p.name: rng.standard_normal(tuple(sizes[x] for x in p.dims)) for p in spec.params}
+    ref = attndsl.compile(spec, target="numpy")
+    cuda = compile_kernel(spec, tiles=TILES)
+    got = {"out": cuda(q, k, v, **extra), **cuda.backward(q, k, v, G, **extra)}
+    want = {"out": ref(q, k, v, **extra), **ref.backward(q, k, v, G, **extra)}
+    assert sorted(got) == sorted(want) == sorted(["out", "q", "k", "v", *extra])
+    for name, value in want.items():
+        assert _rel(np.asarray(got[name]), value) <= 1e-10, name
+    for name in extra:  # per batch: the two batches' gradients differ
+        assert not np.allclose(want[name][0], want[name][1]), name

@@ -36,7 +36,7 @@ def make_inputs(spec, dtype, n_q, n_k, d, dv=3, heads=2, kv_heads=1, B=1, r=4, s
     k = rng.standard_normal((B, KV, n_k, d)).astype(dtype)
     v = rng.standard_normal((B, KV, n_k, dv)).astype(dtype)
     dout = rng.standard_normal((B, H, n_q, dv)).astype(dtype)
-    sizes = {"heads": H, "kv_heads": KV, "d": d, "dv": dv, "n_q": n_q, "n_k": n_k, "n": n_q,
+    sizes = {"B": B, "heads": H, "kv_heads": KV, "d": d, "dv": dv, "n_q": n_q, "n_k": n_k, "n": n_q,
              "r": r}
     extra = {}
     for p in spec.params:
