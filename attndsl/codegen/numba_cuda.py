@@ -163,6 +163,26 @@ class Config:
 
 
 SMEM_LIMIT = 48 * 1024  # static shared memory per block
+ACC_REGISTERS = 128  # 32-bit registers a thread may spend on vector adjoint accumulators
+
+
+def shared_accumulators(layout: Layout, c: Config) -> list[Input]:
+    """attn_bwd_dkdv's per-head key-side vector adjoints kept in a shared row per thread
+    instead of registers: dV and dK stay in registers, and the others move (largest first)
+    until the rest fit in ACC_REGISTERS. Without this, a key-side input as wide as k (a rotary
+    part rk[j] beside k) needs 3 x 64 accumulators and ptxas spills at 255 registers."""
+    words = np.dtype(c.dtype).itemsize // 4
+    per_head = sorted((x for x in layout.side(Side.KEY) if x.vector and x.raw != "k"),
+                      key=lambda x: -c.size(x.size))
+    total = words * (c.size("dv") + sum(c.size(x.size) for x in layout.side(Side.KEY)
+                                        if x.vector))
+    moved = []
+    for x in per_head:
+        if total <= words * ACC_REGISTERS:
+            break
+        moved.append(x)
+        total -= words * c.size(x.size)
+    return moved
 
 
 def shared_bytes(layout: Layout, c: Config) -> dict[str, int]:
@@ -175,9 +195,10 @@ def shared_bytes(layout: Layout, c: Config) -> dict[str, int]:
     const = sum(c.size(x.size) for x in layout.side(Side.CONST) if x.vector)
     pair = len(layout.lookups_of(Side.PAIR)) * c.bwd_bq * c.bwd_bk * (4 + item)
     dv = c.size("dv")
+    accumulators = sum(c.size(x.size) + 1 for x in shared_accumulators(layout, c))
     return {
         "attn_fwd": item * (c.bk * (width(Side.KEY, 0) + dv) + const),
-        "attn_bwd_dkdv": item * (c.bwd_bk * (width(Side.KEY, 1) + dv + 1)
+        "attn_bwd_dkdv": item * (c.bwd_bk * (width(Side.KEY, 1) + dv + 1 + accumulators)
                                  + c.bwd_bq * (width(Side.QUERY, 0) + dv + 2) + const),
         "attn_bwd_dq": item * (c.bwd_bq * (width(Side.QUERY, 1) + dv + 1)
                                + c.bwd_bk * (width(Side.KEY, 0) + dv) + const) + pair,
@@ -720,6 +741,9 @@ class Emitter:
             if lay.has_state:
                 w("s_state = cuda.shared.array(BQB, DT)")
                 w("s_delta = cuda.shared.array(BQB, DT)")
+            in_shared = shared_accumulators(lay, self.config)
+            for x in in_shared:  # thread t's adjoint is row t (too many for registers)
+                w(f"sa_{x.var} = cuda.shared.array((BKB, {size_const(x.size)}_P), DT)")
             w("d_v = cuda.local.array(DV, DT)")
             with w.block("for c in range(DV):"):
                 w("d_v[c] = ZERO")
@@ -747,7 +771,8 @@ class Emitter:
                 for x in per_head:
                     if x.vector:
                         sz = size_const(x.size)
-                        w(f"d_{x.var} = cuda.local.array({sz}, DT)")
+                        w(f"d_{x.var} = sa_{x.var}[t]" if x in in_shared else
+                          f"d_{x.var} = cuda.local.array({sz}, DT)")
                         with w.block(f"for f in range({sz}):"):
                             w(f"d_{x.var}[f] = ZERO")
                     else:
