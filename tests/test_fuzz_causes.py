@@ -519,3 +519,21 @@ def test_fuzz_nan_through_relu_sign_heaviside_cpu(text: str) -> None:
     assert_same_nan_pattern_and_values(results["cpu"], results["numpy"])
     ref = evaluate(spec, a["q"], a["k"], a["v"], {}, {})
     assert np.array_equal(np.isnan(ref.out), np.isnan(results["numpy"]["out"]))
+
+
+# ---- fuzz seed 4000: a batch-free row value's adjoint counted once per batch ----------------
+
+# `P[h] @ W` has no batch axis, but the kernels return its adjoint per (batch, head): the
+# host's rows_backward added the other branch's (already summed) adjoint to it by broadcasting,
+# so that part of dP was counted B times (cpu dP relative error 0.06 .. 1.0 with B = 2)
+BATCH_FREE_CONST_ROW = """attention fuzz {
+    param P[heads, d]
+    param W[d, r]
+    score tanh(where(j <= i, (P[h] - k) @ W, P[h] @ W) . (q @ W))
+    mask j <= i + 2
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_fuzz_batch_free_row_value_adjoint_summed_once(target: str) -> None:
+    _check_against_oracle(BATCH_FREE_CONST_ROW, target, 0)

@@ -385,9 +385,9 @@ def _rows_backward(self: Emitter) -> None:
         sizes = [n for n in _sizes_used(self, nodes) if n != "kv_heads"]
         self.unpack(["kv_heads", *sizes, "b", "h", "i", "j", "g"] + [variable(n) for n in nodes])
         self.adjoints = set()
-        for item in plan.inputs:
-            name = variable(item.node)
-            self.accumulate(f"d_{name}", f"adjoints[{name!r}]")
+        for item in plan.inputs:  # the kernels' adjoints have a batch and head axis even where
+            name = variable(item.node)  # the value has none (P[h] @ W): summed to its shape
+            self.accumulate(f"d_{name}", f"xp.sum_to(adjoints[{name!r}], {name})")
         for symbol, partial in self.grads.dsink.items():  # the host computes d sink per row
             name = variable(d.node(symbol))  # type: ignore[arg-type]
             self.accumulate(f"d_{name}", f"xp.sum_to(xp.chain(adjoints['sink'], "

@@ -347,3 +347,12 @@ def test_cuda_batched_inputs(text, registers, monkeypatch):
     for name in extra:  # per batch: the two batches' gradients differ
         assert not np.allclose(want[name][0], want[name][1]), name
 
+# ---- fuzz seed 4000: a batch-free row value's adjoint counted once per batch ----------------
+
+
+def test_cuda_batch_free_row_value_adjoint_summed_once():
+    """`P[h] @ W` has no batch axis; the host's rows_backward added the kernels' per-batch
+    adjoint of it to the other branch's summed one by broadcasting (dP counted B times)."""
+    text = ("param P[heads, d]\n    param W[d, r]\n"
+            "    score tanh(where(j <= i, (P[h] - k) @ W, P[h] @ W) . (q @ W))")
+    assert_cuda_agrees(text, moved=("P", "W"))
