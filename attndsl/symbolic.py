@@ -167,7 +167,10 @@ class Deriver:
             raise SpecError("a projection of a vector that depends on both q and k is not "
                             "supported", e.pos.line, e.pos.column,
                             hint="project each side separately: q @ W + k @ W")
-        left = self.as_vec(self.vector(e.left), e.left.type)  # type: ignore[arg-type]
+        expr = self.vector(e.left)
+        if expr == 0:  # (k - k) @ W: SymPy folded the vector to 0, so is its projection
+            return sp.S.Zero
+        left = self.as_vec(expr, e.left.type)  # type: ignore[arg-type]
         matrix = e.right.name
         return self._add(("proj", left.symbol, matrix), lambda n: Vec(
             f"proj{n}", _sym(f"proj{n}_f"), e.type.size or "", side, "proj",  # type: ignore
@@ -178,8 +181,23 @@ class Deriver:
         node = self.out.node(expr) if isinstance(expr, sp.Symbol) else None
         if isinstance(node, Vec):
             return node
+        side = self.side(expr)
         return self._add(("map", expr), lambda n: Vec(  # type: ignore[return-value]
-            f"vec{n}", _sym(f"vec{n}_f"), t.size or "", t.side, "map", expr=expr))
+            f"vec{n}", _sym(f"vec{n}_f"), t.size or "", side, "map", expr=expr))
+
+    def side(self, expr: sp.Expr) -> Side:
+        """What a lowered expression varies with, from what is left after SymPy folded it:
+        the checker's side of `(k - k) + wd` is the key's, its value's is constant."""
+        side = Side.CONST
+        for symbol in expr.free_symbols:
+            node = self.out.node(symbol)  # type: ignore[arg-type]
+            if node is not None:
+                side = side.join(node.side)
+            elif symbol == POSITIONS["i"]:
+                side = side.join(Side.QUERY)
+            elif symbol == POSITIONS["j"]:
+                side = side.join(Side.KEY)
+        return side
 
     # ---- scalars ----
     def scalar(self, e: ir.Expr) -> sp.Expr:
@@ -232,10 +250,10 @@ class Deriver:
         types = [a.type for a in args]
         vectors = [self.vector(a) for a in args]
         size = types[0].size or ""  # type: ignore[union-attr]
+        sides = [self.side(v) for v in vectors]  # after folding: dot((k - k) + wd, q) is q's
         side = Side.CONST
-        for t in types:
-            side = side.join(t.side)  # type: ignore[union-attr]
-        sides = [t.side for t in types]  # type: ignore[union-attr]
+        for one in sides:
+            side = side.join(one)
         constant = [not self._has_features(v) for v in vectors]
         if all(constant) or any(v == 0 for v in vectors):  # dot(k, q - q) is 0
             return self._constant_reduction(op, vectors, size, args[0])

@@ -537,3 +537,35 @@ BATCH_FREE_CONST_ROW = """attention fuzz {
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_fuzz_batch_free_row_value_adjoint_summed_once(target: str) -> None:
     _check_against_oracle(BATCH_FREE_CONST_ROW, target, 0)
+
+
+# a vector SymPy folds: the checker's side of `(k - k) + wd` is the key's, but its value is
+# wd's, so dot(it, q) is no pair GEMM (numpy: IndexError in gemm, a 1-D param as a row tile);
+# and `(k - k) @ W` is the zero vector, not a projection of the scalar 0 (ValueError in matmul)
+FOLDED_VECTORS = """attention fuzz {
+    param wd[d]
+    param W[d, r]
+    param wr[r]
+    score tanh(dot(((k - k) + wd), q)) + tanh(norm(wr - ((k - k) @ W))) + sum((q - q) @ W)
+    mask j <= i + 1
+}"""
+
+# abs of a constant SymPy cannot call real: Abs.eval rewrote it with re and im (no printer rule)
+ABS_OF_OPAQUE_CONSTANT = """attention fuzz {
+    index prefix[1]
+    bias (abs(sqrt((softplus(0.5) + 0.25))) + 0.5)
+    score (abs(sqrt((n_q + 1))) + 0.5) + q . k
+    mask j < prefix[0] or j <= i
+    normalize sum
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_fuzz_folded_vector_sides_match_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(FOLDED_VECTORS, target, 0)
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_fuzz_abs_of_opaque_constant_matches_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(ABS_OF_OPAQUE_CONSTANT, target, 0,
+                          indices={"prefix": np.array([[2], [0]])})

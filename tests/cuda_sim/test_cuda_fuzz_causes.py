@@ -356,3 +356,14 @@ def test_cuda_batch_free_row_value_adjoint_summed_once():
     text = ("param P[heads, d]\n    param W[d, r]\n"
             "    score tanh(where(j <= i, (P[h] - k) @ W, P[h] @ W) . (q @ W))")
     assert_cuda_agrees(text, moved=("P", "W"))
+
+
+@pytest.mark.parametrize("text", [
+    "param wd[d]\n    score tanh(dot(((k - k) + wd), q)) + q . k",
+    "param W[d, r]\n    param wd[d]\n    score tanh(norm(wd @ W - ((k - k) @ W))) + q . k",
+    "score (abs(sqrt((softplus(0.5) + 0.25))) + 0.5) * (q . k)",
+], ids=["folded_dot", "folded_projection", "abs_constant"])
+def test_cuda_vectors_sympy_folds(text):
+    """(k - k) + wd is wd (a constant vector, not a key-side one), (k - k) @ W is 0, and abs of
+    a constant SymPy cannot call real stays abs (fuzz seed 4000: numpy and cuda crashed)."""
+    assert_cuda_agrees(text, moved=("q",))
