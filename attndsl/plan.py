@@ -40,10 +40,47 @@ class PairInput:
         return isinstance(self.node, Vec) and self.node.kind == "input" and self.node.name == "q"
 
 
+# A tile's first and last query row and key column (inclusive), for the corners of a mask atom.
+TILE = {name: sp.Symbol(name, integer=True) for name in ("i_first", "i_last", "j_first",
+                                                          "j_last")}
+
+
 @dataclass(frozen=True)
 class MaskAtom:
+    """One relation of the mask. How every backend decides a tile's status from the atoms
+    (0: the mask allows no pair of the tile, 1: some, 2: every pair):
+
+      linear atom   from the tile's four corners (all true: 2, none: 0, else 1)
+      other atoms   (doc[i] == doc[j], i // w) by scanning the tile's pairs, only when the
+                    linear atoms leave the tile open (`tile_status_text` with the others at 1)
+      the mask      And -> min, Or -> max, Not -> 2 - status of the atoms (`tile_status_text`)
+    """
+
     relation: sp.Basic
     linear: bool  # a linear inequality in i and j: a tile's status follows from its corners
+
+    def corners(self) -> list[sp.Basic]:
+        """The relation at the four corners of a tile (over the TILE symbols)."""
+        i, j = POSITIONS["i"], POSITIONS["j"]
+        return [self.relation.xreplace({i: TILE[a], j: TILE[b]})
+                for a in ("i_first", "i_last") for b in ("j_first", "j_last")]
+
+
+def tile_status_text(mask: sp.Basic, states: dict[sp.Basic, str]) -> str:
+    """The mask's status over a tile as a Python expression (Numba CPU and CUDA alike) of its
+    atoms' statuses, named in `states` (an atom missing there counts as open: 1)."""
+    if mask in states:
+        return states[mask]
+    if isinstance(mask, (sp.And, sp.Or)):
+        parts = ", ".join(tile_status_text(a, states) for a in mask.args)
+        return f"{'min' if isinstance(mask, sp.And) else 'max'}({parts})"
+    if isinstance(mask, sp.Not):
+        return f"(2 - {tile_status_text(mask.args[0], states)})"
+    if mask == sp.true:
+        return "2"
+    if mask == sp.false:
+        return "0"
+    return "1"
 
 
 @dataclass

@@ -21,7 +21,7 @@ import sympy as sp
 from .. import functions as fn
 from .. import ir, normalizers
 from ..ir import NormKind, Side
-from ..plan import KernelPlan, PairInput, make_plan
+from ..plan import KernelPlan, PairInput, make_plan, tile_status_text
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
 from . import numpy_ref
 from .printer import KernelPrinter, integer_valued
@@ -341,10 +341,11 @@ class CpuEmitter:
                 w()
                 return
             self.unpack_sizes()
-            atoms = {a.relation: a for a in self.plan.mask_atoms}
+            w("i_first, i_last, j_first, j_last = i0, i1 - 1, j0, j1 - 1")
             states = {}
             scanned = []
-            for n, (relation, atom) in enumerate(atoms.items()):
+            for n, atom in enumerate(self.plan.mask_atoms):
+                relation = atom.relation
                 name = f"a{n}"
                 states[relation] = name
                 const_lookups = [x for x in lookups if x.symbol in relation.free_symbols]
@@ -354,18 +355,12 @@ class CpuEmitter:
                     continue
                 for x in const_lookups:
                     self.lookup_read(x, "", check=True, on_error="return 1  # reported per pair")
-                corners = []
-                for ci, cj in (("i0", "j0"), ("i0", "j1 - 1"), ("i1 - 1", "j0"),
-                               ("i1 - 1", "j1 - 1")):
-                    text = self.it(relation.xreplace({POSITIONS["i"]: sp.Symbol("_I"),
-                                                      POSITIONS["j"]: sp.Symbol("_J")}))
-                    corners.append(text.replace("_I", f"({ci})").replace("_J", f"({cj})"))
-                w(f"c{n} = int({corners[0]}) + int({corners[1]}) + int({corners[2]}) + "
-                  f"int({corners[3]})")
+                corners = " + ".join(f"int({self.it(c)})" for c in atom.corners())
+                w(f"c{n} = {corners}")
                 w(f"{name} = 2 if c{n} == 4 else (0 if c{n} == 0 else 1)  "
                   f"# {sp.sstr(relation)}")
             if scanned:
-                w(f"open_ = {self._combine(d.mask, states)}")
+                w(f"open_ = {tile_status_text(d.mask, states)}")
                 with w.block("if open_ != 1:"):
                     w("return open_  # decided by the linear atoms alone")
             for n, relation in scanned:
@@ -386,24 +381,9 @@ class CpuEmitter:
                     with w.block(f"if t{n} and f{n}:"):
                         w("break")
                 w(f"a{n} = 2 if f{n} == 0 else (0 if t{n} == 0 else 1)  # {sp.sstr(relation)}")
-            w(f"return {self._combine(d.mask, states)}")
+            w(f"return {tile_status_text(d.mask, states)}")
         w()
         w()
-
-    def _combine(self, e: sp.Basic, states: dict[sp.Basic, str]) -> str:
-        if e in states:
-            return states[e]
-        if isinstance(e, sp.And):
-            return "min(" + ", ".join(self._combine(a, states) for a in e.args) + ")"
-        if isinstance(e, sp.Or):
-            return "max(" + ", ".join(self._combine(a, states) for a in e.args) + ")"
-        if isinstance(e, sp.Not):
-            return f"(2 - {self._combine(e.args[0], states)})"
-        if e == sp.true:
-            return "2"
-        if e == sp.false:
-            return "0"
-        return "1"
 
     # ---- per-pair code ----
     def lookup_read(self, x: Lookup, err: str, check: bool = True, on_error: str = "") -> None:

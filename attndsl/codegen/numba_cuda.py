@@ -29,7 +29,7 @@ import sympy as sp
 
 from .. import ir, normalizers
 from ..ir import NormKind, Side
-from ..plan import KernelPlan, PairInput, make_plan
+from ..plan import TILE, KernelPlan, PairInput, make_plan, tile_status_text
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S, Vec
 from . import numpy_ref
 from .cuda_printer import CudaPrinter
@@ -399,32 +399,60 @@ class Emitter:
                     read = f"{read} if {guard} else {zero}"
                 self.w(f"lk_{node.name} = {read}")
 
-    def tile_status(self, p: CudaPrinter, i0: str, i1: str, j0: str, j1: str) -> None:
-        """any_: some pair of the tile may be allowed; all_: every pair is (from the corners)."""
+    def tile_status(self, p: CudaPrinter, threads: str, i0: str, i1: str, j0: str,
+                    j1: str) -> None:
+        """any_: some pair of the tile is allowed; all_: every pair is. The rule of
+        plan.MaskAtom: linear atoms from the corners, the others by a scan of the tile that
+        the block shares (each thread some pairs, then a barrier vote), only when needed."""
         w, mask = self.w, self.deriv.mask
         if mask is None:
             w("any_, all_ = True, True")
             return
+        corner = p.with_names({TILE["i_first"]: i0, TILE["i_last"]: i1,
+                               TILE["j_first"]: j0, TILE["j_last"]: j1})
+        states: dict[sp.Basic, str] = {}
+        scanned = []
+        for n, atom in enumerate(self.plan.mask_atoms):
+            if not atom.linear:
+                scanned.append((n, atom.relation))
+                continue
+            states[atom.relation] = f"ts_a{n}"
+            w(f"ts_c{n} = " + " + ".join(f"int({corner.bool_(c)})" for c in atom.corners()))
+            w(f"ts_a{n} = 2 if ts_c{n} == 4 else (0 if ts_c{n} == 0 else 1)  "
+              f"# {sp.sstr(atom.relation)}")
+        w(f"status = {tile_status_text(mask, states)}")
+        if scanned:
+            with w.block("if status == 1:  # the same branch in every thread of the block"):
+                self.scan_tile(p, threads, i0, i1, j0, j1, scanned, states)
+                w(f"status = {tile_status_text(mask, states)}")
+        w("any_ = status != 0")
+        w("all_ = status == 2")
+
+    def scan_tile(self, p: CudaPrinter, threads: str, i0: str, i1: str, j0: str, j1: str,
+                  scanned: list[tuple[int, sp.Basic]], states: dict[sp.Basic, str]) -> None:
+        """Whether some pair of the tile satisfies each scanned atom, and some does not."""
+        w = self.w
         i, j = POSITIONS["i"], POSITIONS["j"]
-        atoms = {a.relation: a for a in self.plan.mask_atoms}
-
-        def bounds(e: sp.Basic) -> tuple[str, str]:  # (all, any) of a boolean over the tile
-            if isinstance(e, (sp.And, sp.Or)):
-                parts = [bounds(a) for a in e.args]
-                op = " and " if isinstance(e, sp.And) else " or "
-                return (f"({op.join(a for a, _ in parts)})", f"({op.join(y for _, y in parts)})")
-            if isinstance(e, sp.Not):
-                all_, any_ = bounds(e.args[0])
-                return (f"(not {any_})", f"(not {all_})")
-            atom = atoms.get(e)
-            if atom is None or not atom.linear:
-                return ("False", "True")
-            corners = [p.with_names({i: a, j: c}).bool_(e) for a in (i0, i1) for c in (j0, j1)]
-            return ("(" + " and ".join(corners) + ")", "(" + " or ".join(corners) + ")")
-
-        all_, any_ = bounds(mask)
-        w(f"all_ = {all_}")
-        w(f"any_ = {any_}")
+        names: dict[sp.Symbol, str] = {i: "ts_i", j: "ts_j"}
+        for node in self.plan.lookups:  # in node order: a subscript may read an earlier one
+            if node.side is not Side.CONST:
+                names[node.symbol] = f"({self.lookup_read(node, p.with_names(names))})"
+        at = p.with_names(names)
+        for n, _ in scanned:
+            w(f"ts_t{n}, ts_f{n} = 0, 0")
+        w(f"ts_w = {j1} - {j0} + 1")
+        with w.block(f"for ts_p in range(t, ({i1} - {i0} + 1) * ts_w, {threads}):"):
+            w(f"ts_i, ts_j = {i0} + ts_p // ts_w, {j0} + ts_p % ts_w")
+            for n, relation in scanned:
+                with w.block(f"if {at.bool_(relation)}:"):
+                    w(f"ts_t{n} = 1")
+                with w.block("else:"):
+                    w(f"ts_f{n} = 1")
+        for n, relation in scanned:
+            states[relation] = f"ts_a{n}"
+            w(f"ts_t{n}, ts_f{n} = cuda.syncthreads_or(ts_t{n}), cuda.syncthreads_or(ts_f{n})")
+            w(f"ts_a{n} = 2 if ts_f{n} == 0 else (0 if ts_t{n} == 0 else 1)  "
+              f"# {sp.sstr(relation)}")
 
     def pair_prelude(self, p: CudaPrinter, ctx: Ctx, ok: str) -> None:
         """Reads the pair's other-side and pair lookups, then decides whether it is allowed."""
@@ -497,7 +525,7 @@ class Emitter:
                 w("z = ZERO  # running sum of x over allowed keys")
             with w.block("for k0 in range(0, n_k, BK):"):
                 w("k1 = min(k0 + BK, n_k) - 1")
-                self.tile_status(p, "q0", "q1", "k0", "k1")
+                self.tile_status(p, "BQ", "q0", "q1", "k0", "k1")
                 with w.block("if not any_:"):
                     w("continue  # the whole tile is masked (uniform across the block)")
                 w("cuda.syncthreads()  # every thread is done with the previous tile")
@@ -781,7 +809,7 @@ class Emitter:
                     w(f"dl_{node.name} = ZERO")
                 with w.block("for q0 in range(0, n_q, BQB):"):
                     w("q1 = min(q0 + BQB, n_q) - 1")
-                    self.tile_status(p, "q0", "q1", "k0", "k1")
+                    self.tile_status(p, "BKB", "q0", "q1", "k0", "k1")
                     with w.block("if not any_:"):
                         w("continue")
                     w("cuda.syncthreads()")
@@ -885,7 +913,7 @@ class Emitter:
                 live += " and row_state != ZERO"
             with w.block("for k0 in range(0, n_k, BKB):"):
                 w("k1 = min(k0 + BKB, n_k) - 1")
-                self.tile_status(p, "q0", "q1", "k0", "k1")
+                self.tile_status(p, "BQB", "q0", "q1", "k0", "k1")
                 with w.block("if not any_:"):
                     w("continue")
                 w("cuda.syncthreads()")

@@ -367,3 +367,31 @@ def test_cuda_vectors_sympy_folds(text):
     """(k - k) + wd is wd (a constant vector, not a key-side one), (k - k) @ W is 0, and abs of
     a constant SymPy cannot call real stays abs (fuzz seed 4000: numpy and cuda crashed)."""
     assert_cuda_agrees(text, moved=("q",))
+
+
+# ---- issue 9: one tile rule for every backend (plan.MaskAtom) --------------------------------
+
+
+@pytest.mark.parametrize("mask", ["doc[i] == doc[j] and j <= i", "doc[i] == doc[j] or j > i + 9",
+                                  "not (doc[i] != doc[j])"], ids=["and", "or", "not"])
+def test_cuda_scanned_mask_atoms_decide_whole_tiles(mask):
+    """A document mask is no linear atom: the cuda kernels scan such a tile (every thread some
+    pairs, a barrier vote) when the linear atoms leave it open, as the cpu kernel does. Tiles of
+    4 x 8 over three documents of 8, 8 and 3 positions are all three cases: every pair in one
+    document (status 2, the per-pair mask skipped), none (0, the tile skipped) and mixed."""
+    spec = attndsl.parse(f"attention t {{\n    index doc[n]\n    score q . k\n    mask {mask}\n}}")
+    n = 19
+    rng = np.random.default_rng(11)
+    q, k = rng.standard_normal((B, HEADS, n, D)), rng.standard_normal((B, KV_HEADS, n, D))
+    v, G = rng.standard_normal((B, KV_HEADS, n, DV)), rng.standard_normal((B, HEADS, n, DV))
+    doc = np.array([[0] * 8 + [1] * 8 + [2] * 3, [0] * 3 + [1] * 13 + [2] * 3])
+    ref = attndsl.compile(spec, target="numpy")
+    cuda = compile_kernel(spec, tiles=TILES)
+    got_out, got_lse = cuda.forward(q, k, v, return_lse=True, doc=doc)
+    want_out, want_lse = ref.forward(q, k, v, return_lse=True, doc=doc)
+    assert _rel(got_out, want_out) <= 1e-10 and _rel(got_lse, want_lse) <= 1e-10
+    got, want = cuda.backward(q, k, v, G, doc=doc), ref.backward(q, k, v, G, doc=doc)
+    for name in ("q", "k", "v"):
+        assert _rel(got[name], want[name]) <= 1e-10, name
+    source = emit_source(spec)
+    assert source.count("cuda.syncthreads_or(ts_t0)") == 3  # fwd, dkdv and dq scan
