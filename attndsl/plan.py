@@ -83,6 +83,29 @@ def tile_status_text(mask: sp.Basic, states: dict[sp.Basic, str]) -> str:
     return "1"
 
 
+@dataclass(frozen=True)
+class LinearPath:
+    """phi(q) . psi(k) with `sum` or `none` normalization: the associative form, O(n F dv),
+    which every backend runs instead of tiles (`attndsl show`: "path: linear attention").
+    With A_i = phi(q_i), B_j = psi(k_j), rows i seeing keys j <= i (causal) or every key:
+
+      forward    S_i = sum_{j seen by i} B_j v_j^T      z_i = sum_{j seen by i} B_j
+                 den_i = A_i . z_i  (saved as the row state)
+                 out_i = A_i S_i / den_i  (sum; 0 where den_i = 0)   or   A_i S_i  (none)
+      backward   gnum_i = dO_i / den_i     gden_i = -(dO_i . out_i) / den_i   (none: dO_i, 0)
+                 dA_i = S_i gnum_i + z_i gden_i
+                 U_j = sum_{i seeing j} A_i gnum_i^T     u_j = sum_{i seeing j} A_i gden_i
+                 dB_j = U_j v_j + u_j                    dv_j = U_j^T B_j
+
+    Causal: S, z are running prefix sums over the keys (row i adds keys up to i), U, u running
+    suffix sums over the rows (key j adds rows down to j). Nothing is n x n."""
+
+    a: PairInput  # the query-side factor A_i
+    b: PairInput  # the key-side factor B_j
+    causal: bool  # mask j <= i
+    normalized: bool  # `sum` (else `none`)
+
+
 @dataclass
 class KernelPlan:
     deriv: Derivation
@@ -92,7 +115,7 @@ class KernelPlan:
     loops: list[Reduction] = field(default_factory=list)
     lookups: list[Lookup] = field(default_factory=list)  # read inside the pair kernel
     mask_atoms: list[MaskAtom] = field(default_factory=list)
-    linear_path: bool = False
+    linear: LinearPath | None = None  # the associative form, when the spec allows it
     # pair-kernel nodes (GEMMs, loops, lookups) that explicit loops read in their bodies:
     # symbol -> [(loop, d body / d symbol)]; their adjoint gathers sum_f dloop * partial
     nested: dict[sp.Symbol, list[tuple[Reduction, sp.Expr]]] = field(default_factory=dict)
@@ -109,6 +132,10 @@ class KernelPlan:
         a, b = self.input_for(r.gemm[0].symbol), self.input_for(r.gemm[1].symbol)
         assert a is not None and b is not None
         return a, b
+
+    @property
+    def linear_path(self) -> bool:
+        return self.linear is not None
 
     @property
     def param_lookups(self) -> list[Lookup]:
@@ -197,7 +224,10 @@ def make_plan(spec_or_deriv: ir.Spec | Derivation) -> KernelPlan:
     if deriv.mask is not None:
         atoms = sorted(deriv.mask.atoms(sp.core.relational.Relational), key=sp.default_sort_key)
         plan.mask_atoms = [MaskAtom(a, _is_linear(a, deriv)) for a in atoms]
-    plan.linear_path = _linear_path(deriv, plan)
+    if _linear_path(deriv, plan):
+        a, b = plan.inputs_of_gemm(plan.gemms[0])
+        plan.linear = LinearPath(a, b, causal=deriv.mask is not None,
+                                 normalized=deriv.norm is NormKind.SUM)
     plan.nested = _nested_reads(plan)
     return plan
 

@@ -890,19 +890,16 @@ class CpuEmitter:
 
 
 def _linear(self: CpuEmitter) -> None:
-    """phi(q) . psi(k) with sum/none normalization: the associative form, O(n F dv).
-
-    out_i = A_i S_i / (A_i . z_i) with S_i = sum_j B_j v_j^T and z_i = sum_j B_j over the keys
-    row i sees (all, or j <= i as a running prefix: the recurrent form of causal attention).
+    """plan.LinearPath's equations, one task per (batch, head): out_i = A_i S_i / (A_i . z_i)
+    with S_i = sum_j B_j v_j^T and z_i = sum_j B_j over the keys row i sees (all, or j <= i as a
+    running prefix: the recurrent form of causal attention), O(n F dv).
     """
-    w, plan = self.w, self.plan
-    gemm = plan.gemms[0]
-    a, bvec = (plan.input_for(v.symbol) for v in gemm.gemm)  # type: ignore[union-attr]
-    assert a is not None and bvec is not None
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    a, bvec = path.a, path.b
     A, Bn = input_name(a), input_name(bvec)
     ha, hb = "h", ("hk" if bvec.is_raw_key else "h")
-    causal = self.deriv.mask is not None
-    normalized = self.deriv.norm is NormKind.SUM
+    causal, normalized = path.causal, path.normalized
     w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
     with w.block(self.signature("_linear_fwd", ["out", "state"], tiled=False)):
         w(f'"""{"Causal (prefix-sum)" if causal else "Full"} linear attention per (batch, '

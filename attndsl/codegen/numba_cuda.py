@@ -21,8 +21,9 @@ generated file; one file per configuration, cached on disk like every target.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import sympy as sp
@@ -300,7 +301,7 @@ class Emitter:
         self.dkdv()
         self.dq()
         if self.layout.plan.linear_path:
-            emit_linear(self)
+            LinearEmitter(self).emit()
         kernels = body.text()
         w = self.w = SourceWriter()
         d, c = self.deriv, self.config
@@ -957,34 +958,45 @@ LINEAR_KERNELS = ("attn_linear_fwd", "attn_linear_bwd_ab", "attn_linear_bwd_v")
 
 def linear_inputs(layout: Layout) -> tuple[Input, Input]:
     """The query-side and key-side factors of the one dot product: A_i . B_j."""
-    a, b = layout.plan.inputs_of_gemm(layout.plan.gemms[0])
+    path = layout.plan.linear
+    assert path is not None
     pick = {x.item: x for x in layout.inputs}
-    return pick[a], pick[b]
+    return pick[path.a], pick[path.b]
 
 
-def emit_linear(em: Any) -> None:
-    """phi(q) . psi(k) with sum/none normalization, O(n F dv) per (head, batch) block:
-    out_i = A_i S_i / (A_i . z_i), S_i = sum_j B_j v_j^T, z_i = sum_j B_j over the keys row i
-    sees (all of them, or j <= i as running prefix sums). No shared memory: every thread owns
-    one column (forward, dv) or one row (backward, features) of S."""
-    w, lay = em.w, em.layout
-    a, bvec = linear_inputs(lay)
-    A, Bn = a.arg, bvec.arg
-    hb = "g" if bvec.raw == "k" else "h"
-    nf = size_const(a.size)
-    causal = lay.plan.deriv.mask is not None
-    summed = lay.plan.deriv.norm is NormKind.SUM
-    base = ", ".join(lay.base_args())
+class LinearEmitter:
+    """plan.LinearPath's equations as three kernels, one block per (head, batch), no shared
+    memory: every thread owns one column (forward and dv: c over dv) or one row (dA, dB: f over
+    the features) of S, then of U."""
 
-    def head() -> None:
+    def __init__(self, em: Emitter) -> None:
+        self.w, self.layout = em.w, em.layout
+        path = self.layout.plan.linear
+        assert path is not None
+        self.causal, self.summed = path.causal, path.normalized
+        a, b = linear_inputs(self.layout)
+        self.A, self.Bn = a.arg, b.arg  # the factors' kernel arguments
+        self.hb = "g" if b.raw == "k" else "h"  # B's head: k is read at the key/value head
+        self.nf = size_const(a.size)
+        self.base = ", ".join(self.layout.base_args())
+
+    def emit(self) -> None:
+        self.fwd()
+        self.bwd_ab()
+        self.bwd_v()
+
+    def head(self) -> None:
+        w = self.w
         w("b, h = cuda.blockIdx.y, cuda.blockIdx.x")
         w("heads, n_q = q.shape[1], q.shape[2]")
         w("kv_heads, n_k = k.shape[1], k.shape[2]")
         w("g = h // (heads // kv_heads)  # the key/value head of query head h")
 
-    def row_grad(own: str) -> None:
-        """gnum = dO_i / den_i and gden = -(dO_i . O_i) / den_i (none: dO_i and 0)."""
-        if not summed:
+    def row_grad(self, own: str) -> None:
+        """gnum = dO_i / den_i and gden = -(dO_i . O_i) / den_i (none: dO_i and 0); `own`
+        "all": every column into gnum[:], else this thread's column c as gnum_c."""
+        w = self.w
+        if not self.summed:
             w("gden = ZERO")
             if own == "all":
                 with w.block("for cc in range(DV):"):
@@ -1003,135 +1015,147 @@ def emit_linear(em: Any) -> None:
         else:
             w("gnum_c = dout[b, h, i, c] * inv")
 
-    # forward: thread c owns S[:, c] and a copy of z
-    w("@jit(DV)")
-    with w.block(f"def attn_linear_fwd({base}, out, state):"):
-        w('"""Linear attention per (head, batch); thread c owns column c of S."""')
-        w("c = cuda.threadIdx.x")
-        head()
-        w(f"S = cuda.local.array({nf}, DT)")
-        w(f"z = cuda.local.array({nf}, DT)")
-        with w.block(f"for f in range({nf}):"):
-            w("S[f] = ZERO")
-            w("z[f] = ZERO")
-
-        def add_keys(start: str, stop: str) -> None:
-            with w.block(f"for j in range({start}, {stop}):"), w.block(f"for f in range({nf}):"):
-                w(f"bf = {Bn}[b, {hb}, j, f]")
-                w("z[f] += bf")
-                w("S[f] += bf * v[b, g, j, c]")
-
-        if not causal:
+    @contextmanager
+    def keys_then_rows(self, add_keys: Callable[[str, str], None], note: str) -> Iterator[None]:
+        """`for i in range(n_q):` after adding the keys row i sees (all, or up to i)."""
+        w = self.w
+        if not self.causal:
             add_keys("0", "n_k")
         w("jn = 0")
         with w.block("for i in range(n_q):"):
-            if causal:
-                w("stop = min(i + 1, n_k)  # mask j <= i")
+            if self.causal:
+                w(f"stop = min(i + 1, n_k){note}")
                 add_keys("jn", "stop")
                 w("jn = stop")
-            w("den = ZERO")
-            w("num = ZERO")
-            with w.block(f"for f in range({nf}):"):
-                w(f"af = {A}[b, h, i, f]")
-                w("den += af * z[f]")
-                w("num += af * S[f]")
-            if summed:
-                w("out[b, h, i, c] = num / den if den != ZERO else ZERO")
-            else:
-                w("out[b, h, i, c] = num")
-            with w.block("if c == 0:"):
-                w("state[b, h, i] = den")
-    w()
-    w()
-    # backward, thread f: dA_i[f] = S_i[f, :] . gnum_i + z_i[f] gden_i, dB_j[f] = U_j[f, :] . v_j + u_j[f]
-    w(f"@jit({nf})")
-    with w.block(f"def attn_linear_bwd_ab({base}, dout, out, state, d_a, d_b):"):
-        w('"""dA (keys as a running prefix) and dB (rows as a running suffix, i >= j); thread f '
-          'owns row f of S and U."""')
-        w("f = cuda.threadIdx.x")
-        head()
-        w("row = cuda.local.array(DV, DT)  # S[f, :], then U[f, :]")
-        w("gnum = cuda.local.array(DV, DT)")
-        with w.block("for cc in range(DV):"):
-            w("row[cc] = ZERO")
-        w("zf = ZERO")
+            yield
 
-        def add_keys(start: str, stop: str) -> None:
-            with w.block(f"for j in range({start}, {stop}):"):
-                w(f"bf = {Bn}[b, {hb}, j, f]")
-                w("zf += bf")
-                with w.block("for cc in range(DV):"):
-                    w("row[cc] += bf * v[b, g, j, cc]")
-
-        if not causal:
-            add_keys("0", "n_k")
-        w("jn = 0")
-        with w.block("for i in range(n_q):"):
-            if causal:
-                w("stop = min(i + 1, n_k)")
-                add_keys("jn", "stop")
-                w("jn = stop")
-            row_grad("all")
-            w("acc = zf * gden")
-            with w.block("for cc in range(DV):"):
-                w("acc += row[cc] * gnum[cc]")
-            w("d_a[b, h, i, f] = acc")
-        with w.block("for cc in range(DV):"):
-            w("row[cc] = ZERO")
-        w("uf = ZERO")
-
-        def add_rows(start: str, stop: str) -> None:
-            with w.block(f"for i in range({start}, {stop}, -1):"):
-                row_grad("all")
-                w(f"af = {A}[b, h, i, f]")
-                w("uf += af * gden")
-                with w.block("for cc in range(DV):"):
-                    w("row[cc] += af * gnum[cc]")
-
+    @contextmanager
+    def rows_then_keys(self, add_rows: Callable[[str, str], None], note: str
+                       ) -> Iterator[None]:
+        """`for j in range(n_k - 1, -1, -1):` after adding the rows that see key j (all, or
+        those from i = j up, as a running suffix)."""
+        w = self.w
         w("inext = n_q - 1")
-        if not causal:
+        if not self.causal:
             add_rows("n_q - 1", "-1")
             w("inext = -1")
         with w.block("for j in range(n_k - 1, -1, -1):"):
-            if causal:
+            if self.causal:
                 add_rows("inext", "j - 1")
-                w("inext = min(inext, j - 1)  # rows i >= j see key j")
-            w("acc = uf")
-            with w.block("for cc in range(DV):"):
-                w("acc += row[cc] * v[b, g, j, cc]")
-            w("d_b[b, h, j, f] = acc")
-    w()
-    w()
-    # backward, thread c: dv_j[c] = sum_f U_j[f, c] B_j[f]
-    w("@jit(DV)")
-    with w.block(f"def attn_linear_bwd_v({base}, dout, out, state, dv_h):"):
-        w('"""dv per query head (summed over GQA groups on the host); thread c owns U[:, c]."""')
-        w("c = cuda.threadIdx.x")
-        head()
-        w(f"col = cuda.local.array({nf}, DT)")
-        with w.block(f"for f in range({nf}):"):
-            w("col[f] = ZERO")
+                w(f"inext = min(inext, j - 1){note}")
+            yield
 
-        def add_rows_v(start: str, stop: str) -> None:
-            with w.block(f"for i in range({start}, {stop}, -1):"):
-                row_grad("own")
-                with w.block(f"for f in range({nf}):"):
-                    w(f"col[f] += {A}[b, h, i, f] * gnum_c")
+    # ---- forward: thread c owns S[:, c] and a copy of z ----
+    def add_keys_column(self, start: str, stop: str) -> None:
+        w, nf = self.w, self.nf
+        with w.block(f"for j in range({start}, {stop}):"), w.block(f"for f in range({nf}):"):
+            w(f"bf = {self.Bn}[b, {self.hb}, j, f]")
+            w("z[f] += bf")
+            w("S[f] += bf * v[b, g, j, c]")
 
-        w("inext = n_q - 1")
-        if not causal:
-            add_rows_v("n_q - 1", "-1")
-            w("inext = -1")
-        with w.block("for j in range(n_k - 1, -1, -1):"):
-            if causal:
-                add_rows_v("inext", "j - 1")
-                w("inext = min(inext, j - 1)")
-            w("acc = ZERO")
+    def fwd(self) -> None:
+        w, nf = self.w, self.nf
+        w("@jit(DV)")
+        with w.block(f"def attn_linear_fwd({self.base}, out, state):"):
+            w('"""Linear attention per (head, batch); thread c owns column c of S."""')
+            w("c = cuda.threadIdx.x")
+            self.head()
+            w(f"S = cuda.local.array({nf}, DT)")
+            w(f"z = cuda.local.array({nf}, DT)")
             with w.block(f"for f in range({nf}):"):
-                w(f"acc += col[f] * {Bn}[b, {hb}, j, f]")
-            w("dv_h[b, h, j, c] = acc")
-    w()
-    w()
+                w("S[f] = ZERO")
+                w("z[f] = ZERO")
+            with self.keys_then_rows(self.add_keys_column, "  # mask j <= i"):
+                w("den = ZERO")
+                w("num = ZERO")
+                with w.block(f"for f in range({nf}):"):
+                    w(f"af = {self.A}[b, h, i, f]")
+                    w("den += af * z[f]")
+                    w("num += af * S[f]")
+                if self.summed:
+                    w("out[b, h, i, c] = num / den if den != ZERO else ZERO")
+                else:
+                    w("out[b, h, i, c] = num")
+                with w.block("if c == 0:"):
+                    w("state[b, h, i] = den")
+        w()
+        w()
+
+    # ---- backward, thread f: dA_i[f] = S_i[f, :] . gnum_i + z_i[f] gden_i,
+    #      dB_j[f] = U_j[f, :] . v_j + u_j[f] ----
+    def add_keys_row(self, start: str, stop: str) -> None:
+        w = self.w
+        with w.block(f"for j in range({start}, {stop}):"):
+            w(f"bf = {self.Bn}[b, {self.hb}, j, f]")
+            w("zf += bf")
+            with w.block("for cc in range(DV):"):
+                w("row[cc] += bf * v[b, g, j, cc]")
+
+    def add_rows_row(self, start: str, stop: str) -> None:
+        w = self.w
+        with w.block(f"for i in range({start}, {stop}, -1):"):
+            self.row_grad("all")
+            w(f"af = {self.A}[b, h, i, f]")
+            w("uf += af * gden")
+            with w.block("for cc in range(DV):"):
+                w("row[cc] += af * gnum[cc]")
+
+    def bwd_ab(self) -> None:
+        w = self.w
+        w(f"@jit({self.nf})")
+        with w.block(f"def attn_linear_bwd_ab({self.base}, dout, out, state, d_a, d_b):"):
+            w('"""dA (keys as a running prefix) and dB (rows as a running suffix, i >= j); '
+              'thread f owns row f of S and U."""')
+            w("f = cuda.threadIdx.x")
+            self.head()
+            w("row = cuda.local.array(DV, DT)  # S[f, :], then U[f, :]")
+            w("gnum = cuda.local.array(DV, DT)")
+            with w.block("for cc in range(DV):"):
+                w("row[cc] = ZERO")
+            w("zf = ZERO")
+            with self.keys_then_rows(self.add_keys_row, ""):
+                self.row_grad("all")
+                w("acc = zf * gden")
+                with w.block("for cc in range(DV):"):
+                    w("acc += row[cc] * gnum[cc]")
+                w("d_a[b, h, i, f] = acc")
+            with w.block("for cc in range(DV):"):
+                w("row[cc] = ZERO")
+            w("uf = ZERO")
+            with self.rows_then_keys(self.add_rows_row, "  # rows i >= j see key j"):
+                w("acc = uf")
+                with w.block("for cc in range(DV):"):
+                    w("acc += row[cc] * v[b, g, j, cc]")
+                w("d_b[b, h, j, f] = acc")
+        w()
+        w()
+
+    # ---- backward, thread c: dv_j[c] = sum_f U_j[f, c] B_j[f] ----
+    def add_rows_column(self, start: str, stop: str) -> None:
+        w = self.w
+        with w.block(f"for i in range({start}, {stop}, -1):"):
+            self.row_grad("own")
+            with w.block(f"for f in range({self.nf}):"):
+                w(f"col[f] += {self.A}[b, h, i, f] * gnum_c")
+
+    def bwd_v(self) -> None:
+        w, nf = self.w, self.nf
+        w("@jit(DV)")
+        with w.block(f"def attn_linear_bwd_v({self.base}, dout, out, state, dv_h):"):
+            w('"""dv per query head (summed over GQA groups on the host); thread c owns '
+              'U[:, c]."""')
+            w("c = cuda.threadIdx.x")
+            self.head()
+            w(f"col = cuda.local.array({nf}, DT)")
+            with w.block(f"for f in range({nf}):"):
+                w("col[f] = ZERO")
+            with self.rows_then_keys(self.add_rows_column, ""):
+                w("acc = ZERO")
+                with w.block(f"for f in range({nf}):"):
+                    w(f"acc += col[f] * {self.Bn}[b, {self.hb}, j, f]")
+                w("dv_h[b, h, j, c] = acc")
+        w()
+        w()
 
 
 def emit_module(layout: Layout, config: Config) -> str:

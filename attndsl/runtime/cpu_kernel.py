@@ -189,7 +189,7 @@ class CpuKernel(Kernel):
                                                call.dtype))
         module = self.module(call.dtype)
         if self.plan.linear_path:
-            a, b = self.plan.inputs_of_gemm(self.plan.gemms[0])
+            a, b = self.plan.linear.a, self.plan.linear.b  # type: ignore[union-attr]
             with _PARALLEL:
                 module._linear_bwd(*args, dout, out, state,
                                    adjoints[numpy_ref.variable(a.node)],
