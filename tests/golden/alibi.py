@@ -127,8 +127,8 @@ def rows_backward(xp, t, adjoints, q, k, slope__):
     q_rows = t['q_rows']
     k_rows = t['k_rows']
     slope_3 = t['slope_3']
-    d_q_rows = adjoints['q_rows']
-    d_k_rows = adjoints['k_rows']
+    d_q_rows = xp.sum_to(adjoints['q_rows'], q_rows)
+    d_k_rows = xp.sum_to(adjoints['k_rows'], k_rows)
     slope__grad = 0
     grads = {'q': xp.sum_to(d_q_rows, q_rows)[:, :, :, 0, :], 'k': xp.group_heads(xp.sum_to(d_k_rows, k_rows)[:, :, 0], kv_heads)}
     grads['slope'] = xp.as_grad(slope__grad, slope__)

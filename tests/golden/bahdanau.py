@@ -143,9 +143,9 @@ def rows_backward(xp, t, adjoints, q, k, Wq__, Wk__, w__):
     proj2 = t['proj2']
     k_rows = t['k_rows']
     proj4 = t['proj4']
-    d_w_v0 = adjoints['w_v0']
-    d_proj2 = adjoints['proj2']
-    d_proj4 = adjoints['proj4']
+    d_w_v0 = xp.sum_to(adjoints['w_v0'], w_v0)
+    d_proj2 = xp.sum_to(adjoints['proj2'], proj2)
+    d_proj4 = xp.sum_to(adjoints['proj4'], proj4)
     Wq__grad = 0
     Wk__grad = 0
     w__grad = 0
