@@ -569,3 +569,28 @@ def test_fuzz_folded_vector_sides_match_the_ir_evaluator(target: str) -> None:
 def test_fuzz_abs_of_opaque_constant_matches_the_ir_evaluator(target: str) -> None:
     _check_against_oracle(ABS_OF_OPAQUE_CONSTANT, target, 0,
                           indices={"prefix": np.array([[2], [0]])})
+
+
+# ---- a NaN clamp bound: clamp(x, lo, hi) kept a NaN x but dropped a NaN lo or hi -----------
+
+CLAMP_NAN_BOUNDS = ["score clamp(q . k, tau, 1)\n    normalize none",
+                    "score clamp(q . k, -1, tau)",
+                    "score q . k\n    bias clamp(j - i, tau, 0)"]
+
+
+@pytest.mark.parametrize("text", CLAMP_NAN_BOUNDS, ids=["lo", "hi", "bias"])
+def test_clamp_keeps_a_nan_bound_cpu(text: str) -> None:
+    """A diverged param used as a clamp bound must not look healthy: numpy's
+    minimum(maximum(x, lo), hi) is NaN, and the cpu kernel's clamp (Python's min/max, which
+    keep a NaN only in first place) gave finite outputs and gradients."""
+    body = f"attention t {{\n    param tau\n    {text}\n}}"
+    spec = attndsl.parse(body)
+    a = _case(spec, 4)
+    tau = {"tau": np.array(np.nan)}
+    results = {}
+    for target in ("numpy", "cpu"):
+        kernel = _kernel(body, target)
+        out = kernel(a["q"], a["k"], a["v"], **tau)
+        results[target] = {"out": out, **kernel.backward(a["q"], a["k"], a["v"], a["dout"], **tau)}
+    assert np.isnan(results["numpy"]["out"]).all()
+    assert_same_nan_pattern_and_values(results["cpu"], results["numpy"])

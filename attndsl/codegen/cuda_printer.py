@@ -34,7 +34,6 @@ INLINE = {
     fn.Gelu: "(HALF * {0} * (ONE + math.erf({0} * RSQRT2)))",
     fn.GeluGrad: "(HALF * (ONE + math.erf({0} * RSQRT2)) + {0} * math.exp(-HALF * {0} * {0})"
                  " * RSQRT2PI)",
-    fn.Clamp: "min(max({0}, {1}), {2})",
     fn.InRange: "(ONE if ({0} >= {1} and {0} <= {2}) else ZERO)",
     fn.Norm: "math.sqrt({0})",
     fn.NormGrad: "(HALF / math.sqrt({0}) if {0} > ZERO else ZERO)",  # norm'(0) = 0
@@ -92,6 +91,10 @@ class CudaPrinter:
             return self._pow(e)
         if isinstance(e, (sp.Max, sp.Min)):
             return self._nan_fold("max" if isinstance(e, sp.Max) else "min", e.args)
+        if isinstance(e, fn.Clamp):  # min(max(x, lo), hi), a NaN bound kept as NumPy's clip
+            x, lo, hi = e.args
+            return self._nan_keep("min", self._nan_keep("max", self.num(x), self.num(lo)),
+                                  self.num(hi))
         if isinstance(e, sp.Abs):
             return f"abs({self.num(e.args[0])})"
         if isinstance(e, sp.floor):
@@ -180,8 +183,13 @@ class CudaPrinter:
         texts = sorted((self.num(a) for a in args), key=len, reverse=True)
         text = texts[0]
         for b in texts[1:]:
-            text = f"({b} if {b} != {b} else {name}({text}, {b}))"
+            text = self._nan_keep(name, text, b)
         return text
+
+    @staticmethod
+    def _nan_keep(name: str, a: str, b: str) -> str:
+        """max/min(a, b) keeping a NaN b (a NaN a the builtin keeps: it comes first)."""
+        return f"({b} if {b} != {b} else {name}({a}, {b}))"
 
     def _piecewise(self, e: sp.Piecewise, each) -> str:  # type: ignore[no-untyped-def]
         if not isinstance(e, sp.Piecewise):  # Piecewise((x, True)) of the last branch is x

@@ -76,7 +76,7 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "6"
+INTRINSICS_VERSION = "7"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions

@@ -195,6 +195,13 @@ def _pick(F: type, larger: bool) -> Callable[..., Any]:
     return minimum
 
 
+def _clamp(F: type) -> Callable[..., Any]:
+    def clamp(x, lo, hi):  # type: ignore[no-untyped-def]
+        return minimum(maximum(x, lo), hi)  # a NaN in x, lo or hi wins, as in NumPy
+
+    return clamp
+
+
 def _relu(F: type) -> Callable[..., Any]:
     zero = F(0)
 
@@ -263,4 +270,4 @@ gelu = _define("gelu", 1, _gelu)
 gelu_grad = _define("gelu_grad", 1, _gelu_grad)
 norm = _define("norm", 1, lambda F: lambda x: math.sqrt(x))
 norm_grad = _define("norm_grad", 1, _norm_grad)
-clamp = _define("clamp", 3, lambda F: lambda x, lo, hi: min(max(x, lo), hi))
+clamp = _define("clamp", 3, _clamp)

@@ -395,3 +395,23 @@ def test_cuda_scanned_mask_atoms_decide_whole_tiles(mask):
         assert _rel(got[name], want[name]) <= 1e-10, name
     source = emit_source(spec)
     assert source.count("cuda.syncthreads_or(ts_t0)") == 3  # fwd, dkdv and dq scan
+
+
+@pytest.mark.parametrize("text", ["score clamp(q . k, tau, 1)\n    normalize none",
+                                  "score clamp(q . k, -1, tau)",
+                                  "score q . k\n    bias clamp(j - i, tau, 0)"],
+                         ids=["lo", "hi", "bias"])
+def test_cuda_clamp_keeps_a_nan_bound(text):
+    """clamp printed as min(max(x, lo), hi) dropped a NaN lo or hi (the builtins keep a NaN
+    only in first place): a diverged param bound looked healthy."""
+    spec, (q, k, v, G), _ = _inputs(f"param tau\n    {text}")
+    tau = {"tau": np.array(np.nan)}
+    ref = attndsl.compile(spec, target="numpy")
+    cuda = compile_kernel(spec, tiles=TILES)
+    want = {"out": ref(q, k, v, **tau), **ref.backward(q, k, v, G, **tau)}
+    got = {"out": cuda(q, k, v, **tau), **cuda.backward(q, k, v, G, **tau)}
+    assert np.isnan(want["out"]).all()
+    for name, value in want.items():
+        g = np.asarray(got[name])
+        assert np.array_equal(np.isnan(g), np.isnan(value)), name
+        assert np.allclose(g[~np.isnan(value)], value[~np.isnan(value)], atol=1e-10), name
