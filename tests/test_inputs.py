@@ -151,3 +151,17 @@ def test_input_examples_are_proved(name: str) -> None:
     assert report.ok, str(report)
     wanted = {"c"} if name == "forgetting" else {"rq", "rk"}
     assert {f"proof d{n}" for n in wanted} <= {c.what for c in report.checks if c.ok}
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_an_out_of_range_subscript_counts_the_specs_subscripts(target: str) -> None:
+    """The batch axis of an input or index array is not written in the spec: `c[h, i + 1]`
+    past the end is subscript 1 of 'c' (it said 2), `doc[j + 1]` subscript 0 of 'doc'."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 2, 5, 3)) for _ in range(3))
+    spec = "attention t {\n  input c[heads, n]\n  score q . k\n  bias c[h, i + 1] - c[h, j]\n}"
+    with pytest.raises(ValueError, match=r"subscript 1 of 'c' is out of range: got 5"):
+        attndsl.compile(spec, target=target)(q, k, v, c=rng.standard_normal((2, 2, 5)))
+    spec = "attention t {\n  index doc[n]\n  score q . k\n  mask doc[i] == doc[j + 1]\n}"
+    with pytest.raises(ValueError, match=r"subscript 0 of 'doc' is out of range: got 5"):
+        attndsl.compile(spec, target=target)(q, k, v, doc=np.zeros((2, 5), np.int64))

@@ -127,7 +127,7 @@ class Emitter:
                 subs = ", ".join(self.expr(s) for s in node.subscripts)
                 how = f'xp.lookup({array(node.param)}, "{node.param}", ' \
                       f'({subs}{"," if subs else ""}), ' \
-                      "vector=True)"
+                      f"vector=True{self.batched(node.param)})"
             elif node.kind == "proj":
                 how = f"xp.project({self.expr(node.expr)}, {array(node.param)})"
             else:
@@ -145,7 +145,15 @@ class Emitter:
             lead = ("b",) if not node.is_param else ()
             subs = ", ".join(lead + tuple(self.expr(s) for s in node.subscripts))
             w(f'{name} = xp.lookup({array(node.array)}, "{node.array}", '
-              f'({subs}{"," if subs else ""}))')
+              f'({subs}{"," if subs else ""}){self.batched(node.array)})')
+
+    def batched(self, name: str) -> str:
+        """`, batched=True` for an array with a batch axis first (an index array or an
+        input), so an out-of-range error counts the spec's subscripts, not the batch axis."""
+        spec = self.deriv.spec
+        batched = any(x.name == name for x in spec.indices) or \
+            any(p.name == name and p.batched for p in spec.params)
+        return ", batched=True" if batched else ""
 
     def unpack(self, names: list[str]) -> None:
         for name in names:

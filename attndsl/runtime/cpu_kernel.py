@@ -128,8 +128,11 @@ class CpuKernel(Kernel):
         bad = int(err.max()) if err.size else 0
         if bad:
             lookup = self.plan.lookups[bad - 1]
+            subs = lookup.subscripts  # an input's start with its batch axis b: not the spec's
+            if any(p.name == lookup.array and p.batched for p in self.plan.spec.params):
+                subs = subs[1:]
             raise ValueError(f"a subscript of '{lookup.array}' is out of range: "
-                             f"{lookup.array}[{', '.join(map(str, lookup.subscripts))}] reads "
+                             f"{lookup.array}[{', '.join(map(str, subs))}] reads "
                              "outside the array")
 
     def _run_forward(self, call: Call, common: tuple[dict[str, Any], list[np.ndarray]] | None

@@ -119,8 +119,9 @@ def full(x: np.ndarray | bool | float, shape: Sequence[int]) -> np.ndarray:
 
 
 def lookup(array: np.ndarray, name: str, subscripts: Sequence[np.ndarray],
-           vector: bool = False) -> np.ndarray:
-    """array[subscripts] with a ValueError naming the array when a subscript is out of range."""
+           vector: bool = False, batched: bool = False) -> np.ndarray:
+    """array[subscripts] with a ValueError naming the array when a subscript is out of range
+    (`batched`: the first subscript is the batch axis b, which the spec does not write)."""
     subs = [_integers(s, name, axis) for axis, s in enumerate(subscripts)]
     if vector:  # a row of the array: drop the feature axis of the subscripts
         subs = [s[..., 0] if s.ndim == 5 else s for s in subs]
@@ -128,8 +129,8 @@ def lookup(array: np.ndarray, name: str, subscripts: Sequence[np.ndarray],
         size = array.shape[axis]
         if s.size and (s.min() < 0 or s.max() >= size):
             bad = s.min() if s.min() < 0 else s.max()
-            raise ValueError(f"subscript {axis} of '{name}' is out of range: got {int(bad)}, "
-                             f"the array has size {size} on that axis")
+            raise ValueError(f"subscript {axis - batched} of '{name}' is out of range: got "
+                             f"{int(bad)}, the array has size {size} on that axis")
     if not subs:
         return array
     return array[tuple(subs)]
