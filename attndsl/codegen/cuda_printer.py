@@ -93,8 +93,7 @@ class CudaPrinter:
             return self._nan_fold("max" if isinstance(e, sp.Max) else "min", e.args)
         if isinstance(e, fn.Clamp):  # min(max(x, lo), hi), a NaN bound kept as NumPy's clip
             x, lo, hi = e.args
-            return self._nan_keep("min", self._nan_keep("max", self.num(x), self.num(lo)),
-                                  self.num(hi))
+            return self._bound("min", self._bound("max", self.num(x), lo), hi)
         if isinstance(e, sp.Abs):
             return f"abs({self.num(e.args[0])})"
         if isinstance(e, sp.floor):
@@ -185,6 +184,12 @@ class CudaPrinter:
         for b in texts[1:]:
             text = self._nan_keep(name, text, b)
         return text
+
+    def _bound(self, name: str, a: str, bound: sp.Basic) -> str:
+        """max/min(a, bound): a bound that may be NaN (not a number literal) is tested."""
+        if bound.is_number and bound.is_finite:
+            return f"{name}({a}, {self.num(bound)})"
+        return self._nan_keep(name, a, self.num(bound))
 
     @staticmethod
     def _nan_keep(name: str, a: str, b: str) -> str:
