@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import sympy as sp
 
 from .. import functions as fn
-from .. import ir, normalizers
+from .. import ir, normalizers, program
 from ..ir import NormKind, Side
 from ..plan import KernelPlan, PairInput, make_plan, tile_status_text
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
@@ -200,6 +200,7 @@ class CpuEmitter:
         self.indices = [x.name for x in self.deriv.spec.indices]
         self.fold = self._find_fold()
         self.levels = self._lookup_levels()
+        self.steps = program.backward_steps(plan)
 
     def _find_fold(self) -> tuple[int, sp.Basic, sp.Basic] | None:
         """(n, c, rest) when logit = c * r_n + rest with c constant per call (sizes, numbers
@@ -682,7 +683,7 @@ class CpuEmitter:
                         w("gemm_unchecked(False, True, mq, nk, dv, F(1), dout, "
                           "((b * heads + h) * n_q + i0) * dv, dv, v, ((b * kv_heads + hk) * n_k "
                           "+ j0) * dv, dv, F(0), dp, 0, BK)")
-                        self.dscores(True, True)
+                        self.dscores()
                         w("# dV += P^T @ dO")
                         self.mixing_gemm("True, False, nk, dv, mq, F(1), x, 0, BK, dout, "
                                          "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
@@ -696,34 +697,30 @@ class CpuEmitter:
     def _first_lookup(self, array: str) -> Lookup:
         return next(x for x in self.plan.param_lookups if x.array == array)
 
-    def _row_adjoints(self, queries: bool) -> list[tuple[str, str, str]]:
-        """(local, target, adjoint) of per-row sums: query-side and constant row scalars and
+    def _row_adjoints(self) -> list[tuple[sp.Symbol, str, str]]:
+        """(node, local, target) of per-row sums: query-side and constant row scalars and
         params read at subscripts without j, summed over a row in a local, then added once."""
         plan, result = self.plan, []
-        if not queries:
-            return result
         for item in plan.inputs:
             if item.is_vector or item.node.symbol not in plan.grads.dlogit:
                 continue
-            if item.side is Side.QUERY:
-                result.append((f"ra_{numpy_ref.variable(item.node)}",
-                               f"{adjoint_name(item)}[pb, h, i]", self.adjoint(item.node.symbol)))
-            elif item.side is Side.CONST:
-                result.append((f"ra_{numpy_ref.variable(item.node)}",
-                               f"{adjoint_name(item)}[pb, h, qt]", self.adjoint(item.node.symbol)))
+            row = {Side.QUERY: "i", Side.CONST: "qt"}.get(item.side)
+            if row is not None:
+                result.append((item.node.symbol, f"ra_{numpy_ref.variable(item.node)}",
+                               f"{adjoint_name(item)}[pb, h, {row}]"))
         for x in plan.param_lookups:
             if self.has_adjoint(x.symbol) and self.levels[x.name] <= 1:
-                result.append((f"ra_{x.name}", f"dp_{x.array}[qtask, {self.flat_index(x)}]",
-                               self.adjoint(x.symbol)))
+                result.append((x.symbol, f"ra_{x.name}",
+                               f"dp_{x.array}[qtask, {self.flat_index(x)}]"))
         return result
 
-    def dscores(self, keys: bool, queries: bool) -> None:
+    def dscores(self) -> None:
         """P and dS per pair, then every elementwise adjoint (row scalars, loops, params)."""
         w, d, plan = self.w, self.deriv, self.plan
         w(f"# {normalizers.of(d).rule}")
         fold_n = self.fold[0] if self.fold is not None else -1
         value = self.logit_value(f"s{fold_n}")
-        row_sums = self._row_adjoints(queries)
+        row_sums = self._row_adjoints()
 
         def body(part: str, masked: bool) -> None:
             if part == "row":
@@ -731,11 +728,11 @@ class CpuEmitter:
                 w("Di = D[b, h, i]")
                 if self.softmax:  # an empty row (lse -inf) gives P = 2^(x - inf) = 0
                     w("rs2 = row_state * LOG2E if row_state != NEG_INF else -NEG_INF")
-                for local, _, _ in row_sums:
+                for _, local, _ in row_sums:
                     w(f"{local} = F(0)")
                 return
             if part == "row_end":
-                for local, target, _ in row_sums:
+                for _, local, target in row_sums:
                     w(f"{target} += {local}")
                 return
             if self.softmax:
@@ -752,14 +749,13 @@ class CpuEmitter:
                         if n != fold_n:
                             w(f"g{n}[ii * BK + jj] = F(0)")
                 with w.block("else:"):
-                    self._dscore_pair(fold_n, row_sums, keys, queries)
+                    self._dscore_pair(fold_n, row_sums)
                 return
-            self._dscore_pair(fold_n, row_sums, keys, queries)
+            self._dscore_pair(fold_n, row_sums)
 
         self.pair_loops(lambda part: body(part, False), lambda part: body(part, True))
 
-    def _dscore_pair(self, fold_n: int, row_sums: list[tuple[str, str, str]], keys: bool,
-                     queries: bool) -> None:
+    def _dscore_pair(self, fold_n: int, row_sums: list[tuple[sp.Symbol, str, str]]) -> None:
         w, d, plan = self.w, self.deriv, self.plan
         w("dpv = dp[ii * BK + jj]")
         norm = normalizers.of(d)
@@ -772,17 +768,23 @@ class CpuEmitter:
             w(f"pv = {self.fl(norm.weight.xreplace(named))}")
         w(f"ds = {self.fl(norm.dscore.xreplace(named))}")
         w("x[ii * BK + jj] = pv")
-        if plan.nested:  # loops first: they add to the adjoints of what their bodies read
-            self.nested_adjoints()
-            self.loop_adjoints(keys, queries)
-        for n, r in enumerate(plan.gemms):
-            if n == fold_n:
-                w("dp[ii * BK + jj] = ds  # d logit / d r = c_fold: the adjoint GEMMs' alpha")
+        locals_ = {symbol: local for symbol, local, _ in row_sums}
+        for step in self.steps:  # the pair program's backward (program.py), in its order
+            if isinstance(step, program.Gather):
+                node = step.source.node
+                start = "F(0)" if step.source.partial is None else \
+                    f"ds * ({self.fl(step.source.partial)})"
+                w(f"ga_{node.name} = {start}")
+            elif isinstance(step, program.Loop):
+                self.loop_adjoint(step)
+            elif isinstance(step, program.Gemm):
+                n = plan.gemms.index(step.gemm)
+                if n == fold_n:
+                    w("dp[ii * BK + jj] = ds  # d logit / d r = c_fold: the adjoint GEMMs' alpha")
+                else:
+                    w(f"g{n}[ii * BK + jj] = {self.adjoint(step.gemm.symbol)}")
             else:
-                w(f"g{n}[ii * BK + jj] = {self.adjoint(r.symbol)}")
-        for local, _, adjoint in row_sums:
-            w(f"{local} += {adjoint}")
-        self.scalar_adjoints(keys, queries)
+                self.add_adjoint(step.source.node.symbol, locals_)
 
     def partial(self, symbol: sp.Symbol) -> str:
         expr = self.plan.grads.dlogit.get(symbol)
@@ -798,61 +800,46 @@ class CpuEmitter:
             return f"ga_{self.names_of[symbol]}"
         return f"ds * ({self.partial(symbol)})"
 
-    def nested_adjoints(self) -> None:
-        """ga_<node> = dS * d logit / d node for each node a loop body reads; the loops,
-        swept readers first, then add sum_f g_loop * d body / d node."""
-        for symbol in self.plan.nested:
-            start = "F(0)" if symbol not in self.plan.grads.dlogit else \
-                f"ds * ({self.partial(symbol)})"
-            self.w(f"ga_{self.names_of[symbol]} = {start}")
-
-    def scalar_adjoints(self, keys: bool, queries: bool) -> None:
-        """Key-side row scalars, explicit loops and params read per pair (see _row_adjoints
-        for the per-row ones)."""
+    def add_adjoint(self, symbol: sp.Symbol, locals_: dict[sp.Symbol, str]) -> None:
+        """A row scalar's or a param lookup's adjoint: into its per-row local when it has one
+        (see _row_adjoints), else per pair (key-side row scalars, lookups reading j)."""
         w, plan = self.w, self.plan
-        for item in plan.inputs:
-            if item.is_vector or item.node.symbol not in plan.grads.dlogit:
-                continue
-            if item.side is Side.KEY and keys:
-                w(f"{adjoint_name(item)}[b, h, j] += ds * ({self.partial(item.node.symbol)})")
-        if not plan.nested:
-            self.loop_adjoints(keys, queries)
-        if not queries:
+        adjoint = self.adjoint(symbol)
+        if symbol in locals_:
+            w(f"{locals_[symbol]} += {adjoint}")
             return
-        for x in plan.param_lookups:
-            if not self.has_adjoint(x.symbol) or self.levels[x.name] <= 1:
-                continue
-            flat = self.flat_index(x)
-            w(f"dp_{x.array}[qtask, {flat}] += {self.adjoint(x.symbol)}")
+        item = plan.input_for(symbol)
+        if item is not None:
+            if not item.is_vector and item.side is Side.KEY:
+                w(f"{adjoint_name(item)}[b, h, j] += {adjoint}")
+            return
+        x = next((x for x in plan.param_lookups if x.symbol == symbol), None)
+        if x is not None:
+            w(f"dp_{x.array}[qtask, {self.flat_index(x)}] += {adjoint}")
 
-    def loop_adjoints(self, keys: bool, queries: bool) -> None:
-        """Per explicit loop: g = its adjoint, then per feature g * d body / d input into the
-        inputs' adjoints (and into ga_<node> for the pair-kernel nodes the body reads)."""
-        w, plan = self.w, self.plan
-        for r in reversed(plan.loops):  # readers before the loops they read (node order)
-            if not self.has_adjoint(r.symbol):
-                continue
-            g = self.adjoint(r.symbol)
-            if r.symbol not in plan.nested:
-                w(f"g_{r.name} = {g}")
-                g = f"g_{r.name}"
-            # skipped when 0: a `where` branch not taken may have inf partials (0 * inf = NaN)
-            with w.block(f"if {g} != 0:"), \
-                    w.block(f"for f in range({self.feature_size(r)}):"):
-                for symbol, expr in plan.grads.partials[r.name]:
-                    if symbol in plan.nested:
-                        w(f"ga_{self.names_of[symbol]} += {g} * ({self.fl(expr)})")
-                        continue
-                    item = plan.input_for(symbol)
-                    if item is None or not (keys if item.side is Side.KEY else queries):
-                        continue
-                    # adjoints are per query head (summed over a GQA group by the launcher):
-                    # h, never hk; query-side and constant ones in the part's own copy (pb)
-                    feature = ", f" if item.is_vector else ""
-                    row = {Side.QUERY: "i", Side.KEY: "j", Side.CONST: "qt"}[item.side]
-                    batch = "b" if item.side is Side.KEY else "pb"
-                    where = f"{adjoint_name(item)}[{batch}, h, {row}{feature}]"
-                    w(f"{where} += {g} * ({self.fl(expr)})")
+    def loop_adjoint(self, step: program.Loop) -> None:
+        """g = the loop's adjoint, then per feature g * d body / d input into the inputs'
+        adjoints (and into ga_<node> for the pair-kernel nodes the body reads)."""
+        w, plan, r = self.w, self.plan, step.loop
+        g = self.adjoint(r.symbol)
+        if r.symbol not in plan.nested:
+            w(f"g_{r.name} = {g}")
+            g = f"g_{r.name}"
+        # skipped when 0: a `where` branch not taken may have inf partials (0 * inf = NaN)
+        with w.block(f"if {g} != 0:"), w.block(f"for f in range({self.feature_size(r)}):"):
+            for symbol, expr in step.reads:
+                if symbol in plan.nested:
+                    w(f"ga_{self.names_of[symbol]} += {g} * ({self.fl(expr)})")
+                    continue
+                item = plan.input_for(symbol)
+                if item is None:
+                    continue
+                # adjoints are per query head (summed over a GQA group by the launcher):
+                # h, never hk; query-side and constant ones in the part's own copy (pb)
+                feature = ", f" if item.is_vector else ""
+                row = {Side.QUERY: "i", Side.KEY: "j", Side.CONST: "qt"}[item.side]
+                batch = "b" if item.side is Side.KEY else "pb"
+                w(f"{adjoint_name(item)}[{batch}, h, {row}{feature}] += {g} * ({self.fl(expr)})")
 
     def flat_index(self, x: Lookup) -> str:
         if not x.subscripts:

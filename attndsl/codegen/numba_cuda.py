@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from .. import ir, normalizers
+from .. import ir, normalizers, program
 from ..ir import NormKind, Side
 from ..plan import TILE, KernelPlan, PairInput, make_plan, tile_status_text
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S, Vec
@@ -246,6 +246,7 @@ class Emitter:
         self.plan = layout.plan
         self.deriv = layout.plan.deriv
         self.grads = layout.plan.grads
+        self.steps = program.backward_steps(layout.plan)
         self.config = config
         self.w = SourceWriter()
         self.consts: dict[str, str] = {}
@@ -647,63 +648,63 @@ class Emitter:
         return f"dl_{node.name}"
 
     def accumulate(self, p: CudaPrinter, ctx: Ctx) -> None:
-        """The chain rule from dx through the logit into this kernel's own adjoints."""
+        """The pair program's backward steps (program.py) into this kernel's own adjoints."""
         w = self.w
-        nested = {r.symbol for r in self.plan.nested_reductions}
-        for r in self.plan.nested_reductions:  # the loops reading r add to ga_r below
-            partial = self.grads.dlogit.get(r.symbol)
-            w(f"ga_{r.name} = " + ("ZERO" if partial is None else f"dx * {p.num(partial)}"))
-        for symbol in self.adjoint_order():
-            node = self.deriv.node(symbol)
-            dr = f"ga_{node.name}" if symbol in nested else \
-                f"dx * {p.num(self.grads.dlogit[symbol])}"
-            if isinstance(node, Reduction) and node.side is Side.PAIR:
-                if node.gemm:
-                    self.gemm_adjoint(p, ctx, node, dr)
-                else:
-                    self.loop_adjoint(p, ctx, node, dr, nested)
-                continue
-            how = self.is_target(symbol, ctx)
-            if how is not None:
-                w(f"{self.adj(symbol)} += {dr}")
+        for step in self.steps:
+            symbol = step.source.node.symbol
+            if isinstance(step, program.Gather):
+                if self.wanted(symbol, ctx):
+                    partial = step.source.partial
+                    w(f"ga_{step.source.node.name} = " +
+                      ("ZERO" if partial is None else f"dx * {p.num(partial)}"))
+            elif isinstance(step, program.Loop):
+                self.loop_adjoint(p, ctx, step)
+            elif isinstance(step, program.Gemm):
+                self.gemm_adjoint(p, ctx, step)
+            elif self.is_target(symbol, ctx):
+                w(f"{self.adj(symbol)} += {self.source(p, step.source)}")
 
-    def adjoint_order(self) -> list[sp.Symbol]:
-        """The symbols with an adjoint; with nested reductions, loops first, readers before
-        what they read (reverse node order), so each ga_r is complete before it is used."""
-        plan = self.plan
-        if not plan.nested_reductions:
-            return list(self.grads.dlogit)
-        with_adjoint = set(self.grads.dlogit) | set(plan.nested)
-        reductions = [r.symbol for r in reversed(plan.loops)] + [r.symbol for r in plan.gemms]
-        return [s for s in reductions if s in with_adjoint] + \
-            [s for s in self.grads.dlogit if s not in reductions]
+    def wanted(self, symbol: sp.Symbol, ctx: Ctx) -> bool:
+        """Whether this kernel needs a gathered adjoint: a reduction's feeds its inputs."""
+        return isinstance(self.deriv.node(symbol), Reduction) or \
+            self.is_target(symbol, ctx) is not None
 
-    def gemm_adjoint(self, p: CudaPrinter, ctx: Ctx, node: Reduction, dr: str) -> None:
-        w = self.w
+    @staticmethod
+    def source(p: CudaPrinter, source: program.Source) -> str:
+        if source.gathered:
+            return f"ga_{source.node.name}"
+        assert source.partial is not None
+        return f"dx * {p.num(source.partial)}"
+
+    def gemm_adjoint(self, p: CudaPrinter, ctx: Ctx, step: program.Gemm) -> None:
+        w, node = self.w, step.gemm
         a, b_ = node.gemm  # type: ignore[misc]
         targets = [(v, other) for v, other in ((a, b_), (b_, a)) if self.is_target(v.symbol, ctx)]
         if not targets:
             return
-        w(f"dr = {dr}")
+        w(f"dr = {self.source(p, step.source)}")
         with w.block("if dr != ZERO:  # 0 * a NaN row (masked, untaken) stays 0"), \
                 w.block(f"for f in range({size_const(node.size)}):"):
             for v, other in targets:
                 w(f"{self.adj(v.symbol)}[f] += dr * {p.names[other.symbol]}")
 
-    def loop_adjoint(self, p: CudaPrinter, ctx: Ctx, node: Reduction, dr: str,
-                     nested: set[sp.Symbol]) -> None:
-        """dr * d body / d input per feature into own adjoints and the ga_ of nested reductions."""
+    def loop_adjoint(self, p: CudaPrinter, ctx: Ctx, step: program.Loop) -> None:
+        """dr * d body / d input per feature into own adjoints and gathered locals."""
         w = self.w
-        items = [(s, e, "nested" if s in nested else self.is_target(s, ctx))
-                 for s, e in self.grads.partials.get(node.name, [])]
-        items = [it for it in items if it[2]]
+        items = []
+        for s, e in step.reads:
+            if s in self.plan.nested:
+                if self.wanted(s, ctx):
+                    items.append((s, e, "gathered"))
+            elif self.is_target(s, ctx):
+                items.append((s, e, self.is_target(s, ctx)))
         if not items:
             return
-        w(f"dr = {dr}")
+        w(f"dr = {self.source(p, step.source)}")
         with w.block("if dr != ZERO:  # an untaken where branch: 0 * inf = NaN"), \
-                w.block(f"for f in range({size_const(node.size)}):"):
+                w.block(f"for f in range({size_const(step.loop.size)}):"):
             for s, e, how in items:
-                if how == "nested":
+                if how == "gathered":
                     w(f"ga_{self.deriv.node(s).name} += dr * {p.num(e)}")  # type: ignore[union-attr]
                     continue
                 index = "[f]" if how == "vec" else ""
