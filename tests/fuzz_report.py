@@ -91,7 +91,12 @@ def main() -> int:
                 if args.dump:
                     with open(args.dump, "a") as f:
                         f.write(json.dumps({"cause": cause, "text": case.gen.text,
-                                            "detail": str(exc)[:300]}) + "\n")
+                                            "detail": str(exc)[:300],
+                                            # the case's shapes and array seed: enough to
+                                            # rerun it (spec_gen.Case(gen, **case))
+                                            "case": {f: getattr(case, f) for f in (
+                                                "B", "heads", "kv_heads", "n_q", "n_k", "d",
+                                                "dv", "r", "seed", "poison")}}) + "\n")
                 failures[cause].append(case.gen.text)
                 tiers_of[cause].add(tier)
                 failed = True
