@@ -771,10 +771,7 @@ class CpuEmitter:
         locals_ = {symbol: local for symbol, local, _ in row_sums}
         for step in self.steps:  # the pair program's backward (program.py), in its order
             if isinstance(step, program.Gather):
-                node = step.source.node
-                start = "F(0)" if step.source.partial is None else \
-                    f"ds * ({self.fl(step.source.partial)})"
-                w(f"ga_{node.name} = {start}")
+                w(f"ga_{step.source.node.name} = {self.source(step.source)}")
             elif isinstance(step, program.Loop):
                 self.loop_adjoint(step)
             elif isinstance(step, program.Gemm):
@@ -782,29 +779,27 @@ class CpuEmitter:
                 if n == fold_n:
                     w("dp[ii * BK + jj] = ds  # d logit / d r = c_fold: the adjoint GEMMs' alpha")
                 else:
-                    w(f"g{n}[ii * BK + jj] = {self.adjoint(step.gemm.symbol)}")
+                    w(f"g{n}[ii * BK + jj] = {self.source(step.source)}")
             else:
-                self.add_adjoint(step.source.node.symbol, locals_)
-
-    def partial(self, symbol: sp.Symbol) -> str:
-        expr = self.plan.grads.dlogit.get(symbol)
-        return "F(0)" if expr is None else self.fl(expr)
+                self.add_adjoint(step.source, locals_)
 
     def has_adjoint(self, symbol: sp.Symbol) -> bool:
         return symbol in self.plan.grads.dlogit or symbol in self.plan.nested
 
-    def adjoint(self, symbol: sp.Symbol) -> str:
-        """The pair's adjoint of a node: dS * d logit / d node, or the local that also
-        gathers what the loops reading it add (see nested_adjoints)."""
-        if symbol in self.plan.nested:
-            return f"ga_{self.names_of[symbol]}"
-        return f"ds * ({self.partial(symbol)})"
+    def source(self, source: program.Source) -> str:
+        """A step's adjoint at this pair: the local gathering what the loops reading the node
+        add, or dS * d logit / d node (0 for a gather's start with no direct term)."""
+        if source.gathered:
+            return f"ga_{source.node.name}"
+        if source.partial is None:
+            return "F(0)"
+        return f"ds * ({self.fl(source.partial)})"
 
-    def add_adjoint(self, symbol: sp.Symbol, locals_: dict[sp.Symbol, str]) -> None:
+    def add_adjoint(self, source: program.Source, locals_: dict[sp.Symbol, str]) -> None:
         """A row scalar's or a param lookup's adjoint: into its per-row local when it has one
         (see _row_adjoints), else per pair (key-side row scalars, lookups reading j)."""
-        w, plan = self.w, self.plan
-        adjoint = self.adjoint(symbol)
+        w, plan, symbol = self.w, self.plan, source.node.symbol
+        adjoint = self.source(source)
         if symbol in locals_:
             w(f"{locals_[symbol]} += {adjoint}")
             return
@@ -821,8 +816,8 @@ class CpuEmitter:
         """g = the loop's adjoint, then per feature g * d body / d input into the inputs'
         adjoints (and into ga_<node> for the pair-kernel nodes the body reads)."""
         w, plan, r = self.w, self.plan, step.loop
-        g = self.adjoint(r.symbol)
-        if r.symbol not in plan.nested:
+        g = self.source(step.source)
+        if not step.source.gathered:
             w(f"g_{r.name} = {g}")
             g = f"g_{r.name}"
         # skipped when 0: a `where` branch not taken may have inf partials (0 * inf = NaN)
