@@ -66,6 +66,16 @@ class MaskAtom:
                 for a in ("i_first", "i_last") for b in ("j_first", "j_last")]
 
 
+def corner_status_text(true_corners: str) -> str:
+    """A linear atom's status, from how many of the tile's four corners satisfy it."""
+    return f"2 if {true_corners} == 4 else (0 if {true_corners} == 0 else 1)"
+
+
+def scan_status_text(any_true: str, any_false: str) -> str:
+    """An atom's status, from a scan of the tile's pairs: whether any satisfied it, any not."""
+    return f"2 if {any_false} == 0 else (0 if {any_true} == 0 else 1)"
+
+
 def tile_status_text(mask: sp.Basic, states: dict[sp.Basic, str]) -> str:
     """The mask's status over a tile as a Python expression (Numba CPU and CUDA alike) of its
     atoms' statuses, named in `states` (an atom missing there counts as open: 1)."""

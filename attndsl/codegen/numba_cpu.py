@@ -21,7 +21,14 @@ import sympy as sp
 from .. import functions as fn
 from .. import ir, normalizers, program
 from ..ir import NormKind, Side
-from ..plan import KernelPlan, PairInput, make_plan, tile_status_text
+from ..plan import (
+    KernelPlan,
+    PairInput,
+    corner_status_text,
+    make_plan,
+    scan_status_text,
+    tile_status_text,
+)
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
 from . import numpy_ref
 from .printer import KernelPrinter, integer_valued
@@ -358,8 +365,7 @@ class CpuEmitter:
                     self.lookup_read(x, "", check=True, on_error="return 1  # reported per pair")
                 corners = " + ".join(f"int({self.it(c)})" for c in atom.corners())
                 w(f"c{n} = {corners}")
-                w(f"{name} = 2 if c{n} == 4 else (0 if c{n} == 0 else 1)  "
-                  f"# {sp.sstr(relation)}")
+                w(f"{name} = {corner_status_text(f'c{n}')}  # {sp.sstr(relation)}")
             if scanned:
                 w(f"open_ = {tile_status_text(d.mask, states)}")
                 with w.block("if open_ != 1:"):
@@ -381,7 +387,7 @@ class CpuEmitter:
                             w("break")
                     with w.block(f"if t{n} and f{n}:"):
                         w("break")
-                w(f"a{n} = 2 if f{n} == 0 else (0 if t{n} == 0 else 1)  # {sp.sstr(relation)}")
+                w(f"a{n} = {scan_status_text(f't{n}', f'f{n}')}  # {sp.sstr(relation)}")
             w(f"return {tile_status_text(d.mask, states)}")
         w()
         w()

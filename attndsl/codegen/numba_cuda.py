@@ -30,7 +30,15 @@ import sympy as sp
 
 from .. import ir, normalizers, program
 from ..ir import NormKind, Side
-from ..plan import TILE, KernelPlan, PairInput, make_plan, tile_status_text
+from ..plan import (
+    TILE,
+    KernelPlan,
+    PairInput,
+    corner_status_text,
+    make_plan,
+    scan_status_text,
+    tile_status_text,
+)
 from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S, Vec
 from . import numpy_ref
 from .cuda_printer import CudaPrinter
@@ -420,8 +428,7 @@ class Emitter:
                 continue
             states[atom.relation] = f"ts_a{n}"
             w(f"ts_c{n} = " + " + ".join(f"int({corner.bool_(c)})" for c in atom.corners()))
-            w(f"ts_a{n} = 2 if ts_c{n} == 4 else (0 if ts_c{n} == 0 else 1)  "
-              f"# {sp.sstr(atom.relation)}")
+            w(f"ts_a{n} = {corner_status_text(f'ts_c{n}')}  # {sp.sstr(atom.relation)}")
         w(f"status = {tile_status_text(mask, states)}")
         if scanned:
             with w.block("if status == 1:  # the same branch in every thread of the block"):
@@ -453,8 +460,7 @@ class Emitter:
         for n, relation in scanned:
             states[relation] = f"ts_a{n}"
             w(f"ts_t{n}, ts_f{n} = cuda.syncthreads_or(ts_t{n}), cuda.syncthreads_or(ts_f{n})")
-            w(f"ts_a{n} = 2 if ts_f{n} == 0 else (0 if ts_t{n} == 0 else 1)  "
-              f"# {sp.sstr(relation)}")
+            w(f"ts_a{n} = {scan_status_text(f'ts_t{n}', f'ts_f{n}')}  # {sp.sstr(relation)}")
 
     def pair_prelude(self, p: CudaPrinter, ctx: Ctx, ok: str) -> None:
         """Reads the pair's other-side and pair lookups, then decides whether it is allowed."""
