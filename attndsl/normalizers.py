@@ -4,14 +4,18 @@ A strategy states, as SymPy expressions over the symbols below, what a target co
 target maps the symbols to its own storage and prints the expressions with its table-driven
 printer:
 
+  accumulate  per allowed pair, the weight ACC of v_j in the row's sum acc = sum_j ACC_j v_j
+  update      per allowed pair, the running state's new values, in X and ACC (sum: Z + X)
+  rescale     softmax only (online): when a key tile raises the running max M to M_NEW, acc
+              and L are first multiplied by it, so that ACC = exp(X - M) stays below 1
   finish  once per row, from the running state the forward folded over the allowed keys
           (softmax: the max M and L = sum exp(x - M); sum: Z = sum x): SCALE, the factor
           that turns the accumulated sum_j w_j v_j into the row's output, and SAVED
   P       the pair's weight, from its logit X and the row's saved state SAVED
   dS      the adjoint of the logit, from P, dP = dO . v_j and D = rowsum(dO * O)
 
-How a target folds the running state (key by key, tile by tile, online with rescaling) is its
-own business; what the state means is fixed here.
+How a target orders the fold (key by key, or a whole tile's max first, then its weights) is
+its own business; what the state means and how it is updated is fixed here.
 
 It also owns the rule text `show` and the generated code print, what the forward saves per row
 (lse for softmax, the row sum z for `sum`, nothing otherwise) and the naive weights the proof
@@ -42,6 +46,8 @@ L = sp.Symbol("@L", real=True)  # softmax: sum of exp(x - M) over the allowed ke
 Z = sp.Symbol("@Z", real=True)  # sum: the sum of the allowed logits
 SCALE = sp.Symbol("@scale", real=True)  # out = SCALE * sum_j w_j v_j
 SINK = sp.Symbol("@sink", real=True)  # softmax(sink = e): the row's sink logit
+ACC = sp.Symbol("@acc", real=True)  # the pair's accumulated weight, once computed
+M_NEW = sp.Symbol("@m_new", real=True)  # softmax: the running max once a tile joined
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,12 @@ class Normalizer:
     dscore: sp.Expr  # dS in WEIGHT, X, SAVED, DP and DELTA
     # a row's allowed logits (and its sink logit, softmax(sink = e)) -> their weights
     naive: Callable[[Sequence[sp.Expr], sp.Expr | None], list[sp.Expr]]
+    accumulate: sp.Expr = X  # ACC in X (and M)
     running: tuple[sp.Symbol, ...] = ()  # the state the forward folds: (M, L), (Z,) or ()
+    update: tuple[tuple[sp.Symbol, sp.Expr], ...] = ()  # (running symbol, its new value)
+    rescale: sp.Expr | None = None  # online: the factor when M rises to M_NEW
+    # SAVED of a row with no allowed key (None: nothing saved); the backward skips such rows
+    empty: sp.Expr | None = None
     # SCALE and SAVED, in order after any intermediate (a target's local, see `local`)
     finish: tuple[tuple[sp.Symbol, sp.Expr], ...] = ((SCALE, sp.S.One),)
     # finish intermediates that only shift for stability, and what exact arithmetic (the proof)
@@ -87,14 +98,16 @@ def _sum_naive(logits: Sequence[sp.Expr], sink: sp.Expr | None = None) -> list[s
 SOFTMAX = Normalizer(
     NormKind.SOFTMAX, "dS = P * (dP - D), D = rowsum(dO * O)", "lse",
     weight=sp.exp(X - SAVED), dscore=WEIGHT * (DP - DELTA), naive=_softmax_naive,
-    running=(M, L),
+    accumulate=sp.exp(X - M), running=(M, L), update=((L, L + ACC),),
+    rescale=sp.exp(M - M_NEW), empty=sp.S.NegativeInfinity,
     finish=((SCALE, SafeDiv(1, L)),
             (SAVED, _nonzero(M + sp.log(L), L, sp.S.NegativeInfinity))))
 SUM = Normalizer(
     NormKind.SUM, "dS = (dP - rowsum(P * dP)) / rowsum(x)", "z",
     # rowsum(P * dP) = rowsum(dO * O) = D
     weight=SafeDiv(X, SAVED), dscore=SafeDiv(DP - DELTA, SAVED), naive=_sum_naive,
-    running=(Z,), finish=((SCALE, SafeDiv(1, Z)), (SAVED, Z)))
+    running=(Z,), update=((Z, Z + X),), empty=sp.S.Zero,
+    finish=((SCALE, SafeDiv(1, Z)), (SAVED, Z)))
 NONE = Normalizer(NormKind.NONE, "dS = dP", None, weight=X, dscore=DP,
                   naive=lambda logits, sink=None: list(logits))
 # softmax(sink = e): the sink is one more key, with no value. Its term joins the running
@@ -104,7 +117,9 @@ M_SINK = sp.Symbol("@m_sink", real=True)  # max(M, SINK)
 L_SINK = sp.Symbol("@l_sink", real=True)  # L rescaled to M_SINK, plus the sink's term
 SOFTMAX_SINK = Normalizer(
     NormKind.SOFTMAX, SOFTMAX.rule + "; d sink = -exp(sink - lse) * D", "lse",
-    weight=SOFTMAX.weight, dscore=SOFTMAX.dscore, naive=_softmax_naive, running=(M, L),
+    weight=SOFTMAX.weight, dscore=SOFTMAX.dscore, naive=_softmax_naive,
+    accumulate=SOFTMAX.accumulate, running=SOFTMAX.running, update=SOFTMAX.update,
+    rescale=SOFTMAX.rescale, empty=SOFTMAX.empty,
     finish=((M_SINK, sp.Max(M, SINK)),
             (L_SINK, L * sp.exp(M - M_SINK) + sp.exp(SINK - M_SINK)),
             (SCALE, sp.exp(M - M_SINK) / L_SINK), (SAVED, M_SINK + sp.log(L_SINK))),
@@ -124,7 +139,7 @@ def elementwise(f: sp.Expr) -> Normalizer:
     """P = f(x) per pair, no row state: dS = f'(x) * dP."""
     at_x = f.xreplace({S: X})
     return Normalizer(NormKind.ELEMENTWISE, ELEMENTWISE_RULE, None, weight=at_x,
-                      dscore=sp.diff(at_x, X) * DP,
+                      dscore=sp.diff(at_x, X) * DP, accumulate=at_x,
                       naive=lambda logits, sink=None: [at_x.xreplace({X: x}) for x in logits])
 
 

@@ -1,4 +1,17 @@
-"""The pair program's backward: what one allowed pair adds to which adjoint, in order.
+"""The pair program: what the fused kernels compute for one pair, in order, for every backend.
+
+Forward, per pair of a tile the mask leaves open (plan.MaskAtom decides the tiles):
+
+  Allow       the mask: a pair it rejects is never evaluated further (its NaNs stay out)
+  Reduce      each pair reduction r = sum_f body, in node order: a GEMM A . B (a backend may
+              compute a whole tile of it at once) or an explicit loop over the features
+  Logit       x, over the reductions, row scalars, lookups and positions
+  Accumulate  the normalizer strategy's part: the weight ACC (acc += ACC * v_j), the running
+              state's update and, for an online softmax, the rescale (normalizers.py)
+
+Then once per row the strategy's finish (out = SCALE * acc, the saved lse or z).
+
+Backward, per allowed pair: what one pair adds to which adjoint.
 
 Given dS (d loss / d logit of the pair, the normalizer strategy's `dscore`), the chain rule
 through the logit reaches every pair-kernel node the logit reads. Every backend prints these
@@ -22,8 +35,48 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from . import normalizers
+from .normalizers import Normalizer
 from .plan import KernelPlan
 from .symbolic import Node, Reduction
+
+
+@dataclass(frozen=True)
+class Allow:
+    mask: sp.Basic
+
+
+@dataclass(frozen=True)
+class Reduce:
+    reduction: Reduction
+
+    @property
+    def gemm(self) -> bool:
+        return self.reduction.gemm is not None
+
+
+@dataclass(frozen=True)
+class Logit:
+    value: sp.Expr
+
+
+@dataclass(frozen=True)
+class Accumulate:
+    norm: Normalizer
+
+
+ForwardStep = Allow | Reduce | Logit | Accumulate
+
+
+def forward_steps(plan: KernelPlan) -> list[ForwardStep]:
+    """The per-pair forward of `plan`, in the order every backend evaluates it."""
+    steps: list[ForwardStep] = []
+    if plan.deriv.mask is not None:
+        steps.append(Allow(plan.deriv.mask))
+    steps += [Reduce(r) for r in plan.gemms + plan.loops]
+    steps.append(Logit(plan.deriv.logit))
+    steps.append(Accumulate(normalizers.of(plan.deriv)))
+    return steps
 
 
 @dataclass(frozen=True)

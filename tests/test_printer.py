@@ -153,7 +153,7 @@ def namespace(target: str, env: dict[str, int], consts: dict[str, str]) -> dict[
     if target == "cpu":
         return {"fx": FX, "F": float, **env}
     table = {name: float(literal) for name, literal in consts.items()}
-    return {"math": math, "F": float, "ONE": 1.0, "ZERO": 0.0, "HALF": 0.5, **table, **env}
+    return {"math": math, "F": float, "ONE": 1.0, "ZERO": 0.0, "HALF": 0.5, "NEG_INF": -math.inf, **table, **env}
 
 
 POINTS = [dict(zip(NAMES, p)) for p in

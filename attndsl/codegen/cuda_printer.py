@@ -43,6 +43,8 @@ INLINE = {
 # convert float32 to float64, so round is floor(x + 1/2), one less at an odd tie.
 ROUNDING = {fn.Floor: "math.floor", fn.Ceil: "math.ceil", fn.Round: "round"}
 COMPARE = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+# constants every generated module defines in its header (numba_cuda.Emitter.module)
+MODULE_CONSTANTS = {"0.0": "ZERO", "1.0": "ONE", "0.5": "HALF", "-inf": "NEG_INF"}
 
 
 class CudaPrinter:
@@ -55,6 +57,8 @@ class CudaPrinter:
 
     def const(self, value: sp.Expr) -> str:
         literal = repr(float(value))
+        if literal in MODULE_CONSTANTS:
+            return MODULE_CONSTANTS[literal]
         if literal in ("inf", "-inf"):  # what `F(...)` in the module header can read
             literal = literal.replace("inf", "np.inf")
         for name, text in self.consts.items():

@@ -207,7 +207,11 @@ class CpuEmitter:
         self.indices = [x.name for x in self.deriv.spec.indices]
         self.fold = self._find_fold()
         self.levels = self._lookup_levels()
-        self.steps = program.backward_steps(plan)
+        self.fwd_steps = program.forward_steps(plan)
+        self.bwd_steps = program.backward_steps(plan)
+        self.norm = next(s.norm for s in self.fwd_steps if isinstance(s, program.Accumulate))
+        self.logit = next(s.value for s in self.fwd_steps if isinstance(s, program.Logit))
+        self.mask = next((s.mask for s in self.fwd_steps if isinstance(s, program.Allow)), None)
 
     def _find_fold(self) -> tuple[int, sp.Basic, sp.Basic] | None:
         """(n, c, rest) when logit = c * r_n + rest with c constant per call (sizes, numbers
@@ -424,10 +428,15 @@ class CpuEmitter:
         """Locals for one pair (ii, jj): lookups, GEMM tile values, explicit loops."""
         w = self.w
         self.lookups_at(2, err)
-        for n, r in enumerate(self.plan.gemms):
-            if self.fold is None or self.fold[0] != n:
-                w(f"{r.name} = s{n}[ii * BK + jj]")
-        for r in self.plan.loops:
+        for step in self.fwd_steps:
+            if not isinstance(step, program.Reduce):
+                continue
+            r = step.reduction
+            if step.gemm:  # computed for the whole tile by gemm_tiles
+                n = self.plan.gemms.index(r)
+                if self.fold is None or self.fold[0] != n:
+                    w(f"{r.name} = s{n}[ii * BK + jj]")
+                continue
             w(f"{r.name} = F(0)")
             with w.block(f"for f in range({self.feature_size(r)}):"):
                 w(f"{r.name} += {self.fl(r.body)}")
@@ -463,8 +472,8 @@ class CpuEmitter:
         return f"((b * {name}.shape[1] + {head}) * {name}.shape[2] + {start}) * {name}.shape[3]"
 
     def mask_expr(self) -> str:
-        assert self.deriv.mask is not None
-        return self.it(self.deriv.mask)
+        assert self.mask is not None
+        return self.it(self.mask)
 
     # ---- forward ----
     def forward(self) -> None:
@@ -521,7 +530,7 @@ class CpuEmitter:
     def logit_value(self, buffer: str) -> str:
         """The logit of pair (ii, jj), in base 2 for softmax; `buffer` holds the folded GEMM."""
         if self.fold is None:
-            text = self.fl(self.deriv.logit)
+            text = self.fl(self.logit)
             return f"({text}) * LOG2E" if self.softmax else text
         here = f"{buffer}[ii * BK + jj]"
         rest = self.fold[2]
@@ -534,7 +543,7 @@ class CpuEmitter:
         """The (ii, jj) loops of a tile: separate loops for tiles the mask fully allows
         (status 2: no mask test, branch-free, vectorizable) and partly allows (status 1)."""
         w = self.w
-        variants = [(None, body)] if self.deriv.mask is None else \
+        variants = [(None, body)] if self.mask is None else \
             [("if status == 2:", body), ("else:", masked_body)]
         for head, emit in variants:
             with w.block(head) if head else _nothing(), w.block("for ii in range(mq):"):
@@ -549,7 +558,7 @@ class CpuEmitter:
 
     def logits_tile(self, err: str) -> None:
         """x[ii, jj] = the logit; masked pairs -inf (softmax) or weight 0 via `keep`."""
-        w, d = self.w, self.deriv
+        w = self.w
         value = self.logit_value("x")
         if self.softmax:
             def full(part: str) -> None:
@@ -561,7 +570,7 @@ class CpuEmitter:
                     w(f"x[ii * BK + jj] = {value} if {self.mask_expr()} else NEG_INF")
 
             if value == "x[ii * BK + jj]":  # the GEMM wrote the logits: only mask them
-                if d.mask is not None:
+                if self.mask is not None:
                     with w.block("if status == 1:"), w.block("for ii in range(mq):"):
                         w("i = i0 + ii")
                         self.lookups_at(1, err)
@@ -584,8 +593,11 @@ class CpuEmitter:
         self.pair_loops(lambda part: keep(part, False), lambda part: keep(part, True))
 
     def normalize_tile(self) -> None:
-        w, d = self.w, self.deriv
-        if d.norm is NormKind.SOFTMAX:
+        """The Accumulate step over a tile: x becomes the weights ACC, l the running state."""
+        w, norm = self.w, self.norm
+        if norm.rescale is not None:
+            # the strategy's online update (rescale exp(M - M_NEW), ACC = exp(X - M), L + ACC),
+            # in base 2 by the tile intrinsics: row_max, then exp2_shift_sum writes the weights
             w("# online softmax in base 2: rescale acc and l by 2^(m_old - m_new)")
             with w.block("for ii in range(mq):"):
                 w("m_new = max(m[ii], row_max(x, ii * BK, nk))")
@@ -607,12 +619,14 @@ class CpuEmitter:
             with w.block("if keep[ii * BK + jj] == 0:  # masked: weight 0"):
                 w("x[ii * BK + jj] = F(0)")
                 w("continue")
-            if d.norm is NormKind.SUM:
-                w("l[ii] += xv")
-            elif d.norm is NormKind.ELEMENTWISE:
-                assert d.norm_expr is not None
+            local = {normalizers.X: "xv", normalizers.Z: "l[ii]",
+                     normalizers.ACC: "x[ii * BK + jj]"}
+            named = {symbol: sp.Symbol(name) for symbol, name in local.items()}
+            if norm.accumulate != normalizers.X:  # element-wise: f(x), which may read i, j
                 w("i, j = i0 + ii, j0 + jj")
-                w(f"x[ii * BK + jj] = {self.fl(d.norm_expr)}")
+                w(f"x[ii * BK + jj] = {self.fl(norm.accumulate.xreplace(named))}")
+            for symbol, value in norm.update:
+                w(f"{local[symbol]} = {self.fl(value.xreplace(named))}")
 
     def finish_rows(self) -> None:
         """out = scale * acc and the saved row state, from the normalizer's finish."""
@@ -744,7 +758,7 @@ class CpuEmitter:
             if self.softmax:
                 w(f"xv2 = {value}")
                 w("xv = xv2 * F(1 / 1.4426950408889634)" if self.fold is not None
-                  else f"xv = {self.fl(d.logit)}")
+                  else f"xv = {self.fl(self.logit)}")
             else:
                 w(f"xv = {value}")
             if masked:  # if/else, not `continue`: Numba's SSA pass trips over inlined exp2
@@ -775,7 +789,7 @@ class CpuEmitter:
         w(f"ds = {self.fl(norm.dscore.xreplace(named))}")
         w("x[ii * BK + jj] = pv")
         locals_ = {symbol: local for symbol, local, _ in row_sums}
-        for step in self.steps:  # the pair program's backward (program.py), in its order
+        for step in self.bwd_steps:  # the pair program's backward (program.py), in its order
             if isinstance(step, program.Gather):
                 w(f"ga_{step.source.node.name} = {self.source(step.source)}")
             elif isinstance(step, program.Loop):

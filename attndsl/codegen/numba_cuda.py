@@ -254,7 +254,9 @@ class Emitter:
         self.plan = layout.plan
         self.deriv = layout.plan.deriv
         self.grads = layout.plan.grads
-        self.steps = program.backward_steps(layout.plan)
+        self.fwd_steps = program.forward_steps(layout.plan)
+        self.bwd_steps = program.backward_steps(layout.plan)
+        self.norm = next(s.norm for s in self.fwd_steps if isinstance(s, program.Accumulate))
         self.config = config
         self.w = SourceWriter()
         self.consts: dict[str, str] = {}
@@ -466,34 +468,43 @@ class Emitter:
         """Reads the pair's other-side and pair lookups, then decides whether it is allowed."""
         w = self.w
         w(f"ok = {ok}")
+        allow = [step for step in self.fwd_steps if isinstance(step, program.Allow)]
         other = [n for n in self.plan.lookups if n.side in (ctx.other, Side.PAIR)]
-        if other or self.deriv.mask is not None:
+        if other or allow:
             with w.block("if ok:"):
                 self.lookups(p, (ctx.other, Side.PAIR), None)
-                if self.deriv.mask is not None:
+                for step in allow:
                     with w.block("if not all_:"):
-                        w(f"ok = {p.bool_(self.deriv.mask)}")
+                        w(f"ok = {p.bool_(step.mask)}")
 
     def logit(self, p: CudaPrinter) -> None:
+        """The pair program's reductions and logit x (one thread computes the whole pair)."""
         w = self.w
-        for r in self.plan.gemms:
-            a, b = r.gemm  # type: ignore[misc]
-            w(f"rd_{r.name} = ZERO")
-            with w.block(f"for f in range({size_const(r.size)}):"):
-                w(f"rd_{r.name} += {p.names[a.symbol]} * {p.names[b.symbol]}")
-        for r in self.plan.loops:
-            w(f"rd_{r.name} = ZERO")
-            with w.block(f"for f in range({size_const(r.size)}):"):
-                w(f"rd_{r.name} += {p.num(r.body)}")
-        w(f"x = {p.num(self.deriv.logit)}")
+        for step in self.fwd_steps:
+            if isinstance(step, program.Reduce):
+                r = step.reduction
+                body = p.num(r.body) if r.gemm is None else \
+                    f"{p.names[r.gemm[0].symbol]} * {p.names[r.gemm[1].symbol]}"
+                w(f"rd_{r.name} = ZERO")
+                with w.block(f"for f in range({size_const(r.size)}):"):
+                    w(f"rd_{r.name} += {body}")
+            elif isinstance(step, program.Logit):
+                w(f"x = {p.num(step.value)}")
 
-    def weight(self, p: CudaPrinter) -> str:
-        """The pair's weight before normalization as a function of x (element-wise: f(x))."""
-        d = self.deriv
-        if d.norm is NormKind.ELEMENTWISE:
-            assert d.norm_expr is not None
-            return p.num(d.norm_expr)
-        return "x"
+    def running(self, p: CudaPrinter, acc: str, x: str, m: str = "m") -> CudaPrinter:
+        """The normalizer's symbols as the forward's locals: running state, ACC, X."""
+        return p.with_names({normalizers.M: m, normalizers.M_NEW: "m_new", normalizers.L: "l",
+                             normalizers.Z: "z", normalizers.ACC: acc, normalizers.X: x})
+
+    def add_pair(self, p: CudaPrinter, pw: str, v_c: str) -> None:
+        """acc += ACC * v_j and the running state's update (the Accumulate step)."""
+        w = self.w
+        w(f"{pw} = {p.num(self.norm.accumulate)}")
+        for symbol, value in self.norm.update:
+            w(f"{p.names[symbol]} = {p.num(value)}")
+        with w.block(f"if {pw} != ZERO:  # 0 * a NaN v stays 0, as on cpu"), \
+                w.block("for c in range(DV):"):
+            w(f"acc[c] += {pw} * {v_c}")
 
     # ---- forward ----
     def fwd(self) -> None:
@@ -524,12 +535,12 @@ class Emitter:
             w("acc = cuda.local.array(DV, DT)")
             with w.block("for c in range(DV):"):
                 w("acc[c] = ZERO")
-            softmax = d.norm is NormKind.SOFTMAX
-            if softmax:
+            online = self.norm.rescale is not None  # softmax: the tile's max, then weights
+            if online:
                 w("s_r = cuda.local.array(BK, DT)")
                 w("m = NEG_INF  # running max")
                 w("l = ZERO  # running sum of exp(x - m)")
-            elif d.norm is NormKind.SUM:
+            elif normalizers.Z in self.norm.running:
                 w("z = ZERO  # running sum of x over allowed keys")
             with w.block("for k0 in range(0, n_k, BK):"):
                 w("k1 = min(k0 + BK, n_k) - 1")
@@ -540,40 +551,23 @@ class Emitter:
                 self.load_side(Side.KEY, "s", "k0", "n_k", "BK", "BQ")
                 self.load_tile("v", "s_v", "g", "k0", "n_k", "DV", "BK", "BQ")
                 w("cuda.syncthreads()")
-                if softmax:
+                if online:
                     w("t_max = NEG_INF")
                 with w.block("for r in range(BK):"):
                     w("j = k0 + r")
-                    w("x = NEG_INF" if softmax else "x = ZERO")
+                    w("x = NEG_INF" if online else "x = ZERO")
                     self.pair_prelude(p, ctx, "row_ok and j < n_k")
                     with w.block("if ok:"):
                         self.logit(p)
-                        if softmax:  # a NaN logit wins (max() would drop it): out, lse NaN
+                        if online:  # a NaN logit wins (max() would drop it): out, lse NaN
                             with w.block("if x > t_max or x != x:"):
                                 w("t_max = x")
                         else:
-                            if d.norm is NormKind.SUM:
-                                w("z += x")
-                            w(f"pw = {self.weight(p)}")
-                            with w.block("if pw != ZERO:  # 0 * a NaN v stays 0, as on cpu"), \
-                                    w.block("for c in range(DV):"):
-                                w("acc[c] += pw * s_v[r, c]")
-                    if softmax:
+                            self.add_pair(self.running(p, "pw", "x"), "pw", "s_v[r, c]")
+                    if online:
                         w("s_r[r] = x")
-                if softmax:
-                    with w.block("if t_max != NEG_INF:  # else every key of the tile is masked"):
-                        w("m_new = t_max if t_max > m or t_max != t_max else m  # NaN wins")
-                        w("corr = math.exp(m - m_new)  # m = -inf -> 0")
-                        w("l *= corr")
-                        with w.block("for c in range(DV):"):
-                            w("acc[c] *= corr")
-                        with w.block("for r in range(BK):"):
-                            w("pw = math.exp(s_r[r] - m_new)  # masked: exp(-inf) = 0")
-                            w("l += pw")
-                            with w.block("if pw != ZERO:  # a masked key's NaN v stays there"), \
-                                    w.block("for c in range(DV):"):
-                                w("acc[c] += pw * s_v[r, c]")
-                        w("m = m_new")
+                if online:
+                    self.online_tile(p)
             with w.block("if row_ok:"):
                 # l > 0, 0 (no allowed key: out = 0, lse = -inf) or NaN (a NaN or +inf logit
                 # at an allowed pair: out and lse NaN): the finish tests `!= 0`
@@ -582,6 +576,21 @@ class Emitter:
                     w("out[b, h, i, c] = acc[c] * inv")
         w()
         w()
+
+    def online_tile(self, p: CudaPrinter) -> None:
+        """Softmax: the tile's max t_max joins the running max, acc and l are rescaled, then
+        every key of the tile accumulates (masked keys hold x = -inf: weight 0)."""
+        w = self.w
+        with w.block("if t_max != NEG_INF:  # else every key of the tile is masked"):
+            w("m_new = t_max if t_max > m or t_max != t_max else m  # NaN wins")
+            assert self.norm.rescale is not None
+            w(f"corr = {self.running(p, 'pw', 'x').num(self.norm.rescale)}  # m = -inf -> 0")
+            w("l *= corr")
+            with w.block("for c in range(DV):"):
+                w("acc[c] *= corr")
+            with w.block("for r in range(BK):"):
+                self.add_pair(self.running(p, "pw", "s_r[r]", m="m_new"), "pw", "s_v[r, c]")
+            w("m = m_new")
 
     def finish(self, p: CudaPrinter) -> None:
         """inv (out = inv * acc) and the saved row state, from the normalizer's finish."""
@@ -622,6 +631,12 @@ class Emitter:
         w()
         w()
 
+    def live(self, p: CudaPrinter, state: str) -> str:
+        """The backward's test that a row has an allowed key (a NaN row is live)."""
+        if self.norm.empty is None:
+            return ""
+        return f" and {state} != {p.num(self.norm.empty)}"
+
     def pair_grad(self, p: CudaPrinter, dp: str, state: str, delta: str) -> None:
         """pw (the weight after normalization, for dV) and dx = dS for an allowed pair."""
         norm = normalizers.of(self.deriv)
@@ -656,7 +671,7 @@ class Emitter:
     def accumulate(self, p: CudaPrinter, ctx: Ctx) -> None:
         """The pair program's backward steps (program.py) into this kernel's own adjoints."""
         w = self.w
-        for step in self.steps:
+        for step in self.bwd_steps:
             symbol = step.source.node.symbol
             if isinstance(step, program.Gather):
                 if self.wanted(symbol, ctx):
@@ -750,7 +765,7 @@ class Emitter:
                 w(f"gl_{node.name}[b, {head}, {index}] = dl_{node.name}")
 
     def dkdv(self) -> None:
-        w, lay, d = self.w, self.layout, self.deriv
+        w, lay = self.w, self.layout
         ctx = Ctx("dkdv", Side.KEY, own_shared=True)
         p = self.printer(ctx)
         args = ", ".join(lay.base_args() + ["dout", "state", "delta", "g_v"]
@@ -830,12 +845,7 @@ class Emitter:
                     w("cuda.syncthreads()")
                     with w.block("for r in range(BQB):"):
                         w("i = q0 + r")
-                        live = " and i < n_q"
-                        if d.norm is NormKind.SOFTMAX:
-                            live += " and s_state[r] != NEG_INF"  # a NaN row is live
-                        elif d.norm is NormKind.SUM:
-                            live += " and s_state[r] != ZERO"
-                        self.pair_prelude(p, ctx, "col_ok" + live)
+                        self.pair_prelude(p, ctx, "col_ok and i < n_q" + self.live(p, "s_state[r]"))
                         with w.block("if ok:"):
                             self.logit(p)
                             w("dp = ZERO")
@@ -880,7 +890,7 @@ class Emitter:
             w(f"gl_{node.name}[b, h, j] = dl_{node.name}")
 
     def dq(self) -> None:
-        w, lay, d = self.w, self.layout, self.deriv
+        w, lay = self.w, self.layout
         ctx = Ctx("dq", Side.QUERY, own_shared=True)
         p = self.printer(ctx)
         args = ", ".join(lay.base_args() + ["dout", "state", "delta"] + lay.dq_outputs())
@@ -914,11 +924,7 @@ class Emitter:
                 w("row_state = state[b, h, i] if row_ok else ZERO")
                 w("row_delta = delta[b, h, i] if row_ok else ZERO")
             self.accumulators(ctx, (Side.QUERY, Side.CONST))
-            live = "row_ok"
-            if d.norm is NormKind.SOFTMAX:
-                live += " and row_state != NEG_INF"  # a NaN row is live
-            elif d.norm is NormKind.SUM:
-                live += " and row_state != ZERO"
+            live = "row_ok" + self.live(p, "row_state")
             with w.block("for k0 in range(0, n_k, BKB):"):
                 w("k1 = min(k0 + BKB, n_k) - 1")
                 self.tile_status(p, "BQB", "q0", "q1", "k0", "k1")
