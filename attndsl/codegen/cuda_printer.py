@@ -59,8 +59,8 @@ class CudaPrinter:
         literal = repr(float(value))
         if literal in MODULE_CONSTANTS:
             return MODULE_CONSTANTS[literal]
-        if literal in ("inf", "-inf"):  # what `F(...)` in the module header can read
-            literal = literal.replace("inf", "np.inf")
+        if literal in ("inf", "-inf", "nan"):  # what `F(...)` in the module header can read
+            literal = literal.replace("inf", "np.inf").replace("nan", "np.nan")
         for name, text in self.consts.items():
             if text == literal:
                 return name
@@ -75,6 +75,8 @@ class CudaPrinter:
 
     # ---- float context ----
     def num(self, e: sp.Basic) -> str:
+        if e in (sp.nan, sp.zoo):  # 1/0 of SymPy on a branch not taken: printed, never read
+            return self.const(sp.nan)
         if e.is_Number or e in (sp.pi, sp.E):
             return self.const(e)
         if type(e) in ROUNDING:

@@ -415,3 +415,17 @@ def test_cuda_clamp_keeps_a_nan_bound(text):
         g = np.asarray(got[name])
         assert np.array_equal(np.isnan(g), np.isnan(value)), name
         assert np.allclose(g[~np.isnan(value)], value[~np.isnan(value)], atol=1e-10), name
+
+
+# ---- a derivative SymPy folds to 1/0 on a branch `where` never takes -------------------------
+
+
+def test_cuda_complex_infinity_on_an_untaken_branch():
+    """d/d sb of log(where(sb > 0.5, log(sb), 0)) is 1/0 (zoo) where the inner branch is 0; the
+    outer `where` never takes it. The CUDA printer had no rule for zoo (NotImplementedError);
+    numpy and cpu print NaN there. Found by the fuzzer (seed 7)."""
+    inner = "where(sb[h] > 0.5, log(sb[h]), 0)"
+    text = (f"param sb[heads]\n    score q . k + where({inner} > 0.5, log({inner}), 0)\n"
+            "    normalize softmax(sink = sb[h])")
+    assert "np.nan" in emit_source(attndsl.parse(f"attention t {{\n    {text}\n}}"))
+    assert_cuda_agrees(text, moved=("sb", "q"))
