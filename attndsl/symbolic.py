@@ -28,6 +28,21 @@ SIZES = {
     name: sp.Symbol(name, integer=True, positive=True)
     for name in ("d", "dv", "n_q", "n_k", "heads", "kv_heads")
 }
+# q_offset and k_offset of a call (per batch): position i is query row i - q_offset
+OFFSETS = {side: sp.Symbol(f"{side}_offset", integer=True, nonnegative=True) for side in "qk"}
+_AXIS_OFFSET = {"n_q": "q", "n": "q", "n_k": "k"}  # a spec using n has q_offset == k_offset
+
+
+def local_subscripts(spec: ir.Spec, array: str, subscripts: tuple[sp.Expr, ...]
+                     ) -> tuple[sp.Expr, ...]:
+    """Subscripts into `array` as stored: an axis sized n_q (or n) holds the call's query rows
+    and one sized n_k its keys, so a position there is shifted by the call's offset (doc[i] is
+    doc[i - q_offset]); every other axis is read as written."""
+    declared = spec.param(array) or spec.index(array)
+    assert declared is not None, array
+    dims = declared.dims  # an input's ("B", ...) matches its subscripts (b, ...)
+    return tuple(s - OFFSETS[_AXIS_OFFSET[dim]] if isinstance(dim, str) and dim in _AXIS_OFFSET
+                 else s for s, dim in zip(subscripts, dims))
 S = sp.Symbol("s", real=True)  # the logit, in an element-wise normalizer
 
 

@@ -126,7 +126,8 @@ def test_emit_numpy_prints_the_reference(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["emit", example("sigmoid"), "--target", "numpy"]) == 0
     out = capsys.readouterr().out
     assert out.startswith('"""attndsl NumPy reference for \'sigmoid\' (generated; do not edit).')
-    assert "def forward(xp, q, k, v):" in out and "def backward(xp, q, k, v, dout, out=None, lse=None):" in out
+    assert "def forward(xp, q, k, v, q_offset=0, k_offset=0):" in out
+    assert "def backward(xp, q, k, v, dout, out=None, lse=None, q_offset=0, k_offset=0):" in out
     compile(out, "sigmoid.py", "exec")
     # numpy is the default target
     assert main(["emit", example("sigmoid")]) == 0

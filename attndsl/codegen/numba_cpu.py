@@ -29,7 +29,7 @@ from ..plan import (
     scan_status_text,
     tile_status_text,
 )
-from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S
+from ..symbolic import OFFSETS, POSITIONS, SIZES, Lookup, Reduction, S, local_subscripts
 from . import numpy_ref
 from .printer import KernelPrinter, integer_valued
 from .source import SourceWriter
@@ -193,6 +193,9 @@ class CpuEmitter:
         self.dtype = dtype
         self.w = SourceWriter()
         names: dict[sp.Symbol, str] = {s: n for n, s in POSITIONS.items()}
+        # positions i, j are pi = qo + i, pj = ko + j: i and j index the call's rows and keys
+        names.update({POSITIONS["i"]: "pi", POSITIONS["j"]: "pj", OFFSETS["q"]: "qo",
+                      OFFSETS["k"]: "ko"})
         names.update({s: n for n, s in SIZES.items()})
         for r in plan.gemms + plan.loops:
             names[r.symbol] = r.name
@@ -317,7 +320,7 @@ class CpuEmitter:
                                                                      or i.is_raw_key)]
         if tiled:  # each GEMM's key-side operand transposed, [B, H', F, n_k] (see gemm_tiles)
             inputs += [f"kt{n}" for n in range(len(self.plan.gemms))]
-        args = ["sz", "q", "k", "v", *inputs, *(f"p_{n}" for n in self.params),
+        args = ["sz", "qoff", "koff", "q", "k", "v", *inputs, *(f"p_{n}" for n in self.params),
                 *(f"x_{n}" for n in self.indices), *outputs]
         return f"def {name}({', '.join(args)}):"
 
@@ -341,12 +344,14 @@ class CpuEmitter:
         w, d = self.w, self.deriv
         lookups = [x for x in self.plan.lookups if x.symbol in (d.mask.free_symbols
                                                                  if d.mask is not None else ())]
-        args = ["sz", "b", "h", "i0", "i1", "j0", "j1", *(f"p_{n}" for n in self.params),
+        args = ["sz", "qo", "ko", "b", "h", "i0", "i1", "j0", "j1",
+                *(f"p_{n}" for n in self.params),
                 *(f"x_{n}" for n in self.indices)]
         w("@njit(inline='always')")
         with w.block(f"def _tile_status({', '.join(args)}):"):
-            w('"""Linear mask atoms decided from the tile corners; the others (doc[i] == doc[j],')
-            w('i // width) summarized by scanning the tile when the linear ones leave it open."""')
+            w('"""Over positions [i0, i1) x [j0, j1): linear mask atoms decided from the tile')
+            w('corners; the others (doc[i] == doc[j], i // width) summarized by scanning the tile')
+            w('when the linear ones leave it open."""')
             if d.mask is None:
                 w("return 2")
                 w()
@@ -378,8 +383,8 @@ class CpuEmitter:
                 pair_lookups = [x for x in lookups if x.symbol in relation.free_symbols]
                 w(f"t{n} = 0")
                 w(f"f{n} = 0")
-                with w.block("for i in range(i0, i1):"):
-                    with w.block("for j in range(j0, j1):"):
+                with w.block("for pi in range(i0, i1):"):
+                    with w.block("for pj in range(j0, j1):"):
                         for x in pair_lookups:
                             self.lookup_read(x, "", check=True,
                                              on_error="return 1  # reported per pair")
@@ -400,7 +405,7 @@ class CpuEmitter:
     def lookup_read(self, x: Lookup, err: str, check: bool = True, on_error: str = "") -> None:
         w = self.w
         array = f"p_{x.array}" if x.is_param else f"x_{x.array}"
-        subs = [self.it(s) for s in x.subscripts]
+        subs = [self.it(s) for s in local_subscripts(self.deriv.spec, x.array, x.subscripts)]
         lead = [] if x.is_param else ["b"]
         if x.is_param and not subs:
             w(f"{x.name} = {array}[0]")
@@ -490,6 +495,7 @@ class CpuEmitter:
             w("n_tiles = (n_q + BQ - 1) // BQ")
             with w.block("for task in prange(B * heads * n_tiles):"):
                 w("b, h, qt = task // (heads * n_tiles), (task // n_tiles) % heads, task % n_tiles")
+                w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
                 w("hk = h // group")
                 w("i0 = qt * BQ")
                 w("mq = min(BQ, n_q - i0)")
@@ -506,7 +512,8 @@ class CpuEmitter:
                 w("bad = 0")
                 with w.block("for j0 in range(0, n_k, BK):"):
                     w("nk = min(BK, n_k - j0)")
-                    w(f"status = _tile_status(sz, b, h, i0, i0 + mq, j0, j0 + nk"
+                    w(f"status = _tile_status(sz, qo, ko, b, h, qo + i0, qo + i0 + mq, ko + j0, "
+                      f"ko + j0 + nk"
                       f"{self.extra_args()})")
                     with w.block("if status == 0:"):
                         w("continue  # the mask allows no pair of this tile")
@@ -548,10 +555,12 @@ class CpuEmitter:
         for head, emit in variants:
             with w.block(head) if head else _nothing(), w.block("for ii in range(mq):"):
                 w("i = i0 + ii")
+                w("pi = qo + i")
                 self.lookups_at(1, "bad")
                 emit("row")
                 with w.block("for jj in range(nk):"):
                     w("j = j0 + jj")
+                    w("pj = ko + j")
                     self.pair_values("bad")
                     emit("pair")
                 emit("row_end")
@@ -573,9 +582,11 @@ class CpuEmitter:
                 if self.mask is not None:
                     with w.block("if status == 1:"), w.block("for ii in range(mq):"):
                         w("i = i0 + ii")
+                        w("pi = qo + i")
                         self.lookups_at(1, err)
                         with w.block("for jj in range(nk):"):
                             w("j = j0 + jj")
+                            w("pj = ko + j")
                             self.pair_values(err)
                             with w.block(f"if not {self.mask_expr()}:"):
                                 w("x[ii * BK + jj] = NEG_INF")
@@ -623,7 +634,7 @@ class CpuEmitter:
                      normalizers.ACC: "x[ii * BK + jj]"}
             named = {symbol: sp.Symbol(name) for symbol, name in local.items()}
             if norm.accumulate != normalizers.X:  # element-wise: f(x), which may read i, j
-                w("i, j = i0 + ii, j0 + jj")
+                w("pi, pj = qo + i0 + ii, ko + j0 + jj")
                 w(f"x[ii * BK + jj] = {self.fl(norm.accumulate.xreplace(named))}")
             for symbol, value in norm.update:
                 w(f"{local[symbol]} = {self.fl(value.xreplace(named))}")
@@ -676,6 +687,7 @@ class CpuEmitter:
             w("k_tiles = (n_k + BK - 1) // BK")
             with w.block("for task in prange(B * heads * parts):"):
                 w("b, h, part = task // (heads * parts), (task // parts) % heads, task % parts")
+                w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
                 w("pb = part * B + b  # this part's copy of the query-side adjoints")
                 w("hk = h // group")
                 for n in range(len(plan.gemms)):
@@ -692,7 +704,8 @@ class CpuEmitter:
                         w("mq = min(BQ, n_q - i0)")
                         w("qt = i0 // BQ  # the query tile: per-tile partials")
                         w("qtask = (pb * heads + h) * q_tiles + qt")
-                        w(f"status = _tile_status(sz, b, h, i0, i0 + mq, j0, j0 + nk"
+                        w(f"status = _tile_status(sz, qo, ko, b, h, qo + i0, qo + i0 + mq, ko + j0, "
+                      f"ko + j0 + nk"
                           f"{self.extra_args()})")
                         with w.block("if status == 0:"):
                             w("continue")

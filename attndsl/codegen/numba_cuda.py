@@ -39,7 +39,7 @@ from ..plan import (
     scan_status_text,
     tile_status_text,
 )
-from ..symbolic import POSITIONS, SIZES, Lookup, Reduction, S, Vec
+from ..symbolic import OFFSETS, POSITIONS, SIZES, Lookup, Reduction, S, Vec, local_subscripts
 from . import numpy_ref
 from .cuda_printer import CudaPrinter
 from .source import SourceWriter
@@ -123,7 +123,8 @@ class Layout:
         return [x for x in self.inputs if x.raw is None]
 
     def base_args(self) -> list[str]:
-        return ["q", "k", "v", *(x.arg for x in self.hoisted()), *(f"a_{a}" for a in self.arrays)]
+        return ["qoff", "koff", "q", "k", "v", *(x.arg for x in self.hoisted()),
+                *(f"a_{a}" for a in self.arrays)]
 
     def dq_inputs(self) -> list[Input]:
         return [x for x in self.inputs if x.side in (Side.QUERY, Side.CONST)]
@@ -264,6 +265,9 @@ class Emitter:
     # ---- names ----
     def printer(self, ctx: Ctx) -> CudaPrinter:
         names: dict[sp.Symbol, str] = {s: n for n, s in POSITIONS.items()}
+        # positions i, j are pi = qo + i, pj = ko + j: i and j index the call's rows and keys
+        names.update({POSITIONS["i"]: "pi", POSITIONS["j"]: "pj", OFFSETS["q"]: "qo",
+                      OFFSETS["k"]: "ko"})
         names.update({SIZES["d"]: "D", SIZES["dv"]: "DV", SIZES["n_q"]: "n_q",
                       SIZES["n_k"]: "n_k", SIZES["heads"]: "heads",
                       SIZES["kv_heads"]: "kv_heads", S: "x"})
@@ -289,13 +293,13 @@ class Emitter:
         return "g" if x.raw == "k" else "h"
 
     def lookup_read(self, node: Lookup, p: CudaPrinter) -> str:
-        subs = [p.int_(s) for s in node.subscripts]
+        subs = [p.int_(s) for s in local_subscripts(self.plan.spec, node.array, node.subscripts)]
         if node.is_param:
             return f"a_{node.array}[{', '.join(subs) or '0'}]"
         return f"a_{node.array}[{', '.join(['b', *subs])}]"
 
     def flat_index(self, node: Lookup, p: CudaPrinter) -> str:
-        subs = [p.int_(s) for s in node.subscripts]
+        subs = [p.int_(s) for s in local_subscripts(self.plan.spec, node.array, node.subscripts)]
         if not subs:
             return "0"
         text = subs[0]
@@ -518,6 +522,7 @@ class Emitter:
             w('"""One block per (query tile, head, batch), one thread per query row."""')
             self.kernel_head("BQ")
             w("i = q0 + t")
+            w("pi = qo + i")
             w("row_ok = i < n_q")
             w("q1 = min(q0 + BQ, n_q) - 1  # the tile's last row")
             self.shared_tiles(Side.KEY, "BK", False, "s")
@@ -544,7 +549,7 @@ class Emitter:
                 w("z = ZERO  # running sum of x over allowed keys")
             with w.block("for k0 in range(0, n_k, BK):"):
                 w("k1 = min(k0 + BK, n_k) - 1")
-                self.tile_status(p, "BQ", "q0", "q1", "k0", "k1")
+                self.tile_status(p, "BQ", "(qo + q0)", "(qo + q1)", "(ko + k0)", "(ko + k1)")
                 with w.block("if not any_:"):
                     w("continue  # the whole tile is masked (uniform across the block)")
                 w("cuda.syncthreads()  # every thread is done with the previous tile")
@@ -555,6 +560,7 @@ class Emitter:
                     w("t_max = NEG_INF")
                 with w.block("for r in range(BK):"):
                     w("j = k0 + r")
+                    w("pj = ko + j")
                     w("x = NEG_INF" if online else "x = ZERO")
                     self.pair_prelude(p, ctx, "row_ok and j < n_k")
                     with w.block("if ok:"):
@@ -613,6 +619,7 @@ class Emitter:
         w("heads, n_q = q.shape[1], q.shape[2]")
         w("kv_heads, n_k = k.shape[1], k.shape[2]")
         w("g = h // (heads // kv_heads)  # the key/value head of query head h")
+        w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
         w(f"q0 = cuda.blockIdx.x * {threads}")
 
     # ---- backward ----
@@ -777,11 +784,13 @@ class Emitter:
             w("t = cuda.threadIdx.x")
             w("b = cuda.blockIdx.z")
             w("g = cuda.blockIdx.y")
+            w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
             w("heads, n_q = q.shape[1], q.shape[2]")
             w("kv_heads, n_k = k.shape[1], k.shape[2]")
             w("group = heads // kv_heads")
             w("k0 = cuda.blockIdx.x * BKB")
             w("j = k0 + t")
+            w("pj = ko + j")
             w("col_ok = j < n_k")
             w("k1 = min(k0 + BKB, n_k) - 1")
             # own rows: padded shared tiles (thread t reads row t; +1 avoids bank conflicts)
@@ -832,7 +841,7 @@ class Emitter:
                     w(f"dl_{node.name} = ZERO")
                 with w.block("for q0 in range(0, n_q, BQB):"):
                     w("q1 = min(q0 + BQB, n_q) - 1")
-                    self.tile_status(p, "BKB", "q0", "q1", "k0", "k1")
+                    self.tile_status(p, "BKB", "(qo + q0)", "(qo + q1)", "(ko + k0)", "(ko + k1)")
                     with w.block("if not any_:"):
                         w("continue")
                     w("cuda.syncthreads()")
@@ -845,6 +854,7 @@ class Emitter:
                     w("cuda.syncthreads()")
                     with w.block("for r in range(BQB):"):
                         w("i = q0 + r")
+                        w("pi = qo + i")
                         self.pair_prelude(p, ctx, "col_ok and i < n_q" + self.live(p, "s_state[r]"))
                         with w.block("if ok:"):
                             self.logit(p)
@@ -900,6 +910,7 @@ class Emitter:
             w('"""One block per (query tile, head, batch), one thread per query row i."""')
             self.kernel_head("BQB")
             w("i = q0 + t")
+            w("pi = qo + i")
             w("row_ok = i < n_q")
             w("q1 = min(q0 + BQB, n_q) - 1")
             w("blk = (b * heads + h) * cuda.gridDim.x + cuda.blockIdx.x")
@@ -927,7 +938,7 @@ class Emitter:
             live = "row_ok" + self.live(p, "row_state")
             with w.block("for k0 in range(0, n_k, BKB):"):
                 w("k1 = min(k0 + BKB, n_k) - 1")
-                self.tile_status(p, "BQB", "q0", "q1", "k0", "k1")
+                self.tile_status(p, "BQB", "(qo + q0)", "(qo + q1)", "(ko + k0)", "(ko + k1)")
                 with w.block("if not any_:"):
                     w("continue")
                 w("cuda.syncthreads()")
@@ -936,6 +947,7 @@ class Emitter:
                 w("cuda.syncthreads()")
                 with w.block("for r in range(BKB):"):
                     w("j = k0 + r")
+                    w("pj = ko + j")
                     for node in pair:
                         w(f"dl_{node.name} = ZERO")
                     self.pair_prelude(p, ctx, f"{live} and j < n_k")

@@ -15,7 +15,17 @@ from .. import normalizers
 from ..grad import Gradients
 from ..ir import NormKind, Side
 from ..plan import KernelPlan, make_plan
-from ..symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, S, Vec
+from ..symbolic import (
+    OFFSETS,
+    POSITIONS,
+    SIZES,
+    Derivation,
+    Lookup,
+    Reduction,
+    S,
+    Vec,
+    local_subscripts,
+)
 from .printer import KernelPrinter
 from .source import SourceWriter
 
@@ -58,6 +68,7 @@ class Emitter:
         names = {n.symbol: variable(n) for n in deriv.nodes}
         names.update({s: name for name, s in POSITIONS.items()})
         names.update({s: name for name, s in SIZES.items()})
+        names.update({OFFSETS["q"]: "q_off", OFFSETS["k"]: "k_off"})
         names[S] = "x"
         self.p = KernelPrinter("xp", names, exact=exact)
         self.exact = exact
@@ -94,13 +105,14 @@ class Emitter:
             args.insert(3, extra)
         if optional:
             args.append(optional)
+        args.append("q_offset=0, k_offset=0")  # ints or int arrays [B]
         return f"def {name}(xp, {', '.join(args)}):"
 
     def prologue(self) -> None:
         w = self.w
         w("B, heads, n_q, d = q.shape")
         w("kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]")
-        w("b, h, i, j = xp.positions(B, heads, n_q, n_k)")
+        w("b, h, i, j, q_off, k_off = xp.positions(B, heads, n_q, n_k, q_offset, k_offset)")
         w("g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head")
 
     def graph(self) -> None:
@@ -124,7 +136,7 @@ class Emitter:
             if node.kind == "input":
                 how = "xp.query_rows(q)" if node.name == "q" else "xp.key_rows(k, g)"
             elif node.kind == "param":
-                subs = ", ".join(self.expr(s) for s in node.subscripts)
+                subs = self.subscripts(node.param, node.subscripts)
                 how = f'xp.lookup({array(node.param)}, "{node.param}", ' \
                       f'({subs}{"," if subs else ""}), ' \
                       f"vector=True{self.batched(node.param)})"
@@ -142,10 +154,16 @@ class Emitter:
                 w(f"{name} = xp.reduce({self.expr(node.body)})  # {node.side.value}: sum_f "
                   f"{sp.sstr(node.body)}")
         else:
-            lead = ("b",) if not node.is_param else ()
-            subs = ", ".join(lead + tuple(self.expr(s) for s in node.subscripts))
+            lead = "b, " if not node.is_param and node.subscripts else \
+                "b" if not node.is_param else ""
+            subs = lead + self.subscripts(node.array, node.subscripts)
             w(f'{name} = xp.lookup({array(node.array)}, "{node.array}", '
               f'({subs}{"," if subs else ""}){self.batched(node.array)})')
+
+    def subscripts(self, array: str, subscripts: tuple[sp.Expr, ...]) -> str:
+        """The subscripts into `array` as stored (symbolic.local_subscripts), comma-separated."""
+        local = local_subscripts(self.deriv.spec, array, subscripts)
+        return ", ".join(self.expr(s) for s in local)
 
     def batched(self, name: str) -> str:
         """`, batched=True` for an array with a batch axis first (an index array or an
@@ -217,7 +235,8 @@ class Emitter:
         w = self.w
         with w.block(self.signature("forward")):
             w('"""out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""')
-            w(f"t = graph(xp, {', '.join(call_args(self.deriv))})")
+            w(f"t = graph(xp, {', '.join(call_args(self.deriv))}, q_offset=q_offset, "
+              "k_offset=k_offset)")
             w("p, state = normalize(xp, t)")
             w('out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key\'s NaN v stays there')
             lse = "state" if self.deriv.norm is NormKind.SOFTMAX else "None"
@@ -238,8 +257,8 @@ class Emitter:
         with w.block(self.signature("backward", "dout", "out=None, lse=None")):
             w('"""Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,')
             w('softmax) is trusted as forward\'s result, as on every target."""')
-            w(f"t = graph(xp, {', '.join(call_args(d))})")
-            names = list(SIZE_ORDER) + ["b", "h", "i", "j", "g", "allowed"] + [
+            w(f"t = graph(xp, {', '.join(call_args(d))}, q_offset=q_offset, k_offset=k_offset)")
+            names = list(SIZE_ORDER) + ["b", "h", "i", "j", "g", "q_off", "k_off", "allowed"] + [
                 variable(n) for n in d.nodes]
             self.unpack(names)
             w("p, state = normalize(xp, t)")
@@ -345,12 +364,12 @@ class Emitter:
             grad = param_grad(node.param)
             w(f"{grad} = {grad} + xp.project_dw({variable(source)}, {adjoint})")
         elif isinstance(node, Vec) and node.kind == "param":
-            subs = ", ".join(self.expr(s) for s in node.subscripts)
+            subs = self.subscripts(node.param, node.subscripts)
             grad = param_grad(node.param)
             w(f"{grad} = {grad} + xp.scatter({array(node.param)}.shape, "
               f"({subs}{',' if subs else ''}), {adjoint}, vector=True)")
         elif isinstance(node, Lookup) and node.is_param:
-            subs = ", ".join(self.expr(s) for s in node.subscripts)
+            subs = self.subscripts(node.array, node.subscripts)
             w(f"# lookup bwd: scatter-add into {node.array}")
             grad = param_grad(node.array)
             w(f"{grad} = {grad} + xp.scatter({array(node.array)}.shape, "
@@ -391,7 +410,8 @@ def _rows_backward(self: Emitter) -> None:
         w('"""Chains the adjoints of the pair kernel\'s row-level inputs to q, k and params."""')
         nodes = [n for n in d.nodes if _row_level(n)]
         sizes = [n for n in _sizes_used(self, nodes) if n != "kv_heads"]
-        self.unpack(["kv_heads", *sizes, "b", "h", "i", "j", "g"] + [variable(n) for n in nodes])
+        self.unpack(["kv_heads", *sizes, "b", "h", "i", "j", "g", "q_off", "k_off"] +
+                    [variable(n) for n in nodes])
         self.adjoints = set()
         for item in plan.inputs:  # the kernels' adjoints have a batch and head axis even where
             name = variable(item.node)  # the value has none (P[h] @ W): summed to its shape

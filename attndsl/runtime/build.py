@@ -22,12 +22,13 @@ def compile_numpy(spec: ir.Spec) -> Kernel:
 
     def forward(call: Call) -> tuple[np.ndarray, np.ndarray | None]:
         with np.errstate(all="ignore"):
-            return module.forward(numpy_ops, *call.arrays())
+            return module.forward(numpy_ops, *call.arrays(), **call.offsets)
 
     def backward(call: Call, dout: np.ndarray, out: Any, lse: Any) -> dict[str, np.ndarray]:
         q, k, v, *rest = call.arrays()
         with np.errstate(all="ignore"):
-            return module.backward(numpy_ops, q, k, v, dout, *rest, out=out, lse=lse)
+            return module.backward(numpy_ops, q, k, v, dout, *rest, out=out, lse=lse,
+                                   **call.offsets)
 
     return Kernel(spec, "numpy", source, forward, backward)
 

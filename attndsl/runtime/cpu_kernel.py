@@ -13,7 +13,7 @@ from ..codegen import numba_cpu, numpy_ref
 from ..ir import NormKind, Side
 from ..plan import PairInput, make_plan
 from . import cache, numpy_ops
-from .kernel import Call, Kernel
+from .kernel import Call, Kernel, check_linear_offsets
 
 # Every parallel launch (the kernels, the key transposes) holds this lock: Numba's default
 # workqueue threading layer aborts the process when two Python threads run parallel regions
@@ -85,6 +85,7 @@ class CpuKernel(Kernel):
         self.modules: dict[str, ModuleType] = {}
         super().__init__(spec, "cpu", numba_cpu.emit_source(self.plan), self._forward_impl,
                          self._backward_impl)
+        self.row_blocks = self.plan.linear is None or not self.plan.linear.causal
 
     def module(self, dtype: np.dtype) -> ModuleType:
         name = np.dtype(dtype).name
@@ -96,8 +97,10 @@ class CpuKernel(Kernel):
     # ---- arguments ----
     def _common(self, call: Call, dout: np.ndarray | None = None
                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
+        linear = self.plan.linear
+        check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
         with np.errstate(all="ignore"):
-            t = self.ref.rows(numpy_ops, *call.arrays())
+            t = self.ref.rows(numpy_ops, *call.arrays(), **call.offsets)
         inputs = [_kernel_layout(t[numpy_ref.variable(i.node)], i, call.sizes, call.dtype)
                   for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         s = call.sizes
@@ -121,7 +124,8 @@ class CpuKernel(Kernel):
         careful = not (keys_finite and _all_finite(rest))
         sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
                        1, careful], dtype=np.int64)
-        args = [sz, call.q, call.k, call.v, *inputs, *params, *call.indices.values()]
+        args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
+                *call.indices.values()]
         return t, args
 
     def _raise_on(self, err: np.ndarray) -> None:

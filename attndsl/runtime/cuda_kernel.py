@@ -29,9 +29,9 @@ from ..codegen.numba_cuda import (
 )
 from ..ir import NormKind, Side
 from ..plan import make_plan
-from ..symbolic import POSITIONS, SIZES
+from ..symbolic import OFFSETS, POSITIONS, SIZES, local_subscripts
 from . import cache, numpy_ops
-from .kernel import Call, Kernel
+from .kernel import Call, Kernel, check_linear_offsets
 
 KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 
@@ -59,7 +59,7 @@ def host_source(layout: Layout) -> str:
     deriv = layout.plan.deriv
     em = numpy_ref.Emitter(layout.plan)
     w = em.w
-    args = ", ".join(numpy_ref.call_args(deriv))
+    args = ", ".join([*numpy_ref.call_args(deriv), "q_offset=0, k_offset=0"])
     w('"""attndsl CUDA host helpers (generated; do not edit)."""')
     w()
     w()
@@ -76,10 +76,15 @@ def host_source(layout: Layout) -> str:
             em.forward_node(node)
         w("out = {}")
         for node in layout.grad_lookups:
-            subs = ", ".join(em.expr(s) for s in node.subscripts)
+            subs = em.subscripts(node.array, node.subscripts)
             w(f"out[{node.name!r}] = ({subs}{',' if subs else ''})")
         w("return out")
     return w.text()
+
+
+def _span(offsets: np.ndarray, extent: int) -> tuple[int, int]:
+    """The positions offset + 0 .. offset + extent over every batch."""
+    return int(offsets.min()), int(offsets.max()) + extent
 
 
 def _interval(e: sp.Basic, env: dict[sp.Symbol, tuple[int, int]]) -> tuple[int, int] | None:
@@ -140,6 +145,7 @@ class CudaKernel(Kernel):
         self.host = cache.load_module(host_source(self.layout), "cuda", f"{spec.name}_host")
         source = emit_module(self.layout, fit_tiles(self.layout, Config()))
         super().__init__(spec, "cuda", source, self._forward_host, self._backward_host)
+        self.row_blocks = self.plan.linear is None or not self.plan.linear.causal
 
     # ---- configuration and modules ----
     def config(self, call: Call | None = None, dtype: str = "float32") -> Config:
@@ -170,7 +176,7 @@ class CudaKernel(Kernel):
             index = next(x for x in self.spec.indices if x.name == name)
             return f"int64[{':, ' * len(index.dims)}::1]"
 
-        base = [a4, a4, a4] + [a4 for _ in lay.hoisted()] + [arr(a) for a in lay.arrays]
+        base = ["int64[::1]"] * 2 + [a4, a4, a4] + [a4 for _ in lay.hoisted()] + [arr(a) for a in lay.arrays]
         dq_out = [a4 for _ in lay.dq_inputs()]
         dq_out += [a2 if x.side is Side.PAIR else a3 for x in lay.dq_lookups()]
         dkdv_out = [a4 for _ in lay.side(Side.KEY)] + [a3 for _ in lay.lookups_of(Side.KEY)]
@@ -209,7 +215,8 @@ class CudaKernel(Kernel):
         stubs = [np.lib.stride_tricks.as_strided(np.zeros(1, np.dtype(a.dtype)), tuple(a.shape),
                                                  (0,) * len(a.shape)) for a in (q, k, v)]
         host_extra = {n: (_to_host(a) if tc.is_device_array(a) else a) for n, a in extra.items()}
-        return self.validate(*stubs, host_extra)
+        offsets = {n: host_extra.pop(n) for n in ("q_offset", "k_offset") if n in host_extra}
+        return self.validate(*stubs, host_extra, **offsets)
 
     def check_lookups(self, call: Call, host_qkv: tuple[Any, Any, Any]) -> None:
         """Every in-kernel subscript in range, before any launch: interval bounds first, the
@@ -219,13 +226,16 @@ class CudaKernel(Kernel):
         s = call.sizes
         env: dict[sp.Symbol, tuple[int, int]] = {
             POSITIONS["b"]: (0, s["B"] - 1), POSITIONS["h"]: (0, s["heads"] - 1),
-            POSITIONS["i"]: (0, s["n_q"] - 1), POSITIONS["j"]: (0, s["n_k"] - 1)}
+            OFFSETS["q"]: _span(call.q_offset, 0), OFFSETS["k"]: _span(call.k_offset, 0),
+            POSITIONS["i"]: _span(call.q_offset, s["n_q"] - 1),
+            POSITIONS["j"]: _span(call.k_offset, s["n_k"] - 1)}
         env.update({SIZES[n]: (s[n], s[n]) for n in ("d", "dv", "n_q", "n_k", "heads",
                                                       "kv_heads")})
         for node in self.plan.lookups:
             array = call.params.get(node.array)
             shape = array.shape if array is not None else call.indices[node.array].shape[1:]
-            bounds = [_interval(e, env) for e in node.subscripts]
+            local = local_subscripts(self.spec, node.array, node.subscripts)
+            bounds = [_interval(e, env) for e in local]
             if any(bd is None or bd[0] < 0 or bd[1] >= n for bd, n in zip(bounds, shape)):
                 self._exact_lookups(call, host_qkv)
                 return
@@ -236,7 +246,7 @@ class CudaKernel(Kernel):
     def _exact_lookups(self, call: Call, host_qkv: tuple[Any, Any, Any]) -> None:
         with np.errstate(all="ignore"):
             self.host.lookups(numpy_ops, *host_qkv, *call.params.values(),
-                              *call.indices.values())
+                              *call.indices.values(), **call.offsets)
 
     # ---- forward ----
     def forward(self, q: Any, k: Any, v: Any, return_lse: bool = False,
@@ -313,6 +323,9 @@ class _Run:
         self.arrays = [self.cuda.to_device(np.ascontiguousarray(arrays[a]))
                        for a in self.layout.arrays]
         self.inputs = self._inputs() if self.layout.needs_rows else []
+        linear = kernel.plan.linear
+        check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
+        self.offsets = [self.cuda.to_device(call.q_offset), self.cuda.to_device(call.k_offset)]
 
     def host_qkv(self, shapes_only: bool = False) -> tuple[Any, Any, Any]:
         """q, k, v on the host: the call's arrays, or copies of device arrays (stand-ins with
@@ -331,7 +344,8 @@ class _Run:
             c = self.call
             with np.errstate(all="ignore"):
                 self._rows = self.kernel.ref.rows(numpy_ops, *self.host_qkv(),
-                                                  *c.params.values(), *c.indices.values())
+                                                  *c.params.values(), *c.indices.values(),
+                                                  **c.offsets)
         return self._rows
 
     def _inputs(self) -> list[Any]:
@@ -353,7 +367,7 @@ class _Run:
         return staged
 
     def base(self) -> list[Any]:
-        return [*self.args.arrays, *self.inputs, *self.arrays]
+        return [*self.offsets, *self.args.arrays, *self.inputs, *self.arrays]
 
     def forward(self) -> tuple[Any, Any]:
         cfg = self.cfg
@@ -508,7 +522,8 @@ class _Run:
             return
         with np.errstate(all="ignore"):
             subs = self.kernel.host.subscripts(numpy_ops, *self.host_qkv(shapes_only=True),
-                                        *call.params.values(), *call.indices.values())
+                                               *call.params.values(), *call.indices.values(),
+                                               **call.offsets)
         parts = dict(zip([x.name for x in lay.lookups_of(Side.KEY)], key_parts))
         parts.update(zip([x.name for x in lay.dq_lookups()], query_parts))
         for node in lay.grad_lookups:

@@ -30,6 +30,17 @@ class Call:
     sizes: dict[str, int]
     dtype: np.dtype
     param_dtypes: dict[str, np.dtype] = field(default_factory=dict)
+    # position i = q_offset[b] + query row, j = k_offset[b] + key column (int64 [B])
+    q_offset: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    k_offset: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    @property
+    def offsets(self) -> dict[str, np.ndarray]:
+        return {"q_offset": self.q_offset, "k_offset": self.k_offset}
+
+    @property
+    def shifted(self) -> bool:
+        return bool(self.q_offset.any() or self.k_offset.any())
 
     @property
     def shape_out(self) -> tuple[int, ...]:
@@ -38,6 +49,29 @@ class Call:
 
     def arrays(self) -> list[np.ndarray]:
         return [self.q, self.k, self.v, *self.params.values(), *self.indices.values()]
+
+
+def _offset(name: str, value: Any, B: int) -> np.ndarray:
+    """q_offset or k_offset as int64 [B]: an integer, or integers of shape [B]."""
+    a = np.asarray(value)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer or an integer array of shape [{B}], got "
+                        f"{a.dtype}")
+    if a.shape not in ((), (B,)):
+        raise ValueError(f"{name}: expected an integer or shape [{B}] (one per batch), got shape "
+                         f"{_shape(a.shape)}")
+    if (a < 0).any():
+        raise ValueError(f"{name}: positions start at 0, got an offset of {int(a.min())}")
+    return np.ascontiguousarray(np.broadcast_to(a.astype(np.int64), (B,)))
+
+
+def check_linear_offsets(linear: bool, causal: bool, call: Call) -> None:
+    """The linear path's causal prefix sums pair row r with keys 0..r: shifted positions keep
+    that only when q_offset == k_offset (a query block against a longer key range does not)."""
+    if linear and causal and not np.array_equal(call.q_offset, call.k_offset):
+        raise ValueError("causal linear attention (the prefix-sum path) needs q_offset == "
+                         "k_offset; got q_offset "
+                         f"{call.q_offset.tolist()} and k_offset {call.k_offset.tolist()}")
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -60,7 +94,8 @@ class Validator:
         self.spec = spec
         self.uses_n = uses_n(spec)
 
-    def __call__(self, q: Any, k: Any, v: Any, extra: Mapping[str, Any]) -> Call:
+    def __call__(self, q: Any, k: Any, v: Any, extra: Mapping[str, Any], q_offset: Any = 0,
+                 k_offset: Any = 0) -> Call:
         q, k, v = (_as_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
         for name, a in (("q", q), ("k", k), ("v", v)):
             if a.dtype.type not in FLOATS:
@@ -93,12 +128,18 @@ class Validator:
         if self.uses_n and n_q != n_k:
             raise ValueError(f"the spec uses 'n', which needs n_q == n_k; got q with n_q = {n_q} "
                              f"and k with n_k = {n_k}")
+        offsets = {name: _offset(name, value, B) for name, value in
+                   (("q_offset", q_offset), ("k_offset", k_offset))}
+        if self.uses_n and not np.array_equal(offsets["q_offset"], offsets["k_offset"]):
+            raise ValueError("the spec uses 'n' (one sequence: queries and keys at the same "
+                             "positions), which needs q_offset == k_offset; for a query block "
+                             "against a longer key range declare per-side arrays [n_q] and [n_k]")
         sizes = {"B": B, "heads": heads, "kv_heads": kv_heads, "n_q": n_q, "n_k": n_k, "d": d,
                  "dv": dv, "n": n_q}
         params, dtypes, indices = self._extras(extra, sizes, q.dtype)
         _check_softcap(self.spec, params, sizes)
         return Call(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                    params, indices, sizes, q.dtype, dtypes)
+                    params, indices, sizes, q.dtype, dtypes, **offsets)
 
     def _check_heads(self, q: np.ndarray, k: np.ndarray, heads: int, kv_heads: int) -> None:
         spec = self.spec
@@ -247,6 +288,34 @@ _ARITH = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.true_divide,
           "^": np.power, "//": np.floor_divide, "%": np.mod}
 
 
+WEIGHTS_LIMIT = 2**30  # bytes: `weights` refuses a larger result, and asks for rows=
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive ascending runs of row indices, as [start, stop) in the given order."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(part[0]), int(part[-1]) + 1) for part in np.split(rows, breaks) if part.size]
+
+
+def _row_block(spec: ir.Spec, extra: Mapping[str, Any], start: int, stop: int
+               ) -> dict[str, Any]:
+    """The arrays of a call restricted to query rows [start, stop): axes sized n_q sliced."""
+    block = {}
+    for name, value in extra.items():
+        declared = spec.param(name) or spec.index(name)
+        a = np.asarray(value)
+        if declared is None or "n_q" not in declared.dims:
+            block[name] = value
+            continue
+        lead = a.ndim - len(declared.dims)  # an index array's optional batch axis
+        where: list[slice] = [slice(None)] * a.ndim
+        for axis, dim in enumerate(declared.dims):
+            if dim == "n_q":
+                where[lead + axis] = slice(start, stop)
+        block[name] = a[tuple(where)]
+    return block
+
+
 class Kernel:
     """A compiled spec: `kernel(q, k, v, **params)`, `.forward`, `.backward` (LANGUAGE.md 6)."""
 
@@ -260,6 +329,9 @@ class Kernel:
         self.validate = Validator(spec)
         self._forward = forward_impl
         self._backward = backward_impl
+        # whether a block of query rows may run alone at its offset (`weights`); the causal
+        # linear path needs q_offset == k_offset
+        self.row_blocks = True
 
     def __repr__(self) -> str:
         return f"<attndsl.Kernel {self.spec.name!r} target={self.target!r}>"
@@ -267,9 +339,9 @@ class Kernel:
     def __call__(self, q: Any, k: Any, v: Any, **params_and_indices: Any) -> np.ndarray:
         return self.forward(q, k, v, **params_and_indices)
 
-    def forward(self, q: Any, k: Any, v: Any, return_lse: bool = False,
-                **params_and_indices: Any) -> Any:
-        call = self.validate(q, k, v, params_and_indices)
+    def forward(self, q: Any, k: Any, v: Any, return_lse: bool = False, q_offset: Any = 0,
+                k_offset: Any = 0, **params_and_indices: Any) -> Any:
+        call = self.validate(q, k, v, params_and_indices, q_offset, k_offset)
         out, lse = self._forward(call)
         out = np.asarray(out, dtype=call.dtype)
         if lse is not None and self.spec.normalize.kind is ir.NormKind.SOFTMAX:
@@ -278,9 +350,49 @@ class Kernel:
             lse = None
         return (out, lse) if return_lse else out
 
+    def weights(self, q: Any, k: Any, v: Any, rows: Any = None, q_offset: Any = 0,
+                k_offset: Any = 0, **params_and_indices: Any) -> np.ndarray:
+        """The normalized weights [B, heads, n_q or len(rows), n_k] exactly as this target's
+        kernels use them (masked entries 0): its forward with v = the identity per key/value
+        head, whose output row i is P[i, :]. `rows` (indices, a range or a slice) picks query
+        rows; each run of consecutive rows is one query block at its offset."""
+        call = self.validate(q, k, v, params_and_indices, q_offset, k_offset)
+        s = call.sizes
+        try:
+            picked = np.arange(s["n_q"])[rows if rows is not None else slice(None)]
+        except (IndexError, TypeError) as e:
+            raise ValueError(f"rows: expected query row indices in 0..{s['n_q'] - 1}, a range "
+                             f"or a slice; got {rows!r} ({e})") from None
+        picked = np.atleast_1d(picked)
+        if picked.ndim != 1 or picked.size == 0:
+            raise ValueError(f"rows: expected a non-empty list of query rows, got {rows!r}")
+        whole = self.validate.uses_n or not self.row_blocks  # uses_n: a block would change n
+        n_rows = s["n_q"] if whole else picked.size
+        need = (s["B"] * s["heads"] * n_rows * s["n_k"] +
+                s["B"] * s["kv_heads"] * s["n_k"] ** 2) * call.dtype.itemsize
+        if need > WEIGHTS_LIMIT:
+            fit = max(1, (WEIGHTS_LIMIT // call.dtype.itemsize - s["B"] * s["kv_heads"] *
+                          s["n_k"] ** 2) // (s["B"] * s["heads"] * s["n_k"]))
+            raise ValueError(f"weights: [{s['B']}, {s['heads']}, {n_rows}, {s['n_k']}] would "
+                             f"take {need / 2**30:.1f} GiB (limit {WEIGHTS_LIMIT / 2**30:.0f} "
+                             f"GiB); ask for fewer query rows, e.g. rows=range(0, "
+                             f"{min(fit, s['n_q'])})")
+        eye = np.ascontiguousarray(np.broadcast_to(np.eye(s["n_k"], dtype=call.dtype),
+                                                   (s["B"], s["kv_heads"], s["n_k"], s["n_k"])))
+        if whole:
+            out = self.forward(call.q, call.k, eye, q_offset=call.q_offset,
+                               k_offset=call.k_offset, **params_and_indices)
+            return np.ascontiguousarray(out[:, :, picked])
+        blocks = [self.forward(call.q[:, :, start:stop], call.k, eye,
+                               q_offset=call.q_offset + start, k_offset=call.k_offset,
+                               **_row_block(self.spec, params_and_indices, start, stop))
+                  for start, stop in _runs(picked)]
+        return np.concatenate(blocks, axis=2)
+
     def backward(self, q: Any, k: Any, v: Any, dout: Any, out: Any = None, lse: Any = None,
-                 **params_and_indices: Any) -> dict[str, np.ndarray]:
-        call = self.validate(q, k, v, params_and_indices)
+                 q_offset: Any = 0, k_offset: Any = 0, **params_and_indices: Any
+                 ) -> dict[str, np.ndarray]:
+        call = self.validate(q, k, v, params_and_indices, q_offset, k_offset)
         dout = _as_array("dout", dout)
         if dout.shape != call.shape_out:
             raise ValueError(f"dout: expected shape {_shape(call.shape_out)} (like out), got "

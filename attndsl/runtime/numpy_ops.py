@@ -8,6 +8,7 @@ with a SymPy implementation of this namespace (object arrays) to prove the gradi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import special
@@ -93,10 +94,15 @@ def clamp(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 # ---- layout ----
 
 
-def positions(B: int, heads: int, n_q: int, n_k: int) -> tuple[np.ndarray, ...]:
-    """b, h, i, j as integer arrays on their own axis of the 5-D layout."""
+def positions(B: int, heads: int, n_q: int, n_k: int, q_offset: Any = 0, k_offset: Any = 0
+              ) -> tuple[np.ndarray, ...]:
+    """b, h, i, j as integer arrays on their own axis of the 5-D layout, then the offsets
+    [B, 1, 1, 1, 1]: i = q_offset[b] + query row, j = k_offset[b] + key column."""
+    q_off = np.broadcast_to(np.asarray(q_offset, np.int64), (B,)).reshape(B, 1, 1, 1, 1)
+    k_off = np.broadcast_to(np.asarray(k_offset, np.int64), (B,)).reshape(B, 1, 1, 1, 1)
     return (np.arange(B).reshape(B, 1, 1, 1, 1), np.arange(heads).reshape(1, heads, 1, 1, 1),
-            np.arange(n_q).reshape(1, 1, n_q, 1, 1), np.arange(n_k).reshape(1, 1, 1, n_k, 1))
+            q_off + np.arange(n_q).reshape(1, 1, n_q, 1, 1),
+            k_off + np.arange(n_k).reshape(1, 1, 1, n_k, 1), q_off, k_off)
 
 
 def kv_head_of(heads: int, kv_heads: int) -> np.ndarray:

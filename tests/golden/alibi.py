@@ -6,11 +6,11 @@ allowed = j <= i
 weights = softmax
 """
 
-def graph(xp, q, k, v, slope__):
+def graph(xp, q, k, v, slope__, q_offset=0, k_offset=0):
     """Every forward value, materialized: [B, heads, n_q, n_k, features]."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
-    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    b, h, i, j, q_off, k_off = xp.positions(B, heads, n_q, n_k, q_offset, k_offset)
     g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
     q_rows = xp.query_rows(q)  # query vector over d
     k_rows = xp.key_rows(k, g)  # key vector over d
@@ -48,18 +48,18 @@ def normalize(xp, t):
     return p[..., 0], lse[..., 0, 0]
 
 
-def forward(xp, q, k, v, slope__):
+def forward(xp, q, k, v, slope__, q_offset=0, k_offset=0):
     """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
-    t = graph(xp, q, k, v, slope__)
+    t = graph(xp, q, k, v, slope__, q_offset=q_offset, k_offset=k_offset)
     p, state = normalize(xp, t)
     out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key's NaN v stays there
     return out, state
 
 
-def backward(xp, q, k, v, dout, slope__, out=None, lse=None):
+def backward(xp, q, k, v, dout, slope__, out=None, lse=None, q_offset=0, k_offset=0):
     """Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,
     softmax) is trusted as forward's result, as on every target."""
-    t = graph(xp, q, k, v, slope__)
+    t = graph(xp, q, k, v, slope__, q_offset=q_offset, k_offset=k_offset)
     B = t['B']
     heads = t['heads']
     kv_heads = t['kv_heads']
@@ -72,6 +72,8 @@ def backward(xp, q, k, v, dout, slope__, out=None, lse=None):
     i = t['i']
     j = t['j']
     g = t['g']
+    q_off = t['q_off']
+    k_off = t['k_off']
     allowed = t['allowed']
     q_rows = t['q_rows']
     k_rows = t['k_rows']
@@ -104,11 +106,11 @@ def backward(xp, q, k, v, dout, slope__, out=None, lse=None):
     return grads
 
 
-def rows(xp, q, k, v, slope__):
+def rows(xp, q, k, v, slope__, q_offset=0, k_offset=0):
     """Row-level values (per query row, per key row, constant), 5-D layout."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
-    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    b, h, i, j, q_off, k_off = xp.positions(B, heads, n_q, n_k, q_offset, k_offset)
     g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
     q_rows = xp.query_rows(q)  # query vector over d
     k_rows = xp.key_rows(k, g)  # key vector over d
@@ -124,6 +126,8 @@ def rows_backward(xp, t, adjoints, q, k, slope__):
     i = t['i']
     j = t['j']
     g = t['g']
+    q_off = t['q_off']
+    k_off = t['k_off']
     q_rows = t['q_rows']
     k_rows = t['k_rows']
     slope_3 = t['slope_3']

@@ -6,11 +6,11 @@ allowed = every key
 weights = softmax
 """
 
-def graph(xp, q, k, v, Wq__, Wk__, w__):
+def graph(xp, q, k, v, Wq__, Wk__, w__, q_offset=0, k_offset=0):
     """Every forward value, materialized: [B, heads, n_q, n_k, features]."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
-    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    b, h, i, j, q_off, k_off = xp.positions(B, heads, n_q, n_k, q_offset, k_offset)
     g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
     w_v0 = xp.lookup(w__, "w", (), vector=True)  # const vector over r
     q_rows = xp.query_rows(q)  # query vector over d
@@ -50,18 +50,18 @@ def normalize(xp, t):
     return p[..., 0], lse[..., 0, 0]
 
 
-def forward(xp, q, k, v, Wq__, Wk__, w__):
+def forward(xp, q, k, v, Wq__, Wk__, w__, q_offset=0, k_offset=0):
     """out [B, heads, n_q, dv] and lse [B, heads, n_q] (None unless softmax)."""
-    t = graph(xp, q, k, v, Wq__, Wk__, w__)
+    t = graph(xp, q, k, v, Wq__, Wk__, w__, q_offset=q_offset, k_offset=k_offset)
     p, state = normalize(xp, t)
     out = xp.pair_matmul(p, v[:, t["g"]])  # a masked key's NaN v stays there
     return out, state
 
 
-def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None):
+def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None, q_offset=0, k_offset=0):
     """Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,
     softmax) is trusted as forward's result, as on every target."""
-    t = graph(xp, q, k, v, Wq__, Wk__, w__)
+    t = graph(xp, q, k, v, Wq__, Wk__, w__, q_offset=q_offset, k_offset=k_offset)
     B = t['B']
     heads = t['heads']
     kv_heads = t['kv_heads']
@@ -74,6 +74,8 @@ def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None):
     i = t['i']
     j = t['j']
     g = t['g']
+    q_off = t['q_off']
+    k_off = t['k_off']
     allowed = t['allowed']
     w_v0 = t['w_v0']
     q_rows = t['q_rows']
@@ -116,11 +118,11 @@ def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None):
     return grads
 
 
-def rows(xp, q, k, v, Wq__, Wk__, w__):
+def rows(xp, q, k, v, Wq__, Wk__, w__, q_offset=0, k_offset=0):
     """Row-level values (per query row, per key row, constant), 5-D layout."""
     B, heads, n_q, d = q.shape
     kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
-    b, h, i, j = xp.positions(B, heads, n_q, n_k)
+    b, h, i, j, q_off, k_off = xp.positions(B, heads, n_q, n_k, q_offset, k_offset)
     g = xp.kv_head_of(heads, kv_heads)  # the key/value head of each query head
     w_v0 = xp.lookup(w__, "w", (), vector=True)  # const vector over r
     q_rows = xp.query_rows(q)  # query vector over d
@@ -138,6 +140,8 @@ def rows_backward(xp, t, adjoints, q, k, Wq__, Wk__, w__):
     i = t['i']
     j = t['j']
     g = t['g']
+    q_off = t['q_off']
+    k_off = t['k_off']
     w_v0 = t['w_v0']
     q_rows = t['q_rows']
     proj2 = t['proj2']
