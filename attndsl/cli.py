@@ -96,6 +96,64 @@ def _run_check(args: argparse.Namespace) -> int:
 def _configure_show(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
     parser.add_argument("--latex", action="store_true", help="print LaTeX instead of text")
+    parser.add_argument("--mask", metavar="N|NQxNK",
+                        help="print the tile-level mask the cpu kernel computes at n_q x n_k "
+                        "instead of the formulas: '#' full, '+' partial, '.' skipped tiles")
+    _add_index_option(parser)
+    parser.add_argument("--head", type=int, default=0, help="the query head of the mask (0)")
+
+
+def _add_index_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", action="append", default=[], metavar="NAME=VALUE",
+                        help="an index array's values: a comma list (one integer fills it) or "
+                        "docs:K for K documents of equal length; default: 4 documents along "
+                        "a sequence axis, n_k // 4 elsewhere")
+
+
+def index_values(items: list[str]) -> dict[str, str]:
+    """--index NAME=VALUE options as a dict."""
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"--index {item}: expected NAME=VALUE, e.g. doc=docs:4")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def sequence_sizes(text: str, option: str = "--mask") -> tuple[int, int]:
+    """`N` or `NQxNK` -> (n_q, n_k), each a positive integer."""
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise UsageError(f"{option} {text}: expected a positive length N or NQxNK, e.g. 1024 or "
+                     "256x4096")
+
+
+def _show_mask(spec: ir.Spec, args: argparse.Namespace) -> int:
+    from . import viz
+    from .codegen.numba_cpu import BQ, BK
+    from .plan import describe_path
+
+    n_q, n_k = sequence_sizes(args.mask)
+    heads, _ = viz.heads_of(spec)
+    if not 0 <= args.head < heads:
+        raise UsageError(f"--head {args.head}: the mask is drawn for {heads} head(s)")
+    try:
+        inputs = viz.demo_inputs(spec, n_q, n_k, d=1, dv=1, indices=index_values(args.index))
+        mask = viz.pair_mask(spec, inputs, head=args.head)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    status = viz.kernel_status(mask, BQ, BK)
+    print(f"attention {spec.name}: mask at n_q = {n_q}, n_k = {n_k}, head {args.head}; "
+          f"tiles of {BQ} queries x {BK} keys (cpu kernel)")
+    path = describe_path(spec)
+    print(path)
+    if "linear attention" in path:
+        print("(the linear path runs prefix sums, no tiles: below, the mask at tile granularity)")
+    print(viz.tile_picture(status))
+    print(viz.tile_summary(status))
+    return OK
 
 
 def _run_show(args: argparse.Namespace) -> int:
@@ -106,6 +164,8 @@ def _run_show(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return SPEC_ERROR
+    if args.mask is not None:
+        return _show_mask(spec, args)
     from .plan import describe_path
 
     grads = derive(spec)
