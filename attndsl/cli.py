@@ -132,7 +132,7 @@ def sequence_sizes(text: str, option: str = "--mask") -> tuple[int, int]:
 
 def _show_mask(spec: ir.Spec, args: argparse.Namespace) -> int:
     from . import viz
-    from .codegen.numba_cpu import BQ, BK
+    from .codegen.numba_cpu import BK, BQ
     from .plan import describe_path
 
     n_q, n_k = sequence_sizes(args.mask)

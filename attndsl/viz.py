@@ -174,7 +174,7 @@ def pair_mask(spec: ir.Spec, inputs: Inputs, batch: int = 0, head: int = 0) -> P
     atoms = []
     for atom in emitter.plan.mask_atoms:
         # the atom printed as the reference prints the mask, evaluated on the graph's values
-        value = eval(emitter.expr(atom.relation), {"xp": numpy_ops, **graph})  # noqa: S307
+        value = eval(emitter.expr(atom.relation), {"xp": numpy_ops, **graph})
         atoms.append((atom.relation, _at(value, shape, batch, head).astype(bool)))
     allowed = _at(graph["allowed"], shape, batch, head).astype(bool)
     return PairMask(allowed, atoms, emitter.plan.deriv.mask)
@@ -213,7 +213,7 @@ def kernel_status(mask: PairMask, bq: int, bk: int) -> np.ndarray:
     values = {f"atom{n}": pair_status(v, bq, bk) for n, (_, v) in enumerate(mask.atoms)}
     text = tile_status_text(mask.relation, states)
     scope = {"min": _elementwise(np.minimum), "max": _elementwise(np.maximum), **values}
-    status = eval(text, {"__builtins__": {}}, scope)  # noqa: S307 (plan.py's own formula)
+    status = eval(text, {"__builtins__": {}}, scope)  # plan.py's formula, our names
     return np.broadcast_to(status, values["atom0"].shape if values else (1, 1)).copy()
 
 
