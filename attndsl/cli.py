@@ -256,6 +256,110 @@ def _run_verify(args: argparse.Namespace) -> int:
     return status
 
 
+def _configure_plot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
+    parser.add_argument("-o", "--output", metavar="PNG",
+                        help="the picture to write (default: NAME_mask.png or NAME_weights.png)")
+    parser.add_argument("--n", type=int, help="n_q = n_k (default 64, or the number of labels)")
+    parser.add_argument("--nq", type=int, help="the number of queries")
+    parser.add_argument("--nk", type=int, help="the number of keys")
+    _add_index_option(parser)
+    parser.add_argument("--weights", action="store_true",
+                        help="draw the attention weights (from random or --npz arrays) instead "
+                        "of the mask")
+    parser.add_argument("--npz", metavar="FILE",
+                        help="q, k, v and the params and index arrays by name (.npz)")
+    parser.add_argument("--batch", type=int, default=0, help="which batch entry to draw (0)")
+    parser.add_argument("--head", type=int, default=0, help="which query head to draw (0)")
+    parser.add_argument("--d", type=int, default=16, help="feature size of random q, k, v (16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random q, k, v (0)")
+    parser.add_argument("--labels", help="token labels of queries and keys, e.g. \"I love you\"")
+    parser.add_argument("--qlabels", help="token labels of the queries (rows)")
+    parser.add_argument("--klabels", help="token labels of the keys (columns)")
+
+
+def _plot_sizes(args: argparse.Namespace, qlabels: list[str] | None,
+                klabels: list[str] | None) -> tuple[int, int]:
+    """n_q, n_k from --nq/--nk, --n, the labels, else 64; labels must match them."""
+    n_q = args.nq or args.n or (len(qlabels) if qlabels else 64)
+    n_k = args.nk or args.n or (len(klabels) if klabels else n_q)
+    for what, n, labels in (("queries", n_q, qlabels), ("keys", n_k, klabels)):
+        if n < 1:
+            raise UsageError(f"the number of {what} must be positive, got {n}")
+        if labels is not None and len(labels) != n:
+            raise UsageError(f"{len(labels)} labels for {n} {what}")
+    return n_q, n_k
+
+
+def _npz_inputs(path: str, spec: ir.Spec, indices: dict[str, str]):  # type: ignore[no-untyped-def]
+    """q, k, v and the spec's params and index arrays from an .npz file (index arrays given
+    by --index take precedence)."""
+    import numpy as np
+
+    from . import viz
+
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--npz {path}: cannot be read ({exc})") from None
+    missing = [name for name in ("q", "k", "v") if name not in arrays]
+    if missing:
+        raise UsageError(f"--npz {path}: no array named {missing[0]} (it needs q, k and v)")
+    q, k, v = (arrays.pop(name) for name in ("q", "k", "v"))
+    n_k = k.shape[2] if k.ndim == 4 else 0
+    for x in spec.indices:
+        if x.name in indices:
+            sizes = {"n": q.shape[2], "n_q": q.shape[2], "n_k": n_k}
+            shape = tuple(d if isinstance(d, int) else sizes.get(d, 1) for d in x.dims)
+            arrays[x.name] = viz.parse_index(indices[x.name], shape, x.name)
+    return viz.Inputs(q, k, v, arrays)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from . import plot, viz
+    from .codegen.numba_cpu import BK, BQ
+
+    try:
+        spec = load_spec(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return SPEC_ERROR
+    qlabels = plot.words(args.qlabels or args.labels)
+    klabels = plot.words(args.klabels or args.labels)
+    indices = index_values(args.index)
+    try:
+        if args.npz:
+            inputs = _npz_inputs(args.npz, spec, indices)
+            n_q, n_k = inputs.q.shape[2], inputs.k.shape[2]
+            _plot_sizes(argparse.Namespace(nq=n_q, nk=n_k, n=None), qlabels, klabels)
+        else:
+            n_q, n_k = _plot_sizes(args, qlabels, klabels)
+            inputs = viz.demo_inputs(spec, n_q, n_k, d=args.d, dv=args.d, batch=args.batch + 1,
+                                     indices=indices, seed=args.seed)
+        B, heads = inputs.q.shape[:2]
+        if not (0 <= args.batch < B and 0 <= args.head < heads):
+            raise UsageError(f"--batch {args.batch} --head {args.head}: q has {B} batch "
+                             f"entries and {heads} heads")
+        mask = viz.pair_mask(spec, inputs, batch=args.batch, head=args.head)
+        where = f"head {args.head}" + (f", batch {args.batch}" if B > 1 else "")
+        if args.weights:
+            weights = viz.attention_weights(spec, inputs.q, inputs.k, inputs.extra)
+            output = args.output or f"{spec.name}_weights.png"
+            title = f"{spec.name}: attention weights ({where}); grey: masked"
+            path = plot.save_weights(weights[args.batch, args.head], output, title,
+                                     allowed=mask.allowed, qlabels=qlabels, klabels=klabels)
+        else:
+            output = args.output or f"{spec.name}_mask.png"
+            title = (f"{spec.name}: mask at {n_q} x {n_k} ({where}); dark: allowed, "
+                     f"lines: {BQ} x {BK} cpu tiles")
+            path = plot.save_mask(mask.allowed, output, title, tile=(BQ, BK))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {path}")
+    return OK
+
+
 VERBS: dict[str, Verb] = {
     "check": Verb("parse and check spec files; print a summary or the error", _configure_check,
                   _run_check),
@@ -263,6 +367,8 @@ VERBS: dict[str, Verb] = {
     "emit": Verb("print the generated source of a target", _configure_emit, _run_emit),
     "verify": Verb("prove the gradients symbolically and check every target numerically",
                    _configure_verify, _run_verify),
+    "plot": Verb("write a PNG of the mask or of the attention weights", _configure_plot,
+                 _run_plot),
 }
 
 
