@@ -360,6 +360,59 @@ def _run_plot(args: argparse.Namespace) -> int:
     return OK
 
 
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
+    parser.add_argument("--n", default="1024,4096", help="sequence lengths (default 1024,4096)")
+    parser.add_argument("--target", default="cpu", choices=("cpu", "cuda", "numpy"),
+                        help="the attndsl target to time (default cpu)")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--batch", type=int, default=1, help="B (default 1)")
+    parser.add_argument("--heads", type=int, help="query heads, unless the spec fixes them (8)")
+    parser.add_argument("--d", type=int, default=64, help="feature size of q, k and v (64)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--no-torch", action="store_true", help="time attndsl alone")
+    _add_index_option(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from . import compile as compile_spec
+
+    try:
+        spec = load_spec(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return SPEC_ERROR
+    sizes = [sequence_sizes(x, "--n")[0] for x in args.n.split(",")]
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: at least 1")
+    heads, kv_heads = bench.bench_heads(spec, args.heads)
+    setup = bench.Setup(args.batch, heads, kv_heads, args.d, args.d, args.dtype)
+    use_torch = not args.no_torch and bench.torch_available()
+    bench.progress(f"compiling {spec.name} for {args.target}")
+    kernel = compile_spec(spec, target=args.target)
+    rows = []
+    try:
+        for n in sizes:
+            case = bench.make_case(spec, n, setup, index_values(args.index))
+            found = bench.contenders(spec, kernel, case, args.backward, use_torch)
+            rows += bench.time_case(n, found, args.repeats, case.flops * (
+                bench.BACKWARD_FLOPS if args.backward else 1.0))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    what = "forward + backward" if args.backward else "forward"
+    print(f"attention {spec.name}: {what}, B {setup.batch}, heads {heads}, kv_heads {kv_heads}, "
+          f"d = dv = {setup.d}, {setup.dtype}; median of {args.repeats} interleaved rounds")
+    print(f"machine: {bench.machine()}")
+    if not use_torch:
+        print("(torch not installed or --no-torch: attndsl alone)")
+    elif bench.sdpa_scale(spec) is None:
+        print("(no SDPA row: the spec is not plain softmax attention with a full or causal mask)")
+    print(bench.table(rows))
+    return OK
+
+
 VERBS: dict[str, Verb] = {
     "check": Verb("parse and check spec files; print a summary or the error", _configure_check,
                   _run_check),
@@ -367,6 +420,8 @@ VERBS: dict[str, Verb] = {
     "emit": Verb("print the generated source of a target", _configure_emit, _run_emit),
     "verify": Verb("prove the gradients symbolically and check every target numerically",
                    _configure_verify, _run_verify),
+    "bench": Verb("time the spec's kernels against PyTorch (SDPA, eager)", _configure_bench,
+                  _run_bench),
     "plot": Verb("write a PNG of the mask or of the attention weights", _configure_plot,
                  _run_plot),
 }
