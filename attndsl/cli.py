@@ -354,7 +354,7 @@ def _run_plot(args: argparse.Namespace) -> int:
             title = (f"{spec.name}: mask at {n_q} x {n_k} ({where}); dark: allowed, "
                      f"lines: {BQ} x {BK} cpu tiles")
             path = plot.save_mask(mask.allowed, output, title, tile=(BQ, BK))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     print(f"wrote {path}")
     return OK

@@ -87,8 +87,7 @@ def save_weights(weights: np.ndarray, path: str | Path, title: str,
     fig = _figure(n_q, n_k, labelled)
     ax = fig.add_subplot()
     shown = np.ma.masked_where(~allowed, weights) if allowed is not None else weights
-    cmap = _matplotlib_colormap("viridis")
-    cmap.set_bad("#dddddd")
+    cmap = _matplotlib_colormap("viridis").with_extremes(bad="#dddddd")
     image = ax.imshow(shown, cmap=cmap, vmin=0, interpolation="nearest", aspect="auto")
     fig.colorbar(image, ax=ax, shrink=0.8, label="weight")
     _keys_on_top(ax)
@@ -102,7 +101,7 @@ def save_weights(weights: np.ndarray, path: str | Path, title: str,
 def _matplotlib_colormap(name: str) -> Any:
     import matplotlib
 
-    return matplotlib.colormaps[name].copy()
+    return matplotlib.colormaps[name]
 
 
 def _save(fig: Any, path: str | Path) -> Path:
