@@ -154,7 +154,8 @@ def _torch_tensors(case: Case, backward: bool) -> tuple[list[Any], list[Any]]:
 
     tensors = []
     for a in case.ordered:
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # a broadcast index array
         if t.is_floating_point() and backward:
             t.requires_grad_(True)
         tensors.append(t)
