@@ -346,7 +346,7 @@ def _run_plot(args: argparse.Namespace) -> int:
         if args.weights:
             weights = viz.attention_weights(spec, inputs.q, inputs.k, inputs.extra)
             output = args.output or f"{spec.name}_weights.png"
-            title = f"{spec.name}: attention weights ({where}); grey: masked"
+            title = f"{spec.name}: attention weights ({where})"
             path = plot.save_weights(weights[args.batch, args.head], output, title,
                                      allowed=mask.allowed, qlabels=qlabels, klabels=klabels)
         else:

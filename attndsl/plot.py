@@ -44,12 +44,20 @@ def _keys_on_top(ax: Any) -> None:
     ax.xaxis.tick_top()
 
 
-def _labels(ax: Any, qlabels: Sequence[str] | None, klabels: Sequence[str] | None) -> None:
+def _labels(ax: Any, qlabels: Sequence[str] | None, klabels: Sequence[str] | None,
+            shape: tuple[int, int]) -> None:
+    """Word labels where given; else every position numbered when there are few."""
+    n_q, n_k = shape
+    if qlabels is None and n_q <= LABELLED:
+        qlabels = [str(i) for i in range(n_q)]
+    if klabels is None and n_k <= LABELLED:
+        klabels = [str(j) for j in range(n_k)]
     if qlabels is not None:
         ax.set_yticks(range(len(qlabels)), labels=list(qlabels))
     if klabels is not None:
-        ax.set_xticks(range(len(klabels)), labels=list(klabels), rotation=60, ha="left",
-                      rotation_mode="anchor")
+        long = max(map(len, klabels), default=0) > 2  # numbers stay upright
+        ax.set_xticks(range(len(klabels)), labels=list(klabels), rotation=60 if long else 0,
+                      ha="left" if long else "center", rotation_mode="anchor")
 
 
 def _tile_grid(ax: Any, n_q: int, n_k: int, tile: tuple[int, int]) -> None:
@@ -81,17 +89,20 @@ def save_mask(allowed: np.ndarray, path: str | Path, title: str,
 def save_weights(weights: np.ndarray, path: str | Path, title: str,
                  allowed: np.ndarray | None = None, qlabels: Sequence[str] | None = None,
                  klabels: Sequence[str] | None = None) -> Path:
-    """The weights [n_q, n_k] as a heatmap; pairs the mask removes in light grey."""
+    """The weights [n_q, n_k] as a heatmap; pairs the mask removes in light grey (and the
+    title says so when there are any)."""
     n_q, n_k = weights.shape
     labelled = qlabels is not None or klabels is not None
     fig = _figure(n_q, n_k, labelled)
     ax = fig.add_subplot()
     shown = np.ma.masked_where(~allowed, weights) if allowed is not None else weights
+    if allowed is not None and not allowed.all():
+        title += "; grey: masked"
     cmap = _matplotlib_colormap("viridis").with_extremes(bad="#dddddd")
     image = ax.imshow(shown, cmap=cmap, vmin=0, interpolation="nearest", aspect="auto")
     fig.colorbar(image, ax=ax, shrink=0.8, label="weight")
     _keys_on_top(ax)
-    _labels(ax, qlabels, klabels)
+    _labels(ax, qlabels, klabels, weights.shape)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     ax.set_title(title, fontsize=10)

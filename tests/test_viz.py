@@ -5,6 +5,7 @@ out with NumPy here, and a tile's status counted with plain loops."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,24 @@ def test_plot_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["plot", str(EXAMPLES / "causal.attn"), "-o", str(tmp_path / "x.png")]) == 2
     assert "pip install 'attndsl[plot]'" in capsys.readouterr().err
+
+
+def test_channel_attention_is_danets_module() -> None:
+    """softmax(rowmax(E) - E) with E = A A^T over the channels, as DANet's code computes it."""
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((1, 1, 6, 20))  # 6 channels of a 4 x 5 feature map
+    P = viz.attention_weights(load("channel_attention"), A, A, {})
+    energy = A[0, 0] @ A[0, 0].T
+    shifted = energy.max(axis=-1, keepdims=True) - energy
+    want = np.exp(shifted - shifted.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(P[0, 0], want / want.sum(axis=-1, keepdims=True), rtol=1e-12)
+
+
+def test_gallery_lists_every_example_and_its_picture() -> None:
+    docs = EXAMPLES.parent / "docs"
+    gallery = (docs / "gallery.md").read_text(encoding="utf-8")
+    for path in EXAMPLES.glob("*.attn"):
+        assert f"## {path.stem}\n" in gallery, f"{path.name}: run python docs/make_gallery.py"
+    pictures = re.findall(r"!\[[^\]]*\]\((gallery/[^)]+\.png)\)", gallery)
+    assert len(pictures) == len(list(EXAMPLES.glob("*.attn")))
+    assert all((docs / p).is_file() for p in pictures)
