@@ -211,6 +211,78 @@ def eager_contender(case: Case, backward: bool) -> Contender:
     return Contender("torch eager", run)
 
 
+def flex_source(spec: ir.Spec) -> str | None:
+    """`score_mod` and `mask_mod` for torch's flex_attention, printed by the NumPy reference's
+    emitter from the spec's own logit and mask (score is q . k, unscaled); None unless the spec
+    is softmax (no sink) over one q . k GEMM plus terms in positions, params and indices."""
+    from .codegen import numpy_ref
+
+    _, emitter = viz._reference(spec)
+    plan = emitter.plan
+    deriv = plan.deriv
+    if deriv.norm is not ir.NormKind.SOFTMAX or deriv.sink is not None or plan.loops:
+        return None
+    if len(plan.gemms) != 1 or not all(p.is_raw_query or p.is_raw_key for p in plan.inputs):
+        return None
+    printer = numpy_ref.Emitter(plan)
+    for node in plan.lookups:  # slope_3 = xp.lookup(slope__, "slope", (h,)), ...
+        printer.forward_node(node)
+    lookups = [line for line in printer.w.text().splitlines() if line]
+    body = [f"    {line}" for line in lookups]
+    gemm = numpy_ref.variable(plan.gemms[0])
+    lines = ["def score_mod(score, b, h, i, j):", f"    {gemm} = score", *body,
+             f"    return {printer.expr(deriv.logit)}"]
+    if deriv.mask is not None:
+        lines += ["", "def mask_mod(b, h, i, j):", *body, f"    return {printer.expr(deriv.mask)}"]
+    return "\n".join(lines) + "\n"
+
+
+def flex_mods(case: Case) -> tuple[Any, Any] | None:
+    """(score_mod, block_mask) of the spec for flex_attention at the case's shapes; None when
+    flex_source cannot express the spec."""
+    source = flex_source(case.spec)
+    if source is None:
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from .runtime.torch_ops import FlexOps
+
+    (q, k, v, *extra), _ = _torch_tensors(case, backward=False)
+    B, heads, n_q, d = q.shape
+    kv_heads, n_k, dv = k.shape[1], k.shape[2], v.shape[3]
+    names = [*(f"{p.name}__" for p in case.spec.params), *(f"{x.name}__" for x in
+                                                           case.spec.indices)]
+    scope: dict[str, Any] = {"xp": FlexOps(q.dtype), "B": B, "heads": heads,
+                             "kv_heads": kv_heads, "n_q": n_q, "n_k": n_k, "d": d, "dv": dv,
+                             **dict(zip(names, extra, strict=True))}
+    exec(compile(source, f"<flex {case.spec.name}>", "exec"), scope)  # noqa: S102 (printed)
+    block_mask = (create_block_mask(scope["mask_mod"], B, heads, n_q, n_k, device="cpu")
+                  if "mask_mod" in scope else None)
+    return scope["score_mod"], block_mask
+
+
+def flex_contender(case: Case) -> Contender | None:
+    """torch.compile(flex_attention) with the spec's score_mod and block mask (forward only:
+    flex_attention has no CPU backward)."""
+    mods = flex_mods(case)
+    if mods is None:
+        return None
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    score_mod, block_mask = mods
+    q, k, v = (torch.from_numpy(a) for a in (case.q, case.k, case.v))
+    attend = torch.compile(flex_attention)
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0,
+                         enable_gqa=q.shape[1] != k.shape[1])
+        return {"out": out.numpy()}
+
+    return Contender("torch flex", run)
+
+
 # ---- timing -----------------------------------------------------------------------------------
 
 
@@ -273,11 +345,13 @@ def torch_available() -> bool:
     return True
 
 
-def contenders(spec: ir.Spec, kernel: Any, case: Case, backward: bool, use_torch: bool
-               ) -> list[Contender]:
+def contenders(spec: ir.Spec, kernel: Any, case: Case, backward: bool, use_torch: bool,
+               flex: bool = False) -> list[Contender]:
     found = [attndsl_contender(kernel, case, backward)]
     if use_torch:
         sdpa = sdpa_contender(case, backward)
         found += [sdpa] if sdpa is not None else []
         found.append(eager_contender(case, backward))
+        compiled = flex_contender(case) if flex and not backward else None
+        found += [compiled] if compiled is not None else []
     return found

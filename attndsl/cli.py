@@ -372,6 +372,9 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d", type=int, default=64, help="feature size of q, k and v (64)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--no-torch", action="store_true", help="time attndsl alone")
+    parser.add_argument("--flex", action="store_true",
+                        help="also time torch.compile(flex_attention) (forward only; compiling "
+                        "takes tens of seconds per length on a small machine)")
     _add_index_option(parser)
 
 
@@ -396,7 +399,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         for n in sizes:
             case = bench.make_case(spec, n, setup, index_values(args.index))
-            found = bench.contenders(spec, kernel, case, args.backward, use_torch)
+            if args.flex and use_torch:
+                bench.progress(f"n = {n}: compiling flex_attention")
+            found = bench.contenders(spec, kernel, case, args.backward, use_torch, args.flex)
             rows += bench.time_case(n, found, args.repeats, case.flops * (
                 bench.BACKWARD_FLOPS if args.backward else 1.0))
     except (ValueError, TypeError) as exc:
@@ -409,6 +414,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("(torch not installed or --no-torch: attndsl alone)")
     elif bench.sdpa_scale(spec) is None:
         print("(no SDPA row: the spec is not plain softmax attention with a full or causal mask)")
+    if use_torch and args.flex and (args.backward or bench.flex_source(spec) is None):
+        print("(no flex row: " + ("flex_attention has no CPU backward)" if args.backward else
+                                  "the spec is not softmax over q . k plus position terms)"))
     print(bench.table(rows))
     return OK
 

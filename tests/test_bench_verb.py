@@ -52,7 +52,7 @@ def test_bench_backward_of_a_masked_spec(capsys: pytest.CaptureFixture[str]) -> 
 def test_sdpa_covers_plain_softmax_only() -> None:
     covered = {p.stem for p in sorted(EXAMPLES.glob("*.attn"))
                if bench.sdpa_scale(attndsl.load(p)) is not None}
-    assert covered == {"causal", "luong_dot", "multi_head_gqa", "scaled_dot_product"}
+    assert covered == {"causal", "luong_dot", "multi_head_gqa", "scaled_dot_product", "translation"}
     assert bench.sdpa_scale(attndsl.load(EXAMPLES / "luong_dot.attn")) == (1.0, False)
     assert bench.sdpa_scale(attndsl.load(EXAMPLES / "causal.attn")) == (None, True)
 
@@ -68,3 +68,35 @@ def test_bench_without_torch_rows(capsys: pytest.CaptureFixture[str]) -> None:
                  "--d", "8", "--no-torch", "--target", "numpy"]) == 0
     out = capsys.readouterr().out
     assert set(rows(out)) == {"attndsl numpy"} and "attndsl alone" in out
+
+
+@pytest.mark.parametrize("name", ["alibi", "document", "prefix_lm", "softcap", "t5_bucket"])
+def test_flex_mods_compute_the_spec(name: str) -> None:
+    """The printed score_mod and block mask, run by flex_attention's eager path (the compiled
+    one is `attndsl bench --flex`), give the reference's out."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    spec = attndsl.load(EXAMPLES / f"{name}.attn")
+    heads, kv_heads = bench.bench_heads(spec, 2)
+    case = bench.make_case(spec, 128, bench.Setup(1, heads, kv_heads, 16, 16, "float64"), {})
+    mods = bench.flex_mods(case)
+    assert mods is not None
+    score_mod, block_mask = mods
+    q, k, v = (torch.from_numpy(a) for a in (case.q, case.k, case.v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention without torch.compile says it is slow
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0,
+                             enable_gqa=heads != kv_heads)
+    want = attndsl.compile(spec, target="numpy")(case.q, case.k, case.v, **case.extra)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-9, atol=1e-12)
+
+
+def test_flex_covers_softmax_over_q_dot_k_only() -> None:
+    covered = {p.stem for p in sorted(EXAMPLES.glob("*.attn"))
+               if bench.flex_source(attndsl.load(p)) is not None}
+    assert {"alibi", "causal", "document", "softcap", "sliding_window"} <= covered
+    assert not covered & {"cosine", "bahdanau", "linear", "sigmoid", "sliding_window_sink"}

@@ -205,3 +205,71 @@ class TorchOps:
     def log_sum(self, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
         empty = l == 0
         return torch.where(empty, -math.inf, m + torch.log(torch.where(empty, 1, l)))
+
+
+
+def _number_or(name: str) -> Any:
+    """A unary function: math's on a Python number, TorchOps' on a tensor."""
+    def apply(self: TorchOps, x: Value) -> Value:
+        if isinstance(x, torch.Tensor):
+            return getattr(TorchOps, name)(self, x)
+        return getattr(math, name)(x) if name != "abs" else abs(x)
+    return apply
+
+
+class FlexOps(TorchOps):
+    """Inside flex_attention's score_mod and mask_mod, traced by torch.compile: numbers stay
+    Python numbers (a tensor created inside score_mod fails in inductor's lowering), and
+    subscripts are read without the range check (a data-dependent branch breaks the graph)."""
+
+    exp, log, sqrt, tanh = (_number_or(n) for n in ("exp", "log", "sqrt", "tanh"))
+    sin, cos, abs = (_number_or(n) for n in ("sin", "cos", "abs"))
+
+    def t(self, x: Value) -> Value:  # type: ignore[override]
+        return x
+
+    def floats(self, x: Value) -> Value:  # type: ignore[override]
+        if isinstance(x, torch.Tensor):
+            return x if x.is_floating_point() else x.to(self.dtype)
+        return float(x)
+
+    def maximum(self, a: Value, b: Value) -> Value:
+        return self._bound(a, b, "min", max)
+
+    def minimum(self, a: Value, b: Value) -> Value:
+        return self._bound(a, b, "max", min)
+
+    def _bound(self, a: Value, b: Value, side: str, pick: Any) -> Value:
+        if not isinstance(a, torch.Tensor):
+            if not isinstance(b, torch.Tensor):
+                return pick(a, b)
+            a, b = b, a
+        if not isinstance(b, torch.Tensor):
+            return torch.clamp(a, **{side: b})  # maximum(x, 8) is clamp(x, min=8)
+        return torch.maximum(a, b) if side == "min" else torch.minimum(a, b)
+
+    def where(self, c: Value, x: Value, y: Value) -> Value:
+        return torch.where(c, x, y)
+
+    def less(self, a: Value, b: Value) -> Value:
+        return a < b
+
+    def less_equal(self, a: Value, b: Value) -> Value:
+        return a <= b
+
+    def greater(self, a: Value, b: Value) -> Value:
+        return a > b
+
+    def greater_equal(self, a: Value, b: Value) -> Value:
+        return a >= b
+
+    def equal(self, a: Value, b: Value) -> Value:
+        return a == b
+
+    def not_equal(self, a: Value, b: Value) -> Value:
+        return a != b
+
+    def lookup(self, array: torch.Tensor, name: str, subscripts: Sequence[Value],
+               vector: bool = False, batched: bool = False) -> torch.Tensor:
+        subs = tuple(s.long() if isinstance(s, torch.Tensor) else int(s) for s in subscripts)
+        return array[subs] if subs else array
