@@ -225,10 +225,7 @@ def flex_source(spec: ir.Spec) -> str | None:
     if len(plan.gemms) != 1 or not all(p.is_raw_query or p.is_raw_key for p in plan.inputs):
         return None
     printer = numpy_ref.Emitter(plan)
-    for node in plan.lookups:  # slope_3 = xp.lookup(slope__, "slope", (h,)), ...
-        printer.forward_node(node)
-    lookups = [line for line in printer.w.text().splitlines() if line]
-    body = [f"    {line}" for line in lookups]
+    body = [f"    {line}" for line in viz.lookup_lines(spec)]
     gemm = numpy_ref.variable(plan.gemms[0])
     lines = ["def score_mod(score, b, h, i, j):", f"    {gemm} = score", *body,
              f"    return {printer.expr(deriv.logit)}"]

@@ -138,20 +138,40 @@ def _reference(spec: ir.Spec) -> tuple[Any, Any]:
     return module, emitter
 
 
-def _graph(spec: ir.Spec, inputs: Inputs) -> dict[str, Any]:
-    """Every forward value of the reference's graph (validated arguments, as a Kernel call)."""
+def lookup_lines(spec: ir.Spec) -> list[str]:
+    """The reference's lines computing the pair kernel's lookups (`doc_3 = xp.lookup(doc__,
+    "doc", (b, i,), batched=True)`), in node order, as its `graph` prints them."""
+    from .codegen import numpy_ref
+
+    _, emitter = _reference(spec)
+    printer = numpy_ref.Emitter(emitter.plan)
+    for node in emitter.plan.lookups:
+        printer.forward_node(node)
+    return [line for line in printer.w.text().splitlines() if line]
+
+
+def _mask_scope(spec: ir.Spec, inputs: Inputs) -> dict[str, Any]:
+    """What the reference's mask reads: sizes, positions on their own axes and the lookups,
+    each only as large as its axes (no logits: a mask at n = 8192 stays affordable)."""
+    from .codegen.numpy_ref import array
     from .runtime.kernel import Validator
 
     call = Validator(spec)(inputs.q, inputs.k, inputs.v, inputs.extra)
-    module, _ = _reference(spec)
+    scope: dict[str, Any] = {"xp": numpy_ops, **{k: v for k, v in call.sizes.items()
+                                                 if k != "n"}}
+    b, h, i, j = numpy_ops.positions(*(call.sizes[k] for k in ("B", "heads", "n_q", "n_k")))
+    scope.update(b=b, h=h, i=i, j=j)
+    scope.update({array(name): a for name, a in {**call.params, **call.indices}.items()})
     with np.errstate(all="ignore"):
-        return module.graph(numpy_ops, *call.arrays())
+        exec("\n".join(lookup_lines(spec)), scope)  # noqa: S102 (the reference's own lines)
+    return scope
 
 
 def _at(value: Any, shape: tuple[int, ...], batch: int, head: int) -> np.ndarray:
-    """A graph value broadcast to [B, heads, n_q, n_k(, 1)], at one (b, h): [n_q, n_k]."""
-    full = np.broadcast_to(np.asarray(value), shape + (1,) * (np.ndim(value) == 5))
-    return np.asarray(full[batch, head, ..., 0] if full.ndim == 5 else full[batch, head])
+    """A value of the 5-D layout (any axis possibly 1) at one (b, h): [n_q, n_k]."""
+    value = np.asarray(value)
+    value = value[..., 0] if value.ndim == 5 else value
+    return np.broadcast_to(value, shape)[batch, head]
 
 
 @dataclass
@@ -168,16 +188,18 @@ def pair_mask(spec: ir.Spec, inputs: Inputs, batch: int = 0, head: int = 0) -> P
     n_q, n_k = inputs.q.shape[2], inputs.k.shape[2]
     if spec.mask is None:
         return PairMask(np.ones((n_q, n_k), dtype=bool), [], None)
-    graph = _graph(spec, inputs)
+    scope = _mask_scope(spec, inputs)
     _, emitter = _reference(spec)
     shape = (inputs.q.shape[0], inputs.q.shape[1], n_q, n_k)
-    atoms = []
-    for atom in emitter.plan.mask_atoms:
-        # the atom printed as the reference prints the mask, evaluated on the graph's values
-        value = eval(emitter.expr(atom.relation), {"xp": numpy_ops, **graph})
-        atoms.append((atom.relation, _at(value, shape, batch, head).astype(bool)))
-    allowed = _at(graph["allowed"], shape, batch, head).astype(bool)
-    return PairMask(allowed, atoms, emitter.plan.deriv.mask)
+
+    def evaluate(relation: Any) -> np.ndarray:
+        """The relation as the reference prints it, at one (b, h), every pair."""
+        with np.errstate(all="ignore"):
+            value = eval(emitter.expr(relation), scope)
+        return _at(value, shape, batch, head).astype(bool)
+
+    atoms = [(atom.relation, evaluate(atom.relation)) for atom in emitter.plan.mask_atoms]
+    return PairMask(evaluate(emitter.plan.deriv.mask), atoms, emitter.plan.deriv.mask)
 
 
 # ---- tiles ----------------------------------------------------------------------------------
