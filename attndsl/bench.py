@@ -29,6 +29,7 @@ from . import ir, viz
 from .runtime.kernel import Validator
 
 BACKWARD_FLOPS = 3.5  # forward + backward = 3.5 x forward (FlashAttention's convention)
+EAGER_PAIRS = 2**28  # torch eager holds several [B, heads, n_q, n_k] arrays: 1 GiB each past this
 
 
 @dataclass
@@ -342,13 +343,19 @@ def torch_available() -> bool:
     return True
 
 
+def eager_fits(case: Case) -> bool:
+    B, heads, n_q, _ = case.q.shape
+    return B * heads * n_q * case.k.shape[2] <= EAGER_PAIRS
+
+
 def contenders(spec: ir.Spec, kernel: Any, case: Case, backward: bool, use_torch: bool,
                flex: bool = False) -> list[Contender]:
     found = [attndsl_contender(kernel, case, backward)]
     if use_torch:
         sdpa = sdpa_contender(case, backward)
         found += [sdpa] if sdpa is not None else []
-        found.append(eager_contender(case, backward))
+        if eager_fits(case):
+            found.append(eager_contender(case, backward))
         compiled = flex_contender(case) if flex and not backward else None
         found += [compiled] if compiled is not None else []
     return found

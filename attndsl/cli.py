@@ -395,13 +395,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     use_torch = not args.no_torch and bench.torch_available()
     bench.progress(f"compiling {spec.name} for {args.target}")
     kernel = compile_spec(spec, target=args.target)
-    rows = []
+    rows, notes = [], []
     try:
         for n in sizes:
             case = bench.make_case(spec, n, setup, index_values(args.index))
             if args.flex and use_torch:
                 bench.progress(f"n = {n}: compiling flex_attention")
             found = bench.contenders(spec, kernel, case, args.backward, use_torch, args.flex)
+            if use_torch and not bench.eager_fits(case):
+                notes.append(f"(no torch eager row at n = {n}: more than "
+                             f"{bench.EAGER_PAIRS:,} pairs to materialize)")
             rows += bench.time_case(n, found, args.repeats, case.flops * (
                 bench.BACKWARD_FLOPS if args.backward else 1.0))
     except (ValueError, TypeError) as exc:
@@ -417,6 +420,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if use_torch and args.flex and (args.backward or bench.flex_source(spec) is None):
         print("(no flex row: " + ("flex_attention has no CPU backward)" if args.backward else
                                   "the spec is not softmax over q . k plus position terms)"))
+    for note in notes:
+        print(note)
     print(bench.table(rows))
     return OK
 

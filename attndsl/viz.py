@@ -79,7 +79,7 @@ def demo_params(spec: ir.Spec, sizes: Mapping[str, int], seed: int = 0) -> dict[
                if isinstance(n, (ir.Name, ir.Subscript))} if spec.softcap is not None else set()
     params = {}
     for p in spec.params:
-        value = rng.standard_normal(_shape(p.dims, {**sizes, "B": sizes["B"]})) * 0.5
+        value = rng.standard_normal(_shape(p.dims, sizes)) * 0.5  # an input's dims start at B
         params[p.name] = np.abs(value) + 0.5 if not p.spec_dims or p.name in softcap else value
     return params
 

@@ -100,3 +100,13 @@ def test_flex_covers_softmax_over_q_dot_k_only() -> None:
                if bench.flex_source(attndsl.load(p)) is not None}
     assert {"alibi", "causal", "document", "softcap", "sliding_window"} <= covered
     assert not covered & {"cosine", "bahdanau", "linear", "sigmoid", "sliding_window_sink"}
+
+
+def test_bench_leaves_out_eager_past_its_memory(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(bench, "EAGER_PAIRS", 64 * 64 - 1)
+    assert main(["bench", str(EXAMPLES / "sliding_window.attn"), "--n", "32,64", "--repeats",
+                 "1", "--heads", "1", "--d", "8", "--target", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "(no torch eager row at n = 64: more than 4,095 pairs to materialize)" in out
+    assert "n = 32:" not in out and out.count("torch eager") == 2  # the row at 32, the note
