@@ -303,6 +303,12 @@ def progress(text: str) -> None:
           else "\n", file=sys.stderr, flush=True)
 
 
+def progress_done() -> None:
+    """Clears the progress line of a terminal before the table."""
+    if sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
 def time_case(n: int, contenders: list[Contender], repeats: int, flops: float) -> list[Row]:
     """Check every contender against the first, then time them interleaved; medians."""
     progress(f"n = {n}: first runs (compiles, checks)")

@@ -316,6 +316,9 @@ def _npz_inputs(path: str, spec: ir.Spec, indices: dict[str, str]):  # type: ign
     return viz.Inputs(q, k, v, arrays)
 
 
+WEIGHTS_PAIRS = 1024 * 1024  # a heatmap has no use for more, and the reference holds n x n
+
+
 def _run_plot(args: argparse.Namespace) -> int:
     from . import plot, viz
     from .codegen.numba_cpu import BK, BQ
@@ -343,6 +346,9 @@ def _run_plot(args: argparse.Namespace) -> int:
                              f"entries and {heads} heads")
         mask = viz.pair_mask(spec, inputs, batch=args.batch, head=args.head)
         where = f"head {args.head}" + (f", batch {args.batch}" if B > 1 else "")
+        if args.weights and n_q * n_k > WEIGHTS_PAIRS:
+            raise UsageError(f"--weights draws at most {WEIGHTS_PAIRS:,} pairs (1024 x 1024), "
+                             f"got {n_q} x {n_k}; pass a smaller --n or --nq/--nk")
         if args.weights:
             weights = viz.attention_weights(spec, inputs.q, inputs.k, inputs.extra)
             output = args.output or f"{spec.name}_weights.png"
@@ -409,6 +415,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 bench.BACKWARD_FLOPS if args.backward else 1.0))
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
+    bench.progress_done()
     what = "forward + backward" if args.backward else "forward"
     print(f"attention {spec.name}: {what}, B {setup.batch}, heads {heads}, kv_heads {kv_heads}, "
           f"d = dv = {setup.d}, {setup.dtype}; median of {args.repeats} interleaved rounds")

@@ -203,6 +203,23 @@ def test_plot_weights_from_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert read_png(out).shape[0] > 100
 
 
+def test_plot_weights_from_npz_with_params(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "alibi.npz", q=rng.standard_normal((2, 8, 4, 3)),
+             k=rng.standard_normal((2, 2, 4, 3)), v=rng.standard_normal((2, 2, 4, 3)),
+             slope=np.linspace(0.1, 0.8, 8))
+    out = tmp_path / "w.png"
+    assert main(["plot", str(EXAMPLES / "alibi.attn"), "--weights", "--npz",
+                 str(tmp_path / "alibi.npz"), "--batch", "1", "--head", "7", "-o", str(out)]) == 0
+    assert main(["plot", str(EXAMPLES / "alibi.attn"), "--weights", "--npz",
+                 str(tmp_path / "alibi.npz"), "--head", "8", "-o", str(out)]) == 2
+
+
+def test_plot_weights_size_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plot", str(EXAMPLES / "causal.attn"), "--weights", "--n", "1025"]) == 2
+    assert "--weights draws at most 1,048,576 pairs" in capsys.readouterr().err
+
+
 def test_plot_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     import sys
