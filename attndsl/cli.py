@@ -319,9 +319,52 @@ def _npz_inputs(path: str, spec: ir.Spec, indices: dict[str, str]):  # type: ign
 WEIGHTS_PAIRS = 1024 * 1024  # a heatmap has no use for more, and the reference holds n x n
 
 
-def _run_plot(args: argparse.Namespace) -> int:
+def _plot_inputs(spec: ir.Spec, args: argparse.Namespace, qlabels: list[str] | None,
+                 klabels: list[str] | None):  # type: ignore[no-untyped-def]
+    """q, k, v, params and indices from --npz, else random at --n or --nq/--nk."""
+    from . import viz
+
+    indices = index_values(args.index)
+    if args.npz:
+        inputs = _npz_inputs(args.npz, spec, indices)
+        n_q, n_k = inputs.q.shape[2], inputs.k.shape[2]
+        _plot_sizes(argparse.Namespace(nq=n_q, nk=n_k, n=None), qlabels, klabels)
+        return inputs
+    n_q, n_k = _plot_sizes(args, qlabels, klabels)
+    return viz.demo_inputs(spec, n_q, n_k, d=args.d, dv=args.d, batch=args.batch + 1,
+                           indices=indices, seed=args.seed)
+
+
+def _draw(spec: ir.Spec, inputs, args: argparse.Namespace,  # type: ignore[no-untyped-def]
+          qlabels: list[str] | None, klabels: list[str] | None) -> Path:
+    """The mask, or with --weights the weights, of one (batch, head) as a PNG."""
     from . import plot, viz
     from .codegen.numba_cpu import BK, BQ
+
+    B, heads, n_q = inputs.q.shape[:3]
+    n_k = inputs.k.shape[2]
+    if not (0 <= args.batch < B and 0 <= args.head < heads):
+        raise UsageError(f"--batch {args.batch} --head {args.head}: q has {B} batch entries "
+                         f"and {heads} heads")
+    if args.weights and n_q * n_k > WEIGHTS_PAIRS:
+        raise UsageError(f"--weights draws at most {WEIGHTS_PAIRS:,} pairs (1024 x 1024), "
+                         f"got {n_q} x {n_k}; pass a smaller --n or --nq/--nk")
+    mask = viz.pair_mask(spec, inputs, batch=args.batch, head=args.head)
+    where = f"head {args.head}" + (f", batch {args.batch}" if B > 1 else "")
+    if args.weights:
+        weights = viz.attention_weights(spec, inputs.q, inputs.k, inputs.extra)
+        return plot.save_weights(weights[args.batch, args.head],
+                                 args.output or f"{spec.name}_weights.png",
+                                 f"{spec.name}: attention weights ({where})",
+                                 allowed=mask.allowed, qlabels=qlabels, klabels=klabels)
+    title = (f"{spec.name}: mask at {n_q} x {n_k} ({where}); dark: allowed, "
+             f"lines: {BQ} x {BK} cpu tiles")
+    return plot.save_mask(mask.allowed, args.output or f"{spec.name}_mask.png", title,
+                          tile=(BQ, BK))
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from . import plot
 
     try:
         spec = load_spec(args.file)
@@ -330,36 +373,8 @@ def _run_plot(args: argparse.Namespace) -> int:
         return SPEC_ERROR
     qlabels = plot.words(args.qlabels or args.labels)
     klabels = plot.words(args.klabels or args.labels)
-    indices = index_values(args.index)
     try:
-        if args.npz:
-            inputs = _npz_inputs(args.npz, spec, indices)
-            n_q, n_k = inputs.q.shape[2], inputs.k.shape[2]
-            _plot_sizes(argparse.Namespace(nq=n_q, nk=n_k, n=None), qlabels, klabels)
-        else:
-            n_q, n_k = _plot_sizes(args, qlabels, klabels)
-            inputs = viz.demo_inputs(spec, n_q, n_k, d=args.d, dv=args.d, batch=args.batch + 1,
-                                     indices=indices, seed=args.seed)
-        B, heads = inputs.q.shape[:2]
-        if not (0 <= args.batch < B and 0 <= args.head < heads):
-            raise UsageError(f"--batch {args.batch} --head {args.head}: q has {B} batch "
-                             f"entries and {heads} heads")
-        mask = viz.pair_mask(spec, inputs, batch=args.batch, head=args.head)
-        where = f"head {args.head}" + (f", batch {args.batch}" if B > 1 else "")
-        if args.weights and n_q * n_k > WEIGHTS_PAIRS:
-            raise UsageError(f"--weights draws at most {WEIGHTS_PAIRS:,} pairs (1024 x 1024), "
-                             f"got {n_q} x {n_k}; pass a smaller --n or --nq/--nk")
-        if args.weights:
-            weights = viz.attention_weights(spec, inputs.q, inputs.k, inputs.extra)
-            output = args.output or f"{spec.name}_weights.png"
-            title = f"{spec.name}: attention weights ({where})"
-            path = plot.save_weights(weights[args.batch, args.head], output, title,
-                                     allowed=mask.allowed, qlabels=qlabels, klabels=klabels)
-        else:
-            output = args.output or f"{spec.name}_mask.png"
-            title = (f"{spec.name}: mask at {n_q} x {n_k} ({where}); dark: allowed, "
-                     f"lines: {BQ} x {BK} cpu tiles")
-            path = plot.save_mask(mask.allowed, output, title, tile=(BQ, BK))
+        path = _draw(spec, _plot_inputs(spec, args, qlabels, klabels), args, qlabels, klabels)
     except (ValueError, TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     print(f"wrote {path}")
