@@ -144,6 +144,16 @@ def test_weights_with_gqa_sink_and_elementwise_normalizers() -> None:
     np.testing.assert_allclose(P, direct_softmax(logits, np.ones((6, 6), bool)), rtol=1e-12)
 
 
+def test_weights_of_linear_attention_with_a_causal_mask() -> None:
+    spec = load("causal_linear")
+    inputs = viz.demo_inputs(spec, 6, 6, d=3, dv=3)
+    P = viz.attention_weights(spec, inputs.q, inputs.k, inputs.extra)
+    phi = lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))) + 1  # elu + 1
+    i, j = np.ogrid[:6, :6]
+    x = np.where(j <= i, phi(inputs.q) @ np.swapaxes(phi(inputs.k), -1, -2), 0)
+    np.testing.assert_allclose(P, x / x.sum(axis=-1, keepdims=True), rtol=1e-12)
+
+
 def test_weights_of_a_sink_row_sum_below_one() -> None:
     spec = load("sliding_window_sink")
     inputs = viz.demo_inputs(spec, 5, 5, d=4, dv=4)
