@@ -96,6 +96,64 @@ def _run_check(args: argparse.Namespace) -> int:
 def _configure_show(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
     parser.add_argument("--latex", action="store_true", help="print LaTeX instead of text")
+    parser.add_argument("--mask", metavar="N|NQxNK",
+                        help="print the tile-level mask the cpu kernel computes at n_q x n_k "
+                        "instead of the formulas: '#' full, '+' partial, '.' skipped tiles")
+    _add_index_option(parser)
+    parser.add_argument("--head", type=int, default=0, help="the query head of the mask (0)")
+
+
+def _add_index_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", action="append", default=[], metavar="NAME=VALUE",
+                        help="an index array's values: a comma list (one integer fills it) or "
+                        "docs:K for K documents of equal length; default: 4 documents along "
+                        "a sequence axis, n_k // 4 elsewhere")
+
+
+def index_values(items: list[str]) -> dict[str, str]:
+    """--index NAME=VALUE options as a dict."""
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"--index {item}: expected NAME=VALUE, e.g. doc=docs:4")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def sequence_sizes(text: str, option: str = "--mask") -> tuple[int, int]:
+    """`N` or `NQxNK` -> (n_q, n_k), each a positive integer."""
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise UsageError(f"{option} {text}: expected a positive length N or NQxNK, e.g. 1024 or "
+                     "256x4096")
+
+
+def _show_mask(spec: ir.Spec, args: argparse.Namespace) -> int:
+    from . import viz
+    from .codegen.numba_cpu import BK, BQ
+    from .plan import describe_path
+
+    n_q, n_k = sequence_sizes(args.mask)
+    heads, _ = viz.heads_of(spec)
+    if not 0 <= args.head < heads:
+        raise UsageError(f"--head {args.head}: the mask is drawn for {heads} head(s)")
+    try:
+        inputs = viz.demo_inputs(spec, n_q, n_k, d=1, dv=1, indices=index_values(args.index))
+        mask = viz.pair_mask(spec, inputs, head=args.head)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    status = viz.kernel_status(mask, BQ, BK)
+    print(f"attention {spec.name}: mask at n_q = {n_q}, n_k = {n_k}, head {args.head}; "
+          f"tiles of {BQ} queries x {BK} keys (cpu kernel)")
+    path = describe_path(spec)
+    print(path)
+    if "linear attention" in path:
+        print("(the linear path runs prefix sums, no tiles: below, the mask at tile granularity)")
+    print(viz.tile_picture(status))
+    print(viz.tile_summary(status))
+    return OK
 
 
 def _run_show(args: argparse.Namespace) -> int:
@@ -106,6 +164,8 @@ def _run_show(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return SPEC_ERROR
+    if args.mask is not None:
+        return _show_mask(spec, args)
     from .plan import describe_path
 
     grads = derive(spec)
@@ -196,6 +256,198 @@ def _run_verify(args: argparse.Namespace) -> int:
     return status
 
 
+def _configure_plot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
+    parser.add_argument("-o", "--output", metavar="PNG",
+                        help="the picture to write (default: NAME_mask.png or NAME_weights.png)")
+    parser.add_argument("--n", type=int, help="n_q = n_k (default 64, or the number of labels)")
+    parser.add_argument("--nq", type=int, help="the number of queries")
+    parser.add_argument("--nk", type=int, help="the number of keys")
+    _add_index_option(parser)
+    parser.add_argument("--weights", action="store_true",
+                        help="draw the attention weights (from random or --npz arrays) instead "
+                        "of the mask")
+    parser.add_argument("--npz", metavar="FILE",
+                        help="q, k, v and the params and index arrays by name (.npz)")
+    parser.add_argument("--batch", type=int, default=0, help="which batch entry to draw (0)")
+    parser.add_argument("--head", type=int, default=0, help="which query head to draw (0)")
+    parser.add_argument("--d", type=int, default=16, help="feature size of random q, k, v (16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random q, k, v (0)")
+    parser.add_argument("--labels", help="token labels of queries and keys, e.g. \"I love you\"")
+    parser.add_argument("--qlabels", help="token labels of the queries (rows)")
+    parser.add_argument("--klabels", help="token labels of the keys (columns)")
+
+
+def _plot_sizes(args: argparse.Namespace, qlabels: list[str] | None,
+                klabels: list[str] | None) -> tuple[int, int]:
+    """n_q, n_k from --nq/--nk, --n, the labels, else 64; labels must match them."""
+    n_q = args.nq or args.n or (len(qlabels) if qlabels else 64)
+    n_k = args.nk or args.n or (len(klabels) if klabels else n_q)
+    for what, n, labels in (("queries", n_q, qlabels), ("keys", n_k, klabels)):
+        if n < 1:
+            raise UsageError(f"the number of {what} must be positive, got {n}")
+        if labels is not None and len(labels) != n:
+            raise UsageError(f"{len(labels)} labels for {n} {what}")
+    return n_q, n_k
+
+
+def _npz_inputs(path: str, spec: ir.Spec, indices: dict[str, str]):  # type: ignore[no-untyped-def]
+    """q, k, v and the spec's params and index arrays from an .npz file (index arrays given
+    by --index take precedence)."""
+    import numpy as np
+
+    from . import viz
+
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--npz {path}: cannot be read ({exc})") from None
+    missing = [name for name in ("q", "k", "v") if name not in arrays]
+    if missing:
+        raise UsageError(f"--npz {path}: no array named {missing[0]} (it needs q, k and v)")
+    q, k, v = (arrays.pop(name) for name in ("q", "k", "v"))
+    n_k = k.shape[2] if k.ndim == 4 else 0
+    for x in spec.indices:
+        if x.name in indices:
+            sizes = {"n": q.shape[2], "n_q": q.shape[2], "n_k": n_k}
+            shape = tuple(d if isinstance(d, int) else sizes.get(d, 1) for d in x.dims)
+            arrays[x.name] = viz.parse_index(indices[x.name], shape, x.name)
+    return viz.Inputs(q, k, v, arrays)
+
+
+WEIGHTS_PAIRS = 1024 * 1024  # a heatmap has no use for more, and the reference holds n x n
+
+
+def _plot_inputs(spec: ir.Spec, args: argparse.Namespace, qlabels: list[str] | None,
+                 klabels: list[str] | None):  # type: ignore[no-untyped-def]
+    """q, k, v, params and indices from --npz, else random at --n or --nq/--nk."""
+    from . import viz
+
+    indices = index_values(args.index)
+    if args.npz:
+        inputs = _npz_inputs(args.npz, spec, indices)
+        n_q, n_k = inputs.q.shape[2], inputs.k.shape[2]
+        _plot_sizes(argparse.Namespace(nq=n_q, nk=n_k, n=None), qlabels, klabels)
+        return inputs
+    n_q, n_k = _plot_sizes(args, qlabels, klabels)
+    return viz.demo_inputs(spec, n_q, n_k, d=args.d, dv=args.d, batch=args.batch + 1,
+                           indices=indices, seed=args.seed)
+
+
+def _draw(spec: ir.Spec, inputs, args: argparse.Namespace,  # type: ignore[no-untyped-def]
+          qlabels: list[str] | None, klabels: list[str] | None) -> Path:
+    """The mask, or with --weights the weights, of one (batch, head) as a PNG."""
+    from . import plot, viz
+    from .codegen.numba_cpu import BK, BQ
+
+    B, heads, n_q = inputs.q.shape[:3]
+    n_k = inputs.k.shape[2]
+    if not (0 <= args.batch < B and 0 <= args.head < heads):
+        raise UsageError(f"--batch {args.batch} --head {args.head}: q has {B} batch entries "
+                         f"and {heads} heads")
+    if args.weights and n_q * n_k > WEIGHTS_PAIRS:
+        raise UsageError(f"--weights draws at most {WEIGHTS_PAIRS:,} pairs (1024 x 1024), "
+                         f"got {n_q} x {n_k}; pass a smaller --n or --nq/--nk")
+    mask = viz.pair_mask(spec, inputs, batch=args.batch, head=args.head)
+    where = f"head {args.head}" + (f", batch {args.batch}" if B > 1 else "")
+    if args.weights:
+        weights = viz.attention_weights(spec, inputs.q, inputs.k, inputs.extra)
+        return plot.save_weights(weights[args.batch, args.head],
+                                 args.output or f"{spec.name}_weights.png",
+                                 f"{spec.name}: attention weights ({where})",
+                                 allowed=mask.allowed, qlabels=qlabels, klabels=klabels)
+    title = (f"{spec.name}: mask at {n_q} x {n_k} ({where}); dark: allowed, "
+             f"lines: {BQ} x {BK} cpu tiles")
+    return plot.save_mask(mask.allowed, args.output or f"{spec.name}_mask.png", title,
+                          tile=(BQ, BK))
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from . import plot
+
+    try:
+        spec = load_spec(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return SPEC_ERROR
+    qlabels = plot.words(args.qlabels or args.labels)
+    klabels = plot.words(args.klabels or args.labels)
+    try:
+        path = _draw(spec, _plot_inputs(spec, args, qlabels, klabels), args, qlabels, klabels)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {path}")
+    return OK
+
+
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a spec file (.attn)")
+    parser.add_argument("--n", default="1024,4096", help="sequence lengths (default 1024,4096)")
+    parser.add_argument("--target", default="cpu", choices=("cpu", "cuda", "numpy"),
+                        help="the attndsl target to time (default cpu)")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--batch", type=int, default=1, help="B (default 1)")
+    parser.add_argument("--heads", type=int, help="query heads, unless the spec fixes them (8)")
+    parser.add_argument("--d", type=int, default=64, help="feature size of q, k and v (64)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--no-torch", action="store_true", help="time attndsl alone")
+    parser.add_argument("--flex", action="store_true",
+                        help="also time torch.compile(flex_attention) (forward only; compiling "
+                        "takes tens of seconds per length on a small machine)")
+    _add_index_option(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from . import compile as compile_spec
+
+    try:
+        spec = load_spec(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return SPEC_ERROR
+    sizes = [sequence_sizes(x, "--n")[0] for x in args.n.split(",")]
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: at least 1")
+    heads, kv_heads = bench.bench_heads(spec, args.heads)
+    setup = bench.Setup(args.batch, heads, kv_heads, args.d, args.d, args.dtype)
+    use_torch = not args.no_torch and bench.torch_available()
+    bench.progress(f"compiling {spec.name} for {args.target}")
+    kernel = compile_spec(spec, target=args.target)
+    rows, notes = [], []
+    try:
+        for n in sizes:
+            case = bench.make_case(spec, n, setup, index_values(args.index))
+            if args.flex and use_torch:
+                bench.progress(f"n = {n}: compiling flex_attention")
+            found = bench.contenders(spec, kernel, case, args.backward, use_torch, args.flex)
+            if use_torch and not bench.eager_fits(case):
+                notes.append(f"(no torch eager row at n = {n}: more than "
+                             f"{bench.EAGER_PAIRS:,} pairs to materialize)")
+            rows += bench.time_case(n, found, args.repeats, case.flops * (
+                bench.BACKWARD_FLOPS if args.backward else 1.0))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    bench.progress_done()
+    what = "forward + backward" if args.backward else "forward"
+    print(f"attention {spec.name}: {what}, B {setup.batch}, heads {heads}, kv_heads {kv_heads}, "
+          f"d = dv = {setup.d}, {setup.dtype}; median of {args.repeats} interleaved rounds")
+    print(f"machine: {bench.machine()}")
+    if not use_torch:
+        print("(torch not installed or --no-torch: attndsl alone)")
+    elif bench.sdpa_scale(spec) is None:
+        print("(no SDPA row: the spec is not plain softmax attention with a full or causal mask)")
+    if use_torch and args.flex and (args.backward or bench.flex_source(spec) is None):
+        print("(no flex row: " + ("flex_attention has no CPU backward)" if args.backward else
+                                  "the spec is not softmax over q . k plus position terms)"))
+    for note in notes:
+        print(note)
+    print(bench.table(rows))
+    return OK
+
+
 VERBS: dict[str, Verb] = {
     "check": Verb("parse and check spec files; print a summary or the error", _configure_check,
                   _run_check),
@@ -203,6 +455,10 @@ VERBS: dict[str, Verb] = {
     "emit": Verb("print the generated source of a target", _configure_emit, _run_emit),
     "verify": Verb("prove the gradients symbolically and check every target numerically",
                    _configure_verify, _run_verify),
+    "bench": Verb("time the spec's kernels against PyTorch (SDPA, eager)", _configure_bench,
+                  _run_bench),
+    "plot": Verb("write a PNG of the mask or of the attention weights", _configure_plot,
+                 _run_plot),
 }
 
 

@@ -287,12 +287,14 @@ def test_every_example_checks(path: Path) -> None:
     assert spec.checked and spec.filename == str(path) and spec.source
 
 
-def test_the_examples_are_the_contracts_twenty_and_three_more() -> None:
+def test_the_examples_are_the_contracts_twenty_and_five_more() -> None:
     """LANGUAGE.md section 5's twenty (sliding_window_sink since issue 9), t5_bucket (issue 8),
-    and issue 9's inputs: forgetting and latent_rope."""
-    assert len(EXAMPLES) == 23, [p.name for p in EXAMPLES]
+    issue 9's inputs: forgetting and latent_rope, and issue 10's seed uses: channel_attention
+    and translation."""
+    assert len(EXAMPLES) == 25, [p.name for p in EXAMPLES]
     assert {"sliding_window_sink.attn", "t5_bucket.attn", "forgetting.attn",
-            "latent_rope.attn"} <= {p.name for p in EXAMPLES}
+            "latent_rope.attn", "channel_attention.attn", "translation.attn"} <= {
+                p.name for p in EXAMPLES}
 
 
 def _all_typed(spec: ir.Spec) -> None:

@@ -20,7 +20,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))
 def test_check_every_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", *map(str, EXAMPLES)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(EXAMPLES) == 23
+    assert len(out) == len(EXAMPLES) == 25  # with channel_attention and translation (issue 10)
     assert f"{ROOT / 'examples' / 'alibi.attn'}: ok — score q . k, normalize softmax, heads 8, " \
            "kv_heads 2" in out
     assert f"{ROOT / 'examples' / 'sigmoid.attn'}: ok — score q . k, normalize " \
