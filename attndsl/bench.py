@@ -252,6 +252,7 @@ def flex_mods(case: Case) -> tuple[Any, Any] | None:
                                                            case.spec.indices)]
     scope: dict[str, Any] = {"xp": FlexOps(q.dtype), "B": B, "heads": heads,
                              "kv_heads": kv_heads, "n_q": n_q, "n_k": n_k, "d": d, "dv": dv,
+                             "q_off": 0, "k_off": 0,  # flex's i, j are the rows themselves
                              **dict(zip(names, extra, strict=True))}
     exec(compile(source, f"<flex {case.spec.name}>", "exec"), scope)  # noqa: S102 (printed)
     block_mask = (create_block_mask(scope["mask_mod"], B, heads, n_q, n_k, device="cpu")

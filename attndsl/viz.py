@@ -159,8 +159,9 @@ def _mask_scope(spec: ir.Spec, inputs: Inputs) -> dict[str, Any]:
     call = Validator(spec)(inputs.q, inputs.k, inputs.v, inputs.extra)
     scope: dict[str, Any] = {"xp": numpy_ops, **{k: v for k, v in call.sizes.items()
                                                  if k != "n"}}
-    b, h, i, j = numpy_ops.positions(*(call.sizes[k] for k in ("B", "heads", "n_q", "n_k")))
-    scope.update(b=b, h=h, i=i, j=j)
+    b, h, i, j, q_off, k_off = numpy_ops.positions(
+        *(call.sizes[k] for k in ("B", "heads", "n_q", "n_k")))
+    scope.update(b=b, h=h, i=i, j=j, q_off=q_off, k_off=k_off)
     scope.update({array(name): a for name, a in {**call.params, **call.indices}.items()})
     with np.errstate(all="ignore"):
         exec("\n".join(lookup_lines(spec)), scope)  # noqa: S102 (the reference's own lines)
@@ -258,11 +259,10 @@ def tile_summary(status: np.ndarray) -> str:
 def attention_weights(spec: ir.Spec, q: np.ndarray, k: np.ndarray, extra: Mapping[str, Any]
                       ) -> np.ndarray:
     """The normalized weights P [B, heads, n_q, n_k] (masked entries 0), as the NumPy reference
-    computes them: its out with v the identity of each key/value head, out = P @ I = P.
-    (One function, so that Kernel.weights can replace it.)"""
+    computes them (Kernel.weights: its out with v the identity of each key/value head)."""
     from . import compile as compile_spec
 
     kernel = compile_spec(spec, target="numpy")
     B, kv_heads, n_k = k.shape[:3]
-    eye = np.broadcast_to(np.eye(n_k, dtype=q.dtype), (B, kv_heads, n_k, n_k))
-    return kernel(q, k, np.ascontiguousarray(eye), **extra)
+    v = np.zeros((B, kv_heads, n_k, 1), q.dtype)  # weights only reads its shape and dtype
+    return kernel.weights(q, k, v, **extra)

@@ -143,11 +143,15 @@ class TorchOps:
 
     # ---- layout: [B, heads, n_q, n_k, features] ---------------------------------------------
 
-    def positions(self, B: int, heads: int, n_q: int, n_k: int) -> tuple[torch.Tensor, ...]:
-        return (torch.arange(B).reshape(B, 1, 1, 1, 1), torch.arange(heads).reshape(1, heads, 1,
-                                                                                    1, 1),
-                torch.arange(n_q).reshape(1, 1, n_q, 1, 1), torch.arange(n_k).reshape(1, 1, 1,
-                                                                                    n_k, 1))
+    def positions(self, B: int, heads: int, n_q: int, n_k: int, q_offset: Any = 0,
+                  k_offset: Any = 0) -> tuple[torch.Tensor, ...]:
+        """numpy_ops.positions on torch: b, h, i, j, then the offsets [B, 1, 1, 1, 1]."""
+        q_off = torch.as_tensor(q_offset, dtype=torch.int64).expand(B).reshape(B, 1, 1, 1, 1)
+        k_off = torch.as_tensor(k_offset, dtype=torch.int64).expand(B).reshape(B, 1, 1, 1, 1)
+        return (torch.arange(B).reshape(B, 1, 1, 1, 1),
+                torch.arange(heads).reshape(1, heads, 1, 1, 1),
+                q_off + torch.arange(n_q).reshape(1, 1, n_q, 1, 1),
+                k_off + torch.arange(n_k).reshape(1, 1, 1, n_k, 1), q_off, k_off)
 
     def kv_head_of(self, heads: int, kv_heads: int) -> torch.Tensor:
         return torch.arange(heads) // (heads // kv_heads)
