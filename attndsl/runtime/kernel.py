@@ -62,7 +62,8 @@ def _offset(name: str, value: Any, B: int) -> np.ndarray:
                          f"{_shape(a.shape)}")
     if (a < 0).any():
         raise ValueError(f"{name}: positions start at 0, got an offset of {int(a.min())}")
-    return np.ascontiguousarray(np.broadcast_to(a.astype(np.int64), (B,)))
+    # a writeable copy: a read-only view would compile a second Numba signature
+    return np.array(np.broadcast_to(a.astype(np.int64), (B,)))
 
 
 def check_linear_offsets(linear: bool, causal: bool, call: Call) -> None:
