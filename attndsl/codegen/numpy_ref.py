@@ -254,9 +254,15 @@ class Emitter:
 
     def backward(self) -> None:
         w, d, grads = self.w, self.deriv, self.grads
-        with w.block(self.signature("backward", "dout", "out=None, lse=None")):
-            w('"""Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,')
-            w('softmax) is trusted as forward\'s result, as on every target."""')
+        softmax = d.norm is NormKind.SOFTMAX
+        optional = "out=None, lse=None" + (", dlse=None" if softmax else "")
+        with w.block(self.signature("backward", "dout", optional)):
+            if softmax:
+                w('"""Gradients of sum(out * dout) + sum(lse * dlse): q, k, v and every param; a')
+                w('given out (and lse) is trusted as forward\'s result, as on every target."""')
+            else:
+                w('"""Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,')
+                w('softmax) is trusted as forward\'s result, as on every target."""')
             w(f"t = graph(xp, {', '.join(call_args(d))}, q_offset=q_offset, k_offset=k_offset)")
             names = list(SIZE_ORDER) + ["b", "h", "i", "j", "g", "q_off", "k_off", "allowed"] + [
                 variable(n) for n in d.nodes]
@@ -274,6 +280,10 @@ class Emitter:
             w(f"# {norm.rule}")
             if norm.uses_delta:
                 w("D = xp.rowsum(dout * out)[..., None]")
+            if softmax:
+                # lse's adjoint: d lse / dx_j = P_j, so dS = P (dP - D) + P dlse
+                with w.block("if dlse is not None:  # dS = P * (dP - (D - dlse))"):
+                    w("D = D - dlse[..., None, None]")
             if norm.kind is NormKind.ELEMENTWISE:
                 w("x = xp.where(allowed, x, 0)")
             names = {normalizers.WEIGHT: "p[..., None]", normalizers.X: "x",

@@ -24,10 +24,12 @@ def compile_numpy(spec: ir.Spec) -> Kernel:
         with np.errstate(all="ignore"):
             return module.forward(numpy_ops, *call.arrays(), **call.offsets)
 
-    def backward(call: Call, dout: np.ndarray, out: Any, lse: Any) -> dict[str, np.ndarray]:
+    def backward(call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any
+                 ) -> dict[str, np.ndarray]:
         q, k, v, *rest = call.arrays()
+        given = {"dlse": dlse} if dlse is not None else {}  # only softmax's backward takes it
         with np.errstate(all="ignore"):
-            return module.backward(numpy_ops, q, k, v, dout, *rest, out=out, lse=lse,
+            return module.backward(numpy_ops, q, k, v, dout, *rest, out=out, lse=lse, **given,
                                    **call.offsets)
 
     return Kernel(spec, "numpy", source, forward, backward)

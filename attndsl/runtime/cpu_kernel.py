@@ -165,7 +165,7 @@ class CpuKernel(Kernel):
         out, state, _ = self._run_forward(call)
         return out, state if self.spec.normalize.kind is NormKind.SOFTMAX else None
 
-    def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any
+    def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any
                        ) -> dict[str, np.ndarray]:
         from .cpu_intrinsics import single_threaded_blas
 
@@ -183,6 +183,8 @@ class CpuKernel(Kernel):
         s = call.sizes
         B, H = s["B"], s["heads"]
         D = np.ascontiguousarray(np.sum(dout * out, axis=-1), dtype=call.dtype)
+        if dlse is not None:  # lse's adjoint: d lse / dx_j = P_j, so dS = P (dP - (D - dlse))
+            D -= dlse
         q_tiles = -(-s["n_q"] // numba_cpu.BQ)
         adjoints: dict[str, np.ndarray] = {}
         for item, value in self._adjoint_shapes(call, q_tiles):

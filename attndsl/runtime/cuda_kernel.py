@@ -31,7 +31,7 @@ from ..ir import NormKind, Side
 from ..plan import make_plan
 from ..symbolic import OFFSETS, POSITIONS, SIZES, local_subscripts
 from . import cache, numpy_ops
-from .kernel import Call, Kernel, check_linear_offsets
+from .kernel import Call, Kernel, check_dlse_shape, check_linear_offsets
 
 KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 
@@ -266,18 +266,22 @@ class CudaKernel(Kernel):
 
     # ---- backward ----
     def backward(self, q: Any, k: Any, v: Any, dout: Any, out: Any = None, lse: Any = None,
-                 **params_and_indices: Any) -> dict[str, Any]:
+                 dlse: Any = None, **params_and_indices: Any) -> dict[str, Any]:
         if not any(tc.is_device_array(a) for a in (q, k, v)):
-            return super().backward(q, k, v, dout, out=out, lse=lse, **params_and_indices)
+            return super().backward(q, k, v, dout, out=out, lse=lse, dlse=dlse,
+                                    **params_and_indices)
         call = self._validate_device(q, k, v, params_and_indices)
+        self.refuse_dlse(dlse)
         need = call.shape_out
         for name, a in (("dout", dout), ("out", out)):
             if a is not None and tuple(a.shape) != need:
                 raise ValueError(f"{name}: expected shape {list(need)}, got {list(a.shape)}")
         if lse is not None and tuple(lse.shape) != need[:3]:
             raise ValueError(f"lse: expected shape {list(need[:3])}, got {list(lse.shape)}")
+        if dlse is not None:
+            check_dlse_shape(tuple(dlse.shape), call)
         run = _Run(self, call, (q, k, v))
-        grads = run.backward(dout, out, lse)
+        grads = run.backward(dout, out, lse, dlse)
         cuda = tc.require_cuda()
         for p in self.spec.params:  # param gradients are small host sums: back to the device
             grads[p.name] = cuda.to_device(np.ascontiguousarray(
@@ -285,9 +289,9 @@ class CudaKernel(Kernel):
                     np.shape(_to_host(params_and_indices[p.name])))))
         return grads
 
-    def _backward_host(self, call: Call, dout: np.ndarray, out: Any, lse: Any
+    def _backward_host(self, call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any
                        ) -> dict[str, np.ndarray]:
-        grads = _Run(self, call, None).backward(dout, out, lse)
+        grads = _Run(self, call, None).backward(dout, out, lse, dlse)
         return {n: (g.copy_to_host() if tc.is_device_array(g) else g) for n, g in grads.items()}
 
 
@@ -394,7 +398,7 @@ class _Run:
             return a if hasattr(a, "copy_to_host") else self.cuda.as_cuda_array(a)
         return self.cuda.to_device(np.ascontiguousarray(a, dtype=self.dt))
 
-    def backward(self, dout: Any, out: Any, lse: Any) -> dict[str, Any]:
+    def backward(self, dout: Any, out: Any, lse: Any, dlse: Any = None) -> dict[str, Any]:
         lay, cfg, dt = self.layout, self.cfg, self.dt
         B, H, KV, n_q, n_k = self.B, self.H, self.KV, self.n_q, self.n_k
         norm = self.kernel.spec.normalize.kind
@@ -414,6 +418,9 @@ class _Run:
         q_grid = (_cdiv(n_q, cfg.bwd_bq), H, B)
         if lay.has_state:
             self.mod.attn_bwd_preprocess[q_grid, cfg.bwd_bq](out_, dout_, delta)
+        if dlse is not None:  # lse's adjoint: dS = P (dP - (D - dlse)); an O(B H n_q) round trip
+            delta = self.cuda.to_device(np.ascontiguousarray(
+                _host(delta) - _to_host(dlse), dtype=dt), stream=self.args.stream)
         g_v = self.args.empty((B, KV, n_k, self.dv), dt)
         dkdv_out = []
         for x in lay.side(Side.KEY):

@@ -232,6 +232,13 @@ def _fmt(need: list[int | str], dims: tuple[ir.Dim, ...], lead: tuple[int, ...])
     return "[" + ", ".join(f"{n}={w}" if str(w) != n else str(n) for n, w in zip(names, need)) + "]"
 
 
+def check_dlse_shape(shape: tuple[int, ...], call: Call) -> None:
+    need = call.shape_out[:3]
+    if tuple(shape) != need:
+        raise ValueError(f"dlse: expected shape {_shape(need)} (like lse: [B, heads, n_q]), "
+                         f"got {_shape(tuple(shape))}")
+
+
 class _NotConstant(Exception):
     """The softcap reads something this evaluator does not handle: left to the kernels."""
 
@@ -322,7 +329,8 @@ class Kernel:
 
     def __init__(self, spec: ir.Spec, target: str, source: str,
                  forward_impl: Callable[[Call], tuple[np.ndarray, np.ndarray | None]],
-                 backward_impl: Callable[[Call, np.ndarray, Any, Any], dict[str, np.ndarray]],
+                 backward_impl: Callable[[Call, np.ndarray, Any, Any, Any],
+                                         dict[str, np.ndarray]],
                  ) -> None:
         self.spec = spec
         self.target = target
@@ -333,6 +341,14 @@ class Kernel:
         # whether a block of query rows may run alone at its offset (`weights`); the causal
         # linear path needs q_offset == k_offset
         self.row_blocks = True
+
+    def refuse_dlse(self, dlse: Any) -> None:
+        """dlse is the adjoint of lse, which only the softmax family has (TypeError, like an
+        argument the spec does not take)."""
+        kind = self.spec.normalize.kind
+        if dlse is not None and kind is not ir.NormKind.SOFTMAX:
+            raise TypeError(f"dlse: the spec normalizes with '{kind.value}', which has no lse; "
+                            "dlse is only taken by softmax specs")
 
     def __repr__(self) -> str:
         return f"<attndsl.Kernel {self.spec.name!r} target={self.target!r}>"
@@ -391,9 +407,11 @@ class Kernel:
         return np.concatenate(blocks, axis=2)
 
     def backward(self, q: Any, k: Any, v: Any, dout: Any, out: Any = None, lse: Any = None,
-                 q_offset: Any = 0, k_offset: Any = 0, **params_and_indices: Any
-                 ) -> dict[str, np.ndarray]:
+                 dlse: Any = None, q_offset: Any = 0, k_offset: Any = 0,
+                 **params_and_indices: Any) -> dict[str, np.ndarray]:
+        """Gradients of sum(out * dout) + sum(lse * dlse) (dlse: softmax family only)."""
         call = self.validate(q, k, v, params_and_indices, q_offset, k_offset)
+        self.refuse_dlse(dlse)
         dout = _as_array("dout", dout)
         if dout.shape != call.shape_out:
             raise ValueError(f"dout: expected shape {_shape(call.shape_out)} (like out), got "
@@ -413,7 +431,13 @@ class Kernel:
             if lse.shape != need:
                 raise ValueError(f"lse: expected shape {_shape(need)}, got {_shape(lse.shape)}")
             lse = np.ascontiguousarray(lse, dtype=call.dtype)
-        grads = self._backward(call, dout, out, lse)
+        if dlse is not None:
+            dlse = _as_array("dlse", dlse)
+            check_dlse_shape(dlse.shape, call)
+            if dlse.dtype.kind != "f":
+                raise TypeError(f"dlse: expected a float array, got {dlse.dtype}")
+            dlse = np.ascontiguousarray(dlse, dtype=call.dtype)
+        grads = self._backward(call, dout, out, lse, dlse)
         result = {name: np.asarray(grads[name], dtype=call.dtype) for name in ("q", "k", "v")}
         for name in call.params:
             result[name] = np.asarray(grads[name]).astype(call.param_dtypes[name]).reshape(

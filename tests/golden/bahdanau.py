@@ -58,9 +58,9 @@ def forward(xp, q, k, v, Wq__, Wk__, w__, q_offset=0, k_offset=0):
     return out, state
 
 
-def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None, q_offset=0, k_offset=0):
-    """Gradients of sum(out * dout): q, k, v and every param; a given out (and lse,
-    softmax) is trusted as forward's result, as on every target."""
+def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None, dlse=None, q_offset=0, k_offset=0):
+    """Gradients of sum(out * dout) + sum(lse * dlse): q, k, v and every param; a
+    given out (and lse) is trusted as forward's result, as on every target."""
     t = graph(xp, q, k, v, Wq__, Wk__, w__, q_offset=q_offset, k_offset=k_offset)
     B = t['B']
     heads = t['heads']
@@ -93,6 +93,8 @@ def backward(xp, q, k, v, dout, Wq__, Wk__, w__, out=None, lse=None, q_offset=0,
     dP = xp.matmul(dout, xp.transpose(v_rows))[..., None]
     # dS = P * (dP - D), D = rowsum(dO * O)
     D = xp.rowsum(dout * out)[..., None]
+    if dlse is not None:  # dS = P * (dP - (D - dlse))
+        D = D - dlse[..., None, None]
     dS = xp.where(allowed, p[..., None]*(-D + dP), 0)
     grad_v = xp.group_heads(xp.pair_matmul(xp.transpose(p), dout), kv_heads)
     dx = dS
