@@ -2,7 +2,8 @@
 
 Proof. At small sizes (B = 1, n_q x n_k = 3 x 3 or 2 x 3, d = 4, dv = 2, two heads where the spec
 has GQA) the naive forward of LANGUAGE.md section 1 is built with SymPy symbols, L = sum(out * G)
-is differentiated with `sympy.diff`, and the result is compared, entry by entry, with the
+(+ sum(lse * G_lse) for the softmax family, so the lse adjoint dlse is proved too) is
+differentiated with `sympy.diff`, and the result is compared, entry by entry, with the
 gradients the generated reference computes when it runs over SymPy object arrays.
   * "exact": every transcendental function application (exp, tanh, sigmoid, ...) is replaced by
     an independent random value of its exact argument and both sides are evaluated in exact
@@ -90,6 +91,7 @@ class ProofSetup:
     G: np.ndarray
     params: dict[str, np.ndarray]
     indices: dict[str, np.ndarray]
+    G_lse: np.ndarray | None = None  # softmax: the adjoint of lse [B, heads, n_q]
 
 
 def _symbols(prefix: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -186,7 +188,8 @@ def proof_setup(deriv: Derivation, seed: int = 0) -> tuple[ProofSetup, list[sp.B
         sizes, _symbols("q", (B, H, sizes["n_q"], sizes["d"])),
         _symbols("k", (B, KVH, sizes["n_k"], sizes["d"])),
         _symbols("v", (B, KVH, sizes["n_k"], sizes["dv"])),
-        _symbols("G", (B, H, sizes["n_q"], sizes["dv"])), params, best[1])
+        _symbols("G", (B, H, sizes["n_q"], sizes["dv"])), params, best[1],
+        _symbols("Glse", (B, H, sizes["n_q"])) if deriv.norm is ir.NormKind.SOFTMAX else None)
     return setup, best[3]
 
 
@@ -272,7 +275,8 @@ def _in_range(name: str, subs: tuple[int, ...], arrays: dict[str, np.ndarray], s
 
 
 def naive_loss_rows(deriv: Derivation, setup: ProofSetup) -> list[sp.Expr]:
-    """The terms of L = sum(out * G), one per query row (b, h, i)."""
+    """The terms of L = sum(out * G) (+ sum(lse * G_lse) for softmax), one per query row
+    (b, h, i)."""
     s = setup.sizes
     naive = Naive(deriv, s, {"q": setup.q, "k": setup.k}, setup.indices, setup.params)
     group = s["heads"] // s["kv_heads"]
@@ -291,8 +295,20 @@ def naive_loss_rows(deriv: Derivation, setup: ProofSetup) -> list[sp.Expr]:
         for c in range(s["dv"]):
             out = sum((weights[j] * setup.v[b, h // group, j, c] for j in keys), sp.S.Zero)
             total += out * setup.G[b, h, i, c]
+        if setup.G_lse is not None:
+            total += _naive_lse(deriv, logits, keys, naive, (b, h, i)) * setup.G_lse[b, h, i]
         rows.append(total)
     return rows
+
+
+def _naive_lse(deriv: Derivation, logits: list[sp.Expr], keys: list[int], naive: Naive,
+               row: tuple[int, int, int]) -> sp.Expr:
+    """A softmax row's lse = log(sum exp(allowed logits) + exp(sink)); a row with neither has
+    lse = -inf, a constant: its term is left out (0)."""
+    terms = [sp.exp(logits[j]) for j in keys]
+    if deriv.sink is not None:
+        terms.append(sp.exp(naive.expr(deriv.sink, (*row, 0), None)))
+    return sp.log(sp.Add(*terms)) if terms else sp.S.Zero
 
 
 def _naive_weights(deriv: Derivation, logits: list[sp.Expr], keys: list[int], naive: Naive,
@@ -314,7 +330,8 @@ def derived_gradients(deriv: Derivation, setup: ProofSetup) -> dict[str, np.ndar
     module = cache.load_module(source, "numpy_exact", deriv.spec.name)
     args = [setup.q, setup.k, setup.v, setup.G, *setup.params.values(),
             *setup.indices.values()]
-    return module.backward(symbolic_ops, *args)
+    given = {} if setup.G_lse is None else {"dlse": setup.G_lse}
+    return module.backward(symbolic_ops, *args, **given)
 
 
 # ---- comparing two expressions ------------------------------------------------------------
@@ -623,13 +640,23 @@ def _numeric_heads(spec: ir.Spec) -> tuple[int, int]:
     return 4, 2
 
 
+def _lse_adjoint(spec: ir.Spec, lse: np.ndarray | None, rng: np.random.Generator
+                 ) -> np.ndarray | None:
+    """A random dlse for softmax specs, 0 on rows with lse = -inf (their lse is a constant)."""
+    if lse is None or spec.normalize.kind is not ir.NormKind.SOFTMAX:
+        return None
+    return np.where(np.isfinite(lse), rng.standard_normal(lse.shape), 0).astype(lse.dtype)
+
+
 def finite_differences(kernel: Any, spec: ir.Spec, seed: int = 0) -> tuple[float, str]:
-    """float64 directional central differences of sum(out * G), like gradcheck's fast mode."""
+    """float64 directional central differences of sum(out * G) (+ sum(lse * G_lse), softmax),
+    like gradcheck's fast mode."""
     arrays, extra = _numeric_inputs(spec, np.float64, seed)
     rng = np.random.default_rng(seed + 1)
-    out = kernel(arrays["q"], arrays["k"], arrays["v"], **extra)
+    out, lse = kernel.forward(arrays["q"], arrays["k"], arrays["v"], return_lse=True, **extra)
     G = rng.standard_normal(out.shape)
-    grads = kernel.backward(arrays["q"], arrays["k"], arrays["v"], G, **extra)
+    G_lse = _lse_adjoint(spec, lse, rng)
+    grads = kernel.backward(arrays["q"], arrays["k"], arrays["v"], G, dlse=G_lse, **extra)
     worst, where_ = 0.0, ""
     names = ["q", "k", "v", *(p.name for p in spec.params)]
     for name in names:
@@ -640,7 +667,10 @@ def finite_differences(kernel: Any, spec: ir.Spec, seed: int = 0) -> tuple[float
         def loss(value: np.ndarray, name: str = name) -> float:
             args = {**arrays, **extra, name: value}
             q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
-            return float(np.sum(kernel(q, k, v, **args) * G))
+            out, lse = kernel.forward(q, k, v, return_lse=True, **args)
+            extra_term = 0.0 if G_lse is None else float(np.sum(np.where(G_lse != 0, lse, 0) *
+                                                                G_lse))
+            return float(np.sum(out * G)) + extra_term
 
         fd = (loss(base + eps * direction) - loss(base - eps * direction)) / (2 * eps)
         analytic = float(np.sum(grads[name] * direction))
@@ -657,9 +687,11 @@ def compare_targets(reference: Any, kernel: Any, spec: ir.Spec, dtype: Any, seed
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     out_r, lse_r = reference.forward(q, k, v, return_lse=True, **extra)
     out_t, lse_t = kernel.forward(q, k, v, return_lse=True, **extra)
-    G = np.random.default_rng(seed + 2).standard_normal(out_r.shape).astype(dtype)
-    g_r = reference.backward(q, k, v, G, **extra)
-    g_t = kernel.backward(q, k, v, G, out=out_t, lse=lse_t, **extra)
+    rng = np.random.default_rng(seed + 2)
+    G = rng.standard_normal(out_r.shape).astype(dtype)
+    G_lse = _lse_adjoint(spec, lse_r, rng)
+    g_r = reference.backward(q, k, v, G, dlse=G_lse, **extra)
+    g_t = kernel.backward(q, k, v, G, out=out_t, lse=lse_t, dlse=G_lse, **extra)
     pairs = [(out_r, out_t)] + ([(lse_r, lse_t)] if lse_r is not None else [])
     pairs += [(g_r[n], g_t[n]) for n in g_r]
     worst = 0.0
@@ -771,7 +803,8 @@ def prove(deriv: Derivation, report: Report) -> None:
     fixed = _mask_params(deriv)
     inputs = {"q": setup.q, "k": setup.k, "v": setup.v,
               **{name: a for name, a in setup.params.items() if name not in fixed}}
-    symbols = sorted({x for a in (*inputs.values(), setup.G) for x in a.flat},
+    adjoints = (setup.G,) if setup.G_lse is None else (setup.G, setup.G_lse)
+    symbols = sorted({x for a in (*inputs.values(), *adjoints) for x in a.flat},
                      key=lambda x: x.name)
     root = _exp_root(*rows, *(e for g in derived.values() for e in np.asarray(g).flat))
     for name, array in inputs.items():
