@@ -438,7 +438,9 @@ class Kernel:
                 raise TypeError(f"dlse: expected a float array, got {dlse.dtype}")
             dlse = np.ascontiguousarray(dlse, dtype=call.dtype)
         grads = self._backward(call, dout, out, lse, dlse)
-        result = {name: np.asarray(grads[name], dtype=call.dtype) for name in ("q", "k", "v")}
+        # writeable C-order arrays (a read-only broadcast view is copied): the caller owns them
+        result = {name: np.require(grads[name], call.dtype, ["C", "W"])
+                  for name in ("q", "k", "v")}
         for name in call.params:
             result[name] = np.asarray(grads[name]).astype(call.param_dtypes[name]).reshape(
                 np.shape(params_and_indices[name]))

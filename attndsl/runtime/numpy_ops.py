@@ -243,8 +243,11 @@ def sum_to(x: np.ndarray, like: np.ndarray) -> np.ndarray:
         x = np.asarray(x.sum(axis=0))
     axes = tuple(a for a, n in enumerate(like_shape) if n == 1 and x.shape[a] != 1)
     x = x.sum(axis=axes, keepdims=True) if axes else x
+    shape = np.broadcast_shapes(x.shape, like_shape)
+    if x.shape == shape:  # nothing to broadcast: x itself, writeable (a gradient users keep)
+        return x
     # a partial free of the feature (d body_f / d wd_f = exp(q . k)): the same for every f
-    return np.broadcast_to(x, np.broadcast_shapes(x.shape, like_shape))
+    return np.broadcast_to(x, shape)
 
 
 def scatter(shape: Sequence[int], subscripts: Sequence[np.ndarray], values: np.ndarray,
