@@ -271,6 +271,21 @@ def test_module_owns_params_with_the_documented_defaults() -> None:
         at.Attention(EXAMPLES / "forgetting.attn", c=torch.zeros(1, 1, 1))
 
 
+def test_module_builds_every_example_from_sizes_alone() -> None:
+    """The documented rule (shape from dims: the spec's heads, literals, keyword sizes) covers
+    every example; forward then runs with inputs and index arrays only."""
+    for name, spec in SPECS.items():
+        a = make_inputs(spec)  # float64, as the gradchecks (their kernels); params float32
+        uses_r = any("r" in p.dims for p in spec.params if not p.batched)
+        sizes = {"d": 3} | ({"r": 3} if uses_r else {}) | ({} if spec.heads else {"heads": 4})
+        layer = at.Attention(spec, **sizes)
+        extra = {n: t for n, t in a["extra"].items() if n not in layer.names}
+        out = layer(a["q"], a["k"], a["v"], **extra)
+        out.sum().backward()
+        for p in layer.parameters():
+            assert p.grad is not None and p.grad.shape == p.shape, name
+
+
 def test_module_trains_its_params_and_takes_inputs_at_call_time() -> None:
     layer = at.Attention(EXAMPLES / "sliding_window_sink.attn", sink=torch.full((4,), 0.5))
     a = make_inputs(layer.spec, dtype=torch.float32)
@@ -312,8 +327,12 @@ def test_torch_compile_fullgraph_matches_eager_without_recompiling(
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     calls: list[Any] = []
     compile_spec = attndsl.compile
-    monkeypatch.setattr(attndsl, "compile", lambda *a, **kw: calls.append(a) or
-                        compile_spec(*a, **kw))
+
+    def counted(*args: Any, **kwargs: Any) -> attndsl.Kernel:
+        calls.append(args)
+        return compile_spec(*args, **kwargs)
+
+    monkeypatch.setattr(attndsl, "compile", counted)
     signatures, compiled_after = [], []
     try:
         for n in (13, 29, 22):
