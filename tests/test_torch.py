@@ -246,6 +246,25 @@ def test_a_compiled_kernel_may_stand_for_its_spec() -> None:
     assert ops.ENTRIES[handle].kernels == {"numpy": numpy_kernel}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
+def test_cuda_tensors_run_the_cuda_target_and_agree_with_cpu() -> None:
+    spec = SPECS["sliding_window_sink"]
+    a = make_inputs(spec, dtype=torch.float64)
+    cuda = {n: t.detach().cuda().requires_grad_(True) for n, t in
+            (("q", a["q"]), ("k", a["k"]), ("v", a["v"]), ("sink", a["extra"]["sink"]))}
+    out, lse = at.attention(spec, a["q"], a["k"], a["v"], return_lse=True, **a["extra"])
+    got, got_lse = at.attention(spec, cuda["q"], cuda["k"], cuda["v"], return_lse=True,
+                                sink=cuda["sink"])
+    assert got.is_cuda and got_lse.is_cuda
+    torch.testing.assert_close(got.cpu(), out)
+    torch.testing.assert_close(got_lse.cpu(), lse)
+    (out.sum() + lse.sum()).backward()
+    (got.sum() + got_lse.sum()).backward()
+    for name, t in cuda.items():
+        want = a[name].grad if name in a else a["extra"][name].grad
+        torch.testing.assert_close(t.grad.cpu(), want, msg=name)
+
+
 # ---- the module --------------------------------------------------------------------------
 
 
