@@ -85,10 +85,6 @@ def as_function(spec: Any, a: dict[str, Any]):  # type: ignore[no-untyped-def]
 # ---- opcheck and gradcheck on every example -------------------------------------------------
 
 
-def test_every_example_is_covered() -> None:
-    assert len(EXAMPLE_FILES) == 23, [p.stem for p in EXAMPLE_FILES]
-
-
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_opcheck(name: str) -> None:
     spec = SPECS[name]
@@ -96,7 +92,8 @@ def test_opcheck(name: str) -> None:
     handle = ops.spec_handle(spec)
     params = [t for t in a["extra"].values() if t.is_floating_point()]
     indices = [t for t in a["extra"].values() if not t.is_floating_point()]
-    args = (handle, a["q"], a["k"], a["v"], params, indices)
+    offsets = torch.tensor([3, 0]), torch.tensor([3, 0])  # equal: specs using n need that
+    args = (handle, a["q"], a["k"], a["v"], params, indices, *offsets)
     torch.library.opcheck(torch.ops.attndsl.attention.default, args)
     with torch.no_grad():
         out, lse = torch.ops.attndsl.attention(*args)
@@ -158,6 +155,27 @@ def test_matches_the_kernel_and_gradients_reach_params_and_inputs() -> None:
     for name in ("q", "k", "v"):
         np.testing.assert_array_equal(a[name].grad.numpy(), grads[name])
     np.testing.assert_array_equal(a["extra"]["c"].grad.numpy(), grads["c"])
+
+
+@pytest.mark.parametrize("q_offset", [5, [9, 2], torch.tensor([9, 2])], ids=["int", "list",
+                                                                             "tensor"])
+def test_offsets_match_the_kernel_and_pass_gradcheck(q_offset: Any) -> None:
+    """A block of query rows at global positions (a KV cache): alibi's bias and causal mask
+    read i = q_offset + row."""
+    spec = SPECS["alibi"]
+    a = make_inputs(spec, n_q=3, n_k=11)
+    out = at.attention(spec, a["q"], a["k"], a["v"], q_offset=q_offset, **a["extra"])
+    kernel = attndsl.compile(spec, target="cpu")
+    offset = np.asarray(q_offset)
+    want = kernel.forward(*(a[n].detach().numpy() for n in "qkv"), q_offset=offset,
+                          slope=a["extra"]["slope"].detach().numpy())
+    np.testing.assert_array_equal(out.detach().numpy(), want)
+    assert not torch.equal(out, at.attention(spec, a["q"], a["k"], a["v"], **a["extra"]))
+
+    def shifted(q, k, v, slope):  # type: ignore[no-untyped-def]
+        return at.attention(spec, q, k, v, return_lse=True, q_offset=q_offset, slope=slope)
+
+    assert torch.autograd.gradcheck(shifted, differentiable(a), fast_mode=True)
 
 
 def test_gradients_are_bitwise_deterministic() -> None:
@@ -231,8 +249,8 @@ def test_call_errors() -> None:
         at.attention(spec, q, k, v, slope=a["extra"]["slope"], slop=1)
     with pytest.raises(TypeError, match="share one float dtype"):
         at.attention(spec, q.float(), k, v, **a["extra"])
-    with pytest.raises(NotImplementedError, match="q_offset and k_offset"):
-        at.attention(spec, q, k, v, q_offset=3, **a["extra"])
+    with pytest.raises(ValueError, match="q_offset: positions start at 0"):
+        at.attention(spec, q, k, v, q_offset=-3, **a["extra"])
     with pytest.raises(ValueError, match=r"k: expected shape"):
         at.attention(spec, q, k[:, :, :, :2], v, **a["extra"])
 

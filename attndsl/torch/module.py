@@ -31,7 +31,8 @@ SIZES = ("heads", "kv_heads", "d", "dv", "n", "n_q", "n_k")
 
 class Attention(nn.Module):
     """`Attention(spec, **sizes_and_initial_params)`; `forward(q, k, v, **inputs_and_indices)`
-    returns out [B, heads, n_q, dv] (or (out, lse) with `return_lse=True`)."""
+    (and q_offset=, k_offset=) returns out [B, heads, n_q, dv] (or (out, lse) with
+    `return_lse=True`)."""
 
     def __init__(self, spec: Any, **sizes_and_params: Any) -> None:
         super().__init__()

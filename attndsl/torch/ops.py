@@ -24,11 +24,11 @@ from attndsl import ir
 from attndsl.check import check
 
 FLOATS = (torch.float32, torch.float64)  # what the kernels compute in
-FORWARD_SCHEMA = "(str handle, Tensor q, Tensor k, Tensor v, Tensor[] params, Tensor[] indices)" \
-                 " -> (Tensor, Tensor)"
-BACKWARD_SCHEMA = "(str handle, Tensor q, Tensor k, Tensor v, Tensor[] params, " \
-                  "Tensor[] indices, Tensor out, Tensor lse, Tensor dout, Tensor? dlse) " \
-                  "-> (Tensor, Tensor, Tensor, Tensor[])"
+ARGS = ("str handle, Tensor q, Tensor k, Tensor v, Tensor[] params, Tensor[] indices, "
+        "Tensor q_offset, Tensor k_offset")
+FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor)"
+BACKWARD_SCHEMA = (f"({ARGS}, Tensor out, Tensor lse, Tensor dout, Tensor? dlse) "
+                   "-> (Tensor, Tensor, Tensor, Tensor[])")
 
 
 # ---- the registry: handle -> spec and its kernels ---------------------------------------------
@@ -152,8 +152,8 @@ def _ordered(q: torch.Tensor) -> Iterator[None]:
         torch.cuda.synchronize(q.device)
 
 
-def _arguments(entry: Entry, params: list[torch.Tensor], indices: list[torch.Tensor]
-               ) -> dict[str, Any]:
+def _arguments(entry: Entry, params: list[torch.Tensor], indices: list[torch.Tensor],
+               q_offset: torch.Tensor, k_offset: torch.Tensor) -> dict[str, Any]:
     if len(params) != len(entry.params) or len(indices) != len(entry.indices):
         raise TypeError(f"{entry.spec.name}: the op takes {len(entry.params)} params "
                         f"({', '.join(entry.params) or 'none'}) and {len(entry.indices)} index "
@@ -161,6 +161,9 @@ def _arguments(entry: Entry, params: list[torch.Tensor], indices: list[torch.Ten
                         f"{len(indices)}")
     arrays = dict(zip(entry.params, map(as_array, params)))
     arrays.update(zip(entry.indices, map(as_array, indices)))
+    # offsets are read on the host (as index arrays are), whatever q's device
+    arrays.update(q_offset=q_offset.detach().cpu().numpy(),
+                  k_offset=k_offset.detach().cpu().numpy())
     return arrays
 
 
@@ -169,7 +172,8 @@ def _arguments(entry: Entry, params: list[torch.Tensor], indices: list[torch.Ten
 
 @torch.library.custom_op("attndsl::attention", mutates_args=(), schema=FORWARD_SCHEMA)
 def attention_op(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 params: list[torch.Tensor], indices: list[torch.Tensor]
+                 params: list[torch.Tensor], indices: list[torch.Tensor],
+                 q_offset: torch.Tensor, k_offset: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, heads, n_q, dv] and lse [B, heads, n_q] (softmax; else an empty tensor)."""
     entry = ENTRIES[handle]
@@ -177,7 +181,8 @@ def attention_op(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with _ordered(q):
         out, lse = entry.kernel(q.device).forward(arrays[0], arrays[1], arrays[2],
                                                   return_lse=True,
-                                                  **_arguments(entry, params, indices))
+                                                  **_arguments(entry, params, indices,
+                                                               q_offset, k_offset))
     taken = arrays if not q.is_cuda else []
     out_t = as_tensor(out, q.device, taken)
     lse_t = as_tensor(lse, q.device, taken) if lse is not None else q.new_empty((0,))
@@ -186,7 +191,8 @@ def attention_op(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @attention_op.register_fake
 def _attention_fake(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    params: list[torch.Tensor], indices: list[torch.Tensor]
+                    params: list[torch.Tensor], indices: list[torch.Tensor],
+                    q_offset: torch.Tensor, k_offset: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     B, heads, n_q, _ = q.shape
     lse_shape = (B, heads, n_q) if ENTRIES[handle].softmax else (0,)
@@ -196,8 +202,8 @@ def _attention_fake(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @torch.library.custom_op("attndsl::attention_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
 def attention_backward_op(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           params: list[torch.Tensor], indices: list[torch.Tensor],
-                          out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                          dlse: torch.Tensor | None
+                          q_offset: torch.Tensor, k_offset: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Gradients of sum(out * dout) + sum(lse * dlse): q, k, v, and every param and input."""
     entry = ENTRIES[handle]
@@ -208,7 +214,7 @@ def attention_backward_op(handle: str, q: torch.Tensor, k: torch.Tensor, v: torc
             arrays[0], arrays[1], arrays[2], as_array(dout), out=as_array(out),
             lse=as_array(lse) if softmax else None,
             dlse=as_array(dlse) if softmax and dlse is not None else None,
-            **_arguments(entry, params, indices))
+            **_arguments(entry, params, indices, q_offset, k_offset))
     taken = arrays if not q.is_cuda else []
     dq, dk, dv = (as_tensor(grads[n], q.device, taken) for n in ("q", "k", "v"))
     return dq, dk, dv, [as_tensor(grads[n], p.device, taken) for n, p in
@@ -218,8 +224,8 @@ def attention_backward_op(handle: str, q: torch.Tensor, k: torch.Tensor, v: torc
 @attention_backward_op.register_fake
 def _attention_backward_fake(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              params: list[torch.Tensor], indices: list[torch.Tensor],
-                             out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                             dlse: torch.Tensor | None
+                             q_offset: torch.Tensor, k_offset: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                         list[torch.Tensor]]:
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -227,22 +233,23 @@ def _attention_backward_fake(handle: str, q: torch.Tensor, k: torch.Tensor, v: t
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-    handle, q, k, v, params, indices = inputs
+    handle, q, k, v, params, indices, q_offset, k_offset = inputs
     out, lse = output
     ctx.handle, ctx.n_params = handle, len(params)
-    ctx.save_for_backward(q, k, v, out, lse, *params, *indices)
+    ctx.save_for_backward(q, k, v, q_offset, k_offset, out, lse, *params, *indices)
 
 
 def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[Any, ...]:
-    q, k, v, out, lse, *rest = ctx.saved_tensors
+    q, k, v, q_offset, k_offset, out, lse, *rest = ctx.saved_tensors
     params, indices = rest[:ctx.n_params], rest[ctx.n_params:]
     if dout is None:
         dout = torch.zeros_like(out)
     if not ENTRIES[ctx.handle].softmax:
         dlse = None  # lse is an empty placeholder: nothing flows through it
-    dq, dk, dv, dparams = attention_backward_op(ctx.handle, q, k, v, params, indices, out, lse,
-                                                dout, dlse)
-    return None, dq, dk, dv, list(dparams), [None] * len(indices)  # index arrays: never
+    dq, dk, dv, dparams = attention_backward_op(ctx.handle, q, k, v, params, indices,
+                                                q_offset, k_offset, out, lse, dout, dlse)
+    # index arrays and offsets: never a gradient
+    return None, dq, dk, dv, list(dparams), [None] * len(indices), None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -252,7 +259,7 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-              return_lse: bool = False, q_offset: int = 0, k_offset: int = 0,
+              return_lse: bool = False, q_offset: Any = 0, k_offset: Any = 0,
               **params_and_indices: Any) -> Any:
     """Differentiable attention of `spec` (an attndsl spec, a compiled Kernel, spec text or a
     path) on torch tensors shaped as LANGUAGE.md section 1: out, or (out, lse) with
@@ -262,21 +269,17 @@ def attention(spec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     lse (softmax family). float32 and float64 tensors go to the kernels without copies;
     float16 and bfloat16 are computed in float32 and out returns in the input dtype (lse stays
     float32). CPU tensors run the `cpu` target (or the given Kernel's), CUDA tensors `cuda`.
-    `q_offset` and `k_offset` are not implemented yet: only 0 is accepted.
+    `q_offset` and `k_offset` (ints, or int tensors [B]) make i and j global positions, as in
+    `Kernel.forward`; a tensor offset changes without retracing under torch.compile.
     """
     return apply(spec_handle(spec), q, k, v, return_lse=return_lse, q_offset=q_offset,
                  k_offset=k_offset, **params_and_indices)
 
 
 def apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-          return_lse: bool = False, q_offset: int = 0, k_offset: int = 0,
+          return_lse: bool = False, q_offset: Any = 0, k_offset: Any = 0,
           **params_and_indices: Any) -> Any:
     """`attention` for a registered spec's handle (what a module calls on every forward)."""
-    if not (isinstance(q_offset, int) and q_offset == 0 and isinstance(k_offset, int)
-            and k_offset == 0):
-        raise NotImplementedError("q_offset and k_offset are not implemented yet: pass 0 "
-                                  "(shift positions in the spec instead, e.g. "
-                                  "mask j <= i + n_k - n_q)")
     names, index_names, softmax = spec_names(handle)
     _check_names(names + index_names, params_and_indices)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -292,7 +295,8 @@ def apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     indices = [torch.as_tensor(params_and_indices[n]) for n in index_names]
     # made contiguous here, once: the op saves these for the backward
     q_, k_, v_ = (t.to(compute).contiguous() for t in (q, k, v))
-    out, lse = attention_op(handle, q_, k_, v_, params, indices)
+    offsets = [_offset(x) for x in (q_offset, k_offset)]
+    out, lse = attention_op(handle, q_, k_, v_, params, indices, *offsets)
     out = out.to(q.dtype)
     return (out, lse if softmax else None) if return_lse else out
 
@@ -303,6 +307,13 @@ def _param(value: Any, compute: torch.dtype, device: torch.device) -> torch.Tens
     if not isinstance(value, torch.Tensor):
         return torch.as_tensor(value, dtype=compute, device=device)
     return value if value.dtype in FLOATS else value.to(compute)
+
+
+def _offset(value: Any) -> torch.Tensor:
+    """q_offset or k_offset as the op takes it: an integer tensor ([] or [B]), on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value if not value.is_cuda else value.cpu()
+    return torch.as_tensor(value)
 
 
 def _check_names(declared: tuple[str, ...], given: dict[str, Any]) -> None:
