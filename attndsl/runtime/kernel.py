@@ -6,7 +6,7 @@ and never reaches a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,19 @@ def _offset(name: str, value: Any, B: int) -> np.ndarray:
         raise ValueError(f"{name}: positions start at 0, got an offset of {int(a.min())}")
     # a writeable copy: a read-only view would compile a second Numba signature
     return np.array(np.broadcast_to(a.astype(np.int64), (B,)))
+
+
+def check_names(declared: Sequence[str], given: Mapping[str, Any]) -> None:
+    """Every declared param and index given by keyword, and nothing else (a TypeError)."""
+    unexpected = sorted(set(given) - set(declared))
+    if unexpected:
+        raise TypeError(f"unexpected argument{'s' if len(unexpected) > 1 else ''} "
+                        f"{', '.join(unexpected)}; the spec declares "
+                        f"{', '.join(declared) or 'no params or indices'}")
+    missing = [n for n in declared if n not in given]
+    if missing:
+        raise TypeError(f"missing argument{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)} (declared in the spec)")
 
 
 def check_linear_offsets(linear: bool, causal: bool, call: Call) -> None:
@@ -158,16 +171,7 @@ class Validator:
 
     def _extras(self, extra: Mapping[str, Any], sizes: dict[str, int], dtype: np.dtype):  # type: ignore[no-untyped-def]
         spec = self.spec
-        declared = [p.name for p in spec.params] + [x.name for x in spec.indices]
-        unexpected = sorted(set(extra) - set(declared))
-        if unexpected:
-            raise TypeError(f"unexpected argument{'s' if len(unexpected) > 1 else ''} "
-                            f"{', '.join(unexpected)}; the spec declares "
-                            f"{', '.join(declared) or 'no params or indices'}")
-        missing = [n for n in declared if n not in extra]
-        if missing:
-            raise TypeError(f"missing argument{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(missing)} (declared in the spec)")
+        check_names([p.name for p in spec.params] + [x.name for x in spec.indices], extra)
         params: dict[str, np.ndarray] = {}
         dtypes: dict[str, np.dtype] = {}
         for p in spec.params:

@@ -22,6 +22,7 @@ import torch
 import attndsl
 from attndsl import ir
 from attndsl.check import check
+from attndsl.runtime.kernel import check_names
 
 FLOATS = (torch.float32, torch.float64)  # what the kernels compute in
 ARGS = ("str handle, Tensor q, Tensor k, Tensor v, Tensor[] params, Tensor[] indices, "
@@ -281,7 +282,7 @@ def apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
           **params_and_indices: Any) -> Any:
     """`attention` for a registered spec's handle (what a module calls on every forward)."""
     names, index_names, softmax = spec_names(handle)
-    _check_names(names + index_names, params_and_indices)
+    check_names(names + index_names, params_and_indices)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -315,14 +316,3 @@ def _offset(value: Any) -> torch.Tensor:
         return value if not value.is_cuda else value.cpu()
     return torch.as_tensor(value)
 
-
-def _check_names(declared: tuple[str, ...], given: dict[str, Any]) -> None:
-    unexpected = sorted(set(given) - set(declared))
-    if unexpected:
-        raise TypeError(f"unexpected argument{'s' if len(unexpected) > 1 else ''} "
-                        f"{', '.join(unexpected)}; the spec declares "
-                        f"{', '.join(declared) or 'no params or indices'}")
-    missing = [n for n in declared if n not in given]
-    if missing:
-        raise TypeError(f"missing argument{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing)} (declared in the spec)")
