@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import ir, viz
+from .progress import progress, progress_done  # noqa: F401 - the cli's bench uses them
 from .runtime.kernel import Validator
 
 BACKWARD_FLOPS = 3.5  # forward + backward = 3.5 x forward (FlashAttention's convention)
@@ -297,17 +297,6 @@ class Row:
 def max_error(reference: Outputs, other: Outputs) -> float:
     return max(float(np.max(np.abs(other[name].astype(np.float64) - reference[name])))
                for name in reference)
-
-
-def progress(text: str) -> None:
-    print(f"\r\033[K{text}" if sys.stderr.isatty() else text, end="" if sys.stderr.isatty()
-          else "\n", file=sys.stderr, flush=True)
-
-
-def progress_done() -> None:
-    """Clears the progress line of a terminal before the table."""
-    if sys.stderr.isatty():
-        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def time_case(n: int, contenders: list[Contender], repeats: int, flops: float) -> list[Row]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__, ir
 from .errors import SpecError
+from .progress import progress, progress_done, quiet
 
 OK, SPEC_ERROR, USAGE_ERROR = 0, 1, 2
 
@@ -236,7 +237,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     status = OK
-    for path in args.files:
+    for number, path in enumerate(args.files, 1):
+        say = _verify_progress(path, number, len(args.files))
         try:
             spec = load_spec(path)
         except UsageError as exc:
@@ -248,12 +250,24 @@ def _run_verify(args: argparse.Namespace) -> int:
             status = max(status, SPEC_ERROR)
             continue
         start = time.perf_counter()
-        report = verify(spec, targets=targets, proof=not args.no_proof)
-        print(report)
+        report = verify(spec, targets=targets, proof=not args.no_proof, progress=say)
+        progress_done()
+        print(report, flush=True)
         print(f"  derived + verified in {time.perf_counter() - start:.1f} s")
         if not report.ok:
             status = max(status, SPEC_ERROR)
     return status
+
+
+def _verify_progress(path: str, number: int, total: int) -> Callable[[str], None]:
+    """What `verify` shows while it works: on a terminal the running check, rewritten in
+    place; in a log one line per file when there are several; else nothing."""
+    where = f"[{number}/{total}] {path}" if total > 1 else path
+    if sys.stderr.isatty():
+        return lambda step: progress(f"{where}: {step}")
+    if total > 1:
+        progress(where)
+    return quiet
 
 
 def _configure_plot(parser: argparse.ArgumentParser) -> None:
@@ -414,14 +428,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     heads, kv_heads = bench.bench_heads(spec, args.heads)
     setup = bench.Setup(args.batch, heads, kv_heads, args.d, args.d, args.dtype)
     use_torch = not args.no_torch and bench.torch_available()
-    bench.progress(f"compiling {spec.name} for {args.target}")
+    progress(f"compiling {spec.name} for {args.target}")
     kernel = compile_spec(spec, target=args.target)
     rows, notes = [], []
     try:
         for n in sizes:
             case = bench.make_case(spec, n, setup, index_values(args.index))
             if args.flex and use_torch:
-                bench.progress(f"n = {n}: compiling flex_attention")
+                progress(f"n = {n}: compiling flex_attention")
             found = bench.contenders(spec, kernel, case, args.backward, use_torch, args.flex)
             if use_torch and not bench.eager_fits(case):
                 notes.append(f"(no torch eager row at n = {n}: more than "
@@ -430,7 +444,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 bench.BACKWARD_FLOPS if args.backward else 1.0))
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
-    bench.progress_done()
+    progress_done()
     what = "forward + backward" if args.backward else "forward"
     print(f"attention {spec.name}: {what}, B {setup.batch}, heads {heads}, kv_heads {kv_heads}, "
           f"d = dv = {setup.d}, {setup.dtype}; median of {args.repeats} interleaved rounds")

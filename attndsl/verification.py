@@ -33,6 +33,7 @@ import sympy as sp
 from . import functions as fn
 from . import ir, normalizers
 from .codegen import numpy_ref
+from .progress import quiet
 from .runtime import cache, symbolic_ops
 from .symbolic import POSITIONS, SIZES, Derivation, Lookup, Reduction, Vec, derive
 
@@ -843,9 +844,11 @@ def target_names(targets: str | Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def _attempt(report: Report, what: str, run: Callable[[], Any]) -> Any:
+def _attempt(report: Report, what: str, run: Callable[[], Any],
+             progress: Callable[[str], None] = quiet) -> Any:
     """run(), or None with a report line saying what could not be checked and why (a table
     smaller than the check's sizes, an index array reading past a table, a modulus of 0)."""
+    progress(what)
     t0 = time.perf_counter()
     try:
         return run()
@@ -857,21 +860,24 @@ def _attempt(report: Report, what: str, run: Callable[[], Any]) -> Any:
         return None
 
 
-def verify(spec: ir.Spec, targets: str | Iterable[str] = ("numpy",), proof: bool = True
-           ) -> Report:
+def verify(spec: ir.Spec, targets: str | Iterable[str] = ("numpy",), proof: bool = True,
+           progress: Callable[[str], None] = quiet) -> Report:
+    """Prove the gradients and check each target against the numpy reference; `progress` is
+    called with the name of each check before it runs (the cli's progress line)."""
     from .runtime.build import compile_spec
 
     names = target_names(targets)
     deriv = derive(spec)
     report = Report(spec.name)
     if proof:
-        _attempt(report, "proof", lambda: prove(deriv, report))
-    reference = _attempt(report, "numpy reference", lambda: compile_spec(spec, "numpy"))
+        _attempt(report, "proof", lambda: prove(deriv, report), progress)
+    reference = _attempt(report, "numpy reference", lambda: compile_spec(spec, "numpy"),
+                         progress)
     if reference is None:
         return report
     t0 = time.perf_counter()
     found = _attempt(report, "numpy vs finite differences",
-                     lambda: finite_differences(reference, spec))
+                     lambda: finite_differences(reference, spec), progress)
     if found is not None:
         err, where_ = found
         report.checks.append(Check("numpy vs finite differences", err < 1e-6, "float64",
@@ -879,14 +885,16 @@ def verify(spec: ir.Spec, targets: str | Iterable[str] = ("numpy",), proof: bool
                                    time.perf_counter() - t0))
     for target in names:
         if target != "numpy":
-            _check_target(report, reference, spec, target)
+            _check_target(report, reference, spec, target, progress)
     return report
 
 
-def _check_target(report: Report, reference: Any, spec: ir.Spec, target: str) -> None:
+def _check_target(report: Report, reference: Any, spec: ir.Spec, target: str,
+                  progress: Callable[[str], None]) -> None:
     from .runtime.build import compile_spec
 
-    kernel = _attempt(report, f"{target} vs numpy", lambda: compile_spec(spec, target))
+    kernel = _attempt(report, f"{target} vs numpy", lambda: compile_spec(spec, target),
+                      progress)
     if kernel is None:
         return
     for dtype in (np.float64, np.float32):
@@ -894,7 +902,8 @@ def _check_target(report: Report, reference: Any, spec: ir.Spec, target: str) ->
         what = f"{target} vs numpy ({name})"
         t0 = time.perf_counter()
         err = _attempt(report, what, lambda dtype=dtype: compare_targets(reference, kernel,
-                                                                         spec, dtype))
+                                                                         spec, dtype),
+                       progress)
         if err is not None:
             report.checks.append(Check(what, err <= TOLERANCE[name], name,
                                        f"max rel. error {err:.1e}", time.perf_counter() - t0))

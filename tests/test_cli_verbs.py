@@ -142,7 +142,10 @@ def test_emit_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_verify_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", example("alibi"), example("sigmoid")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # several files: one progress line per file on stderr (not a terminal here), none on stdout
+    assert err.splitlines() == [f"[1/2] {example('alibi')}", f"[2/2] {example('sigmoid')}"]
+    assert "[1/2]" not in out
     assert "verify alibi: ok" in out and "verify sigmoid: ok" in out
     for what in ("dq", "dk", "dv", "dslope"):
         assert f"ok   proof {what}" in out
@@ -157,13 +160,31 @@ def test_verify_no_proof(capsys: pytest.CaptureFixture[str]) -> None:
     assert "proof d" not in out and "numpy vs finite differences" in out
 
 
+def test_verify_progress_names_each_check_on_a_terminal(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import attndsl
+
+    steps: list[str] = []
+    attndsl.verification.verify(attndsl.load(example("luong_dot")), proof=False,
+                                progress=steps.append)
+    assert steps == ["numpy reference", "numpy vs finite differences"]
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert main(["verify", "--no-proof", example("luong_dot")]) == 0
+    out, err = capsys.readouterr()
+    # each check rewrites the line in place, which is cleared before the report prints
+    assert err.split("\r\033[K") == ["", f"{example('luong_dot')}: numpy reference",
+                                        f"{example('luong_dot')}: numpy vs finite differences",
+                                        ""]
+    assert out.startswith("verify luong_dot: ok")
+
+
 def test_verify_exits_1_when_a_check_fails(monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     module = importlib.import_module("attndsl.verification")
     real = module.verify
 
-    def failing(spec, targets=("numpy",), proof=True):  # type: ignore[no-untyped-def]
-        report = real(spec, targets=targets, proof=False)
+    def failing(spec, targets=("numpy",), proof=True, **kw):  # type: ignore[no-untyped-def]
+        report = real(spec, targets=targets, proof=False, **kw)
         report.checks[0] = dataclasses.replace(report.checks[0], ok=False, detail="forced")
         return report
 
