@@ -283,6 +283,23 @@ def test_cuda_tensors_run_the_cuda_target_and_agree_with_cpu() -> None:
         torch.testing.assert_close(t.grad.cpu(), want, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
+def test_cuda_op_runs_on_the_current_stream_without_synchronizing() -> None:
+    """On a side stream, the op is ordered after the work queued before it on that stream
+    (q is written there just before the call) and its results are ready for the next op."""
+    spec = SPECS["causal"]
+    a = make_inputs(spec, dtype=torch.float32)
+    want = at.attention(spec, a["q"] * 2, a["k"], a["v"])
+    side = torch.cuda.Stream()
+    q, k, v = (a[n].detach().cuda() for n in ("q", "k", "v"))
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keeps the side stream busy: a race would show
+        q2 = q * 2
+        got = at.attention(spec, q2, k, v)
+        result = (got * 1).cpu()  # queued on the side stream too
+    torch.testing.assert_close(result, want, rtol=1e-5, atol=1e-5)
+
+
 # ---- the module --------------------------------------------------------------------------
 
 

@@ -10,6 +10,9 @@ and k are copied down once, and the row-level adjoints are chained back on the h
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,6 +38,21 @@ from .kernel import Call, Kernel, check_dlse_shape, check_linear_offsets
 
 KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq")
 
+# the stream every copy and launch of a call goes on (0: Numba's default stream)
+_STREAM: contextvars.ContextVar[Any] = contextvars.ContextVar("attndsl_cuda_stream", default=0)
+
+
+@contextlib.contextmanager
+def launch_stream(stream: Any) -> Iterator[None]:
+    """Calls of the cuda target inside the block copy and launch on `stream` (a Numba stream,
+    e.g. `numba.cuda.external_stream(torch.cuda.current_stream().cuda_stream)`), so they are
+    ordered with the caller's other work on that stream; host results synchronize it."""
+    token = _STREAM.set(stream)
+    try:
+        yield
+    finally:
+        _STREAM.reset(token)
+
 
 def _five_d(value: Any, dtype: Any) -> np.ndarray:
     """A row value of the reference's 5-D layout (constants may come unexpanded)."""
@@ -43,7 +61,7 @@ def _five_d(value: Any, dtype: Any) -> np.ndarray:
 
 
 def _host(a: Any) -> np.ndarray:
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+    return a.copy_to_host(stream=_STREAM.get()) if hasattr(a, "copy_to_host") else np.asarray(a)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -262,7 +280,7 @@ class CudaKernel(Kernel):
     def _forward_host(self, call: Call) -> tuple[np.ndarray, np.ndarray | None]:
         run = _Run(self, call, None)
         out, state = run.forward()
-        return out.copy_to_host(), state.copy_to_host()
+        return run.get(out), run.get(state)
 
     # ---- backward ----
     def backward(self, q: Any, k: Any, v: Any, dout: Any, out: Any = None, lse: Any = None,
@@ -282,25 +300,23 @@ class CudaKernel(Kernel):
             check_dlse_shape(tuple(dlse.shape), call)
         run = _Run(self, call, (q, k, v))
         grads = run.backward(dout, out, lse, dlse)
-        cuda = tc.require_cuda()
         for p in self.spec.params:  # param gradients are small host sums: back to the device
-            grads[p.name] = cuda.to_device(np.ascontiguousarray(
+            grads[p.name] = run.put(np.ascontiguousarray(
                 np.asarray(grads[p.name]).astype(call.param_dtypes[p.name]).reshape(
                     np.shape(_to_host(params_and_indices[p.name])))))
         return grads
 
     def _backward_host(self, call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any
                        ) -> dict[str, np.ndarray]:
-        grads = _Run(self, call, None).backward(dout, out, lse, dlse)
-        return {n: (g.copy_to_host() if tc.is_device_array(g) else g) for n, g in grads.items()}
+        run = _Run(self, call, None)
+        grads = run.backward(dout, out, lse, dlse)
+        return {n: (run.get(g) if tc.is_device_array(g) else g) for n, g in grads.items()}
 
 
 def _to_host(a: Any) -> np.ndarray:
-    if hasattr(a, "copy_to_host"):
-        return a.copy_to_host()
-    if tc.is_device_array(a):
-        return tc.require_cuda().as_cuda_array(a).copy_to_host()
-    return np.asarray(a)
+    if tc.is_device_array(a) and not hasattr(a, "copy_to_host"):
+        a = tc.require_cuda().as_cuda_array(a)
+    return _host(a)
 
 
 class _Run:
@@ -314,7 +330,9 @@ class _Run:
         self.mod = kernel.module(self.cfg)
         self.cuda = tc.require_cuda()
         self.on_device = device_qkv is not None
-        self.args = tc.as_device_arrays(*(device_qkv or (call.q, call.k, call.v)))
+        self.stream = _STREAM.get()
+        self.args = tc.as_device_arrays(*(device_qkv or (call.q, call.k, call.v)),
+                                        stream=self.stream)
         self.dt = np.dtype(call.dtype)
         s = call.sizes
         self.B, self.H, self.KV = s["B"], s["heads"], s["kv_heads"]
@@ -324,14 +342,23 @@ class _Run:
         kernel.check_lookups(call, self.host_qkv(shapes_only=True))
         params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
         arrays = dict(zip(call.params, params)) | call.indices
-        self.arrays = [self.cuda.to_device(np.ascontiguousarray(arrays[a]))
-                       for a in self.layout.arrays]
+        self.arrays = [self.put(arrays[a]) for a in self.layout.arrays]
         self.inputs = self._inputs() if self.layout.needs_rows else []
         linear = kernel.plan.linear
         check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
         # int32 on the device: two registers fewer per thread (latent_rope's forward spilled)
-        self.offsets = [self.cuda.to_device(o.astype(np.int32)) for o in (call.q_offset,
-                                                                           call.k_offset)]
+        self.offsets = [self.put(o.astype(np.int32)) for o in (call.q_offset, call.k_offset)]
+
+    def put(self, a: Any) -> Any:
+        """A host array copied to the device, on the call's stream."""
+        return self.cuda.to_device(np.ascontiguousarray(a), stream=self.stream)
+
+    def get(self, a: Any) -> np.ndarray:
+        """A device array copied to the host, on the call's stream (which waits for it)."""
+        return a.copy_to_host(stream=self.stream)
+
+    def launch(self, kernel: Any, grid: Any, block: int) -> Any:
+        return kernel[grid, block, self.stream]
 
     def host_qkv(self, shapes_only: bool = False) -> tuple[Any, Any, Any]:
         """q, k, v on the host: the call's arrays, or copies of device arrays (stand-ins with
@@ -342,7 +369,7 @@ class _Run:
             return self.call.q, self.call.k, self.call.v  # validation stand-ins
         if self._host is None:
             q_, k_, _ = self.args.arrays
-            self._host = (q_.copy_to_host(), k_.copy_to_host(), self.call.v)
+            self._host = (self.get(q_), self.get(k_), self.call.v)
         return self._host
 
     def rows(self) -> dict[str, Any]:
@@ -369,7 +396,7 @@ class _Run:
                 a = np.broadcast_to(value, (self.B, self.H, 1, self.n_k, F))[:, :, 0]
             else:
                 a = np.broadcast_to(value, (self.B, self.H, 1, 1, F))[:, :, 0]
-            staged.append(self.cuda.to_device(np.ascontiguousarray(a)))
+            staged.append(self.put(a))
         return staged
 
     def base(self) -> list[Any]:
@@ -380,11 +407,12 @@ class _Run:
         out = self.args.empty((self.B, self.H, self.n_q, self.dv), self.dt)
         state = self.args.empty((self.B, self.H, self.n_q), self.dt)
         if self.kernel.plan.linear_path:  # the associative form: one block per (head, batch)
-            self.mod.attn_linear_fwd[(self.H, self.B), self.dv](*self.base(), out, state)
+            self.launch(self.mod.attn_linear_fwd, (self.H, self.B), self.dv)(*self.base(), out,
+                                                                             state)
             return out, state
         grid = (_cdiv(self.n_q, cfg.bq), self.H, self.B)
-        sink = [] if self.sink_rows() is None else [self.cuda.to_device(self.sink_rows())]
-        self.mod.attn_fwd[grid, cfg.bq](*self.base(), out, state, *sink)
+        sink = [] if self.sink_rows() is None else [self.put(self.sink_rows())]
+        self.launch(self.mod.attn_fwd, grid, cfg.bq)(*self.base(), out, state, *sink)
         return out, state
 
     def sink_rows(self) -> np.ndarray | None:
@@ -398,7 +426,7 @@ class _Run:
     def _stage(self, a: Any) -> Any:
         if tc.is_device_array(a):
             return a if hasattr(a, "copy_to_host") else self.cuda.as_cuda_array(a)
-        return self.cuda.to_device(np.ascontiguousarray(a, dtype=self.dt))
+        return self.put(np.asarray(a, dtype=self.dt))
 
     def backward(self, dout: Any, out: Any, lse: Any, dlse: Any = None) -> dict[str, Any]:
         lay, cfg, dt = self.layout, self.cfg, self.dt
@@ -419,10 +447,9 @@ class _Run:
         delta = self.args.empty((B, H, n_q), dt)
         q_grid = (_cdiv(n_q, cfg.bwd_bq), H, B)
         if lay.has_state:
-            self.mod.attn_bwd_preprocess[q_grid, cfg.bwd_bq](out_, dout_, delta)
+            self.launch(self.mod.attn_bwd_preprocess, q_grid, cfg.bwd_bq)(out_, dout_, delta)
         if dlse is not None:  # lse's adjoint: dS = P (dP - (D - dlse)); an O(B H n_q) round trip
-            delta = self.cuda.to_device(np.ascontiguousarray(
-                _host(delta) - _to_host(dlse), dtype=dt), stream=self.args.stream)
+            delta = self.put(np.asarray(_host(delta) - _to_host(dlse), dtype=dt))
         g_v = self.args.empty((B, KV, n_k, self.dv), dt)
         dkdv_out = []
         for x in lay.side(Side.KEY):
@@ -436,10 +463,10 @@ class _Run:
             with np.errstate(all="ignore"):
                 self._d_sink = -np.exp(self.sink_rows() - _host(state)) * _host(delta)
         common = [*self.base(), dout_, state, delta]
-        self.mod.attn_bwd_dkdv[(_cdiv(n_k, cfg.bwd_bk), KV, B), cfg.bwd_bk](
+        self.launch(self.mod.attn_bwd_dkdv, (_cdiv(n_k, cfg.bwd_bk), KV, B), cfg.bwd_bk)(
             *common, g_v, *dkdv_out)
         if dq_out:  # else nothing query-side has an adjoint: the kernel would write nothing
-            self.mod.attn_bwd_dq[q_grid, cfg.bwd_bq](*common, *dq_out)
+            self.launch(self.mod.attn_bwd_dq, q_grid, cfg.bwd_bq)(*common, *dq_out)
         return self._epilogue(g_v, dkdv_out, dq_out)
 
     def _lookup_partial(self, node: Any, nblk: int) -> Any:
@@ -460,12 +487,11 @@ class _Run:
         d_b = self.args.zeros((B, H, n_k, width), dt)
         dv_h = self.args.zeros((B, H, n_k, self.dv), dt)
         common = [*self.base(), dout, out, state]
-        self.mod.attn_linear_bwd_ab[(H, B), width](*common, d_a, d_b)
-        self.mod.attn_linear_bwd_v[(H, B), self.dv](*common, dv_h)
+        self.launch(self.mod.attn_linear_bwd_ab, (H, B), width)(*common, d_a, d_b)
+        self.launch(self.mod.attn_linear_bwd_v, (H, B), self.dv)(*common, dv_h)
 
         def grouped(x: Any) -> Any:
-            host = numpy_ops.group_heads(x.copy_to_host(), KV)
-            return self.cuda.to_device(np.ascontiguousarray(host))
+            return self.put(numpy_ops.group_heads(self.get(x), KV))
 
         key = grouped(d_b) if b.raw == "k" else d_b
         return self._epilogue(grouped(dv_h), [key], [d_a])
@@ -494,10 +520,10 @@ class _Run:
         else:
             grads = self._rows_backward(adj, raw_k)
             if raw_k is not None:
-                grads["k"] = np.asarray(grads["k"]) + adj[raw_k.var].copy_to_host()
+                grads["k"] = np.asarray(grads["k"]) + self.get(adj[raw_k.var])
             if self.on_device:
-                grads["q"] = self.cuda.to_device(np.ascontiguousarray(grads["q"], self.dt))
-                grads["k"] = self.cuda.to_device(np.ascontiguousarray(grads["k"], self.dt))
+                grads["q"] = self.put(np.asarray(grads["q"], self.dt))
+                grads["k"] = self.put(np.asarray(grads["k"], self.dt))
         grads["v"] = g_v
         self._lookup_grads(grads, dkdv_out[len(key_inputs):], dq_out[len(dq_inputs):])
         return grads
@@ -510,7 +536,7 @@ class _Run:
             if x.raw == "k":
                 adjoints[x.var] = np.zeros((B, H, 1, self.n_k, self.d), self.dt)
                 continue
-            g = adj[x.var].copy_to_host()
+            g = self.get(adj[x.var])
             if x.side is Side.QUERY:
                 adjoints[x.var] = g[:, :, :, None, :]
             elif x.side is Side.KEY:
@@ -537,7 +563,7 @@ class _Run:
         parts.update(zip([x.name for x in lay.dq_lookups()], query_parts))
         for node in lay.grad_lookups:
             shape = call.params[node.array].shape
-            part = parts[node.name].copy_to_host()
+            part = self.get(parts[node.name])
             if node.side is Side.PAIR:
                 contrib = part.sum(axis=0).reshape(shape)
             else:
@@ -555,4 +581,4 @@ def compile_kernel(spec: ir.Spec, tiles: tuple[int, int, int, int] | None = None
     return CudaKernel(spec, tiles)
 
 
-__all__ = ["CudaKernel", "compile_kernel", "host_source"]
+__all__ = ["CudaKernel", "compile_kernel", "host_source", "launch_stream"]

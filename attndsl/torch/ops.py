@@ -142,15 +142,18 @@ def as_tensor(a: Any, device: torch.device, taken: list[Any]) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _ordered(q: torch.Tensor) -> Iterator[None]:
-    """The cuda target launches on Numba's default stream, which is ordered with PyTorch's
-    default stream; on another current stream the device is synchronized around the call."""
-    side = q.is_cuda and torch.cuda.current_stream(q.device) != torch.cuda.default_stream(
-        q.device)
-    if side:
-        torch.cuda.synchronize(q.device)
-    yield
-    if side:
-        torch.cuda.synchronize(q.device)
+    """The cuda target's copies and launches go on PyTorch's current stream of q's device, so
+    the op is ordered with the work around it like any PyTorch op (no device synchronization)."""
+    if not q.is_cuda:
+        yield
+        return
+    from numba import cuda
+
+    from attndsl.runtime.cuda_kernel import launch_stream
+
+    current = torch.cuda.current_stream(q.device)
+    with cuda.gpus[q.device.index or 0], launch_stream(cuda.external_stream(current.cuda_stream)):
+        yield
 
 
 def _arguments(entry: Entry, params: list[torch.Tensor], indices: list[torch.Tensor],
