@@ -63,8 +63,45 @@ def test_weights_refuse_a_result_past_the_limit(monkeypatch: pytest.MonkeyPatch)
     spec, q, k, v, _ = _call("causal", 70, 150)
     kernel = attndsl.compile(spec, target="numpy")
     monkeypatch.setattr(kernel_module, "WEIGHTS_LIMIT", 2**20)
-    with pytest.raises(ValueError, match=r"would take .* GiB .*rows=range\(0, \d+\)"):
+    with pytest.raises(ValueError, match=r"would take .* GiB .*rows=range\(0, (\d+)\)"):
         kernel.weights(q, k, v)
-    kernel.weights(q, k, v, rows=range(3))  # the hint's size fits
+    try:
+        kernel.weights(q, k, v)
+    except ValueError as e:
+        fit = int(str(e).split("rows=range(0, ")[1].split(")")[0])
+    assert fit > 1
+    kernel.weights(q, k, v, rows=range(fit))  # the hint's size fits
+    kernel.weights(q, k, v, heads=[0])  # so does the other hint
     with pytest.raises(ValueError, match="rows: expected query row indices"):
         kernel.weights(q, k, v, rows=[70])
+    with pytest.raises(ValueError, match="heads: expected query head indices in 0..3"):
+        kernel.weights(q, k, v, heads=4)
+    with pytest.raises(ValueError, match="heads: expected a non-empty list of query heads"):
+        kernel.weights(q, k, v, heads=[])
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_weights_of_some_heads_in_blocks_under_the_limit(target: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """heads= picks query heads (GQA: heads 1 and 3 read kv heads 0 and 1; ALiBi reads h); a
+    limit that fits only a few query rows at a time splits the rows into blocks, same result."""
+    spec, q, k, v, extra = _call("alibi", 70, 70)
+    kernel = attndsl.compile(spec, target=target)
+    whole = kernel.weights(q, k, v, **extra)
+    picked = kernel.weights(q, k, v, heads=[3, 1], rows=slice(60, 10, -7), **extra)
+    # a block's GEMMs may round differently from the whole matrix's: same to the last bits
+    close = {"rtol": 1e-12, "atol": 1e-15}
+    np.testing.assert_allclose(picked, whole[:, [3, 1]][:, :, 60:10:-7], **close)
+    np.testing.assert_allclose(kernel.weights(q, k, v, heads=5, **extra), whole[:, 5:6], **close)
+    item, B, H, KV, n = 8, 2, q.shape[1], k.shape[1], 70
+    result = B * 2 * n * n * item
+    # room for the result, the identity and 9 query rows of the forward over all heads
+    monkeypatch.setattr(kernel_module, "WEIGHTS_LIMIT", result + B * KV * n * n * item
+                        + 9 * B * H * n * item)
+    calls: list[int] = []
+    forward = kernel.forward
+    monkeypatch.setattr(kernel, "forward", lambda q_, *a, **kw: calls.append(q_.shape[2])
+                        or forward(q_, *a, **kw))
+    blocks = kernel.weights(q, k, v, heads=[0, 7], **extra)
+    np.testing.assert_allclose(blocks, whole[:, [0, 7]], **close)
+    assert max(calls) == 9 and sum(calls) == n

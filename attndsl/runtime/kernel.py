@@ -300,13 +300,27 @@ _ARITH = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.true_divide,
           "^": np.power, "//": np.floor_divide, "%": np.mod}
 
 
-WEIGHTS_LIMIT = 2**30  # bytes: `weights` refuses a larger result, and asks for rows=
+WEIGHTS_LIMIT = 2**30  # bytes: `weights` refuses a larger result, and asks for rows=/heads=
 
 
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive ascending runs of row indices, as [start, stop) in the given order."""
+def _runs(rows: np.ndarray, most: int) -> list[tuple[int, int]]:
+    """Consecutive ascending runs of row indices, as [start, stop) in the given order, none
+    longer than `most` rows."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return [(int(part[0]), int(part[-1]) + 1) for part in np.split(rows, breaks) if part.size]
+    return [(int(part[at]), int(part[min(at + most, part.size) - 1]) + 1)
+            for part in np.split(rows, breaks) for at in range(0, part.size, most)]
+
+
+def _picked(name: str, chosen: Any, size: int, what: str) -> np.ndarray:
+    """`rows=` or `heads=` of `weights` as a non-empty 1-d array of indices into range(size)."""
+    try:
+        picked = np.atleast_1d(np.arange(size)[chosen if chosen is not None else slice(None)])
+    except (IndexError, TypeError) as e:
+        raise ValueError(f"{name}: expected {what} indices in 0..{size - 1}, a range or a "
+                         f"slice; got {chosen!r} ({e})") from None
+    if picked.ndim != 1 or picked.size == 0:
+        raise ValueError(f"{name}: expected a non-empty list of {what}s, got {chosen!r}")
+    return picked
 
 
 def _row_block(spec: ir.Spec, extra: Mapping[str, Any], start: int, stop: int
@@ -371,43 +385,42 @@ class Kernel:
             lse = None
         return (out, lse) if return_lse else out
 
-    def weights(self, q: Any, k: Any, v: Any, rows: Any = None, q_offset: Any = 0,
-                k_offset: Any = 0, **params_and_indices: Any) -> np.ndarray:
-        """The normalized weights [B, heads, n_q or len(rows), n_k] exactly as this target's
-        kernels use them (masked entries 0): its forward with v = the identity per key/value
-        head, whose output row i is P[i, :]. `rows` (indices, a range or a slice) picks query
-        rows; each run of consecutive rows is one query block at its offset."""
+    def weights(self, q: Any, k: Any, v: Any, rows: Any = None, heads: Any = None,
+                q_offset: Any = 0, k_offset: Any = 0, **params_and_indices: Any) -> np.ndarray:
+        """The normalized weights [B, len(heads), len(rows), n_k] (all heads and rows by
+        default) exactly as this target's kernels use them (masked entries 0): its forward with
+        v = the identity per key/value head, whose output row i is P[i, :]. `rows` and `heads`
+        (indices, a range or a slice) pick query rows and query heads; runs of consecutive rows
+        are computed as query blocks at their offsets, each small enough for WEIGHTS_LIMIT."""
         call = self.validate(q, k, v, params_and_indices, q_offset, k_offset)
         s = call.sizes
-        try:
-            picked = np.arange(s["n_q"])[rows if rows is not None else slice(None)]
-        except (IndexError, TypeError) as e:
-            raise ValueError(f"rows: expected query row indices in 0..{s['n_q'] - 1}, a range "
-                             f"or a slice; got {rows!r} ({e})") from None
-        picked = np.atleast_1d(picked)
-        if picked.ndim != 1 or picked.size == 0:
-            raise ValueError(f"rows: expected a non-empty list of query rows, got {rows!r}")
+        picked = _picked("rows", rows, s["n_q"], "query row")
+        head_ix = _picked("heads", heads, s["heads"], "query head")
+        item = call.dtype.itemsize
+        result = s["B"] * head_ix.size * picked.size * s["n_k"] * item
+        eye = s["B"] * s["kv_heads"] * s["n_k"] ** 2 * item  # v = the identity per kv head
+        row = s["B"] * s["heads"] * s["n_k"] * item  # one query row of the forward, all heads
         whole = self.validate.uses_n or not self.row_blocks  # uses_n: a block would change n
-        n_rows = s["n_q"] if whole else picked.size
-        need = (s["B"] * s["heads"] * n_rows * s["n_k"] +
-                s["B"] * s["kv_heads"] * s["n_k"] ** 2) * call.dtype.itemsize
-        if need > WEIGHTS_LIMIT:
-            fit = max(1, (WEIGHTS_LIMIT // call.dtype.itemsize - s["B"] * s["kv_heads"] *
-                          s["n_k"] ** 2) // (s["B"] * s["heads"] * s["n_k"]))
-            raise ValueError(f"weights: [{s['B']}, {s['heads']}, {n_rows}, {s['n_k']}] would "
-                             f"take {need / 2**30:.1f} GiB (limit {WEIGHTS_LIMIT / 2**30:.0f} "
-                             f"GiB); ask for fewer query rows, e.g. rows=range(0, "
-                             f"{min(fit, s['n_q'])})")
-        eye = np.ascontiguousarray(np.broadcast_to(np.eye(s["n_k"], dtype=call.dtype),
-                                                   (s["B"], s["kv_heads"], s["n_k"], s["n_k"])))
+        least = eye + row * (s["n_q"] if whole else 1)
+        if result + least > WEIGHTS_LIMIT:
+            fit = max(1, (WEIGHTS_LIMIT - least) // (s["B"] * head_ix.size * s["n_k"] * item))
+            raise ValueError(
+                f"weights: [{s['B']}, {head_ix.size}, {picked.size}, {s['n_k']}] would take "
+                f"{(result + least) / 2**30:.1f} GiB with the identity and a query block "
+                f"(limit {WEIGHTS_LIMIT / 2**30:.0f} GiB); ask for fewer query rows or heads, "
+                f"e.g. rows=range(0, {min(fit, s['n_q'])}) or heads=[0]")
+        eye_v = np.ascontiguousarray(np.broadcast_to(np.eye(s["n_k"], dtype=call.dtype),
+                                                     (s["B"], s["kv_heads"], s["n_k"], s["n_k"])))
         if whole:
-            out = self.forward(call.q, call.k, eye, q_offset=call.q_offset,
+            out = self.forward(call.q, call.k, eye_v, q_offset=call.q_offset,
                                k_offset=call.k_offset, **params_and_indices)
-            return np.ascontiguousarray(out[:, :, picked])
-        blocks = [self.forward(call.q[:, :, start:stop], call.k, eye,
+            return np.ascontiguousarray(out[:, head_ix][:, :, picked])
+        most = max(1, (WEIGHTS_LIMIT - result - eye) // row)  # rows per query block
+        blocks = [self.forward(call.q[:, :, start:stop], call.k, eye_v,
                                q_offset=call.q_offset + start, k_offset=call.k_offset,
-                               **_row_block(self.spec, params_and_indices, start, stop))
-                  for start, stop in _runs(picked)]
+                               **_row_block(self.spec, params_and_indices, start, stop)
+                               )[:, head_ix]
+                  for start, stop in _runs(picked, most)]
         return np.concatenate(blocks, axis=2)
 
     def backward(self, q: Any, k: Any, v: Any, dout: Any, out: Any = None, lse: Any = None,
