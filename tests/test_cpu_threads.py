@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
@@ -42,3 +44,30 @@ def test_four_threads_share_one_cpu_kernel_under_workqueue(tmp_path: Path) -> No
                           env=env, cwd=tmp_path, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"calls": 100, "same": True}
+
+
+LAYER = textwrap.dedent("""
+    import numba, numpy as np
+    import attndsl
+    kern = attndsl.compile("attention t {\\n score q . k\\n}", "cpu")
+    q = np.ones((1, 2, 5, 4))
+    kern(q, q, q)
+    print(numba.threading_layer())
+""")
+
+
+def test_the_cpu_target_runs_on_workqueue_unless_the_user_chose_a_layer(tmp_path: Path) -> None:
+    """Numba's omp layer costs ~16 ms per launch on a loaded machine: attndsl asks for
+    workqueue, and keeps a layer the user set (`NUMBA_THREADING_LAYER`)."""
+    base = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    base["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    layers = {}
+    for chosen in (None, "omp"):
+        env = base if chosen is None else {**base, "NUMBA_THREADING_LAYER": chosen}
+        done = subprocess.run([sys.executable, "-c", LAYER], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=600, check=False)
+        layers[chosen] = (done.returncode, done.stdout.strip().splitlines()[-1:])
+        if chosen == "omp" and done.returncode != 0:
+            pytest.skip(f"no omp layer here: {done.stderr[-300:]}")
+    assert layers[None] == (0, ["workqueue"]), layers
+    assert layers["omp"] == (0, ["omp"]), layers
