@@ -1,0 +1,308 @@
+"""Ring attention on real processes and real collectives (issue 11): gloo on loopback.
+
+One group of processes per world size (2 and 4) runs every case below, both layouts, and sends
+back its rows of out, lse and every gradient; the parent compares them with the single-process
+`attndsl.torch.attention` on the whole sequence. N = 37 (and 141 for the sliding windows)
+divides by neither world size: the default split (chunk_sizes) gives uneven shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import queue
+import socket
+import traceback
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+import attndsl
+import attndsl.torch as at
+from attndsl.torch.distributed import shard
+
+LAYOUTS = ("contiguous", "zigzag")
+TIME_LIMIT = 400  # seconds for one group of processes to run every case
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A spec, its sizes, and the extra arguments: replicated params (name -> shape),
+    positional float inputs and integer indices (name -> (kind, sequence axis))."""
+
+    name: str
+    spec: str
+    heads: int = 2
+    kv_heads: int = 2
+    n: int = 37
+    target: str = "numpy"
+    dtype: str = "float64"
+    params: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    inputs: tuple[tuple[str, str], ...] = ()  # name -> which builder
+    positive_v: bool = False
+
+
+NONE_SPEC = """attention plain_none {
+    score q . k
+    scale 0.1
+    mask  j <= i + 3
+    normalize none
+}"""
+
+CASES = [
+    Case("softmax", "examples/scaled_dot_product.attn"),
+    Case("softmax_cpu", "examples/causal.attn", target="cpu"),
+    Case("softmax_f32", "examples/causal.attn", dtype="float32"),
+    Case("gqa", "examples/multi_head_gqa.attn", heads=8, kv_heads=2),
+    Case("alibi", "examples/alibi.attn", heads=8, kv_heads=2, params=(("slope", (8,)),)),
+    Case("softcap", "examples/softcap.attn"),
+    Case("sliding_window_sink", "examples/sliding_window_sink.attn", n=141,
+         params=(("sink", (2,)),)),
+    Case("sink_cpu", "examples/sliding_window_sink.attn", n=141, target="cpu",
+         params=(("sink", (2,)),)),
+    Case("document", "examples/document.attn", inputs=(("doc", "doc"),)),
+    Case("prefix_lm", "examples/prefix_lm.attn", inputs=(("prefix", "prefix"),)),
+    Case("relative_bias", "examples/relative_bias.attn", params=(("table", (2, 257)),)),
+    Case("sigmoid_n_k", "examples/sigmoid.attn"),
+    Case("relu_n_k", "examples/relu.attn"),
+    Case("none", NONE_SPEC),
+    Case("linear", "examples/linear.attn"),
+    Case("causal_linear", "examples/causal_linear.attn"),
+    Case("causal_linear_cpu", "examples/causal_linear.attn", target="cpu"),
+    Case("forgetting", "examples/forgetting.attn", inputs=(("c", "gate"),)),
+    Case("latent_rope", "examples/latent_rope.attn", inputs=(("rq", "rope"), ("rk", "rope"))),
+    Case("bahdanau", "examples/bahdanau.attn",
+         params=(("Wq", (8, 5)), ("Wk", (8, 5)), ("w", (5,)))),
+]
+
+
+def _spec(case: Case) -> Any:
+    return attndsl.compile(case.spec, target="numpy") if case.target == "numpy" else case.spec
+
+
+def _globals(case: Case, seed: int) -> dict[str, Any]:
+    """The whole-sequence arguments of a case (the same in every process)."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    B, H, KV, N, d = 2, case.heads, case.kv_heads, case.n, 8
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    x = {"q": rand(B, H, N, d), "k": rand(B, KV, N, d), "v": rand(B, KV, N, d + 1),
+         "dout": rand(B, H, N, d + 1), "dlse": rand(B, H, N)}
+    for name, shape in case.params:
+        x[name] = rand(*shape) * (0.3 if name == "slope" else 1.0)
+    for name, kind in case.inputs:
+        if kind == "doc":  # packed documents: sorted ids, so boundaries fall mid-shard
+            x[name] = torch.sort(torch.randint(0, 4, (B, N), generator=g), dim=1).values
+        elif kind == "prefix":
+            x[name] = torch.tensor([[7], [12]])
+        elif kind == "gate":
+            x[name] = rand(B, H, N).cumsum(-1) * 0.1
+        elif kind == "rope":
+            x[name] = rand(B, N, 4)
+    return x
+
+
+POSITIONAL = {"q": 2, "k": 2, "v": 2, "dout": 2, "dlse": 2, "doc": 1, "c": 2, "rq": 1, "rk": 1}
+FLOATS = ("q", "k", "v", "slope", "sink", "table", "Wq", "Wk", "w", "c", "rq", "rk")
+
+
+def _extras(case: Case, x: dict[str, Any]) -> dict[str, Any]:
+    return {n: x[n] for n, _ in case.params} | {n: x[n] for n, _ in case.inputs}
+
+
+def _loss(out: torch.Tensor, lse: Any, x: dict[str, Any]) -> torch.Tensor:
+    loss = (out * x["dout"]).sum()
+    return loss + (lse * x["dlse"]).sum() if lse is not None else loss
+
+
+def _run_case(case: Case, seed: int, layout: str, rank: int, world: int) -> dict[str, Any]:
+    x = _globals(case, seed)
+    local = {n: (shard(t, rank, world, layout, POSITIONAL[n]) if n in POSITIONAL else t)
+             for n, t in x.items()}
+    leaves = {n: t.clone().requires_grad_() for n, t in local.items() if n in FLOATS}
+    args = {**local, **leaves}
+    out, lse = at.distributed.ring_attention(_spec(case), args["q"], args["k"], args["v"],
+                                             layout=layout, return_lse=True,
+                                             **_extras(case, args))
+    _loss(out, lse, local).backward()
+    result = {"out": out.detach().numpy(), "lse": None if lse is None else lse.detach().numpy()}
+    result |= {f"d{n}": t.grad.numpy() for n, t in leaves.items()}
+    return result
+
+
+def _errors(rank: int, world: int) -> dict[str, str]:
+    """Bad shapes on one rank: every rank raises; a rank that never calls: a group timeout."""
+    said = {}
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    k = q if rank == 0 else torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    try:
+        at.distributed.ring_attention("examples/causal.attn", q, k, q)
+    except ValueError as e:
+        said["bad_shape"] = str(e)
+    short = dist.new_group(timeout=datetime.timedelta(seconds=5))
+    if rank == 0:
+        try:
+            at.distributed.ring_attention("examples/causal.attn", q, q, q, group=short)
+        except RuntimeError as e:
+            said["timeout"] = f"{type(e).__name__}: {e}"
+    dist.barrier()
+    return said
+
+
+def _worker(rank: int, world: int, port: int, results: Any) -> None:
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        for seed, case in enumerate(CASES):
+            for layout in LAYOUTS:
+                try:
+                    results.put((rank, case.name, layout, _run_case(case, seed, layout, rank,
+                                                                    world)))
+                except Exception:
+                    results.put((rank, case.name, layout, traceback.format_exc()))
+                    raise
+        results.put((rank, "module", "zigzag", _module_case(rank, world)))
+        results.put((rank, "errors", "", _errors(rank, world)))
+    finally:
+        dist.destroy_process_group()
+        results.put((rank, "done", "", None))
+
+
+def _module_case(rank: int, world: int) -> dict[str, Any]:
+    """RingAttention (the module form) owns slope; its gradient is all-reduced."""
+    torch.manual_seed(0)
+    case = CASES[4]
+    x = _globals(case, 4)
+    layer = at.distributed.RingAttention("examples/alibi.attn", layout="zigzag",
+                                         slope=x["slope"]).double()
+    local = {n: shard(x[n], rank, world, "zigzag", 2) for n in ("q", "k", "v", "dout")}
+    out = layer(local["q"], local["k"], local["v"])
+    (out * local["dout"]).sum().backward()
+    return {"out": out.detach().numpy(), "dslope": layer.slope.grad.numpy()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(world: int) -> dict[tuple[int, str, str], Any]:
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, results), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[tuple[int, str, str], Any] = {}
+    done = 0
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIME_LIMIT)
+    try:
+        while done < world:
+            left = (deadline - datetime.datetime.now()).total_seconds()
+            if left <= 0:
+                raise TimeoutError(f"{world} ranks did not finish within {TIME_LIMIT} s")
+            try:
+                rank, name, layout, value = results.get(timeout=min(left, 30))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(f"a rank died: exit codes "
+                                       f"{[p.exitcode for p in procs]}") from None
+                continue
+            done += name == "done"
+            got[rank, name, layout] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"P{w}")
+def ring(request: Any) -> tuple[int, dict[tuple[int, str, str], Any]]:
+    return request.param, _spawn(request.param)
+
+
+_REFERENCES: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _reference(case: Case, seed: int) -> dict[str, Any]:
+    """The single-process result on the whole sequence (computed once per case)."""
+    key = (case.name, case.spec)
+    if key not in _REFERENCES:
+        x = _globals(case, seed)
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items() if n in FLOATS}
+        args = {**x, **leaves}
+        out, lse = at.attention(_spec(case), args["q"], args["k"], args["v"], return_lse=True,
+                                **_extras(case, args))
+        _loss(out, lse, x).backward()
+        ref = {"out": out.detach(), "lse": None if lse is None else lse.detach()}
+        ref |= {f"d{n}": t.grad for n, t in leaves.items()}
+        _REFERENCES[key] = ref
+    return _REFERENCES[key]
+
+
+def _close(name: str, got: np.ndarray, want: torch.Tensor, dtype: str) -> None:
+    want_a = want.numpy()
+    assert got.shape == want_a.shape, (name, got.shape, want_a.shape)
+    finite = np.isfinite(want_a)
+    assert np.array_equal(finite, np.isfinite(got)), f"{name}: non-finite entries differ"
+    if not finite.any():
+        return
+    scale = max(float(np.abs(want_a[finite]).max()), 1e-30)
+    err = float(np.abs(got[finite] - want_a[finite]).max()) / scale
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    assert np.array_equal(got[~finite], want_a[~finite]), f"{name}: -inf rows differ"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_ring_matches_one_process(ring: Any, case: Case, layout: str) -> None:
+    world, got = ring
+    seed = CASES.index(case)
+    ref = _reference(case, seed)
+    for rank in range(world):
+        result = got.get((rank, case.name, layout))
+        assert result is not None, f"rank {rank} sent nothing"
+        assert not isinstance(result, str), f"rank {rank} raised:\n{result}"
+        for name, value in result.items():
+            want = ref[name]
+            if value is None:
+                assert want is None, name
+                continue
+            axis = POSITIONAL.get(name.removeprefix("d"))
+            if name in ("out", "lse") or axis is not None:
+                axis = 2 if name in ("out", "lse") else axis
+                want = shard(want, rank, world, layout, axis)
+            _close(f"rank {rank} {name}", value, want, case.dtype)
+
+
+def test_ring_module_form(ring: Any) -> None:
+    world, got = ring
+    case = CASES[4]
+    ref = _reference(case, 4)
+    for rank in range(world):
+        result = got[rank, "module", "zigzag"]
+        _close("out", result["out"], shard(ref["out"], rank, world, "zigzag", 2), "float64")
+
+
+def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
+    world, got = ring
+    for rank in range(world):
+        said = got[rank, "errors", ""]
+        assert "bad_shape" in said, f"rank {rank} did not raise"
+        assert "rank 1" in said["bad_shape"] and "k: expected shape" in said["bad_shape"]
+    assert "timeout" in got[0, "errors", ""]
