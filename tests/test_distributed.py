@@ -183,8 +183,7 @@ def _module_case(rank: int, world: int) -> dict[str, Any]:
     torch.manual_seed(0)
     case = CASES[4]
     x = _globals(case, 4)
-    layer = at.distributed.RingAttention("examples/alibi.attn", layout="zigzag",
-                                         slope=x["slope"]).double()
+    layer = at.distributed.RingAttention(_spec(case), layout="zigzag", slope=x["slope"])
     local = {n: shard(x[n], rank, world, "zigzag", 2) for n in ("q", "k", "v", "dout")}
     out = layer(local["q"], local["k"], local["v"])
     (out * local["dout"]).sum().backward()
@@ -291,12 +290,16 @@ def test_ring_matches_one_process(ring: Any, case: Case, layout: str) -> None:
 
 
 def test_ring_module_form(ring: Any) -> None:
+    """RingAttention: out and the all-reduced slope gradient on every rank."""
     world, got = ring
-    case = CASES[4]
-    ref = _reference(case, 4)
+    x = _globals(CASES[4], 4)
+    slope = x["slope"].clone().requires_grad_()
+    out = at.attention(_spec(CASES[4]), x["q"], x["k"], x["v"], slope=slope)
+    (out * x["dout"]).sum().backward()
     for rank in range(world):
         result = got[rank, "module", "zigzag"]
-        _close("out", result["out"], shard(ref["out"], rank, world, "zigzag", 2), "float64")
+        _close("out", result["out"], shard(out.detach(), rank, world, "zigzag", 2), "float64")
+        _close("dslope", result["dslope"], slope.grad, "float64")
 
 
 def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:

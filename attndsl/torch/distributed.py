@@ -316,19 +316,20 @@ def _shapes(plan: _Plan, tensors: list[torch.Tensor], axes: list[int], owner: in
 
 
 def _pairs(plan: _Plan, owner: int) -> list[tuple[int, int, str]]:
-    """(local query chunk, key chunk of `owner`, program) for one step; pairs a causal linear
-    spec never sees are left out (its prefix-sum kernel needs q_offset == k_offset)."""
-    pairs = []
+    """(local query chunk, key chunk of `owner`, program) for one step. A pair the mask hides
+    entirely is left out (causal: the shards after ours), unless it counts the sink; a causal
+    linear spec runs fully visible pairs unmasked (its prefix-sum kernel needs q_offset ==
+    k_offset, which only a chunk against itself has)."""
+    ring, pairs = plan.ring, []
     for a, (q0, q1) in enumerate(plan.chunks[plan.rank]):
         for c, (k0, k1) in enumerate(plan.chunks[owner]):
             program = "own" if (owner == plan.rank and a == c) else "step"
-            if plan.ring.causal_linear:
-                if k0 == q0:
-                    program = "step"
-                elif k1 - 1 <= q0:
-                    program = "unmasked"
-                elif k0 >= q1:
-                    continue
+            seen = ring.visible(q0, q1, k0, k1)
+            if seen == "none" and (program == "step" or ring.own is ring.step):
+                continue
+            if ring.causal_linear and k0 != q0:
+                assert seen == "all", (q0, q1, k0, k1)
+                program = "unmasked"
             pairs.append((a, c, program))
     return pairs
 

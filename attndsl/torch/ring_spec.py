@@ -20,10 +20,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import sympy as sp
+
 import attndsl
 from attndsl import ir
 from attndsl.ir import NormKind, Side
 from attndsl.plan import make_plan
+from attndsl.symbolic import POSITIONS
 
 SIZE_NAMES = ("n", "n_q", "n_k")
 POSITIONAL = ("n", "n_q", "n_k")
@@ -40,10 +43,29 @@ class RingSpec:
     merge: str  # "lse" (softmax), "ratio" (sum: numerators and denominators), "add"
     size_index: str | None  # the index holding the global length, if the spec reads one
     key_copies: dict[str, str]  # [n]-array -> its key-side copy
+    mask: sp.Basic | None  # the step's mask as derived (SymPy), None: every key allowed
 
     @property
     def causal_linear(self) -> bool:
         return self.unmasked is not None
+
+    def visible(self, q0: int, q1: int, k0: int, k1: int) -> str:
+        """Which pairs of queries [q0, q1) x keys [k0, k1) the mask allows: "all", "none" or
+        "some" (unknown counts as some). A comparison of i and j alone is linear, so its
+        value at the four corners decides it over the whole rectangle."""
+        if self.mask is None:
+            return "all"
+        i, j = POSITIONS["i"], POSITIONS["j"]
+        corners = [(a, b) for a in (q0, q1 - 1) for b in (k0, k1 - 1)]
+        decided = {}
+        for atom in self.mask.atoms(sp.core.relational.Relational):
+            if not atom.free_symbols <= {i, j}:
+                continue
+            values = {bool(atom.subs({i: a, j: b})) for a, b in corners}
+            if len(values) == 1 and _linear(atom, i, j):
+                decided[atom] = sp.true if values.pop() else sp.false
+        folded = self.mask.xreplace(decided)
+        return "all" if folded is sp.true else "none" if folded is sp.false else "some"
 
 
 def ring_spec(base: ir.Spec) -> RingSpec:
@@ -77,7 +99,14 @@ def ring_spec(base: ir.Spec) -> RingSpec:
     plan = make_plan(step)
     if plan.linear is not None and plan.linear.causal:
         unmasked = _parse(dataclasses.replace(shard, normalize=step_norm, mask=None), declared)
-    return RingSpec(base, step, own, unmasked, merge, size_index, key_copies)
+    return RingSpec(base, step, own, unmasked, merge, size_index, key_copies, plan.deriv.mask)
+
+
+def _linear(atom: sp.Basic, i: sp.Symbol, j: sp.Symbol) -> bool:
+    try:
+        return sp.Poly(atom.lhs - atom.rhs, i, j).total_degree() <= 1
+    except sp.PolynomialError:
+        return False
 
 
 def _fresh(name: str, taken: set[str | None]) -> str:
