@@ -54,6 +54,13 @@ NONE_SPEC = """attention plain_none {
     normalize none
 }"""
 
+EMPTY_ROWS = """attention empty_rows {
+    param sink[heads]
+    score q . k
+    mask  j < i and i - j < 9
+    normalize softmax(sink = sink[h])
+}"""
+
 CASES = [
     Case("softmax", "examples/scaled_dot_product.attn"),
     Case("softmax_cpu", "examples/causal.attn", target="cpu"),
@@ -76,6 +83,9 @@ CASES = [
     Case("causal_linear_cpu", "examples/causal_linear.attn", target="cpu"),
     Case("forgetting", "examples/forgetting.attn", inputs=(("c", "gate"),)),
     Case("latent_rope", "examples/latent_rope.attn", inputs=(("rq", "rope"), ("rk", "rope"))),
+    Case("empty_rows_sink", EMPTY_ROWS, params=(("sink", (2,)),)),
+    Case("empty_rows", "attention strict { score q . k\n mask j < i }"),
+    Case("linear_f32", "examples/linear.attn", dtype="float32"),
     Case("bahdanau", "examples/bahdanau.attn",
          params=(("Wq", (8, 5)), ("Wk", (8, 5)), ("w", (5,)))),
 ]
