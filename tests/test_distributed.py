@@ -181,6 +181,9 @@ def _worker(rank: int, world: int, port: int, results: Any) -> None:
                 except Exception:
                     results.put((rank, case.name, layout, traceback.format_exc()))
                     raise
+        again = _run_case(CASES[1], 1, "zigzag", rank, world)  # numba cpu target, twice
+        first = _run_case(CASES[1], 1, "zigzag", rank, world)
+        results.put((rank, "repeat", "", all(np.array_equal(first[n], again[n]) for n in first)))
         results.put((rank, "module", "zigzag", _module_case(rank, world)))
         results.put((rank, "errors", "", _errors(rank, world)))
     finally:
@@ -312,6 +315,12 @@ def test_ring_module_form(ring: Any) -> None:
         _close("dslope", result["dslope"], slope.grad, "float64")
 
 
+def test_ring_deterministic(ring: Any) -> None:
+    """The same call twice gives bit-identical out, lse and gradients on every rank."""
+    world, got = ring
+    assert all(got[rank, "repeat", ""] for rank in range(world))
+
+
 def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
     world, got = ring
     for rank in range(world):
@@ -319,3 +328,72 @@ def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
         assert "bad_shape" in said, f"rank {rank} did not raise"
         assert "rank 1" in said["bad_shape"] and "k: expected shape" in said["bad_shape"]
     assert "timeout" in got[0, "errors", ""]
+
+
+# ---- no processes: the shard programs, the split and the pairs each step runs ------------------
+
+
+def test_ring_spec_programs() -> None:
+    from attndsl.torch.ring_spec import ring_spec
+
+    sigmoid = ring_spec(attndsl.load("examples/sigmoid.attn"))
+    assert sigmoid.size_index == "ring_n" and "ring_n" in attndsl.ir.to_text(
+        sigmoid.step.normalize.expr)
+    document = ring_spec(attndsl.load("examples/document.attn"))
+    assert document.key_copies == {"doc": "doc_k"}
+    assert "doc_k[j]" in attndsl.ir.to_text(document.step.mask).replace("[b, ", "[")
+    linear = ring_spec(attndsl.load("examples/causal_linear.attn"))
+    assert linear.merge == "ratio" and linear.step.normalize.kind.value == "none"
+    assert linear.causal_linear and linear.unmasked.mask is None
+    sink = ring_spec(attndsl.load("examples/sliding_window_sink.attn"))
+    assert sink.own.normalize.sink is not None and sink.step.normalize.sink is None
+
+
+def test_ring_spec_refuses_what_a_shard_cannot_read() -> None:
+    from attndsl.torch.ring_spec import ring_spec
+
+    spec = attndsl.parse("attention first_doc {\n index doc[n]\n score q . k\n"
+                         " mask doc[0] == doc[j]\n}")
+    with pytest.raises(ValueError, match=r"doc\[0\].*not only the query's"):
+        ring_spec(spec)
+
+
+def test_ring_split_and_shard() -> None:
+    from attndsl.torch.distributed import chunk_bounds, chunk_sizes
+
+    assert chunk_sizes(37, 4) == [[10], [9], [9], [9]]
+    assert chunk_sizes(37, 2, "zigzag") == [[10, 9], [9, 9]]
+    bounds = chunk_bounds(37, 2, "zigzag")
+    assert bounds == [[(0, 10), (28, 37)], [(10, 19), (19, 28)]]
+    x = torch.arange(37).view(1, 1, 37, 1)
+    pieces = [shard(x, r, 2, "zigzag") for r in range(2)]
+    assert sorted(torch.cat(pieces, 2).flatten().tolist()) == list(range(37))
+    with pytest.raises(ValueError, match="cannot give each"):
+        chunk_sizes(5, 4, "zigzag")
+
+
+def test_ring_skips_pairs_the_mask_hides() -> None:
+    """Causal, contiguous: rank 0 runs no pair of the later shards; zigzag: every rank runs
+    the same number of pairs (balanced)."""
+    from attndsl.torch.distributed import _pairs, _Plan, chunk_bounds
+    from attndsl.torch.ring_spec import ring_spec
+
+    ring = ring_spec(attndsl.load("examples/causal.attn"))
+    world = 4
+    for layout in ("contiguous", "zigzag"):
+        chunks = chunk_bounds(1000, world, layout)
+        counts = []
+        for rank in range(world):
+            plan = _Plan(ring, {}, None, rank, world, chunks, 1000, [], 8)
+            counts.append(sum(len(_pairs(plan, owner)) for owner in range(world)))
+            if layout == "contiguous":
+                assert all(not _pairs(plan, owner) for owner in range(rank + 1, world))
+        assert counts == ([1, 2, 3, 4] if layout == "contiguous" else [2 * world + 1] * world)
+
+
+def test_ring_needs_a_process_group() -> None:
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        at.distributed.ring_attention("examples/causal.attn", q, q, q)
+    with pytest.raises(ValueError, match="layout"):
+        at.distributed.ring_attention("examples/causal.attn", q, q, q, layout="striped")

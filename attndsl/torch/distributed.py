@@ -17,6 +17,7 @@ travel back to their owner, and the gradients of replicated params are all-reduc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from attndsl import ir
 from attndsl.runtime.kernel import Validator, check_names
 
 from .module import Attention
-from .ops import ENTRIES, FLOATS, _param, attention_backward_op, attention_op, spec_handle
+from .ops import ENTRIES, FLOATS, Entry, _param, attention_backward_op, attention_op, spec_handle
 from .ring_spec import POSITIONAL, RingSpec, ring_spec
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -133,15 +134,19 @@ def _ring_of(handle: str) -> tuple[RingSpec, dict[str, str]]:
         ring = ring_spec(ENTRIES[handle].spec)
         cpu = ENTRIES[handle].cpu_target
         programs = {"step": ring.step, "own": ring.own, "unmasked": ring.unmasked}
-        handles = {}
-        for name, program in programs.items():
-            if program is not None:
-                # registered under its own checked spec, served by the user's cpu target
-                key = spec_handle(program)
-                ENTRIES[key].cpu_target = cpu
-                handles[name] = key
+        handles = {name: _register(program, cpu) for name, program in programs.items()
+                   if program is not None}
         _RINGS[handle] = (ring, handles)
     return _RINGS[handle]
+
+
+def _register(program: ir.Spec, cpu_target: str) -> str:
+    """The op handle of a shard program, served on the CPU by the user's spec's target (the
+    handle scheme of ops.spec_handle: name, digest of the checked spec, cpu target)."""
+    digest = hashlib.sha256(repr(program).encode()).hexdigest()[:16]
+    handle = f"{program.name}-{digest}-{cpu_target}"
+    ENTRIES.setdefault(handle, Entry(program, cpu_target))
+    return handle
 
 
 def _positional_axis(decl: ir.Param | ir.Index, value: torch.Tensor) -> tuple[str, int]:
