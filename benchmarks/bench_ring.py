@@ -130,6 +130,20 @@ def _counting(sent: list[int]) -> type:
     return Counting
 
 
+def _waiting(blocked: list[float]) -> type:
+    real = ring_mod._Transfer
+
+    class Waiting(real):  # type: ignore[misc, valid-type]
+        def wait(self) -> list[torch.Tensor]:
+            start = time.perf_counter()
+            try:
+                return super().wait()
+            finally:
+                blocked[-1] += time.perf_counter() - start
+
+    return Waiting
+
+
 def _timed(fn: Any, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -168,7 +182,15 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, results: A
               "backward_step_bytes": sent[forward_hops:forward_hops + 2]}
     real = ring_mod._Transfer.__mro__[1]
     ring_mod._Transfer = real
-    report["ring"] = _timed(lambda: _ring_call(args, x, rank, world, False), args.repeats)
+    blocked: list[float] = []
+    ring_mod._Transfer = _waiting(blocked)
+
+    def ring_forward() -> None:
+        blocked.append(0.0)
+        _ring_call(args, x, rank, world, False)
+
+    report["ring"] = _timed(ring_forward, args.repeats)
+    report["blocked"] = statistics.median(blocked)
     ring_mod._Transfer = _LocalTransfer
     report["compute"] = _timed(lambda: _ring_call(args, x, rank, world, False), args.repeats)
     ring_mod._Transfer = real
@@ -261,15 +283,18 @@ def main() -> None:
                 "bytes per step (the next k/v shard, then the visited shard's dk/dv going on)")
     lines += ["", ratio, "", "## Bytes sent per step (rank 0)", "", forward, backward, "",
               "## Overlap (forward, medians)", "",
-              "| rank | ring (s) | compute alone (s) | communication alone (s) | hidden |",
-              "| --- | --- | --- | --- | --- |"]
+              ("| rank | ring (s) | compute alone (s) | communication alone (s) | hidden | "
+              "blocked in wait (s) |"),
+              "| --- | --- | --- | --- | --- | --- |"]
     for r, rep in enumerate(ranks):
         hidden = (rep["compute"] + rep["comm"] - rep["ring"]) / max(rep["comm"], 1e-9)
         lines.append(f"| {r} | {rep['ring']:.3f} | {rep['compute']:.3f} | {rep['comm']:.3f} | "
-                     f"{min(max(hidden, 0.0), 1.0):.0%} |")
+                     f"{min(max(hidden, 0.0), 1.0):.0%} | {rep['blocked']:.3f} |")
     note = ("hidden = (compute alone + communication alone - ring) / communication alone, "
-            "clamped to [0, 1]. With more processes than cores the ranks share CPUs, so "
-            "loopback transfers compete with compute for them.")
+            "clamped to [0, 1]. Blocked in wait: the time the ring forward spent waiting for "
+            "a posted hop to complete (transfer not yet done, or the neighbour not yet at that "
+            "step). With more processes than cores the ranks share CPUs, so loopback "
+            "transfers compete with compute for them.")
     lines += ["", note]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
