@@ -61,6 +61,20 @@ EMPTY_ROWS = """attention empty_rows {
     normalize softmax(sink = sink[h])
 }"""
 
+LINEAR_RING = """attention linear_ring {{
+    score (elu(q) + 1) . (elu(k) + 1)
+    scale 1
+    {mask}
+    normalize sum
+}}"""
+
+PROJECTED = """attention linear_projection {
+    param W[d, r]
+    score softplus(q @ W) . softplus(k @ W)
+    mask  j <= i
+    normalize sum
+}"""
+
 CASES = [
     Case("softmax", "examples/scaled_dot_product.attn"),
     Case("softmax_cpu", "examples/causal.attn", target="cpu"),
@@ -86,6 +100,10 @@ CASES = [
     Case("empty_rows_sink", EMPTY_ROWS, params=(("sink", (2,)),)),
     Case("empty_rows", "attention strict { score q . k\n mask j < i }"),
     Case("linear_f32", "examples/linear.attn", dtype="float32"),
+    # `scale 1` keeps the linear path but not the scan's features: these run on the ring
+    Case("linear_ring", LINEAR_RING.format(mask="")),
+    Case("causal_linear_ring", LINEAR_RING.format(mask="mask j <= i")),
+    Case("linear_projection", PROJECTED, params=(("W", (8, 6)),)),
     Case("bahdanau", "examples/bahdanau.attn",
          params=(("Wq", (8, 5)), ("Wk", (8, 5)), ("w", (5,)))),
 ]
@@ -121,7 +139,7 @@ def _globals(case: Case, seed: int) -> dict[str, Any]:
 
 
 POSITIONAL = {"q": 2, "k": 2, "v": 2, "dout": 2, "dlse": 2, "doc": 1, "c": 2, "rq": 1, "rk": 1}
-FLOATS = ("q", "k", "v", "slope", "sink", "table", "Wq", "Wk", "w", "c", "rq", "rk")
+FLOATS = ("q", "k", "v", "slope", "sink", "table", "Wq", "Wk", "w", "c", "rq", "rk", "W")
 
 
 def _extras(case: Case, x: dict[str, Any]) -> dict[str, Any]:

@@ -26,12 +26,14 @@ import torch.distributed as dist
 from attndsl import ir
 from attndsl.runtime.kernel import Validator, check_names
 
+from .linear_scan import Features, linear_scan, scan_features
 from .module import Attention
 from .ops import ENTRIES, FLOATS, Entry, _param, attention_backward_op, attention_op, spec_handle
 from .ring_spec import POSITIONAL, RingSpec, ring_spec
 
 LAYOUTS = ("contiguous", "zigzag")
 _RINGS: dict[str, tuple[RingSpec, dict[str, str]]] = {}  # handle -> shard programs, handles
+_SCANS: dict[str, Features | None] = {}  # handle -> the linear path's features, if evaluable
 
 
 # ---- layouts ------------------------------------------------------------------------------------
@@ -583,8 +585,16 @@ def _apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     q_, k_, v_ = (t.to(compute).contiguous() for t in (q, k, v))
     args = _arguments(ring, params_and_indices, compute, q.device)
     lengths = _agree(q_, k_, v_, args, ring, layout, group)
-    plan = _Plan(ring, handles, group, dist.get_rank(group), dist.get_world_size(group),
-                 _chunks(lengths, layout), sum(lengths), args, v_.shape[3])
+    chunks, rank = _chunks(lengths, layout), dist.get_rank(group)
+    if handle not in _SCANS:
+        _SCANS[handle] = scan_features(base)
+    features = _SCANS[handle]
+    if features is not None:  # linear attention: prefix states, no ring
+        out = linear_scan(base, features, handles["step"], q_, k_, v_,
+                          {a.name: a.value for a in args}, chunks, rank, group).to(q.dtype)
+        return (out, None) if return_lse else out
+    plan = _Plan(ring, handles, group, rank, dist.get_world_size(group), chunks, sum(lengths),
+                 args, v_.shape[3])
     out, lse = _Ring.apply(plan, q_, k_, v_, *(a.value for a in plan.floats()))
     out = out.to(q.dtype)
     if not return_lse:
