@@ -175,6 +175,12 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         at.distributed.ring_attention("examples/causal.attn", q, k, q)
     except ValueError as e:
         said["bad_shape"] = str(e)
+    n = 5 if rank == 0 else 9  # a contiguous split, not zigzag's: every rank refuses it
+    x = torch.randn(1, 2, n, 8, dtype=torch.float64)
+    try:
+        at.distributed.ring_attention("examples/causal.attn", x, x, x, layout="zigzag")
+    except ValueError as e:
+        said["zigzag_split"] = str(e)
     short = dist.new_group(timeout=datetime.timedelta(seconds=5))
     if rank == 0:
         try:
@@ -203,6 +209,7 @@ def _worker(rank: int, world: int, port: int, results: Any) -> None:
         first = _run_case(CASES[1], 1, "zigzag", rank, world)
         results.put((rank, "repeat", "", all(np.array_equal(first[n], again[n]) for n in first)))
         results.put((rank, "module", "zigzag", _module_case(rank, world)))
+        results.put((rank, "split", "", _custom_split(rank, world)))
         results.put((rank, "errors", "", _errors(rank, world)))
     finally:
         dist.destroy_process_group()
@@ -219,6 +226,21 @@ def _module_case(rank: int, world: int) -> dict[str, Any]:
     out = layer(local["q"], local["k"], local["v"])
     (out * local["dout"]).sum().backward()
     return {"out": out.detach().numpy(), "dslope": layer.slope.grad.numpy()}
+
+
+SPLITS = {2: [30, 7], 4: [3, 20, 1, 13]}  # contiguous lengths of N = 37 chosen by the user
+
+
+def _custom_split(rank: int, world: int) -> dict[str, Any]:
+    """The contiguous layout with any lengths: gathered at the call, offsets follow."""
+    case = CASES[4]
+    x = _globals(case, 4)
+    start = sum(SPLITS[world][:rank])
+    local = {n: x[n].narrow(2, start, SPLITS[world][rank]) for n in ("q", "k", "v", "dout")}
+    k = local["k"].clone().requires_grad_()
+    out = at.distributed.ring_attention(_spec(case), local["q"], k, local["v"], slope=x["slope"])
+    (out * local["dout"]).sum().backward()
+    return {"out": out.detach().numpy(), "dk": k.grad.numpy(), "start": start}
 
 
 def _free_port() -> int:
@@ -333,6 +355,20 @@ def test_ring_module_form(ring: Any) -> None:
         _close("dslope", result["dslope"], slope.grad, "float64")
 
 
+def test_ring_any_contiguous_split(ring: Any) -> None:
+    """Uneven shards of the user's choosing (30 + 7, 3 + 20 + 1 + 13 positions)."""
+    world, got = ring
+    x = _globals(CASES[4], 4)
+    k = x["k"].clone().requires_grad_()
+    out = at.attention(_spec(CASES[4]), x["q"], k, x["v"], slope=x["slope"])
+    (out * x["dout"]).sum().backward()
+    for rank in range(world):
+        result = got[rank, "split", ""]
+        rows = slice(result["start"], result["start"] + SPLITS[world][rank])
+        _close("out", result["out"], out.detach()[:, :, rows], "float64")
+        _close("dk", result["dk"], k.grad[:, :, rows], "float64")
+
+
 def test_ring_deterministic(ring: Any) -> None:
     """The same call twice gives bit-identical out, lse and gradients on every rank."""
     world, got = ring
@@ -345,6 +381,7 @@ def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
         said = got[rank, "errors", ""]
         assert "bad_shape" in said, f"rank {rank} did not raise"
         assert "rank 1" in said["bad_shape"] and "k: expected shape" in said["bad_shape"]
+        assert "needs the split of chunk_sizes" in said["zigzag_split"]
     assert "timeout" in got[0, "errors", ""]
 
 
