@@ -452,12 +452,7 @@ def _backward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
               dlse: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     merge = plan.ring.merge
     slices = _local_slices(plan.chunks[plan.rank])
-    row_out, row_dout = out, dout
-    if merge == "ratio":  # d/d[N, Z] of out = N / Z: [dout / Z, -rowsum(dout * out) / Z]
-        assert z is not None
-        inv = torch.where(z == 0, 0.0, 1 / torch.where(z == 0, 1, z))[..., None]
-        row_dout = torch.cat([dout * inv, -(dout * out).sum(-1, keepdim=True) * inv], dim=3)
-        row_out = torch.zeros_like(row_dout)  # `none` reads no out
+    row_out, row_dout = (out, dout) if z is None else _ratio_adjoint(out, dout, z)
     dq = torch.zeros_like(q)
     grads = {a.name: torch.zeros_like(a.value) for a in plan.floats()
              if a.side in ("replicated", "query", "both")}
@@ -504,27 +499,49 @@ def _backward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     _ring_steps(plan, k, v, visit)
     # after the last hop, our own keys' gradient comes home
     own = home if pending is None else pending.wait()
-    replicated = [a for a in plan.floats() if a.side == "replicated"]
-    if replicated and plan.world > 1:
-        flat = torch.cat([grads[a.name].reshape(-1) for a in replicated])
-        dist.all_reduce(flat, group=plan.group)
-        start = 0
-        for a in replicated:
-            size = grads[a.name].numel()
-            grads[a.name] = flat[start:start + size].view_as(grads[a.name])
-            start += size
-    key_grads = dict(zip([plan.ring.key_copies.get(a.name, a.name) for a in plan.args
-                          if a.side in ("key", "both") and a.is_float], own[2:]))
+    _sum_over_ranks(plan, grads, [a.name for a in plan.floats() if a.side == "replicated"])
+    return (dq, own[0], own[1], *_float_grads(plan, grads, own[2:]))
+
+
+def _ratio_adjoint(out: torch.Tensor, dout: torch.Tensor, z: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, dout) for the `none` program of a `sum` spec: the adjoint of [N, Z] through
+    out = N / Z is [dout / Z, -rowsum(dout * out) / Z] (0 where Z = 0, as out is)."""
+    inv = torch.where(z == 0, 0.0, 1 / torch.where(z == 0, 1, z))[..., None]
+    row_dout = torch.cat([dout * inv, -(dout * out).sum(-1, keepdim=True) * inv], dim=3)
+    return torch.zeros_like(row_dout), row_dout  # `none` reads no out
+
+
+def _sum_over_ranks(plan: _Plan, grads: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Replace each named gradient by its sum over the ranks: one all_reduce for all."""
+    if not names or plan.world == 1:
+        return
+    flat = torch.cat([grads[n].reshape(-1) for n in names])
+    dist.all_reduce(flat, group=plan.group)
+    start = 0
+    for n in names:
+        size = grads[n].numel()
+        grads[n] = flat[start:start + size].view_as(grads[n])
+        start += size
+
+
+def _float_grads(plan: _Plan, grads: dict[str, torch.Tensor], key_side: list[torch.Tensor]
+                 ) -> list[torch.Tensor]:
+    """Each float param's and input's gradient, in plan order: an [n] input's is its query
+    part plus its key part brought home."""
+    copies = [plan.ring.key_copies.get(a.name, a.name) for a in plan.args
+              if a.side in ("key", "both") and a.is_float]
+    came_home = dict(zip(copies, key_side))
     result = []
     for a in plan.floats():
         copy = plan.ring.key_copies.get(a.name, a.name)
         if a.side == "key":
-            result.append(key_grads[copy])
+            result.append(came_home[copy])
         elif a.side == "both":
-            result.append(grads[a.name] + key_grads[copy])
+            result.append(grads[a.name] + came_home[copy])
         else:
             result.append(grads[a.name])
-    return (dq, own[0], own[1], *result)
+    return result
 
 
 class _Ring(torch.autograd.Function):
