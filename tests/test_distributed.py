@@ -75,6 +75,12 @@ PROJECTED = """attention linear_projection {
     normalize sum
 }"""
 
+FAR = """attention far {
+    param table[heads, 20]
+    score q . k
+    bias  table[h, max(j - i, 0)]
+}"""
+
 CASES = [
     Case("softmax", "examples/scaled_dot_product.attn"),
     Case("softmax_cpu", "examples/causal.attn", target="cpu"),
@@ -167,7 +173,8 @@ def _run_case(case: Case, seed: int, layout: str, rank: int, world: int) -> dict
 
 
 def _errors(rank: int, world: int) -> dict[str, str]:
-    """Bad shapes on one rank: every rank raises; a rank that never calls: a group timeout."""
+    """Bad shapes on one rank, or a kernel that raises on some ranks' steps: every rank
+    raises; a rank that never calls: a group timeout."""
     said = {}
     q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
     k = q if rank == 0 else torch.randn(1, 2, 5, 7, dtype=torch.float64)
@@ -181,6 +188,12 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         at.distributed.ring_attention("examples/causal.attn", x, x, x, layout="zigzag")
     except ValueError as e:
         said["zigzag_split"] = str(e)
+    far = attndsl.compile(FAR, target="numpy")  # table[h, 36] on the ranks with far keys only
+    x = shard(torch.randn(1, 2, 37, 8, dtype=torch.float64), rank, world)
+    try:
+        at.distributed.ring_attention(far, x, x, x, table=torch.zeros(2, 20, dtype=x.dtype))
+    except ValueError as e:
+        said["kernel"] = str(e)
     short = dist.new_group(timeout=datetime.timedelta(seconds=5))
     if rank == 0:
         try:
@@ -382,6 +395,7 @@ def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
         assert "bad_shape" in said, f"rank {rank} did not raise"
         assert "rank 1" in said["bad_shape"] and "k: expected shape" in said["bad_shape"]
         assert "needs the split of chunk_sizes" in said["zigzag_split"]
+        assert "a step failed" in said["kernel"] and "out of range" in said["kernel"]
     assert "timeout" in got[0, "errors", ""]
 
 

@@ -397,6 +397,37 @@ def _ring_steps(plan: _Plan, k: torch.Tensor, v: torch.Tensor, visit: Any) -> _K
     return keys
 
 
+def _guarded(failed: list[Exception]) -> Any:
+    """A step's compute that, once one raised, is skipped: the ring keeps moving (no rank
+    is left waiting on a hop) and `_raise_together` reports the error on every rank."""
+
+    def wrap(compute: Any) -> Any:
+        def run(*args: Any) -> None:
+            if failed:
+                return
+            try:
+                compute(*args)
+            except (ValueError, TypeError, IndexError, ArithmeticError, RuntimeError) as e:
+                failed.append(e)  # re-raised on every rank by _raise_together
+
+        return run
+
+    return wrap
+
+
+def _raise_together(plan: _Plan, failed: list[Exception]) -> None:
+    """After the ring: every rank raises if any rank's kernels raised (one all_gather)."""
+    mine = f"{type(failed[0]).__name__}: {failed[0]}" if failed else None
+    everyone: list[Any] = [None] * plan.world
+    dist.all_gather_object(everyone, mine, group=plan.group)
+    bad = [(r, said) for r, said in enumerate(everyone) if said is not None]
+    if bad:
+        said = "; ".join(f"rank {r}: {m}" for r, m in bad)
+        error = ValueError(f"ring_attention: a step failed on {len(bad)} of {plan.world} "
+                           f"ranks ({said})")
+        raise error from (failed[0] if failed else None)
+
+
 # ---- forward: partial results merged by the normalizer -----------------------------------------
 
 
@@ -409,7 +440,9 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     acc = q.new_zeros((B, H, n, width))
     lse = q.new_full((B, H, n), float("-inf")) if merge == "lse" else None
     slices = _local_slices(plan.chunks[plan.rank])
+    failed: list[Exception] = []
 
+    @_guarded(failed)
     def visit(keys: _Keys) -> None:
         nonlocal lse
         for a, c, program in _pairs(plan, keys.owner):
@@ -424,6 +457,7 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 acc[:, :, rows] += out_s
 
     _ring_steps(plan, k, v, visit)
+    _raise_together(plan, failed)
     if merge == "ratio":
         z = acc[..., -1]
         out = torch.where(z[..., None] != 0, acc[..., :-1] / torch.where(z == 0, 1, z)[..., None],
@@ -460,11 +494,22 @@ def _backward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         x for x in plan.args if x.side in ("key", "both")) if a.is_float]
     pending: _Transfer | None = None  # the next shard's gradient from the ranks before us
     home: list[torch.Tensor] = []  # one rank: its keys' gradient, never sent
+    failed: list[Exception] = []
 
     def visit(keys: _Keys) -> None:
         nonlocal pending
         part = [torch.zeros_like(keys.tensors[i]) for i in key_floats]
         names = [keys.names[i] for i in key_floats]
+        _guarded(failed)(contributions)(keys, part, names)
+        if pending is not None:
+            part = [t + p for t, p in zip(pending.wait(), part)]
+        if plan.world == 1:
+            home.extend(part)
+            return
+        axes = [keys.axes[i] for i in key_floats]
+        pending = _Transfer(plan, part, _shapes(plan, part, axes, (keys.owner - 1) % plan.world))
+
+    def contributions(keys: _Keys, part: list[torch.Tensor], names: list[str]) -> None:
         kslices = _local_slices(plan.chunks[keys.owner])
         for a, c, program in _pairs(plan, keys.owner):
             tensors, q_off, k_off = _pair_args(plan, program, a, keys, c, merge == "ratio", q)
@@ -488,17 +533,11 @@ def _backward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
                     grads[arg.name] += by_name[arg.name]
                 elif arg.side in ("query", "both"):
                     _narrow(grads[arg.name], arg.axis, rows).add_(by_name[arg.name])
-        if pending is not None:
-            part = [t + p for t, p in zip(pending.wait(), part)]
-        if plan.world == 1:
-            home.extend(part)
-            return
-        axes = [keys.axes[i] for i in key_floats]
-        pending = _Transfer(plan, part, _shapes(plan, part, axes, (keys.owner - 1) % plan.world))
 
     _ring_steps(plan, k, v, visit)
     # after the last hop, our own keys' gradient comes home
     own = home if pending is None else pending.wait()
+    _raise_together(plan, failed)
     _sum_over_ranks(plan, grads, [a.name for a in plan.floats() if a.side == "replicated"])
     return (dq, own[0], own[1], *_float_grads(plan, grads, own[2:]))
 
