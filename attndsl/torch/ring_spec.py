@@ -1,0 +1,235 @@
+"""A spec as ring attention runs it: the per-shard programs of one spec (docs/distributed.md).
+
+A ring step runs a spec's kernels on one query shard against one visiting key shard, at their
+global offsets. Three things of a spec would change meaning on a shard, so each step runs a
+rewritten spec, printed back to spec text and checked again (nothing is patched as text):
+
+  sizes     `n`, `n_q` and `n_k` in an expression mean the whole sequence: each becomes the
+            index `ring_n` (shape [B], the global length), so no kernel recompiles per length
+  [n]-arrays an index or input sized `n` holds one sequence read from both sides; it splits
+            into a query-side copy (same name, sized n_q) and a key-side copy (NAME_k, sized
+            n_k) that travels with k and v; doc[i] reads the first, doc[j] the second
+  normalizer `sum` runs as `none` with a column of ones appended to v, so each step returns
+            its numerator and denominator (merged exactly, then divided once); a softmax sink
+            is counted once per row: only the step of a query shard against its own keys runs
+            the spec with the sink, every other step runs it without
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import sympy as sp
+
+import attndsl
+from attndsl import ir
+from attndsl.ir import NormKind, Side
+from attndsl.plan import make_plan
+from attndsl.symbolic import POSITIONS
+
+SIZE_NAMES = ("n", "n_q", "n_k")
+POSITIONAL = ("n", "n_q", "n_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class RingSpec:
+    """The programs of one spec on shards, and how their partial results merge."""
+
+    base: ir.Spec  # the user's spec, checked
+    step: ir.Spec  # every step's program
+    own: ir.Spec  # a query shard against its own keys (the sink's step); else `step`
+    unmasked: ir.Spec | None  # causal linear: a shard against fully visible keys
+    merge: str  # "lse" (softmax), "ratio" (sum: numerators and denominators), "add"
+    size_index: str | None  # the index holding the global length, if the spec reads one
+    key_copies: dict[str, str]  # [n]-array -> its key-side copy
+    mask: sp.Basic | None  # the step's mask as derived (SymPy), None: every key allowed
+
+    @property
+    def causal_linear(self) -> bool:
+        return self.unmasked is not None
+
+    def visible(self, q0: int, q1: int, k0: int, k1: int) -> str:
+        """Which pairs of queries [q0, q1) x keys [k0, k1) the mask allows: "all", "none" or
+        "some" (unknown counts as some). A comparison of i and j alone is linear, so its
+        value at the four corners decides it over the whole rectangle."""
+        if self.mask is None:
+            return "all"
+        i, j = POSITIONS["i"], POSITIONS["j"]
+        corners = [(a, b) for a in (q0, q1 - 1) for b in (k0, k1 - 1)]
+        decided = {}
+        for atom in self.mask.atoms(sp.core.relational.Relational):
+            if not atom.free_symbols <= {i, j}:
+                continue
+            values = {bool(atom.subs({i: a, j: b})) for a, b in corners}
+            if len(values) == 1 and _linear(atom, i, j):
+                decided[atom] = sp.true if values.pop() else sp.false
+        folded = self.mask.xreplace(decided)
+        return "all" if folded is sp.true else "none" if folded is sp.false else "some"
+
+
+def ring_spec(base: ir.Spec) -> RingSpec:
+    """The shard programs of a checked spec; ValueError for what a ring cannot shard."""
+    names = {p.name for p in base.params} | {x.name for x in base.indices}
+    size_index = _fresh("ring_n", names) if _reads_sizes(base) else None
+    key_copies = {decl.name: _fresh(f"{decl.name}_k", names | {size_index})
+                  for decl in (*base.params, *base.indices) if "n" in _dims(decl)}
+    for p in base.params:
+        if not p.batched and any(d in POSITIONAL for d in p.dims):
+            raise ValueError(f"ring_attention: param {p.name} has a sequence axis "
+                             f"({', '.join(map(str, p.dims))}); a param is replicated on every "
+                             "rank, so pass per-position values as an input or index")
+    rewrite = _Rewrite(base, size_index, key_copies)
+    shard = dataclasses.replace(base, **{c: rewrite(getattr(base, c)) for c in
+                                         ("score", "scale", "bias", "softcap", "mask")})
+    norm = base.normalize
+    expr = rewrite(norm.expr)
+    merge = {NormKind.SOFTMAX: "lse", NormKind.SUM: "ratio"}.get(norm.kind, "add")
+    if norm.kind is NormKind.SUM:
+        step_norm = ir.Normalize(NormKind.NONE)
+    else:
+        step_norm = dataclasses.replace(norm, expr=expr, sink=None)
+    declared = _declarations(base, size_index, key_copies)
+    step = _parse(dataclasses.replace(shard, normalize=step_norm), declared)
+    own = step
+    if norm.sink is not None:
+        own = _parse(dataclasses.replace(shard, normalize=dataclasses.replace(
+            norm, sink=rewrite(norm.sink))), declared)
+    unmasked = None
+    plan = make_plan(step)
+    if plan.linear is not None and plan.linear.causal:
+        unmasked = _parse(dataclasses.replace(shard, normalize=step_norm, mask=None), declared)
+    return RingSpec(base, step, own, unmasked, merge, size_index, key_copies, plan.deriv.mask)
+
+
+def _linear(atom: sp.Basic, i: sp.Symbol, j: sp.Symbol) -> bool:
+    try:
+        return sp.Poly(atom.lhs - atom.rhs, i, j).total_degree() <= 1
+    except sp.PolynomialError:
+        return False
+
+
+def _fresh(name: str, taken: set[str | None]) -> str:
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _dims(decl: ir.Param | ir.Index) -> tuple[ir.Dim, ...]:
+    return decl.spec_dims if isinstance(decl, ir.Param) else decl.dims
+
+
+def _clauses(spec: ir.Spec) -> list[ir.Expr]:
+    norm = spec.normalize
+    return [e for e in (spec.score, spec.scale, spec.bias, spec.softcap, spec.mask, norm.expr,
+                        norm.sink) if e is not None]
+
+
+def _reads_sizes(spec: ir.Spec) -> bool:
+    return any(isinstance(node, ir.Name) and node.name in SIZE_NAMES
+               for e in _clauses(spec) for node in ir.walk(e))
+
+
+class _Rewrite:
+    """Sizes -> the global-length index; [n]-array reads -> the side's copy."""
+
+    def __init__(self, spec: ir.Spec, size_index: str | None, key_copies: dict[str, str]):
+        self.spec, self.size_index, self.key_copies = spec, size_index, key_copies
+
+    def __call__(self, e: ir.Expr | None) -> ir.Expr | None:
+        return None if e is None else _map(e, self._node)
+
+    def _node(self, e: ir.Expr) -> ir.Expr:
+        if isinstance(e, ir.Name) and e.name in SIZE_NAMES:
+            assert self.size_index is not None
+            return ir.Name(self.size_index, e.pos)
+        if isinstance(e, ir.Subscript):
+            return self._subscript(e)
+        return e
+
+    def _subscript(self, e: ir.Subscript) -> ir.Subscript:
+        declared = self.spec.param(e.name) or self.spec.index(e.name)
+        if declared is None:
+            return e
+        sides = set()
+        # an input's checked subscripts lead with b (dims ("B", ...)); spec text omits it
+        for dim, sub in zip(declared.dims, e.indices):
+            if dim not in POSITIONAL:
+                continue
+            side = sub.type.side if sub.type is not None else Side.CONST
+            want = {"n_q": (Side.QUERY,), "n_k": (Side.KEY,)}.get(str(dim),
+                                                                  (Side.QUERY, Side.KEY))
+            if side not in want:
+                raise ValueError(
+                    f"ring_attention: {ir.to_text(e)} (line {e.pos.line}) reads the {dim} axis "
+                    f"of {e.name} at a position that is not only the query's (i) or only the "
+                    "key's (j); a shard holds its own positions only, so ring attention "
+                    "cannot run this spec")
+            sides.add(side)
+        name = self.key_copies.get(e.name, e.name) if Side.KEY in sides else e.name
+        written = e.indices[1:] if isinstance(declared, ir.Param) and declared.batched else \
+            e.indices
+        return dataclasses.replace(e, name=name, indices=written)
+
+
+def _map(e: ir.Expr, f: Callable[[ir.Expr], ir.Expr]) -> ir.Expr:
+    """`e` rebuilt bottom-up with `f` applied to every node."""
+    if isinstance(e, ir.Unary):
+        e = dataclasses.replace(e, operand=_map(e.operand, f))
+    elif isinstance(e, ir.Binary):
+        e = dataclasses.replace(e, left=_map(e.left, f), right=_map(e.right, f))
+    elif isinstance(e, ir.Call):
+        e = dataclasses.replace(e, args=tuple(_map(a, f) for a in e.args))
+    elif isinstance(e, ir.Subscript):
+        e = dataclasses.replace(e, indices=tuple(_map(a, f) for a in e.indices))
+    return f(e)
+
+
+def _declarations(spec: ir.Spec, size_index: str | None, key_copies: dict[str, str]
+                  ) -> list[str]:
+    """The shard program's param, input and index lines: [n] axes become n_q (the query
+    copy) and n_k (the key copy)."""
+    lines = []
+    for decl in (*spec.params, *spec.indices):
+        kind = ("input" if decl.batched else "param") if isinstance(decl, ir.Param) else "index"
+        dims = _dims(decl)
+        if decl.name in key_copies:
+            lines.append(f"{kind} {decl.name}{_text_dims(dims, 'n_q')}")
+            lines.append(f"{kind} {key_copies[decl.name]}{_text_dims(dims, 'n_k')}")
+        else:
+            lines.append(f"{kind} {decl.name}{_text_dims(dims, 'n')}")
+    if size_index is not None:
+        lines.append(f"index {size_index}")
+    return lines
+
+
+def _text_dims(dims: tuple[ir.Dim, ...], n_as: str) -> str:
+    if not dims:
+        return ""
+    return "[" + ", ".join(n_as if d == "n" else str(d) for d in dims) + "]"
+
+
+def _parse(spec: ir.Spec, declarations: list[str]) -> ir.Spec:
+    """`spec` (whose declarations are `declarations`) printed as spec text and checked."""
+    lines = [f"attention {spec.name} {{"]
+    if spec.heads is not None:
+        lines.append(f"heads {spec.heads}")
+    if spec.kv_heads is not None:
+        lines.append(f"kv_heads {spec.kv_heads}")
+    lines += declarations
+    for clause in ("score", "scale", "bias", "softcap", "mask"):
+        e = getattr(spec, clause)
+        if e is not None:
+            lines.append(f"{clause} {ir.to_text(e)}")
+    lines.append(f"normalize {_normalize_text(spec.normalize)}")
+    lines.append("}")
+    return attndsl.parse("\n".join(lines))
+
+
+def _normalize_text(norm: ir.Normalize) -> str:
+    if norm.kind is NormKind.ELEMENTWISE:
+        assert norm.expr is not None
+        return ir.to_text(norm.expr)
+    if norm.sink is not None:
+        return f"softmax(sink = {ir.to_text(norm.sink)})"
+    return norm.kind.value

@@ -1,0 +1,468 @@
+"""Ring attention on real processes and real collectives (issue 11): gloo on loopback.
+
+One group of processes per world size (2 and 4) runs every case below, both layouts, and sends
+back its rows of out, lse and every gradient; the parent compares them with the single-process
+`attndsl.torch.attention` on the whole sequence. N = 37 (and 141 for the sliding windows)
+divides by neither world size: the default split (chunk_sizes) gives uneven shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import queue
+import socket
+import traceback
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+import attndsl
+import attndsl.torch as at
+from attndsl.torch.distributed import shard
+
+LAYOUTS = ("contiguous", "zigzag")
+TIME_LIMIT = 400  # seconds for one group of processes to run every case
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A spec, its sizes, and the extra arguments: replicated params (name -> shape),
+    positional float inputs and integer indices (name -> (kind, sequence axis))."""
+
+    name: str
+    spec: str
+    heads: int = 2
+    kv_heads: int = 2
+    n: int = 37
+    target: str = "numpy"
+    dtype: str = "float64"
+    params: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    inputs: tuple[tuple[str, str], ...] = ()  # name -> which builder
+    positive_v: bool = False
+
+
+NONE_SPEC = """attention plain_none {
+    score q . k
+    scale 0.1
+    mask  j <= i + 3
+    normalize none
+}"""
+
+EMPTY_ROWS = """attention empty_rows {
+    param sink[heads]
+    score q . k
+    mask  j < i and i - j < 9
+    normalize softmax(sink = sink[h])
+}"""
+
+LINEAR_RING = """attention linear_ring {{
+    score (elu(q) + 1) . (elu(k) + 1)
+    scale 1
+    {mask}
+    normalize sum
+}}"""
+
+PROJECTED = """attention linear_projection {
+    param W[d, r]
+    score softplus(q @ W) . softplus(k @ W)
+    mask  j <= i
+    normalize sum
+}"""
+
+FAR = """attention far {
+    param table[heads, 20]
+    score q . k
+    bias  table[h, max(j - i, 0)]
+}"""
+
+CASES = [
+    Case("softmax", "examples/scaled_dot_product.attn"),
+    Case("softmax_cpu", "examples/causal.attn", target="cpu"),
+    Case("softmax_f32", "examples/causal.attn", dtype="float32"),
+    Case("gqa", "examples/multi_head_gqa.attn", heads=8, kv_heads=2),
+    Case("alibi", "examples/alibi.attn", heads=8, kv_heads=2, params=(("slope", (8,)),)),
+    Case("softcap", "examples/softcap.attn"),
+    Case("sliding_window_sink", "examples/sliding_window_sink.attn", n=141,
+         params=(("sink", (2,)),)),
+    Case("sink_cpu", "examples/sliding_window_sink.attn", n=141, target="cpu",
+         params=(("sink", (2,)),)),
+    Case("document", "examples/document.attn", inputs=(("doc", "doc"),)),
+    Case("prefix_lm", "examples/prefix_lm.attn", inputs=(("prefix", "prefix"),)),
+    Case("relative_bias", "examples/relative_bias.attn", params=(("table", (2, 257)),)),
+    Case("sigmoid_n_k", "examples/sigmoid.attn"),
+    Case("relu_n_k", "examples/relu.attn"),
+    Case("none", NONE_SPEC),
+    Case("linear", "examples/linear.attn"),
+    Case("causal_linear", "examples/causal_linear.attn"),
+    Case("causal_linear_cpu", "examples/causal_linear.attn", target="cpu"),
+    Case("forgetting", "examples/forgetting.attn", inputs=(("c", "gate"),)),
+    Case("latent_rope", "examples/latent_rope.attn", inputs=(("rq", "rope"), ("rk", "rope"))),
+    Case("empty_rows_sink", EMPTY_ROWS, params=(("sink", (2,)),)),
+    Case("empty_rows", "attention strict { score q . k\n mask j < i }"),
+    Case("linear_f32", "examples/linear.attn", dtype="float32"),
+    # `scale 1` keeps the linear path but not the scan's features: these run on the ring
+    Case("linear_ring", LINEAR_RING.format(mask="")),
+    Case("causal_linear_ring", LINEAR_RING.format(mask="mask j <= i")),
+    Case("linear_projection", PROJECTED, params=(("W", (8, 6)),)),
+    Case("bahdanau", "examples/bahdanau.attn",
+         params=(("Wq", (8, 5)), ("Wk", (8, 5)), ("w", (5,)))),
+]
+
+
+def _spec(case: Case) -> Any:
+    return attndsl.compile(case.spec, target="numpy") if case.target == "numpy" else case.spec
+
+
+def _globals(case: Case, seed: int) -> dict[str, Any]:
+    """The whole-sequence arguments of a case (the same in every process)."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    B, H, KV, N, d = 2, case.heads, case.kv_heads, case.n, 8
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    x = {"q": rand(B, H, N, d), "k": rand(B, KV, N, d), "v": rand(B, KV, N, d + 1),
+         "dout": rand(B, H, N, d + 1), "dlse": rand(B, H, N)}
+    for name, shape in case.params:
+        x[name] = rand(*shape) * (0.3 if name == "slope" else 1.0)
+    for name, kind in case.inputs:
+        if kind == "doc":  # packed documents: sorted ids, so boundaries fall mid-shard
+            x[name] = torch.sort(torch.randint(0, 4, (B, N), generator=g), dim=1).values
+        elif kind == "prefix":
+            x[name] = torch.tensor([[7], [12]])
+        elif kind == "gate":
+            x[name] = rand(B, H, N).cumsum(-1) * 0.1
+        elif kind == "rope":
+            x[name] = rand(B, N, 4)
+    return x
+
+
+POSITIONAL = {"q": 2, "k": 2, "v": 2, "dout": 2, "dlse": 2, "doc": 1, "c": 2, "rq": 1, "rk": 1}
+FLOATS = ("q", "k", "v", "slope", "sink", "table", "Wq", "Wk", "w", "c", "rq", "rk", "W")
+
+
+def _extras(case: Case, x: dict[str, Any]) -> dict[str, Any]:
+    return {n: x[n] for n, _ in case.params} | {n: x[n] for n, _ in case.inputs}
+
+
+def _loss(out: torch.Tensor, lse: Any, x: dict[str, Any]) -> torch.Tensor:
+    loss = (out * x["dout"]).sum()
+    return loss + (lse * x["dlse"]).sum() if lse is not None else loss
+
+
+def _run_case(case: Case, seed: int, layout: str, rank: int, world: int) -> dict[str, Any]:
+    x = _globals(case, seed)
+    local = {n: (shard(t, rank, world, layout, POSITIONAL[n]) if n in POSITIONAL else t)
+             for n, t in x.items()}
+    leaves = {n: t.clone().requires_grad_() for n, t in local.items() if n in FLOATS}
+    args = {**local, **leaves}
+    out, lse = at.distributed.ring_attention(_spec(case), args["q"], args["k"], args["v"],
+                                             layout=layout, return_lse=True,
+                                             **_extras(case, args))
+    _loss(out, lse, local).backward()
+    result = {"out": out.detach().numpy(), "lse": None if lse is None else lse.detach().numpy()}
+    result |= {f"d{n}": t.grad.numpy() for n, t in leaves.items()}
+    return result
+
+
+def _errors(rank: int, world: int) -> dict[str, str]:
+    """Bad shapes on one rank, or a kernel that raises on some ranks' steps: every rank
+    raises; a rank that never calls: a group timeout."""
+    said = {}
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    k = q if rank == 0 else torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    try:
+        at.distributed.ring_attention("examples/causal.attn", q, k, q)
+    except ValueError as e:
+        said["bad_shape"] = str(e)
+    n = 5 if rank == 0 else 9  # a contiguous split, not zigzag's: every rank refuses it
+    x = torch.randn(1, 2, n, 8, dtype=torch.float64)
+    try:
+        at.distributed.ring_attention("examples/causal.attn", x, x, x, layout="zigzag")
+    except ValueError as e:
+        said["zigzag_split"] = str(e)
+    far = attndsl.compile(FAR, target="numpy")  # table[h, 36] on the ranks with far keys only
+    x = shard(torch.randn(1, 2, 37, 8, dtype=torch.float64), rank, world)
+    try:
+        at.distributed.ring_attention(far, x, x, x, table=torch.zeros(2, 20, dtype=x.dtype))
+    except ValueError as e:
+        said["kernel"] = str(e)
+    short = dist.new_group(timeout=datetime.timedelta(seconds=5))
+    if rank == 0:
+        try:
+            at.distributed.ring_attention("examples/causal.attn", q, q, q, group=short)
+        except RuntimeError as e:
+            said["timeout"] = f"{type(e).__name__}: {e}"
+    dist.barrier()
+    return said
+
+
+def _worker(rank: int, world: int, port: int, results: Any) -> None:
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        for seed, case in enumerate(CASES):
+            for layout in LAYOUTS:
+                try:
+                    results.put((rank, case.name, layout, _run_case(case, seed, layout, rank,
+                                                                    world)))
+                except Exception:
+                    results.put((rank, case.name, layout, traceback.format_exc()))
+                    raise
+        again = _run_case(CASES[1], 1, "zigzag", rank, world)  # numba cpu target, twice
+        first = _run_case(CASES[1], 1, "zigzag", rank, world)
+        results.put((rank, "repeat", "", all(np.array_equal(first[n], again[n]) for n in first)))
+        results.put((rank, "module", "zigzag", _module_case(rank, world)))
+        results.put((rank, "split", "", _custom_split(rank, world)))
+        results.put((rank, "errors", "", _errors(rank, world)))
+    finally:
+        dist.destroy_process_group()
+        results.put((rank, "done", "", None))
+
+
+def _module_case(rank: int, world: int) -> dict[str, Any]:
+    """RingAttention (the module form) owns slope; its gradient is all-reduced."""
+    torch.manual_seed(0)
+    case = CASES[4]
+    x = _globals(case, 4)
+    layer = at.distributed.RingAttention(_spec(case), layout="zigzag", slope=x["slope"])
+    local = {n: shard(x[n], rank, world, "zigzag", 2) for n in ("q", "k", "v", "dout")}
+    out = layer(local["q"], local["k"], local["v"])
+    (out * local["dout"]).sum().backward()
+    return {"out": out.detach().numpy(), "dslope": layer.slope.grad.numpy()}
+
+
+SPLITS = {2: [30, 7], 4: [3, 20, 1, 13]}  # contiguous lengths of N = 37 chosen by the user
+
+
+def _custom_split(rank: int, world: int) -> dict[str, Any]:
+    """The contiguous layout with any lengths: gathered at the call, offsets follow."""
+    case = CASES[4]
+    x = _globals(case, 4)
+    start = sum(SPLITS[world][:rank])
+    local = {n: x[n].narrow(2, start, SPLITS[world][rank]) for n in ("q", "k", "v", "dout")}
+    k = local["k"].clone().requires_grad_()
+    out = at.distributed.ring_attention(_spec(case), local["q"], k, local["v"], slope=x["slope"])
+    (out * local["dout"]).sum().backward()
+    return {"out": out.detach().numpy(), "dk": k.grad.numpy(), "start": start}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(world: int) -> dict[tuple[int, str, str], Any]:
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, results), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[tuple[int, str, str], Any] = {}
+    done = 0
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIME_LIMIT)
+    try:
+        while done < world:
+            left = (deadline - datetime.datetime.now()).total_seconds()
+            if left <= 0:
+                raise TimeoutError(f"{world} ranks did not finish within {TIME_LIMIT} s")
+            try:
+                rank, name, layout, value = results.get(timeout=min(left, 30))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(f"a rank died: exit codes "
+                                       f"{[p.exitcode for p in procs]}") from None
+                continue
+            done += name == "done"
+            got[rank, name, layout] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"P{w}")
+def ring(request: Any) -> tuple[int, dict[tuple[int, str, str], Any]]:
+    return request.param, _spawn(request.param)
+
+
+_REFERENCES: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _reference(case: Case, seed: int) -> dict[str, Any]:
+    """The single-process result on the whole sequence (computed once per case)."""
+    key = (case.name, case.spec)
+    if key not in _REFERENCES:
+        x = _globals(case, seed)
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items() if n in FLOATS}
+        args = {**x, **leaves}
+        out, lse = at.attention(_spec(case), args["q"], args["k"], args["v"], return_lse=True,
+                                **_extras(case, args))
+        _loss(out, lse, x).backward()
+        ref = {"out": out.detach(), "lse": None if lse is None else lse.detach()}
+        ref |= {f"d{n}": t.grad for n, t in leaves.items()}
+        _REFERENCES[key] = ref
+    return _REFERENCES[key]
+
+
+def _close(name: str, got: np.ndarray, want: torch.Tensor, dtype: str) -> None:
+    want_a = want.numpy()
+    assert got.shape == want_a.shape, (name, got.shape, want_a.shape)
+    finite = np.isfinite(want_a)
+    assert np.array_equal(finite, np.isfinite(got)), f"{name}: non-finite entries differ"
+    if not finite.any():
+        return
+    scale = max(float(np.abs(want_a[finite]).max()), 1e-30)
+    err = float(np.abs(got[finite] - want_a[finite]).max()) / scale
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    assert np.array_equal(got[~finite], want_a[~finite]), f"{name}: -inf rows differ"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_ring_matches_one_process(ring: Any, case: Case, layout: str) -> None:
+    world, got = ring
+    seed = CASES.index(case)
+    ref = _reference(case, seed)
+    for rank in range(world):
+        result = got.get((rank, case.name, layout))
+        assert result is not None, f"rank {rank} sent nothing"
+        assert not isinstance(result, str), f"rank {rank} raised:\n{result}"
+        for name, value in result.items():
+            want = ref[name]
+            if value is None:
+                assert want is None, name
+                continue
+            axis = POSITIONAL.get(name.removeprefix("d"))
+            if name in ("out", "lse") or axis is not None:
+                axis = 2 if name in ("out", "lse") else axis
+                want = shard(want, rank, world, layout, axis)
+            _close(f"rank {rank} {name}", value, want, case.dtype)
+
+
+def test_ring_module_form(ring: Any) -> None:
+    """RingAttention: out and the all-reduced slope gradient on every rank."""
+    world, got = ring
+    x = _globals(CASES[4], 4)
+    slope = x["slope"].clone().requires_grad_()
+    out = at.attention(_spec(CASES[4]), x["q"], x["k"], x["v"], slope=slope)
+    (out * x["dout"]).sum().backward()
+    for rank in range(world):
+        result = got[rank, "module", "zigzag"]
+        _close("out", result["out"], shard(out.detach(), rank, world, "zigzag", 2), "float64")
+        _close("dslope", result["dslope"], slope.grad, "float64")
+
+
+def test_ring_any_contiguous_split(ring: Any) -> None:
+    """Uneven shards of the user's choosing (30 + 7, 3 + 20 + 1 + 13 positions)."""
+    world, got = ring
+    x = _globals(CASES[4], 4)
+    k = x["k"].clone().requires_grad_()
+    out = at.attention(_spec(CASES[4]), x["q"], k, x["v"], slope=x["slope"])
+    (out * x["dout"]).sum().backward()
+    for rank in range(world):
+        result = got[rank, "split", ""]
+        rows = slice(result["start"], result["start"] + SPLITS[world][rank])
+        _close("out", result["out"], out.detach()[:, :, rows], "float64")
+        _close("dk", result["dk"], k.grad[:, :, rows], "float64")
+
+
+def test_ring_deterministic(ring: Any) -> None:
+    """The same call twice gives bit-identical out, lse and gradients on every rank."""
+    world, got = ring
+    assert all(got[rank, "repeat", ""] for rank in range(world))
+
+
+def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
+    world, got = ring
+    for rank in range(world):
+        said = got[rank, "errors", ""]
+        assert "bad_shape" in said, f"rank {rank} did not raise"
+        assert "rank 1" in said["bad_shape"] and "k: expected shape" in said["bad_shape"]
+        assert "needs the split of chunk_sizes" in said["zigzag_split"]
+        assert "a step failed" in said["kernel"] and "out of range" in said["kernel"]
+    assert "timeout" in got[0, "errors", ""]
+
+
+# ---- no processes: the shard programs, the split and the pairs each step runs ------------------
+
+
+def test_ring_spec_programs() -> None:
+    from attndsl.torch.ring_spec import ring_spec
+
+    sigmoid = ring_spec(attndsl.load("examples/sigmoid.attn"))
+    assert sigmoid.size_index == "ring_n" and "ring_n" in attndsl.ir.to_text(
+        sigmoid.step.normalize.expr)
+    document = ring_spec(attndsl.load("examples/document.attn"))
+    assert document.key_copies == {"doc": "doc_k"}
+    assert "doc_k[j]" in attndsl.ir.to_text(document.step.mask).replace("[b, ", "[")
+    linear = ring_spec(attndsl.load("examples/causal_linear.attn"))
+    assert linear.merge == "ratio" and linear.step.normalize.kind.value == "none"
+    assert linear.causal_linear and linear.unmasked.mask is None
+    sink = ring_spec(attndsl.load("examples/sliding_window_sink.attn"))
+    assert sink.own.normalize.sink is not None and sink.step.normalize.sink is None
+
+
+def test_ring_spec_refuses_what_a_shard_cannot_read() -> None:
+    from attndsl.torch.ring_spec import ring_spec
+
+    spec = attndsl.parse("attention first_doc {\n index doc[n]\n score q . k\n"
+                         " mask doc[0] == doc[j]\n}")
+    with pytest.raises(ValueError, match=r"doc\[0\].*not only the query's"):
+        ring_spec(spec)
+
+
+def test_ring_split_and_shard() -> None:
+    from attndsl.torch.distributed import chunk_bounds, chunk_sizes
+
+    assert chunk_sizes(37, 4) == [[10], [9], [9], [9]]
+    assert chunk_sizes(37, 2, "zigzag") == [[10, 9], [9, 9]]
+    bounds = chunk_bounds(37, 2, "zigzag")
+    assert bounds == [[(0, 10), (28, 37)], [(10, 19), (19, 28)]]
+    x = torch.arange(37).view(1, 1, 37, 1)
+    pieces = [shard(x, r, 2, "zigzag") for r in range(2)]
+    assert sorted(torch.cat(pieces, 2).flatten().tolist()) == list(range(37))
+    with pytest.raises(ValueError, match="cannot give each"):
+        chunk_sizes(5, 4, "zigzag")
+
+
+def test_ring_skips_pairs_the_mask_hides() -> None:
+    """Causal, contiguous: rank 0 runs no pair of the later shards; zigzag: every rank runs
+    the same number of pairs (balanced)."""
+    from attndsl.torch.distributed import _pairs, _Plan, chunk_bounds
+    from attndsl.torch.ring_spec import ring_spec
+
+    ring = ring_spec(attndsl.load("examples/causal.attn"))
+    world = 4
+    for layout in ("contiguous", "zigzag"):
+        chunks = chunk_bounds(1000, world, layout)
+        counts = []
+        for rank in range(world):
+            plan = _Plan(ring, {}, None, rank, world, chunks, 1000, [], 8)
+            counts.append(sum(len(_pairs(plan, owner)) for owner in range(world)))
+            if layout == "contiguous":
+                assert all(not _pairs(plan, owner) for owner in range(rank + 1, world))
+        assert counts == ([1, 2, 3, 4] if layout == "contiguous" else [2 * world + 1] * world)
+
+
+def test_ring_needs_a_process_group() -> None:
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        at.distributed.ring_attention("examples/causal.attn", q, q, q)
+    with pytest.raises(ValueError, match="layout"):
+        at.distributed.ring_attention("examples/causal.attn", q, q, q, layout="striped")
