@@ -4,10 +4,14 @@ A call runs
   1. the NumPy `rows` prologue: row-level values (q @ W, elu(q) + 1, norm(k), ...) once per row;
   2. `_attn_fwd`: prange over (batch, head, query tile); per key tile the pair reductions
      (BLAS GEMM tiles, or explicit feature loops), the logit, the mask (skipped for tiles the
-     mask fully allows, the tile skipped when it allows nothing) and the online normalizer;
-  3. backward: `_attn_bwd_dkdv` over key tiles and `_attn_bwd_dq` over query tiles, both
-     recomputing P from the saved row state; no atomics; parameter gradients per task, summed
-     in task order (deterministic);
+     mask fully allows, the tile skipped when it allows nothing) and the online normalizer.
+     A decoder step (n_q x the query heads of a key/value head <= DECODE_ROWS in
+     runtime/cpu_kernel) runs `_attn_decode` instead: prange over (batch, key/value head, key
+     range), the group's rows packed, feature loops instead of GEMM tiles, the ranges merged
+     by `_decode_merge` through their running state (flash-decoding);
+  3. backward: `_attn_bwd`, prange over (batch, head, part of the key tiles), recomputing P
+     from the saved row state; no atomics; parameter gradients and the parts' query-side
+     adjoints per task, summed in task order (deterministic);
   4. the NumPy `rows_backward` epilogue: adjoints of row-level values -> q, k, params.
 """
 
@@ -310,6 +314,8 @@ class CpuEmitter:
         w()
         self.tile_status()
         self.forward()
+        if not self.plan.linear_path:
+            self.decode()
         self.backward()
         if self.plan.linear_path:
             self.linear()
@@ -429,15 +435,16 @@ class CpuEmitter:
                         w(f"{n} = 0")
         w(f"{x.name} = {array}[{', '.join(lead + names)}]")
 
-    def pair_values(self, err: str) -> None:
-        """Locals for one pair (ii, jj): lookups, GEMM tile values, explicit loops."""
+    def pair_values(self, err: str, gemm: bool = True) -> None:
+        """Locals for one pair (ii, jj): lookups, GEMM tile values, explicit loops (every
+        reduction a feature loop when `gemm` is False: decoding has no GEMM tiles)."""
         w = self.w
         self.lookups_at(2, err)
         for step in self.fwd_steps:
             if not isinstance(step, program.Reduce):
                 continue
             r = step.reduction
-            if step.gemm:  # computed for the whole tile by gemm_tiles
+            if step.gemm and gemm:  # computed for the whole tile by gemm_tiles
                 n = self.plan.gemms.index(r)
                 if self.fold is None or self.fold[0] != n:
                     w(f"{r.name} = s{n}[ii * BK + jj]")
@@ -641,24 +648,165 @@ class CpuEmitter:
 
     def finish_rows(self) -> None:
         """out = scale * acc and the saved row state, from the normalizer's finish."""
+        w = self.w
+        with w.block("for ii in range(mq):"):
+            self.finish_row("m[ii]", "l[ii]", "i0 + ii")
+            with w.block("for c in range(dv):"):
+                w("out[b, h, i0 + ii, c] = acc[ii * dv + c] * inv")
+
+    def finish_row(self, m: str, l: str, row: str) -> None:
+        """`inv` (the factor of acc) and state[b, h, row] of one row, from its running max `m`
+        (base 2) and normalizer `l`: the normalizer's finish."""
         w, norm = self.w, normalizers.of(self.deriv)
         # l is > 0, 0 (an empty row: out = 0, lse = -inf) or NaN (a NaN or +inf logit at an
         # allowed pair: out and lse NaN): the finish tests `!= 0`, which keeps the NaN
-        running = {normalizers.M: ("mi", "m[ii] / LOG2E  # the running max, from base 2"),
-                   normalizers.L: ("li", "l[ii]"), normalizers.Z: ("zi", "l[ii]"),
-                   normalizers.SINK: ("si", "sink_rows[b, h, i0 + ii]")}
+        running = {normalizers.M: ("mi", f"{m} / LOG2E  # the running max, from base 2"),
+                   normalizers.L: ("li", l), normalizers.Z: ("zi", l),
+                   normalizers.SINK: ("si", f"sink_rows[b, h, {row}]")}
         reads = norm.running + ((normalizers.SINK,) if self.deriv.sink is not None else ())
         named = {s: sp.Symbol(running[s][0]) for s in reads}
-        targets = {normalizers.SCALE: "inv", normalizers.SAVED: "state[b, h, i0 + ii]"}
-        with w.block("for ii in range(mq):"):
-            for symbol in reads:
-                w(f"{running[symbol][0]} = {running[symbol][1]}")
-            for target, expr in norm.finish:
-                name = targets.get(target, normalizers.local(target))
-                w(f"{name} = {self.fl(expr.xreplace(named))}")
-                named[target] = sp.Symbol(name)
-            with w.block("for c in range(dv):"):
-                w("out[b, h, i0 + ii, c] = acc[ii * dv + c] * inv")
+        targets = {normalizers.SCALE: "inv", normalizers.SAVED: f"state[b, h, {row}]"}
+        for symbol in reads:
+            w(f"{running[symbol][0]} = {running[symbol][1]}")
+        for target, expr in norm.finish:
+            name = targets.get(target, normalizers.local(target))
+            w(f"{name} = {self.fl(expr.xreplace(named))}")
+            named[target] = sp.Symbol(name)
+
+    # ---- decoding: a few query rows against many keys ----
+    def decode(self) -> None:
+        """`_attn_decode`, the forward of a decoder step against a KV cache (flash-decoding).
+        One task per (batch, key/value head, key range): the rows of every query head of the
+        group are packed (row r is head hk * group + r // n_q, query r % n_q), so each key and
+        value is read once per group while it is in cache; the pair reductions are feature
+        loops (no GEMM tiles, no transposed keys: at a few rows they cost more than the work);
+        each range's running state goes to part_*, merged by `_decode_merge`."""
+        w = self.w
+        sink = ["sink_rows"] if self.deriv.sink is not None else []
+        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        with w.block(self.signature("_attn_decode", ["splits", "part_m", "part_l", "part_acc",
+                                                     "err"], tiled=False)):
+            w('"""Per (batch, key/value head, key range): the running state of each packed '
+              'row."""')
+            self.unpack_sizes()
+            w("group = heads // kv_heads")
+            w("R = group * n_q  # packed rows")
+            w("per = ((n_k + splits - 1) // splits + BK - 1) // BK * BK  # keys per range")
+            with w.block("for task in prange(B * kv_heads * splits):"):
+                w("b, hk, part = task // (kv_heads * splits), (task // splits) % kv_heads, "
+                  "task % splits")
+                w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
+                w("x = np.empty(BK, F)  # one row's logits, then weights")
+                if not self.softmax:
+                    w("keep = np.empty(BK, np.uint8)  # 1 where the mask allows the pair")
+                w("acc = np.zeros(R * dv, F)")
+                w("m = np.full(R, NEG_INF, F)  # running max (base 2; softmax)")
+                w("l = np.zeros(R, F)  # running normalizer")
+                w("bad = 0")
+                with w.block("for j0 in range(part * per, min(n_k, (part + 1) * per), BK):"):
+                    w("nk = min(BK, n_k - j0)")
+                    with w.block("for r in range(R):"):
+                        w("h, i = hk * group + r // n_q, r % n_q")
+                        w("pi = qo + i")
+                        w(f"status = _tile_status(sz, qo, ko, b, h, pi, pi + 1, ko + j0, "
+                          f"ko + j0 + nk{self.extra_args()})")
+                        with w.block("if status == 0:"):
+                            w("continue  # the mask allows no key of this tile for the row")
+                        self.lookups_at(0, "bad")
+                        self.lookups_at(1, "bad")
+                        self.decode_logits()
+                        self.decode_normalize()
+                        self.decode_mix()
+                w("err[task] = bad")
+                with w.block("for r in range(R):"):
+                    w("h, i = hk * group + r // n_q, r % n_q")
+                    w("part_m[b, h, i, part] = m[r]")
+                    w("part_l[b, h, i, part] = l[r]")
+                    with w.block("for c in range(dv):"):
+                        w("part_acc[b, h, i, part, c] = acc[r * dv + c]")
+        w()
+        w()
+        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        with w.block(f"def _decode_merge(sz, splits, part_m, part_l, part_acc, out, state"
+                     f"{''.join(', ' + s for s in sink)}):"):
+            w('"""Each row\'s key ranges merged (softmax: rescaled to their common max), then '
+              'finished as in _attn_fwd."""')
+            self.unpack_sizes()
+            with w.block("for row in prange(B * heads * n_q):"):
+                w("b, h, i = row // (heads * n_q), (row // n_q) % heads, row % n_q")
+                w("acc = np.zeros(dv, F)")
+                w("mx = NEG_INF")
+                w("lsum = F(0)")
+                if self.softmax:
+                    with w.block("for part in range(splits):"):
+                        w("mx = max(mx, part_m[b, h, i, part])")
+                with w.block("for part in range(splits):"):
+                    if self.softmax:
+                        with w.block("if mx == NEG_INF:  # no range saw an allowed key"):
+                            w("lsum += part_l[b, h, i, part]  # 0, or NaN from a NaN logit")
+                            w("continue")
+                        w("alpha = exp2(part_m[b, h, i, part] - mx)")
+                    else:
+                        w("alpha = F(1)")
+                    w("lsum += alpha * part_l[b, h, i, part]")
+                    with w.block("for c in range(dv):"):
+                        w("acc[c] += alpha * part_acc[b, h, i, part, c]")
+                self.finish_row("mx", "lsum", "i")
+                with w.block("for c in range(dv):"):
+                    w("out[b, h, i, c] = acc[c] * inv")
+        w()
+        w()
+
+    def decode_logits(self) -> None:
+        """x[jj] (and keep[jj]) for the packed row r against the key tile."""
+        w = self.w
+        mask = f"status == 2 or ({self.mask_expr()})" if self.mask is not None else "True"
+        with w.block("for jj in range(nk):"):
+            w("j = j0 + jj")
+            w("pj = ko + j")
+            self.pair_values("bad", gemm=False)
+            if self.softmax:
+                w(f"x[jj] = ({self.fl(self.logit)}) * LOG2E if {mask} else NEG_INF")
+            else:
+                w(f"keep[jj] = 1 if {mask} else 0")
+                w(f"x[jj] = {self.fl(self.logit)}")
+
+    def decode_normalize(self) -> None:
+        """The Accumulate step for row r over the tile (see normalize_tile)."""
+        w, norm = self.w, self.norm
+        if norm.rescale is not None:
+            w("m_new = max(m[r], row_max(x, 0, nk))")
+            with w.block("if m_new == NEG_INF:  # nothing allowed yet, but the max skips NaN:"):
+                w("l[r] += exp2_shift_sum(x, 0, nk, F(0))  # 0, or NaN from a NaN logit")
+                w("continue")
+            w("l[r] = l[r] * exp2(m[r] - m_new) + exp2_shift_sum(x, 0, nk, m_new)")
+            with w.block("if m_new != m[r]:  # rescale acc by 2^(m_old - m_new)"):
+                w("alpha = exp2(m[r] - m_new)")
+                with w.block("for c in range(r * dv, (r + 1) * dv):"):
+                    w("acc[c] *= alpha")
+                w("m[r] = m_new")
+            return
+        with w.block("for jj in range(nk):"):
+            w("xv = x[jj]")
+            with w.block("if keep[jj] == 0:  # masked: weight 0"):
+                w("x[jj] = F(0)")
+                w("continue")
+            local = {normalizers.X: "xv", normalizers.Z: "l[r]", normalizers.ACC: "x[jj]"}
+            named = {symbol: sp.Symbol(name) for symbol, name in local.items()}
+            if norm.accumulate != normalizers.X:  # element-wise: f(x), which may read i, j
+                w("pj = ko + j0 + jj")
+                w(f"x[jj] = {self.fl(norm.accumulate.xreplace(named))}")
+            for symbol, value in norm.update:
+                w(f"{local[symbol]} = {self.fl(value.xreplace(named))}")
+
+    def decode_mix(self) -> None:
+        """acc[r] += sum_jj x[jj] v[b, hk, j0 + jj]; weights of 0 (masked pairs, the branch a
+        `where` did not take) never read v, so a NaN there cannot spread as 0 * NaN."""
+        w = self.w
+        with w.block("for jj in range(nk):"):
+            w("p = x[jj]")
+            with w.block("if p != 0:"), w.block("for c in range(dv):"):
+                w("acc[r * dv + c] += p * v[b, hk, j0 + jj, c]")
 
     # ---- backward ----
     def backward(self) -> None:

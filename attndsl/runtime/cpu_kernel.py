@@ -77,6 +77,20 @@ def _sink_rows(value: Any, sizes: dict[str, int], dtype: np.dtype) -> np.ndarray
     return np.require(np.broadcast_to(value, shape), requirements=["C", "W"])
 
 
+# Decoding (`_attn_decode`): up to this many packed query rows (n_q x the query heads of a
+# key/value head) per task, the forward reads each key once per group with feature loops;
+# past it the tiled forward's GEMMs win (measured: benchmarks/results/decode.md).
+DECODE_ROWS = 8
+DECODE_RANGE = 4 * numba_cpu.BK  # the fewest keys a decoding task takes
+
+
+def _decode_splits(tasks: int, n_k: int) -> int:
+    """Key ranges per (batch, key/value head) when decoding: enough tasks for every thread
+    twice over (they finish unevenly), no range shorter than DECODE_RANGE keys."""
+    most = max(1, n_k // DECODE_RANGE)
+    return max(1, min(most, -(-2 * numba.get_num_threads() // tasks)))
+
+
 def _parts(tasks: int) -> int:
     """How many parts the backward splits each (batch, head)'s key tiles into: 1 while the
     B * heads tasks fill the threads, else enough to give every thread work."""
@@ -102,19 +116,26 @@ class CpuKernel(Kernel):
         return self.modules[name]
 
     # ---- arguments ----
-    def _common(self, call: Call, dout: np.ndarray | None = None
+    def _common(self, call: Call, dout: np.ndarray | None = None, tiled: bool = True
                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """The rows prologue and the kernels' arguments; `tiled`: with each GEMM's key operand
+        transposed and the finiteness check of the careful path (decoding needs neither)."""
         linear = self.plan.linear
         check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
-        with np.errstate(all="ignore"):
-            t = self.ref.rows(numpy_ops, *call.arrays(), **call.offsets)
+        hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
+        t: dict[str, Any] = {}
+        if hoisted or dout is not None or self.plan.deriv.sink is not None:
+            # else the kernels read q and k themselves and the rows (k per query head: a copy
+            # of k under GQA) would be computed for nothing
+            with np.errstate(all="ignore"):
+                t = self.ref.rows(numpy_ops, *call.arrays(), **call.offsets)
         inputs = [_kernel_layout(t[numpy_ref.variable(i.node)], i, call.sizes, call.dtype)
-                  for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
+                  for i in hoisted]
         s = call.sizes
         params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
         operands = [call.q, call.k, call.v, *inputs, *params, dout]
         keys_finite, transposed = True, []  # checked while transposed: not checked again
-        if not self.plan.linear_path:  # each GEMM's key operand transposed: [B, H', F, n_k]
+        if tiled and not self.plan.linear_path:  # each GEMM's key operand: [B, H', F, n_k]
             from .cpu_intrinsics import transposed_rows
 
             by_node = {id(i.node): a for i, a in zip(
@@ -128,7 +149,7 @@ class CpuKernel(Kernel):
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
         rest = [a for a in operands if not any(a is t for t in transposed)]
         # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands
-        careful = not (keys_finite and _all_finite(rest))
+        careful = tiled and not (keys_finite and _all_finite(rest))
         sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
                        1, careful], dtype=np.int64)
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
@@ -151,8 +172,10 @@ class CpuKernel(Kernel):
         """`common`: `_common`'s result when the caller already has it (the backward)."""
         from .cpu_intrinsics import single_threaded_blas
 
-        t, args = self._common(call) if common is None else common
         s = call.sizes
+        if common is None and self._decoding(s):
+            return self._run_decode(call)
+        t, args = self._common(call) if common is None else common
         out = np.zeros((s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
         state = np.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
         tiles = -(-s["n_q"] // numba_cpu.BQ)
@@ -166,6 +189,31 @@ class CpuKernel(Kernel):
         with _PARALLEL, single_threaded_blas():
             module._attn_fwd(*args, out, state, *sink, err)
         self._raise_on(err)
+        return out, state, t
+
+    def _decoding(self, sizes: dict[str, int]) -> bool:
+        rows = sizes["n_q"] * (sizes["heads"] // sizes["kv_heads"])
+        return not self.plan.linear_path and rows <= DECODE_ROWS
+
+    def _run_decode(self, call: Call) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The forward of a few query rows (`_attn_decode`, then `_decode_merge`)."""
+        t, args = self._common(call, tiled=False)
+        s = call.sizes
+        B, H, n_q = s["B"], s["heads"], s["n_q"]
+        splits = _decode_splits(B * s["kv_heads"], s["n_k"])
+        part_m = np.empty((B, H, n_q, splits), call.dtype)
+        part_l = np.empty((B, H, n_q, splits), call.dtype)
+        part_acc = np.empty((B, H, n_q, splits, s["dv"]), call.dtype)
+        err = np.zeros(B * s["kv_heads"] * splits, np.int64)
+        module = self.module(call.dtype)
+        with _PARALLEL:
+            module._attn_decode(*args, splits, part_m, part_l, part_acc, err)
+        self._raise_on(err)
+        out = np.empty((B, H, n_q, s["dv"]), call.dtype)
+        state = np.empty((B, H, n_q), call.dtype)
+        sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
+        with _PARALLEL:
+            module._decode_merge(args[0], splits, part_m, part_l, part_acc, out, state, *sink)
         return out, state, t
 
     def _forward_impl(self, call: Call) -> tuple[np.ndarray, np.ndarray | None]:
