@@ -301,8 +301,8 @@ class CpuEmitter:
         w()
         # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
         # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
-        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, exp2_shift_sum, gemm_skip_zero, "
-          "gemm_unchecked, row_max")
+        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, all_finite, exp2_shift_sum, "
+          "gemm_skip_zero, gemm_unchecked, row_max")
         w(f"from attndsl.runtime.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
@@ -435,17 +435,20 @@ class CpuEmitter:
                         w(f"{n} = 0")
         w(f"{x.name} = {array}[{', '.join(lead + names)}]")
 
-    def pair_values(self, err: str, gemm: bool = True) -> None:
-        """Locals for one pair (ii, jj): lookups, GEMM tile values, explicit loops (every
-        reduction a feature loop when `gemm` is False: decoding has no GEMM tiles)."""
+    def pair_values(self, err: str, decoding: bool = False) -> None:
+        """Locals for one pair (ii, jj): lookups, GEMM tile values, explicit loops. Decoding
+        (pair jj of row r) has tiles only of the GEMMs against k itself (`decode_tiles`)."""
         w = self.w
         self.lookups_at(2, err)
         for step in self.fwd_steps:
             if not isinstance(step, program.Reduce):
                 continue
             r = step.reduction
-            if step.gemm and gemm:  # computed for the whole tile by gemm_tiles
-                n = self.plan.gemms.index(r)
+            n = self.plan.gemms.index(r) if step.gemm else -1
+            if decoding and n in self.decoded_gemms():
+                w(f"{r.name} = s{n}[xo + jj]")
+                continue
+            if step.gemm and not decoding:  # computed for the whole tile by gemm_tiles
                 if self.fold is None or self.fold[0] != n:
                     w(f"{r.name} = s{n}[ii * BK + jj]")
                 continue
@@ -678,9 +681,10 @@ class CpuEmitter:
         """`_attn_decode`, the forward of a decoder step against a KV cache (flash-decoding).
         One task per (batch, key/value head, key range): the rows of every query head of the
         group are packed (row r is head hk * group + r // n_q, query r % n_q), so each key and
-        value is read once per group while it is in cache; the pair reductions are feature
-        loops (no GEMM tiles, no transposed keys: at a few rows they cost more than the work);
-        each range's running state goes to part_*, merged by `_decode_merge`."""
+        value tile is read once per group: one GEMM against the keys as stored (no transposed
+        copy of k: at a few rows it would cost more than the work) and one with the values per
+        tile, for all rows; each range's running state goes to part_*, merged by
+        `_decode_merge`."""
         w = self.w
         sink = ["sink_rows"] if self.deriv.sink is not None else []
         w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
@@ -696,27 +700,41 @@ class CpuEmitter:
                 w("b, hk, part = task // (kv_heads * splits), (task // splits) % kv_heads, "
                   "task % splits")
                 w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
-                w("x = np.empty(BK, F)  # one row's logits, then weights")
+                w("x = np.empty(R * BK, F)  # the rows' logits, then weights")
                 if not self.softmax:
                     w("keep = np.empty(BK, np.uint8)  # 1 where the mask allows the pair")
+                for n in self.decoded_gemms():
+                    w(f"s{n} = np.empty(R * BK, F)  # GEMM tile of {self.plan.gemms[n].name}")
                 w("acc = np.zeros(R * dv, F)")
                 w("m = np.full(R, NEG_INF, F)  # running max (base 2; softmax)")
                 w("l = np.zeros(R, F)  # running normalizer")
                 w("bad = 0")
                 with w.block("for j0 in range(part * per, min(n_k, (part + 1) * per), BK):"):
                     w("nk = min(BK, n_k - j0)")
+                    w("seen = 0  # rows the mask lets see this tile")
                     with w.block("for r in range(R):"):
                         w("h, i = hk * group + r // n_q, r % n_q")
                         w("pi = qo + i")
                         w(f"status = _tile_status(sz, qo, ko, b, h, pi, pi + 1, ko + j0, "
                           f"ko + j0 + nk{self.extra_args()})")
+                        w("seen += status != 0")
+                    with w.block("if seen == 0:"):
+                        w("continue  # the mask allows no key of this tile to any row")
+                    self.decode_tiles()
+                    with w.block("for r in range(R):"):
+                        w("h, i = hk * group + r // n_q, r % n_q")
+                        w("pi = qo + i")
+                        w("xo = r * BK  # the row's logits in x")
+                        w(f"status = _tile_status(sz, qo, ko, b, h, pi, pi + 1, ko + j0, "
+                          f"ko + j0 + nk{self.extra_args()})")
                         with w.block("if status == 0:"):
-                            w("continue  # the mask allows no key of this tile for the row")
+                            w("x[xo:xo + nk] = F(0)  # no key of this tile for the row")
+                            w("continue")
                         self.lookups_at(0, "bad")
                         self.lookups_at(1, "bad")
                         self.decode_logits()
                         self.decode_normalize()
-                        self.decode_mix()
+                    self.decode_mix()
                 w("err[task] = bad")
                 with w.block("for r in range(R):"):
                     w("h, i = hk * group + r // n_q, r % n_q")
@@ -757,6 +775,28 @@ class CpuEmitter:
         w()
         w()
 
+    def decoded_gemms(self) -> list[int]:
+        """The GEMM reductions decoding computes as one GEMM per key tile for all packed rows:
+        a query-side operand (the group's rows are contiguous) against k itself; the others
+        run as feature loops per pair."""
+        found = []
+        for n, r in enumerate(self.plan.gemms):
+            a, b = self.plan.inputs_of_gemm(r)
+            if a.side is Side.QUERY and b.is_raw_key:
+                found.append(n)
+        return found
+
+    def decode_tiles(self) -> None:
+        """s<n>[r, jj] = a[b, h(r), i(r)] . k[b, hk, j0 + jj] for every packed row: one NT
+        GEMM against the key tile as stored (no transposed copy of k)."""
+        w = self.w
+        for n in self.decoded_gemms():
+            a, _ = self.plan.inputs_of_gemm(self.plan.gemms[n])
+            name = input_name(a)
+            w(f"gemm_unchecked(False, True, R, nk, d, F(1), {name}, "
+              f"(b * {name}.shape[1] + hk * group) * n_q * {name}.shape[3], {name}.shape[3], "
+              f"k, ((b * kv_heads + hk) * n_k + j0) * d, d, F(0), s{n}, 0, BK)")
+
     def decode_logits(self) -> None:
         """x[jj] (and keep[jj]) for the packed row r against the key tile."""
         w = self.w
@@ -764,22 +804,22 @@ class CpuEmitter:
         with w.block("for jj in range(nk):"):
             w("j = j0 + jj")
             w("pj = ko + j")
-            self.pair_values("bad", gemm=False)
+            self.pair_values("bad", decoding=True)
             if self.softmax:
-                w(f"x[jj] = ({self.fl(self.logit)}) * LOG2E if {mask} else NEG_INF")
+                w(f"x[xo + jj] = ({self.fl(self.logit)}) * LOG2E if {mask} else NEG_INF")
             else:
                 w(f"keep[jj] = 1 if {mask} else 0")
-                w(f"x[jj] = {self.fl(self.logit)}")
+                w(f"x[xo + jj] = {self.fl(self.logit)}")
 
     def decode_normalize(self) -> None:
         """The Accumulate step for row r over the tile (see normalize_tile)."""
         w, norm = self.w, self.norm
         if norm.rescale is not None:
-            w("m_new = max(m[r], row_max(x, 0, nk))")
+            w("m_new = max(m[r], row_max(x, xo, nk))")
             with w.block("if m_new == NEG_INF:  # nothing allowed yet, but the max skips NaN:"):
-                w("l[r] += exp2_shift_sum(x, 0, nk, F(0))  # 0, or NaN from a NaN logit")
+                w("l[r] += exp2_shift_sum(x, xo, nk, F(0))  # 0, or NaN from a NaN logit")
                 w("continue")
-            w("l[r] = l[r] * exp2(m[r] - m_new) + exp2_shift_sum(x, 0, nk, m_new)")
+            w("l[r] = l[r] * exp2(m[r] - m_new) + exp2_shift_sum(x, xo, nk, m_new)")
             with w.block("if m_new != m[r]:  # rescale acc by 2^(m_old - m_new)"):
                 w("alpha = exp2(m[r] - m_new)")
                 with w.block("for c in range(r * dv, (r + 1) * dv):"):
@@ -787,26 +827,29 @@ class CpuEmitter:
                 w("m[r] = m_new")
             return
         with w.block("for jj in range(nk):"):
-            w("xv = x[jj]")
+            w("xv = x[xo + jj]")
             with w.block("if keep[jj] == 0:  # masked: weight 0"):
-                w("x[jj] = F(0)")
+                w("x[xo + jj] = F(0)")
                 w("continue")
-            local = {normalizers.X: "xv", normalizers.Z: "l[r]", normalizers.ACC: "x[jj]"}
+            local = {normalizers.X: "xv", normalizers.Z: "l[r]", normalizers.ACC: "x[xo + jj]"}
             named = {symbol: sp.Symbol(name) for symbol, name in local.items()}
             if norm.accumulate != normalizers.X:  # element-wise: f(x), which may read i, j
                 w("pj = ko + j0 + jj")
-                w(f"x[jj] = {self.fl(norm.accumulate.xreplace(named))}")
+                w(f"x[xo + jj] = {self.fl(norm.accumulate.xreplace(named))}")
             for symbol, value in norm.update:
                 w(f"{local[symbol]} = {self.fl(value.xreplace(named))}")
 
     def decode_mix(self) -> None:
-        """acc[r] += sum_jj x[jj] v[b, hk, j0 + jj]; weights of 0 (masked pairs, the branch a
-        `where` did not take) never read v, so a NaN there cannot spread as 0 * NaN."""
+        """acc += x @ v[b, hk, j0:j0 + nk] for every packed row. A value tile holding a NaN or
+        inf takes the loop that skips weights of 0 (masked pairs, the branch a `where` did
+        not take), so 0 * NaN cannot spread; checking the tile costs one pass in cache."""
         w = self.w
-        with w.block("for jj in range(nk):"):
-            w("p = x[jj]")
-            with w.block("if p != 0:"), w.block("for c in range(dv):"):
-                w("acc[r * dv + c] += p * v[b, hk, j0 + jj, c]")
+        w("vo = ((b * kv_heads + hk) * n_k + j0) * dv")
+        args = "False, False, R, dv, nk, F(1), x, 0, BK, v, vo, dv, F(1), acc, 0, dv"
+        with w.block("if all_finite(v, vo, nk * dv):"):
+            w(f"gemm_unchecked({args})")
+        with w.block("else:"):
+            w(f"gemm_skip_zero({args})")
 
     # ---- backward ----
     def backward(self) -> None:

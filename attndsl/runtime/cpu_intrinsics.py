@@ -332,6 +332,18 @@ def gemm_skip_zero(
                     c[row + j] += s * _tile_at(b, b_off, ldb, p, j, trans_b)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def all_finite(x, off, n):  # pragma: no cover - compiled
+    """Whether ``n`` elements of the C-contiguous ``x`` from flat ``off`` hold no NaN or inf:
+    the sum of x * 0 is 0, else NaN (no 'nnan'/'ninf' among the flags, so it is kept)."""
+    flat = x.reshape(x.size)
+    zero = x.dtype.type(0)
+    total = zero
+    for p in range(off, off + n):
+        total += flat[p] * zero
+    return total == zero
+
+
 # ----------------------------------------------------------------------------------------------
 # Vectorizable max. Numba lowers max()/ternaries to compare+select that LLVM will not vectorize
 # as a reduction; llvm.maxnum with nnan/nsz is recognised as an fmax reduction.
