@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 from . import check as _check
@@ -14,6 +16,23 @@ from .runtime.kernel import Kernel
 from .syntax import parse_tree
 
 __all__ = ["SpecError", "load", "parse"]
+
+
+def _prefer_workqueue() -> None:
+    """Numba's threading layer for the cpu kernels, unless the user chose one: workqueue.
+    Numba picks omp where libgomp is present (as beside torch), whose launches took 0.1 or 16
+    ms at random on a busy machine (workqueue 0.2 ms) and whose pool ran 1.5-3x slower once
+    torch's existed. Set at import, before anything (numba.get_num_threads() too) starts
+    Numba's threads, which fixes the layer for the process (docs/language.md, Threads)."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+    numba = sys.modules.get("numba")
+    if numba is not None:  # imported before attndsl: its config has read the environment
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+_prefer_workqueue()
 
 
 def parse(text: str, filename: str | None = None) -> ir.Spec:

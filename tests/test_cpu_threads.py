@@ -49,6 +49,7 @@ def test_four_threads_share_one_cpu_kernel_under_workqueue(tmp_path: Path) -> No
 LAYER = textwrap.dedent("""
     import numba, numpy as np
     import attndsl
+    numba.get_num_threads()  # starts Numba's threads: the layer is fixed from here on
     kern = attndsl.compile("attention t {\\n score q . k\\n}", "cpu")
     q = np.ones((1, 2, 5, 4))
     kern(q, q, q)
@@ -58,7 +59,8 @@ LAYER = textwrap.dedent("""
 
 def test_the_cpu_target_runs_on_workqueue_unless_the_user_chose_a_layer(tmp_path: Path) -> None:
     """Numba's omp layer costs ~16 ms per launch on a loaded machine: attndsl asks for
-    workqueue, and keeps a layer the user set (`NUMBA_THREADING_LAYER`)."""
+    workqueue at import (numba imported first, and its threads started before any kernel,
+    as benchmarks/bench_torch_op.py does), and keeps a layer the user set."""
     base = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     base["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     layers = {}

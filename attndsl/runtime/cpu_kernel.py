@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from types import ModuleType
 from typing import Any
@@ -21,13 +20,6 @@ from .kernel import Call, Kernel, check_linear_offsets
 # workqueue threading layer aborts the process when two Python threads run parallel regions
 # at once, and each launch already uses every core (and sets BLAS's global thread count).
 _PARALLEL = threading.Lock()
-
-# Numba picks its omp layer when libgomp is present (as beside torch): a parallel launch then
-# costs ~16 ms whenever the machine has more runnable threads than cores (0.2 ms on
-# workqueue), and its pool runs 1.5-3x slower once torch's OpenMP pool exists. So attndsl asks
-# for workqueue unless the user chose a layer; it takes effect if no parallel region ran yet.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    os.environ["NUMBA_THREADING_LAYER"] = numba.config.THREADING_LAYER = "workqueue"
 
 
 def _kernel_layout(value: np.ndarray, item: PairInput, sizes: dict[str, int],
