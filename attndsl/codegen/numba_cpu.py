@@ -941,7 +941,7 @@ def _linear_forward(self: CpuEmitter) -> None:
                                   "out, oo, dv")
                 if path.causal:
                     with w.block("if mk > 0:"):
-                        self._linear_scores("0")
+                        self._linear_scores()
                         self._linear_gemm("out_c += p V_c: the chunk's own keys",
                                           "False, False, mq, dv, mk, F(1), p, 0, CHUNK, v, ov, "
                                           "dv, F(1), out, oo, dv", mixing=True)
@@ -968,14 +968,14 @@ def _linear_backward(self: CpuEmitter) -> None:
         if path.causal:
             w("Chunk by chunk: dA forward (S, z carried), then dB and dv backward (U, u carried); "
               "the")
-            w("chunk's own pairs through p = A_c B_c^T and dp = g_c V_c^T + gd_c (0 where j > i), "
-              'kept from the first pass."""')
+            w('chunk\'s own pairs through p = A_c B_c^T and dp = g_c V_c^T + gd_c, 0 where j > i."""')
         else:
             w('Every row sees every key: S, z, U, u are sums over all of them."""')
         with self._linear_task(adjoints=True):
             w("g = np.empty(CHUNK * dv, F)  # g_i of the chunk's rows: no n_q x dv array")
             w("gd = np.zeros(CHUNK, F)  # gd_i of the chunk's rows")
             if path.causal:
+                w("dp = np.empty(CHUNK * CHUNK, F)  # d(A_i . B_j) in the chunk, 0 where j > i")
                 self._linear_backward_rows()
                 self._linear_backward_keys()
             else:
@@ -1000,12 +1000,8 @@ def _linear_task(self: CpuEmitter, adjoints: bool) -> Iterator[None]:
         w(f"hb = {'hk' if path.b.is_raw_key else 'h'}")
         w("S = np.zeros(nf * dv, F)  # [nf, dv]: sum_j B_j v_j^T over the keys added so far")
         w("z = np.zeros(nf, F)  # sum_j B_j over them")
-        if path.causal and not adjoints:
+        if path.causal:
             w("p = np.empty(CHUNK * CHUNK, F)  # A_i . B_j in the chunk, 0 where j > i")
-        elif path.causal:  # the first pass's tiles, read again by the second: O(n CHUNK)
-            w("tiles = (n_q + CHUNK - 1) // CHUNK * CHUNK * CHUNK")
-            w("p = np.empty(tiles, F)  # A_i . B_j per chunk (at op), 0 where j > i")
-            w("dp = np.empty(tiles, F)  # d(A_i . B_j) per chunk (at op), 0 where j > i")
         yield
 
 
@@ -1024,8 +1020,6 @@ def _linear_chunks(self: CpuEmitter, adjoints: bool, reverse: bool = False) -> I
         if path.causal:
             w("mk = max(min(mq, n_k - i0), 0)  # keys past the last row are seen by none")
             self._linear_key_offsets("i0", adjoints)
-            if adjoints:
-                w("op = i0 * CHUNK  # the chunk's p and dp tiles")
         yield
 
 
@@ -1073,37 +1067,31 @@ def _linear_add_keys(self: CpuEmitter) -> None:
         w("z[f] += kf[b, hb, i0 + jj, f]")
 
 
-def _tile(name: str, at: str) -> str:
-    """Element (ii, jj) of a CHUNK x CHUNK tile stored from flat offset `at`."""
-    return f"{name}[ii * CHUNK + jj]" if at == "0" else f"{name}[{at} + ii * CHUNK + jj]"
-
-
-def _linear_scores(self: CpuEmitter, at: str) -> None:
+def _linear_scores(self: CpuEmitter) -> None:
     """p = A_c B_c^T over the chunk's rows and keys, 0 where j > i (a masked key's NaN too)."""
     w = self.w
     self._linear_gemm("p = A_c B_c^T, then 0 where j > i",
-                      "False, True, mq, mk, nf, F(1), qf, oa, nf, kf, ob, nf, F(0), "
-                      f"p, {at}, CHUNK")
+                      "False, True, mq, mk, nf, F(1), qf, oa, nf, kf, ob, nf, F(0), p, 0, CHUNK")
     with w.block("for ii in range(mq):"), w.block("for jj in range(ii + 1, mk):"):
-        w(f"{_tile('p', at)} = F(0)")
+        w("p[ii * CHUNK + jj] = F(0)")
 
 
-def _linear_dscores(self: CpuEmitter, at: str) -> None:
+def _linear_dscores(self: CpuEmitter) -> None:
     """dp = g_c V_c^T + gd_c (the adjoint of A_i . B_j), 0 where j > i."""
     w, path = self.w, self.plan.linear
     assert path is not None
     self._linear_gemm("dp = g_c V_c^T" + (" + gd_c" if path.normalized else "")
                       + ", 0 where j > i",
-                      f"False, True, mq, mk, dv, F(1), g, 0, dv, v, ov, dv, F(0), dp, {at}, CHUNK")
+                      "False, True, mq, mk, dv, F(1), g, 0, dv, v, ov, dv, F(0), dp, 0, CHUNK")
     with w.block("for ii in range(mq):"):
         if path.normalized:
             with w.block("for jj in range(min(ii + 1, mk)):"):
-                w(f"{_tile('dp', at)} += gd[ii]")
+                w("dp[ii * CHUNK + jj] += gd[ii]")
         with w.block("for jj in range(ii + 1, mk):"):
-            w(f"{_tile('dp', at)} = F(0)")
+            w("dp[ii * CHUNK + jj] = F(0)")
 
 
-def _linear_normalize_rows(self: CpuEmitter, divide: bool, at: str = "0") -> None:
+def _linear_normalize_rows(self: CpuEmitter, divide: bool) -> None:
     """state_i = den_i = A_i . z (+ the chunk's row sum of p); `divide`: out_i /= den_i (0
     where den_i = 0)."""
     w, path = self.w, self.plan.linear
@@ -1115,7 +1103,7 @@ def _linear_normalize_rows(self: CpuEmitter, divide: bool, at: str = "0") -> Non
             w("den += qf[b, h, i, f] * z[f]")
         if path.causal:
             with w.block("for jj in range(min(ii + 1, mk)):"):
-                w(f"den += {_tile('p', at)}")
+                w("den += p[ii * CHUNK + jj]")
         if divide:
             with w.block("for c in range(dv):"):
                 w("out[b, h, i, c] = out[b, h, i, c] / den if den != 0 else F(0)")
@@ -1185,16 +1173,16 @@ def _linear_backward_rows(self: CpuEmitter) -> None:
     assert path is not None
     w("# dA, chunks first to last: S, z hold the earlier chunks' keys")
     with self._linear_chunks(adjoints=True):
-        with w.block("if mk > 0:"):
-            self._linear_scores("op")
         if path.normalized:
-            self._linear_normalize_rows(divide=False, at="op")
+            with w.block("if mk > 0:"):
+                self._linear_scores()
+            self._linear_normalize_rows(divide=False)
         self._linear_row_grads()
         self._linear_dq_from_state("dA_c += g_c S^T + gd_c z^T: the earlier chunks' keys")
         with w.block("if mk > 0:"):
-            self._linear_dscores("op")
+            self._linear_dscores()
             self._linear_gemm("dA_c += dp B_c: the chunk's own keys",
-                              "False, False, mq, nf, mk, F(1), dp, op, CHUNK, kf, ob, nf, F(1), "
+                              "False, False, mq, nf, mk, F(1), dp, 0, CHUNK, kf, ob, nf, F(1), "
                               "dqf, oa, nf", mixing=True)
             self._linear_add_keys()
 
@@ -1211,11 +1199,12 @@ def _linear_backward_keys(self: CpuEmitter) -> None:
         with w.block("if mk > 0:"):
             self._linear_dk_from_state("mk", "i0 + jj", "dB_c += V_c U^T + u, dv_c += B_c U: "
                                        "the later chunks' rows")
-            self._linear_gemm("dB_c += dp^T A_c, dv_c += p^T g_c: the chunk's own rows (p, dp "
-                              "of the first pass)",
-                              "True, False, mk, nf, mq, F(1), dp, op, CHUNK, qf, oa, nf, F(1), "
+            self._linear_scores()
+            self._linear_dscores()
+            self._linear_gemm("dB_c += dp^T A_c, dv_c += p^T g_c: the chunk's own rows",
+                              "True, False, mk, nf, mq, F(1), dp, 0, CHUNK, qf, oa, nf, F(1), "
                               "dkf, odb, nf", mixing=True)
-            self.mixing_gemm("True, False, mk, dv, mq, F(1), p, op, CHUNK, g, 0, dv, F(1), dv_h, "
+            self.mixing_gemm("True, False, mk, dv, mq, F(1), p, 0, CHUNK, g, 0, dv, F(1), dv_h, "
                              "odv, dv")
         self._linear_rows_join_state("U += A_c^T g_c, u += A_c^T gd_c: the chunk's rows join "
                                      "the state")
