@@ -171,3 +171,29 @@ def test_item4_chunked_linear_nan_policy(kernels, dtype: type) -> None:  # type:
             np.testing.assert_allclose(g[finite], w[finite], rtol=0,
                                        atol=tol * max(1.0, float(np.abs(w[finite]).max())),
                                        err_msg=f"{where}: {name}")
+
+
+def test_item4_elu_without_where_bit_identical() -> None:
+    """numpy_ops.elu / elu_grad (the linear path's phi and its derivative, in every call's
+    prologue and epilogue) compute without np.where, which was ~20x slower, and in place: the
+    same bits as the where forms, NaN, inf and signed zeros included, scalars and ints too."""
+    from attndsl.runtime import numpy_ops as ops
+
+    rng = np.random.default_rng(0)
+    special = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45, 100.0, -100.0, 89.0, -89.0]
+    for dtype in (np.float32, np.float64):
+        x = np.concatenate([30 * rng.standard_normal(5000), special]).astype(dtype)
+        x = x.reshape(1, 1, -1, 1, 1)  # the 5-D layout rows come in
+        with np.errstate(all="ignore"):
+            want = np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+            want_grad = np.where(x > 0, 1, np.exp(np.minimum(x, 0)))
+            got, got_grad = ops.elu(x), ops.elu_grad(x)
+        assert got.dtype == got_grad.dtype == dtype
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+        np.testing.assert_array_equal(got_grad, want_grad)
+    for value in (-1.5, 2, np.array([1, -2]), np.float32(-0.5)):
+        np.testing.assert_array_equal(ops.elu(value),
+                                      np.where(value > 0, value, np.expm1(np.minimum(value, 0))))
+        np.testing.assert_array_equal(ops.elu_grad(value),
+                                      np.where(value > 0, 1, np.exp(np.minimum(value, 0))))
