@@ -34,7 +34,9 @@ from machine import lscpu_model  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"full": "scaled_dot_product", "causal": "causal", "alibi": "alibi",
-         "softcap": "softcap", "sliding_window": "sliding_window"}
+         "softcap": "softcap", "sliding_window": "sliding_window",
+         "linear": "linear", "causal_linear": "causal_linear"}
+NO_SDPA = {"linear", "causal_linear"}  # not softmax attention: SDPA is no yardstick there
 B, H, D = 1, 8, 64
 WARM_UP = 3  # untimed rounds before each case's timed ones
 
@@ -98,7 +100,8 @@ def run_case(sides: dict, name: str, n: int, rounds: int) -> list[str]:  # type:
         assert p.dims == ("heads",), f"{name}: no values for param {p.name}{list(p.dims)}"
         extra[p.name] = np.linspace(0.05, 0.5, H, dtype=np.float32)
     calls = {s: cases(m, spec_file, q, k, v, extra) for s, m in sides.items()}
-    calls["sdpa"] = sdpa_cases(q, k, v, name == "causal")
+    if name not in NO_SDPA:
+        calls["sdpa"] = sdpa_cases(q, k, v, name == "causal")
     rows = []
     for mode in ("fwd", "fwd+bwd"):
         times: dict[str, list[float]] = {s: [] for s in calls}
@@ -113,13 +116,14 @@ def run_case(sides: dict, name: str, n: int, rounds: int) -> list[str]:  # type:
                     times[s].append(time.perf_counter() - t0)
         t = {s: np.array(x) * 1e3 for s, x in times.items()}
         paired = np.median(t["after"] / t["before"])
+        sdpa = f"{np.median(t['sdpa']) / np.median(t['after']):.3f}" if "sdpa" in t else "-"
         rows.append(
             f"| {name} N={n} | {mode} | " + " | ".join(
                 f"{t[s].min():.1f} / {np.percentile(t[s], 10):.1f} / {np.median(t[s]):.1f}"
-                for s in ("before", "after", "sdpa"))
+                if s in t else "-" for s in ("before", "after", "sdpa"))
             + f" | {t['after'].min() / t['before'].min():.3f} | "
             f"{np.percentile(t['after'], 10) / np.percentile(t['before'], 10):.3f} | "
-            f"{paired:.3f} | {np.median(t['sdpa']) / np.median(t['after']):.3f} |")
+            f"{paired:.3f} | {sdpa} |")
         print(rows[-1], flush=True)
     return rows
 

@@ -39,6 +39,7 @@ from .printer import KernelPrinter, integer_valued
 from .source import SourceWriter
 
 BQ, BK = 64, 128  # a 64 x 128 score tile (32 KiB in float32) stays in L1
+CHUNK = 64  # rows (and keys) per chunk of causal linear attention: 64 x 64 x F GEMMs
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
 
 
@@ -308,6 +309,8 @@ class CpuEmitter:
         w()
         w(f"F = np.{self.dtype}")
         w(f"BQ, BK = {BQ}, {BK}  # query x key tile")
+        if self.plan.linear_path:
+            w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
         w("LOG2E = F(1.4426950408889634)")
         w("NEG_INF = F(-np.inf)")
         w()
@@ -1096,150 +1099,331 @@ class CpuEmitter:
 
 
 def _linear(self: CpuEmitter) -> None:
-    """plan.LinearPath's equations, one task per (batch, head): out_i = A_i S_i / (A_i . z_i)
-    with S_i = sum_j B_j v_j^T and z_i = sum_j B_j over the keys row i sees (all, or j <= i as a
-    running prefix: the recurrent form of causal attention), O(n F dv).
+    """plan.LinearPath's equations as GEMMs, one task per (batch, head), O(n F dv). Without a
+    mask S = B^T V and z = sum_j B_j over every key, then out = A S / (A z) chunk by chunk.
+    Causal: the chunkwise-parallel form, chunks of CHUNK rows and the keys at the same
+    positions; a chunk's rows see S, z of the earlier chunks (the carried state) through one
+    GEMM and their own keys j <= i through the masked CHUNK x CHUNK score tile.
     """
+    self._linear_forward()
+    self._linear_backward()
+
+
+def _linear_forward(self: CpuEmitter) -> None:
     w, path = self.w, self.plan.linear
     assert path is not None
-    a, bvec = path.a, path.b
-    A, Bn = input_name(a), input_name(bvec)
-    ha, hb = "h", ("hk" if bvec.is_raw_key else "h")
-    causal, normalized = path.causal, path.normalized
     w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
     with w.block(self.signature("_linear_fwd", ["out", "state"], tiled=False)):
-        w(f'"""{"Causal (prefix-sum)" if causal else "Full"} linear attention per (batch, '
-          'head): out_i = A_i S / (A_i . z)."""')
-        self.unpack_sizes()
-        w(f"nf = {A}.shape[3]")
-        with w.block("for task in prange(B * heads):"):
-            w("b, h = task // heads, task % heads")
-            w("hk = h // (heads // kv_heads)")
-            with self._linear_rows_with_keys(Bn, hb, causal):
-                w("den = F(0)")
-                with w.block("for f in range(nf):"):
-                    w(f"den += {A}[b, {ha}, i, f] * z[f]")
-                with w.block("for c in range(dv):"):
-                    w("num = F(0)")
-                    with w.block("for f in range(nf):"):
-                        w(f"num += {A}[b, {ha}, i, f] * S[f, c]")
-                    if normalized:
-                        w("out[b, h, i, c] = num / den if den != 0 else F(0)")
-                    else:
-                        w("out[b, h, i, c] = num")
-                w("state[b, h, i] = den")
+        if path.causal:
+            w('"""Causal linear attention per (batch, head), chunk by chunk: out_c = (A_c S + '
+              'p V_c) / den_c,')
+            w("p = A_c B_c^T with 0 where j > i; S = sum_j B_j v_j^T and z = sum_j B_j over the "
+              'earlier chunks\' keys."""')
+        else:
+            w('"""Full linear attention per (batch, head): out = A S / (A z), S = B^T V, '
+              'z = sum_j B_j."""')
+        with self._linear_task(adjoints=False):
+            if not path.causal:
+                self._linear_all_keys(adjoints=False)
+            with self._linear_chunks(adjoints=False):
+                self._linear_gemm("out_c = A_c S" + (": the earlier chunks' keys" if path.causal
+                                                     else ""),
+                                  "False, False, mq, dv, nf, F(1), qf, oa, nf, S, 0, dv, F(0), "
+                                  "out, oo, dv")
+                if path.causal:
+                    with w.block("if mk > 0:"):
+                        self._linear_scores()
+                        self._linear_gemm("out_c += p V_c: the chunk's own keys",
+                                          "False, False, mq, dv, mk, F(1), p, 0, CHUNK, v, ov, "
+                                          "dv, F(1), out, oo, dv", mixing=True)
+                if path.normalized:
+                    self._linear_normalize_rows(divide=True)
+                if path.causal:
+                    with w.block("if mk > 0:"):
+                        self._linear_add_keys()
     w()
     w()
-    outputs = ["dout", "out", "state", adjoint_name(a), adjoint_name(bvec), "dv_h"]
+
+
+def _linear_backward(self: CpuEmitter) -> None:
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    outputs = ["dout", "out", "state", adjoint_name(path.a), adjoint_name(path.b), "dv_h"]
     w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
     with w.block(self.signature("_linear_bwd", outputs, tiled=False)):
-        w('"""dnum_i = dO_i / den_i, dden_i = -(dO_i . O_i) / den_i; dA_i = S_i dnum_i + '
-          'z_i dden_i;')
-        w('dB_j = U_j v_j + u_j, dv_j = U_j^T B_j with U_j = sum_i A_i dnum_i^T over the rows '
-          'that see j."""')
-        self.unpack_sizes()
-        w(f"nf = {A}.shape[3]")
-        with w.block("for task in prange(B * heads):"):
-            w("b, h = task // heads, task % heads")
-            w("hk = h // (heads // kv_heads)")
-            w("gnum = np.empty(dv, F)  # dnum_i of the current row: no n_q x dv array")
-            w("# dA over rows, keys accumulated as in the forward")
-            with self._linear_rows_with_keys(Bn, hb, causal):
-                self._linear_row_grad(normalized)
-                with w.block("for f in range(nf):"):
-                    w("acc = z[f] * gden")
-                    with w.block("for c in range(dv):"):
-                        w("acc += S[f, c] * gnum[c]")
-                    w(f"{adjoint_name(a)}[b, h, i, f] += acc")
-            w("# dB and dv over keys, rows accumulated from the last one back (i >= j)")
-            w("U = np.zeros((nf, dv), F)")
-            w("u = np.zeros(nf, F)")
-            w("inext = n_q - 1")
-            if not causal:
-                w("inext = -1")
-                self._linear_add_rows(A, ha, "n_q - 1", "-1", normalized)
-            with w.block("for j in range(n_k - 1, -1, -1):"):
-                if causal:
-                    w("first = max(j, 0)  # rows i >= j see key j")
-                    self._linear_add_rows(A, ha, "inext", "first - 1", normalized)
-                    w("inext = min(inext, first - 1)")
-                with w.block("for f in range(nf):"):
-                    w("acc = u[f]")
-                    with w.block("for c in range(dv):"):
-                        w("acc += U[f, c] * v[b, hk, j, c]")
-                    w(f"{adjoint_name(bvec)}[b, h, j, f] += acc")
-                with w.block("for c in range(dv):"):
-                    w("acc = F(0)")
-                    with w.block("for f in range(nf):"):
-                        w(f"acc += U[f, c] * {Bn}[b, {hb}, j, f]")
-                    w("dv_h[b, h, j, c] += acc")
+        w('"""g_i = dO_i / den_i, gd_i = -(dO_i . O_i) / den_i (none: dO_i, 0), den_i computed '
+          'into state;')
+        w("dA_i = S_i g_i + z_i gd_i;")
+        w("dB_j = U_j v_j + u_j, dv_j = U_j^T B_j with U_j = sum_i A_i g_i^T, u_j = sum_i A_i "
+          "gd_i over the rows seeing j.")
+        if path.causal:
+            w("Chunk by chunk: dA forward (S, z carried), then dB and dv backward (U, u carried); "
+              "the")
+            w('chunk\'s own pairs through p = A_c B_c^T and dp = g_c V_c^T + gd_c, 0 where j > i."""')
+        else:
+            w('Every row sees every key: S, z, U, u are sums over all of them."""')
+        with self._linear_task(adjoints=True):
+            w("g = np.empty(CHUNK * dv, F)  # g_i of the chunk's rows: no n_q x dv array")
+            w("gd = np.zeros(CHUNK, F)  # gd_i of the chunk's rows")
+            if path.causal:
+                w("dp = np.empty(CHUNK * CHUNK, F)  # d(A_i . B_j) in the chunk, 0 where j > i")
+                self._linear_backward_rows()
+                self._linear_backward_keys()
+            else:
+                self._linear_backward_full()
     w()
     w()
 
 
 @contextmanager
-def _linear_rows_with_keys(self: CpuEmitter, Bn: str, hb: str, causal: bool
-                           ) -> Iterator[None]:
-    """`for i in range(n_q):` with S = sum_j B_j v_j^T and z = sum_j B_j over the keys row i
-    sees: all of them, added before the loop, or j <= i, added as a running prefix."""
-    w = self.w
-    w("S = np.zeros((nf, dv), F)  # sum_j B_j v_j^T over the keys seen")
-    w("z = np.zeros(nf, F)  # sum_j B_j")
-    if not causal:
-        self._linear_add_keys(Bn, hb, "0", "n_k")
-    else:
-        w("jn = 0")
-    with w.block("for i in range(n_q):"):
-        if causal:
-            w("stop = min(i + 1, n_k)  # mask j <= i")
-            self._linear_add_keys(Bn, hb, "jn", "stop")
-            w("jn = stop")
+def _linear_task(self: CpuEmitter, adjoints: bool) -> Iterator[None]:
+    """The prange over (batch, head), its names and its state S, z (the body is yielded)."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    self.unpack_sizes()
+    w(f"qf, kf = {input_name(path.a)}, {input_name(path.b)}  # A_i and B_j (at kf's head hb)")
+    if adjoints:
+        w(f"dqf, dkf = {adjoint_name(path.a)}, {adjoint_name(path.b)}  # per query head")
+    w("nf = qf.shape[3]")
+    with w.block("for task in prange(B * heads):"):
+        w("b, h = task // heads, task % heads")
+        w("hk = h // (heads // kv_heads)")
+        w(f"hb = {'hk' if path.b.is_raw_key else 'h'}")
+        w("S = np.zeros(nf * dv, F)  # [nf, dv]: sum_j B_j v_j^T over the keys added so far")
+        w("z = np.zeros(nf, F)  # sum_j B_j over them")
+        if path.causal:
+            w("p = np.empty(CHUNK * CHUNK, F)  # A_i . B_j in the chunk, 0 where j > i")
         yield
 
 
-def _linear_add_keys(self: CpuEmitter, Bn: str, hb: str, start: str, stop: str) -> None:
-    w = self.w
-    with w.block(f"for j in range({start}, {stop}):"), w.block("for f in range(nf):"):
-        w(f"bf = {Bn}[b, {hb}, j, f]")
-        w("z[f] += bf")
-        with w.block("for c in range(dv):"):
-            w("S[f, c] += bf * v[b, hk, j, c]")
+@contextmanager
+def _linear_chunks(self: CpuEmitter, adjoints: bool, reverse: bool = False) -> Iterator[None]:
+    """`for i0 in ...:` over the chunks of rows (with the keys at the same positions: mk of
+    them, j = i0 + jj <= i and j < n_k), with the flat offsets the GEMMs address them by."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    chunks = "range((n_q - 1) // CHUNK * CHUNK, -1, -CHUNK)" if reverse else \
+        "range(0, n_q, CHUNK)"
+    with w.block(f"for i0 in {chunks}:"):
+        w("mq = min(CHUNK, n_q - i0)")
+        w("oa = ((b * heads + h) * n_q + i0) * nf  # qf and dqf: [B, heads, n_q, nf]")
+        w("oo = ((b * heads + h) * n_q + i0) * dv")
+        if path.causal:
+            w("mk = max(min(mq, n_k - i0), 0)  # keys past the last row are seen by none")
+            self._linear_key_offsets("i0", adjoints)
+        yield
 
 
-def _linear_add_rows(self: CpuEmitter, A: str, ha: str, start: str, stop: str,
-                     normalized: bool) -> None:
+def _linear_key_offsets(self: CpuEmitter, start: str, adjoints: bool) -> None:
+    """Flat offsets of key `start` in kf, v (and dkf, dv_h, per query head)."""
     w = self.w
-    with w.block(f"for i in range({start}, {stop}, -1):"):
-        self._linear_row_grad(normalized)
+
+    def at(head: str, width: str) -> str:
+        return f"({head}) * n_k * {width}" if start == "0" else \
+            f"(({head}) * n_k + {start}) * {width}"
+
+    w(f"ob = {at('b * kf.shape[1] + hb', 'nf')}")
+    w(f"ov = {at('b * kv_heads + hk', 'dv')}")
+    if adjoints:
+        w(f"odb = {at('b * heads + h', 'nf')}")
+        w(f"odv = {at('b * heads + h', 'dv')}")
+
+
+def _linear_gemm(self: CpuEmitter, comment: str, args: str, mixing: bool = False) -> None:
+    """A GEMM (gemm_unchecked's arguments); `mixing`: its A operand is a masked pair tile, so
+    with a NaN or inf among the inputs it skips the zero terms (see mixing_gemm)."""
+    self.w(f"# {comment}")
+    if mixing:
+        self.mixing_gemm(args)
+    else:
+        self.w(f"gemm_unchecked({args})")
+
+
+def _linear_all_keys(self: CpuEmitter, adjoints: bool) -> None:
+    """S = B^T V and z = sum_j B_j over every key (no mask): one GEMM."""
+    w = self.w
+    self._linear_key_offsets("0", adjoints)
+    self._linear_gemm("S = B^T V over every key",
+                      "True, False, nf, dv, n_k, F(1), kf, ob, nf, v, ov, dv, F(0), S, 0, dv")
+    with w.block("for j in range(n_k):"), w.block("for f in range(nf):"):
+        w("z[f] += kf[b, hb, j, f]")
+
+
+def _linear_add_keys(self: CpuEmitter) -> None:
+    """The chunk's keys join the state: S += B_c^T V_c, z += sum_j B_j."""
+    w = self.w
+    self._linear_gemm("S += B_c^T V_c: the chunk's keys join the state",
+                      "True, False, nf, dv, mk, F(1), kf, ob, nf, v, ov, dv, F(1), S, 0, dv")
+    with w.block("for jj in range(mk):"), w.block("for f in range(nf):"):
+        w("z[f] += kf[b, hb, i0 + jj, f]")
+
+
+def _linear_scores(self: CpuEmitter) -> None:
+    """p = A_c B_c^T over the chunk's rows and keys, 0 where j > i (a masked key's NaN too)."""
+    w = self.w
+    self._linear_gemm("p = A_c B_c^T, then 0 where j > i",
+                      "False, True, mq, mk, nf, F(1), qf, oa, nf, kf, ob, nf, F(0), p, 0, CHUNK")
+    with w.block("for ii in range(mq):"), w.block("for jj in range(ii + 1, mk):"):
+        w("p[ii * CHUNK + jj] = F(0)")
+
+
+def _linear_dscores(self: CpuEmitter) -> None:
+    """dp = g_c V_c^T + gd_c (the adjoint of A_i . B_j), 0 where j > i."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    self._linear_gemm("dp = g_c V_c^T" + (" + gd_c" if path.normalized else "")
+                      + ", 0 where j > i",
+                      "False, True, mq, mk, dv, F(1), g, 0, dv, v, ov, dv, F(0), dp, 0, CHUNK")
+    with w.block("for ii in range(mq):"):
+        if path.normalized:
+            with w.block("for jj in range(min(ii + 1, mk)):"):
+                w("dp[ii * CHUNK + jj] += gd[ii]")
+        with w.block("for jj in range(ii + 1, mk):"):
+            w("dp[ii * CHUNK + jj] = F(0)")
+
+
+def _linear_normalize_rows(self: CpuEmitter, divide: bool) -> None:
+    """state_i = den_i = A_i . z (+ the chunk's row sum of p); `divide`: out_i /= den_i (0
+    where den_i = 0)."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    with w.block("for ii in range(mq):"):
+        w("i = i0 + ii")
+        w("den = F(0)")
         with w.block("for f in range(nf):"):
-            w(f"af = {A}[b, {ha}, i, f]")
-            w("u[f] += af * gden")
+            w("den += qf[b, h, i, f] * z[f]")
+        if path.causal:
+            with w.block("for jj in range(min(ii + 1, mk)):"):
+                w("den += p[ii * CHUNK + jj]")
+        if divide:
             with w.block("for c in range(dv):"):
-                w("U[f, c] += af * gnum[c]")
+                w("out[b, h, i, c] = out[b, h, i, c] / den if den != 0 else F(0)")
+        w("state[b, h, i] = den")
 
 
-def _linear_row_grad(self: CpuEmitter, normalized: bool) -> None:
-    """gnum = dO_i / den_i and gden = -(dO_i . O_i) / den_i for row i (none: dO_i and 0)."""
-    w = self.w
-    if not normalized:
-        w("gden = F(0)")
+def _linear_row_grads(self: CpuEmitter) -> None:
+    """g_i = dO_i / den_i and gd_i = -(dO_i . out_i) / den_i for the chunk's rows (none: dO_i
+    and 0)."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    with w.block("for ii in range(mq):"):
+        w("i = i0 + ii")
+        if not path.normalized:
+            with w.block("for c in range(dv):"):
+                w("g[ii * dv + c] = dout[b, h, i, c]")
+            return
+        w("den = state[b, h, i]")
+        w("inv = F(1) / den if den != 0 else F(0)")
+        w("dot = F(0)")
         with w.block("for c in range(dv):"):
-            w("gnum[c] = dout[b, h, i, c]")
-        return
-    w("den = state[b, h, i]")
-    w("inv = F(1) / den if den != 0 else F(0)")
-    w("dot = F(0)")
-    with w.block("for c in range(dv):"):
-        w("gnum[c] = dout[b, h, i, c] * inv")
-        w("dot += dout[b, h, i, c] * out[b, h, i, c]")
-    w("gden = -dot * inv")
+            w("g[ii * dv + c] = dout[b, h, i, c] * inv")
+            w("dot += dout[b, h, i, c] * out[b, h, i, c]")
+        w("gd[ii] = -dot * inv")
 
 
-CpuEmitter.linear = _linear  # type: ignore[attr-defined]
-CpuEmitter._linear_rows_with_keys = _linear_rows_with_keys  # type: ignore[attr-defined]
-CpuEmitter._linear_add_keys = _linear_add_keys  # type: ignore[attr-defined]
-CpuEmitter._linear_add_rows = _linear_add_rows  # type: ignore[attr-defined]
-CpuEmitter._linear_row_grad = _linear_row_grad  # type: ignore[attr-defined]
+def _linear_dq_from_state(self: CpuEmitter, comment: str) -> None:
+    """dA_c += g_c S^T + gd_c z^T."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    self._linear_gemm(comment, "False, True, mq, nf, dv, F(1), g, 0, dv, S, 0, dv, F(1), dqf, oa, "
+                      "nf")
+    if path.normalized:
+        with w.block("for ii in range(mq):"), w.block("for f in range(nf):"):
+            w("dqf[b, h, i0 + ii, f] += gd[ii] * z[f]")
+
+
+def _linear_rows_join_state(self: CpuEmitter, comment: str) -> None:
+    """U += A_c^T g_c, u += A_c^T gd_c."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    self._linear_gemm(comment,
+                      "True, False, nf, dv, mq, F(1), qf, oa, nf, g, 0, dv, F(1), U, 0, dv")
+    if path.normalized:
+        with w.block("for ii in range(mq):"), w.block("for f in range(nf):"):
+            w("u[f] += qf[b, h, i0 + ii, f] * gd[ii]")
+
+
+def _linear_dk_from_state(self: CpuEmitter, count: str, key: str, comment: str) -> None:
+    """dB += V U^T + u and dv += B U over `count` keys from ob/ov (odb/odv for the adjoints);
+    `key`: the key of the jj-th."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    self._linear_gemm(comment, f"False, True, {count}, nf, dv, F(1), v, ov, dv, U, 0, dv, F(1), "
+                      "dkf, odb, nf")
+    if path.normalized:
+        with w.block(f"for jj in range({count}):"), w.block("for f in range(nf):"):
+            w(f"dkf[b, h, {key}, f] += u[f]")
+    w(f"gemm_unchecked(False, False, {count}, dv, nf, F(1), kf, ob, nf, U, 0, dv, F(1), dv_h, "
+      "odv, dv)")
+
+
+def _linear_backward_rows(self: CpuEmitter) -> None:
+    """Causal dA, chunks in order: the earlier chunks' keys through S, z, the own ones
+    through dp; den_i (the state) on the way, as the forward computes it."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    w("# dA, chunks first to last: S, z hold the earlier chunks' keys")
+    with self._linear_chunks(adjoints=True):
+        if path.normalized:
+            with w.block("if mk > 0:"):
+                self._linear_scores()
+            self._linear_normalize_rows(divide=False)
+        self._linear_row_grads()
+        self._linear_dq_from_state("dA_c += g_c S^T + gd_c z^T: the earlier chunks' keys")
+        with w.block("if mk > 0:"):
+            self._linear_dscores()
+            self._linear_gemm("dA_c += dp B_c: the chunk's own keys",
+                              "False, False, mq, nf, mk, F(1), dp, 0, CHUNK, kf, ob, nf, F(1), "
+                              "dqf, oa, nf", mixing=True)
+            self._linear_add_keys()
+
+
+def _linear_backward_keys(self: CpuEmitter) -> None:
+    """Causal dB and dv, chunks last to first: the later chunks' rows through U, u, the own
+    ones through dp and p."""
+    w = self.w
+    w("# dB and dv, chunks last to first: U, u hold the later chunks' rows")
+    w("U = np.zeros(nf * dv, F)  # [nf, dv]: sum_i A_i g_i^T over the rows added so far")
+    w("u = np.zeros(nf, F)  # sum_i A_i gd_i")
+    with self._linear_chunks(adjoints=True, reverse=True):
+        self._linear_row_grads()
+        with w.block("if mk > 0:"):
+            self._linear_dk_from_state("mk", "i0 + jj", "dB_c += V_c U^T + u, dv_c += B_c U: "
+                                       "the later chunks' rows")
+            self._linear_scores()
+            self._linear_dscores()
+            self._linear_gemm("dB_c += dp^T A_c, dv_c += p^T g_c: the chunk's own rows",
+                              "True, False, mk, nf, mq, F(1), dp, 0, CHUNK, qf, oa, nf, F(1), "
+                              "dkf, odb, nf", mixing=True)
+            self.mixing_gemm("True, False, mk, dv, mq, F(1), p, 0, CHUNK, g, 0, dv, F(1), dv_h, "
+                             "odv, dv")
+        self._linear_rows_join_state("U += A_c^T g_c, u += A_c^T gd_c: the chunk's rows join "
+                                     "the state")
+
+
+def _linear_backward_full(self: CpuEmitter) -> None:
+    """No mask: S, z over every key, then per chunk of rows den_i (the state), dA_c and U, u;
+    dB, dv at the end."""
+    w, path = self.w, self.plan.linear
+    assert path is not None
+    self._linear_all_keys(adjoints=True)
+    w("U = np.zeros(nf * dv, F)  # [nf, dv]: sum_i A_i g_i^T over the rows added so far")
+    w("u = np.zeros(nf, F)  # sum_i A_i gd_i")
+    with self._linear_chunks(adjoints=False):
+        if path.normalized:
+            self._linear_normalize_rows(divide=False)
+        self._linear_row_grads()
+        self._linear_dq_from_state("dA_c += g_c S^T + gd_c z^T")
+        self._linear_rows_join_state("U += A_c^T g_c, u += A_c^T gd_c")
+    self._linear_dk_from_state("n_k", "jj", "dB = V U^T + u, dv = B U over every key")
+
+
+for _f in (_linear, _linear_forward, _linear_backward, _linear_task, _linear_chunks,
+           _linear_key_offsets, _linear_gemm, _linear_all_keys, _linear_add_keys, _linear_scores,
+           _linear_dscores, _linear_normalize_rows, _linear_row_grads, _linear_dq_from_state,
+           _linear_rows_join_state, _linear_dk_from_state, _linear_backward_rows,
+           _linear_backward_keys, _linear_backward_full):
+    setattr(CpuEmitter, _f.__name__.removeprefix("_") if _f is _linear else _f.__name__, _f)
 
 
 def emit_source(spec: ir.Spec | KernelPlan, dtype: str = "float32") -> str:

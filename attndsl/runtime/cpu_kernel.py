@@ -38,9 +38,12 @@ def _kernel_layout(value: np.ndarray, item: PairInput, sizes: dict[str, int],
         shape = shape + value.shape[-1:]
     else:
         value = value[..., 0]
+    if value.shape != shape:  # broadcast (a view, read-only): copied below
+        value = np.broadcast_to(value, shape)
     # writeable: a broadcast view that happens to be contiguous (sizes of 1) is read-only, and
-    # Numba types read-only arrays differently (a second signature)
-    return np.require(np.broadcast_to(value, shape), dtype=dtype, requirements=["C", "W"])
+    # Numba types read-only arrays differently (a second signature); a value already laid out
+    # so (phi(q) of the linear path, N x F) is passed as it is, not copied
+    return np.require(value, dtype=dtype, requirements=["C", "W"])
 
 
 def _reference_layout(adjoint: np.ndarray, item: PairInput, tiles: int) -> np.ndarray:
@@ -173,8 +176,8 @@ class CpuKernel(Kernel):
         tiles = -(-s["n_q"] // numba_cpu.BQ)
         err = np.zeros(s["B"] * s["heads"] * tiles, np.int64)
         module = self.module(call.dtype)
-        if self.plan.linear_path:  # the associative form: O(n d dv), no tiles
-            with _PARALLEL:
+        if self.plan.linear_path:  # the associative form: O(n d dv) in GEMMs, no tiles
+            with _PARALLEL, single_threaded_blas():
                 module._linear_fwd(*args, out, state)
             return out, state, t
         sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
@@ -220,6 +223,8 @@ class CpuKernel(Kernel):
         softmax = norm is NormKind.SOFTMAX
         # one rows pass and one finiteness check, shared with a recomputed forward
         t, args = self._common(call, dout)
+        if self.plan.linear_path:
+            return self._linear_backward(call, t, args, dout, out)
         if out is None or (softmax and lse is None) or norm is NormKind.SUM:
             # what was not given is recomputed; what was is trusted as forward's (as on numpy)
             fwd_out, state, _ = self._run_forward(call, (t, args))
@@ -244,13 +249,6 @@ class CpuKernel(Kernel):
             first.setdefault(x.array, np.zeros((B * H * q_tiles, call.params[x.array].size),
                                                call.dtype))
         module = self.module(call.dtype)
-        if self.plan.linear_path:
-            a, b = self.plan.linear.a, self.plan.linear.b  # type: ignore[union-attr]
-            with _PARALLEL:
-                module._linear_bwd(*args, dout, out, state,
-                                   adjoints[numpy_ref.variable(a.node)],
-                                   adjoints[numpy_ref.variable(b.node)], dv_h)
-            return self._finish(call, t, adjoints, dv_h, first, q_tiles)
         # One task per (batch, head, part): parts > 1 only while B * heads cannot fill the
         # threads; each part then has its own copy of the query-side adjoints (summed here).
         parts = _parts(B * H)
@@ -276,6 +274,27 @@ class CpuKernel(Kernel):
             for name, value in parted.items():
                 adjoints[name] = value.reshape((parts, B) + value.shape[1:]).sum(axis=0)
         return self._finish(call, t, adjoints, dv_h, first, q_tiles, (state, D))
+
+    def _linear_backward(self, call: Call, t: dict[str, Any], args: list[np.ndarray],
+                         dout: np.ndarray, out: Any) -> dict[str, np.ndarray]:
+        """The linear path: its backward computes den_i (the row state) itself, so a given out
+        needs no forward run (trusted as forward's, as on numpy)."""
+        from .cpu_intrinsics import single_threaded_blas
+
+        if out is None:
+            out, _, _ = self._run_forward(call, (t, args))
+        s = call.sizes
+        q_tiles = -(-s["n_q"] // numba_cpu.BQ)
+        adjoints = {numpy_ref.variable(item.node): value
+                    for item, value in self._adjoint_shapes(call, q_tiles)}
+        state = np.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)  # den_i, written there
+        dv_h = np.zeros((s["B"], s["heads"], s["n_k"], s["dv"]), call.dtype)
+        a, b = self.plan.linear.a, self.plan.linear.b  # type: ignore[union-attr]
+        with _PARALLEL, single_threaded_blas():
+            self.module(call.dtype)._linear_bwd(
+                *args, dout, out, state, adjoints[numpy_ref.variable(a.node)],
+                adjoints[numpy_ref.variable(b.node)], dv_h)
+        return self._finish(call, t, adjoints, dv_h, {}, q_tiles)
 
     def _finish(self, call: Call, t: dict[str, Any], adjoints: dict[str, np.ndarray],
                 dv_h: np.ndarray, first: dict[str, np.ndarray], q_tiles: int,

