@@ -62,13 +62,15 @@ FLOAT32 = ("alibi", "bahdanau", "sigmoid", "softcap")  # float32 compiles again:
 @pytest.mark.parametrize("name", DECODING)
 def test_decode_matches_the_reference_at_a_decoder_step(name: str, taken: list[int]) -> None:
     """n_q = 1 and 2 rows at the end of 1100 keys (GQA 4:2 where the spec allows), float64 to
-    1e-12 against the reference; float32 to 2e-5 for a few specs."""
+    1e-12 against the reference; float32 to 1e-4 for a few specs (ALiBi's bias reaches logits
+    of a few hundred at 1100 keys, rounded to float32 by ~3e-5 relative, as the tiled forward
+    is)."""
     ref, cpu = kernels(name)
     spec = ref.spec
     heads, kv = head_counts(spec, 4, 2)
     cases = [(1, np.float64, 1e-12), (2, np.float64, 1e-12)]
     if name in FLOAT32:
-        cases.append((2, np.float32, 2e-5))
+        cases.append((2, np.float32, 1e-4))
     for n_q, dtype, tol in cases:
         n_k = n_q if one_sequence(name) else 1100
         if n_q * heads // kv > cpu_kernel.DECODE_ROWS:
