@@ -624,19 +624,7 @@ class CpuEmitter:
             # in base 2 by the tile intrinsics: row_max, then exp2_shift_sum writes the weights
             w("# online softmax in base 2: rescale acc and l by 2^(m_old - m_new)")
             with w.block("for ii in range(mq):"):
-                w("m_new = max(m[ii], row_max(x, ii * BK, nk))")
-                with w.block("if m_new == NEG_INF:  # nothing allowed yet in this row, but the "
-                             "max skips NaN:"):
-                    w("l[ii] += exp2_shift_sum(x, ii * BK, nk, F(0))  # 0, or NaN from a NaN "
-                      "logit")
-                    w("continue")
-                w("l[ii] = l[ii] * exp2(m[ii] - m_new) + exp2_shift_sum(x, ii * BK, nk, m_new)")
-                with w.block("if m_new != m[ii]:  # rescale acc by 2^(m_old - m_new)"):
-                    w("alpha = exp2(m[ii] - m_new)")
-                    with w.block("for c in range(ii * dv, (ii + 1) * dv):  # no slice: "
-                                 "`a[s] *= x` allocates"):
-                        w("acc[c] *= alpha")
-                    w("m[ii] = m_new")
+                self.online_softmax_row("ii", "ii * BK")
             return
         with w.block("for ii in range(mq):"), w.block("for jj in range(nk):"):
             w("xv = x[ii * BK + jj]")
@@ -651,6 +639,23 @@ class CpuEmitter:
                 w(f"x[ii * BK + jj] = {self.fl(norm.accumulate.xreplace(named))}")
             for symbol, value in norm.update:
                 w(f"{local[symbol]} = {self.fl(value.xreplace(named))}")
+
+    def online_softmax_row(self, row: str, at: str) -> None:
+        """Row `row`'s logits x[at:at + nk] become its weights 2^(x - m_new); l, m and its acc
+        row follow (a row still without an allowed key goes on to the next)."""
+        w = self.w
+        w(f"m_new = max(m[{row}], row_max(x, {at}, nk))")
+        with w.block("if m_new == NEG_INF:  # nothing allowed yet in this row, but the max "
+                     "skips NaN:"):
+            w(f"l[{row}] += exp2_shift_sum(x, {at}, nk, F(0))  # 0, or NaN from a NaN logit")
+            w("continue")
+        w(f"l[{row}] = l[{row}] * exp2(m[{row}] - m_new) + exp2_shift_sum(x, {at}, nk, m_new)")
+        with w.block(f"if m_new != m[{row}]:  # rescale acc by 2^(m_old - m_new)"):
+            w(f"alpha = exp2(m[{row}] - m_new)")
+            with w.block(f"for c in range({row} * dv, ({row} + 1) * dv):  # no slice: "
+                         "`a[s] *= x` allocates"):
+                w("acc[c] *= alpha")
+            w(f"m[{row}] = m_new")
 
     def finish_rows(self) -> None:
         """out = scale * acc and the saved row state, from the normalizer's finish."""
@@ -818,16 +823,7 @@ class CpuEmitter:
         """The Accumulate step for row r over the tile (see normalize_tile)."""
         w, norm = self.w, self.norm
         if norm.rescale is not None:
-            w("m_new = max(m[r], row_max(x, xo, nk))")
-            with w.block("if m_new == NEG_INF:  # nothing allowed yet, but the max skips NaN:"):
-                w("l[r] += exp2_shift_sum(x, xo, nk, F(0))  # 0, or NaN from a NaN logit")
-                w("continue")
-            w("l[r] = l[r] * exp2(m[r] - m_new) + exp2_shift_sum(x, xo, nk, m_new)")
-            with w.block("if m_new != m[r]:  # rescale acc by 2^(m_old - m_new)"):
-                w("alpha = exp2(m[r] - m_new)")
-                with w.block("for c in range(r * dv, (r + 1) * dv):"):
-                    w("acc[c] *= alpha")
-                w("m[r] = m_new")
+            self.online_softmax_row("r", "xo")
             return
         with w.block("for jj in range(nk):"):
             w("xv = x[xo + jj]")
