@@ -672,10 +672,5 @@ class RingAttention(Attention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 return_lse: bool = False, **inputs_and_indices: Any) -> Any:
-        own = sorted(set(inputs_and_indices) & set(self.names))
-        if own:
-            raise TypeError(f"{', '.join(own)}: owned by the module as parameters; pass only "
-                            "inputs and index arrays to forward")
-        params = {name: getattr(self, name) for name in self.names}
         return _apply(self.handle, q, k, v, group=self.group, layout=self.layout,
-                      return_lse=return_lse, **params, **inputs_and_indices)
+                      return_lse=return_lse, **self.arguments(inputs_and_indices))

@@ -58,12 +58,16 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 return_lse: bool = False, **inputs_and_indices: Any) -> Any:
+        return apply(self.handle, q, k, v, return_lse=return_lse,
+                     **self.arguments(inputs_and_indices))
+
+    def arguments(self, inputs_and_indices: dict[str, Any]) -> dict[str, Any]:
+        """The module's params and the call's inputs and index arrays, by name."""
         own = sorted(set(inputs_and_indices) & set(self.names))
         if own:
             raise TypeError(f"{', '.join(own)}: owned by the module as parameters; pass only "
                             "inputs and index arrays to forward")
-        params = {name: getattr(self, name) for name in self.names}
-        return apply(self.handle, q, k, v, return_lse=return_lse, **params, **inputs_and_indices)
+        return {**{name: getattr(self, name) for name in self.names}, **inputs_and_indices}
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}{list(getattr(self, n).shape)}" for n in self.names)
