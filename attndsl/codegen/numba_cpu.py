@@ -39,6 +39,7 @@ from .printer import KernelPrinter, integer_valued
 from .source import SourceWriter
 
 BQ, BK = 64, 128  # a 64 x 128 score tile (32 KiB in float32) stays in L1
+DK = 512  # decoding's key tile: at <= 8 rows, 4 tiles' worth of per-tile overhead in one
 CHUNK = 64  # rows (and keys) per chunk of causal linear attention: 64 x 64 x F GEMMs
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
 
@@ -309,6 +310,7 @@ class CpuEmitter:
         w()
         w(f"F = np.{self.dtype}")
         w(f"BQ, BK = {BQ}, {BK}  # query x key tile")
+        w(f"DK = {DK}  # decoding's key tile")
         if self.plan.linear_path:
             w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
         w("LOG2E = F(1.4426950408889634)")
@@ -703,22 +705,22 @@ class CpuEmitter:
             self.unpack_sizes()
             w("group = heads // kv_heads")
             w("R = group * n_q  # packed rows")
-            w("per = ((n_k + splits - 1) // splits + BK - 1) // BK * BK  # keys per range")
+            w("per = ((n_k + splits - 1) // splits + DK - 1) // DK * DK  # keys per range")
             with w.block("for task in prange(B * kv_heads * splits):"):
                 w("b, hk, part = task // (kv_heads * splits), (task // splits) % kv_heads, "
                   "task % splits")
                 w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
-                w("x = np.empty(R * BK, F)  # the rows' logits, then weights")
+                w("x = np.empty(R * DK, F)  # the rows' logits, then weights")
                 if not self.softmax:
-                    w("keep = np.empty(BK, np.uint8)  # 1 where the mask allows the pair")
+                    w("keep = np.empty(DK, np.uint8)  # 1 where the mask allows the pair")
                 for n in self.decoded_gemms():
-                    w(f"s{n} = np.empty(R * BK, F)  # GEMM tile of {self.plan.gemms[n].name}")
+                    w(f"s{n} = np.empty(R * DK, F)  # GEMM tile of {self.plan.gemms[n].name}")
                 w("acc = np.zeros(R * dv, F)")
                 w("m = np.full(R, NEG_INF, F)  # running max (base 2; softmax)")
                 w("l = np.zeros(R, F)  # running normalizer")
                 w("bad = 0")
-                with w.block("for j0 in range(part * per, min(n_k, (part + 1) * per), BK):"):
-                    w("nk = min(BK, n_k - j0)")
+                with w.block("for j0 in range(part * per, min(n_k, (part + 1) * per), DK):"):
+                    w("nk = min(DK, n_k - j0)")
                     w("seen = 0  # rows the mask lets see this tile")
                     with w.block("for r in range(R):"):
                         w("h, i = hk * group + r // n_q, r % n_q")
@@ -732,7 +734,7 @@ class CpuEmitter:
                     with w.block("for r in range(R):"):
                         w("h, i = hk * group + r // n_q, r % n_q")
                         w("pi = qo + i")
-                        w("xo = r * BK  # the row's logits in x")
+                        w("xo = r * DK  # the row's logits in x")
                         w(f"status = _tile_status(sz, qo, ko, b, h, pi, pi + 1, ko + j0, "
                           f"ko + j0 + nk{self.extra_args()})")
                         with w.block("if status == 0:"):
@@ -803,7 +805,7 @@ class CpuEmitter:
             name = input_name(a)
             w(f"gemm_unchecked(False, True, R, nk, d, F(1), {name}, "
               f"(b * {name}.shape[1] + hk * group) * n_q * {name}.shape[3], {name}.shape[3], "
-              f"k, ((b * kv_heads + hk) * n_k + j0) * d, d, F(0), s{n}, 0, BK)")
+              f"k, ((b * kv_heads + hk) * n_k + j0) * d, d, F(0), s{n}, 0, DK)")
 
     def decode_logits(self) -> None:
         """x[jj] (and keep[jj]) for the packed row r against the key tile."""
@@ -844,7 +846,7 @@ class CpuEmitter:
         not take), so 0 * NaN cannot spread; checking the tile costs one pass in cache."""
         w = self.w
         w("vo = ((b * kv_heads + hk) * n_k + j0) * dv")
-        args = "False, False, R, dv, nk, F(1), x, 0, BK, v, vo, dv, F(1), acc, 0, dv"
+        args = "False, False, R, dv, nk, F(1), x, 0, DK, v, vo, dv, F(1), acc, 0, dv"
         with w.block("if all_finite(v, vo, nk * dv):"):
             w(f"gemm_unchecked({args})")
         with w.block("else:"):

@@ -76,7 +76,7 @@ def _sink_rows(value: Any, sizes: dict[str, int], dtype: np.dtype) -> np.ndarray
 # key/value head) per task, the forward reads each key once per group with feature loops;
 # past it the tiled forward's GEMMs win (measured: benchmarks/results/decode.md).
 DECODE_ROWS = 8
-DECODE_RANGE = 4 * numba_cpu.BK  # the fewest keys a decoding task takes
+DECODE_RANGE = numba_cpu.DK  # the fewest keys a decoding task takes: one tile
 
 
 def _decode_splits(tasks: int, n_k: int) -> int:
@@ -151,9 +151,13 @@ class CpuKernel(Kernel):
                 *call.indices.values()]
         return t, args
 
-    def _raise_on(self, err: np.ndarray) -> None:
+    def _raise_on(self, err: np.ndarray, call: Call) -> None:
         bad = int(err.max()) if err.size else 0
         if bad:
+            # the reference's rows name the subscript and the value of a row-level lookup
+            # (the forward skips them when the kernels read q and k themselves)
+            with np.errstate(all="ignore"):
+                self.ref.rows(numpy_ops, *call.arrays(), **call.offsets)
             lookup = self.plan.lookups[bad - 1]
             subs = lookup.subscripts  # an input's start with its batch axis b: not the spec's
             if any(p.name == lookup.array and p.batched for p in self.plan.spec.params):
@@ -183,7 +187,7 @@ class CpuKernel(Kernel):
         sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
         with _PARALLEL, single_threaded_blas():
             module._attn_fwd(*args, out, state, *sink, err)
-        self._raise_on(err)
+        self._raise_on(err, call)
         return out, state, t
 
     def _decoding(self, sizes: dict[str, int]) -> bool:
@@ -203,7 +207,7 @@ class CpuKernel(Kernel):
         module = self.module(call.dtype)
         with _PARALLEL:
             module._attn_decode(*args, splits, part_m, part_l, part_acc, err)
-        self._raise_on(err)
+        self._raise_on(err, call)
         out = np.empty((B, H, n_q, s["dv"]), call.dtype)
         state = np.empty((B, H, n_q), call.dtype)
         sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
@@ -269,7 +273,7 @@ class CpuKernel(Kernel):
                              *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
                              *(parted[numpy_ref.variable(i.node)] for i in other_items),
                              dv_h, *first.values(), err)
-        self._raise_on(err)
+        self._raise_on(err, call)
         if parts > 1:  # the parts' copies, summed in part order (deterministic)
             for name, value in parted.items():
                 adjoints[name] = value.reshape((parts, B) + value.shape[1:]).sum(axis=0)
