@@ -715,6 +715,7 @@ class CpuEmitter:
                     w("keep = np.empty(DK, np.uint8)  # 1 where the mask allows the pair")
                 for n in self.decoded_gemms():
                     w(f"s{n} = np.empty(R * DK, F)  # GEMM tile of {self.plan.gemms[n].name}")
+                w("status = np.empty(R, np.int64)  # each row's mask status of the tile")
                 w("acc = np.zeros(R * dv, F)")
                 w("m = np.full(R, NEG_INF, F)  # running max (base 2; softmax)")
                 w("l = np.zeros(R, F)  # running normalizer")
@@ -725,9 +726,9 @@ class CpuEmitter:
                     with w.block("for r in range(R):"):
                         w("h, i = hk * group + r // n_q, r % n_q")
                         w("pi = qo + i")
-                        w(f"status = _tile_status(sz, qo, ko, b, h, pi, pi + 1, ko + j0, "
+                        w(f"status[r] = _tile_status(sz, qo, ko, b, h, pi, pi + 1, ko + j0, "
                           f"ko + j0 + nk{self.extra_args()})")
-                        w("seen += status != 0")
+                        w("seen += status[r] != 0")
                     with w.block("if seen == 0:"):
                         w("continue  # the mask allows no key of this tile to any row")
                     self.decode_tiles()
@@ -735,9 +736,7 @@ class CpuEmitter:
                         w("h, i = hk * group + r // n_q, r % n_q")
                         w("pi = qo + i")
                         w("xo = r * DK  # the row's logits in x")
-                        w(f"status = _tile_status(sz, qo, ko, b, h, pi, pi + 1, ko + j0, "
-                          f"ko + j0 + nk{self.extra_args()})")
-                        with w.block("if status == 0:"):
+                        with w.block("if status[r] == 0:"):
                             w("x[xo:xo + nk] = F(0)  # no key of this tile for the row")
                             w("continue")
                         self.lookups_at(0, "bad")
@@ -810,7 +809,7 @@ class CpuEmitter:
     def decode_logits(self) -> None:
         """x[jj] (and keep[jj]) for the packed row r against the key tile."""
         w = self.w
-        mask = f"status == 2 or ({self.mask_expr()})" if self.mask is not None else "True"
+        mask = f"status[r] == 2 or ({self.mask_expr()})" if self.mask is not None else "True"
         with w.block("for jj in range(nk):"):
             w("j = j0 + jj")
             w("pj = ko + j")
