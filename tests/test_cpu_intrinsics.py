@@ -165,14 +165,15 @@ def test_transposed_rows_copies_and_checks_finiteness(dtype) -> None:
     rng = np.random.default_rng(0)
     for n in (1, 63, 64, 65, 131):
         x = rng.standard_normal((2, 3, n, 5)).astype(dtype)
-        xt, finite = ci.transposed_rows(x)
+        xt = np.empty(np.swapaxes(x, 2, 3).shape, dtype)
+        finite = ci.transposed_rows(x, xt)
         assert finite and xt.flags.c_contiguous and xt.dtype == dtype
         np.testing.assert_array_equal(xt, np.swapaxes(x, 2, 3))
         for where, value in (((0, 0, 0, 0), np.nan), ((1, 2, n - 1, 4), np.inf),
                              ((1, 0, n // 2, 2), -np.inf)):
             y = x.copy()
             y[where] = value
-            yt, finite = ci.transposed_rows(y)
+            finite = ci.transposed_rows(y, yt := np.empty_like(xt))
             assert not finite
             np.testing.assert_array_equal(yt, np.swapaxes(y, 2, 3))
 

@@ -14,6 +14,7 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 * :func:`single_threaded_blas` -- BLAS must not spawn threads inside ``prange``.
 * :func:`transposed_rows` -- (called by the launcher) a GEMM's key operand transposed, and
   whether it is finite.
+* :func:`finite_everywhere` -- (called by the launcher) whether a row operand is finite.
 * :func:`cpu_features_prefer_512` / :func:`enable_512bit_vectors` -- let LLVM use zmm vectors.
 
 How a generated kernel module uses it::
@@ -72,6 +73,7 @@ __all__ = [
     "set_blas_num_threads",
     "single_threaded_blas",
     "transposed_rows",
+    "finite_everywhere",
 ]
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
@@ -518,14 +520,14 @@ _TRANSPOSE_BLOCK = 64  # keys per task: a block of rows is read once, written d 
 
 
 @njit(cache=True, parallel=True)
-def transposed_rows(x):  # pragma: no cover - compiled
-    """``x`` [B, H, n, F] as a C-contiguous [B, H, F, n], and whether every element is finite.
+def transposed_rows(x, out):  # pragma: no cover - compiled
+    """``x`` [B, H, n, F] written into ``out``, a C-contiguous [B, H, F, n]; whether every
+    element is finite.
 
     The GEMMs' key operands, transposed in blocks of keys (NumPy's strided copy runs at half
     this speed), with the finiteness check of the careful path in the same pass over ``x``.
     """
     B, H, n, F = x.shape
-    out = np.empty((B, H, F, n), x.dtype)
     blocks = (n + _TRANSPOSE_BLOCK - 1) // _TRANSPOSE_BLOCK
     bad = 0
     for task in prange(B * H * blocks):
@@ -539,7 +541,26 @@ def transposed_rows(x):  # pragma: no cover - compiled
                 out[b, h, c, j] = e
                 nonfinite += not math.isfinite(e)
         bad += nonfinite
-    return out, bad == 0
+    return bad == 0
+
+
+_FINITE_BLOCK = 1 << 14  # elements per task
+
+
+@njit(cache=True, parallel=True)
+def finite_everywhere(x):  # pragma: no cover - compiled
+    """Whether the C-contiguous ``x`` holds no NaN or inf: the careful path's check of a row
+    operand, without the boolean array of ``np.isfinite(x).all()`` (a fresh N x d mapping)."""
+    flat = x.reshape(x.size)
+    blocks = (flat.size + _FINITE_BLOCK - 1) // _FINITE_BLOCK
+    bad = 0
+    for block in prange(blocks):
+        start = block * _FINITE_BLOCK
+        nonfinite = 0
+        for p in range(start, min(start + _FINITE_BLOCK, flat.size)):
+            nonfinite += not math.isfinite(flat[p])
+        bad += nonfinite
+    return bad == 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from .. import ir
 from ..codegen import numba_cpu, numpy_ref
 from ..ir import NormKind, Side
 from ..plan import PairInput, make_plan
-from . import cache, numpy_ops
+from . import buffers, cache, numpy_ops
 from .kernel import Call, Kernel, check_linear_offsets
 
 # Every parallel launch (the kernels, the key transposes) holds this lock: Numba's default
@@ -61,7 +61,19 @@ def _reference_layout(adjoint: np.ndarray, item: PairInput, tiles: int) -> np.nd
 
 def _all_finite(arrays: list[np.ndarray | None]) -> bool:
     """O(N d): the kernels take their careful path (sz[8]) only when this is False."""
-    return all(a is None or bool(np.isfinite(a).all()) for a in arrays)
+    from .cpu_intrinsics import finite_everywhere
+
+    for a in arrays:
+        if a is None:
+            continue
+        if a.size >= 1 << 16 and a.flags.c_contiguous and a.dtype.kind == "f":
+            with _PARALLEL:
+                finite = finite_everywhere(a)
+        else:
+            finite = bool(np.isfinite(a).all())
+        if not finite:
+            return False
+    return True
 
 
 def _sink_rows(value: Any, sizes: dict[str, int], dtype: np.dtype) -> np.ndarray:
@@ -138,8 +150,9 @@ class CpuKernel(Kernel):
             for r in self.plan.gemms:
                 key = self.plan.inputs_of_gemm(r)[1]
                 value = call.k if key.is_raw_key else by_node[id(key.node)]
+                value_t = buffers.empty(value.shape[:2] + value.shape[:1:-1], value.dtype)
                 with _PARALLEL:
-                    value_t, finite = transposed_rows(value)
+                    finite = transposed_rows(value, value_t)
                 inputs.append(value_t)
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
         rest = [a for a in operands if not any(a is t for t in transposed)]
@@ -175,8 +188,8 @@ class CpuKernel(Kernel):
         if common is None and self._decoding(s):
             return self._run_decode(call)
         t, args = self._common(call) if common is None else common
-        out = np.zeros((s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
-        state = np.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
+        out = buffers.zeros((s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
+        state = buffers.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
         tiles = -(-s["n_q"] // numba_cpu.BQ)
         err = np.zeros(s["B"] * s["heads"] * tiles, np.int64)
         module = self.module(call.dtype)
@@ -200,16 +213,16 @@ class CpuKernel(Kernel):
         s = call.sizes
         B, H, n_q = s["B"], s["heads"], s["n_q"]
         splits = _decode_splits(B * s["kv_heads"], s["n_k"])
-        part_m = np.empty((B, H, n_q, splits), call.dtype)
-        part_l = np.empty((B, H, n_q, splits), call.dtype)
-        part_acc = np.empty((B, H, n_q, splits, s["dv"]), call.dtype)
+        part_m = buffers.empty((B, H, n_q, splits), call.dtype)
+        part_l = buffers.empty((B, H, n_q, splits), call.dtype)
+        part_acc = buffers.empty((B, H, n_q, splits, s["dv"]), call.dtype)
         err = np.zeros(B * s["kv_heads"] * splits, np.int64)
         module = self.module(call.dtype)
         with _PARALLEL:
             module._attn_decode(*args, splits, part_m, part_l, part_acc, err)
         self._raise_on(err, call)
-        out = np.empty((B, H, n_q, s["dv"]), call.dtype)
-        state = np.empty((B, H, n_q), call.dtype)
+        out = buffers.empty((B, H, n_q, s["dv"]), call.dtype)
+        state = buffers.empty((B, H, n_q), call.dtype)
         sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
         with _PARALLEL:
             module._decode_merge(args[0], splits, part_m, part_l, part_acc, out, state, *sink)
@@ -235,10 +248,13 @@ class CpuKernel(Kernel):
             out = fwd_out if out is None else out
             state = lse if softmax and lse is not None else state
         else:
-            state = lse if lse is not None else np.zeros(out.shape[:3], call.dtype)
+            state = lse if lse is not None else buffers.zeros(out.shape[:3], call.dtype)
         s = call.sizes
         B, H = s["B"], s["heads"]
-        D = np.ascontiguousarray(np.sum(dout * out, axis=-1), dtype=call.dtype)
+        products = buffers.empty(dout.shape, np.result_type(dout, out))
+        D = np.ascontiguousarray(np.multiply(dout, out, out=products).sum(axis=-1),
+                                 dtype=call.dtype)
+        del products
         if dlse is not None:  # lse's adjoint: d lse / dx_j = P_j, so dS = P (dP - (D - dlse))
             D -= dlse
         q_tiles = -(-s["n_q"] // numba_cpu.BQ)
@@ -247,10 +263,10 @@ class CpuKernel(Kernel):
             adjoints[numpy_ref.variable(item.node)] = value
         key_items = [i for i in self.plan.inputs if i.side is Side.KEY]
         other_items = [i for i in self.plan.inputs if i.side is not Side.KEY]
-        dv_h = np.zeros((B, H, s["n_k"], s["dv"]), call.dtype)
+        dv_h = buffers.zeros((B, H, s["n_k"], s["dv"]), call.dtype)
         first = {}
         for x in self.plan.param_lookups:
-            first.setdefault(x.array, np.zeros((B * H * q_tiles, call.params[x.array].size),
+            first.setdefault(x.array, buffers.zeros((B * H * q_tiles, call.params[x.array].size),
                                                call.dtype))
         module = self.module(call.dtype)
         # One task per (batch, head, part): parts > 1 only while B * heads cannot fill the
@@ -260,11 +276,12 @@ class CpuKernel(Kernel):
         for item in other_items:
             name = numpy_ref.variable(item.node)
             value = adjoints[name]
-            parted[name] = value if parts == 1 else np.zeros((parts * B,) + value.shape[1:],
-                                                             value.dtype)
+            parted[name] = value if parts == 1 else buffers.zeros(
+                (parts * B,) + value.shape[1:], value.dtype)
         for array, value in list(first.items()):
             if parts > 1:
-                first[array] = np.zeros((parts * value.shape[0], value.shape[1]), value.dtype)
+                first[array] = buffers.zeros((parts * value.shape[0], value.shape[1]),
+                                             value.dtype)
         err = np.zeros(B * H * parts, np.int64)
         sz = args[0].copy()
         sz[7] = parts
@@ -291,8 +308,8 @@ class CpuKernel(Kernel):
         q_tiles = -(-s["n_q"] // numba_cpu.BQ)
         adjoints = {numpy_ref.variable(item.node): value
                     for item, value in self._adjoint_shapes(call, q_tiles)}
-        state = np.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)  # den_i, written there
-        dv_h = np.zeros((s["B"], s["heads"], s["n_k"], s["dv"]), call.dtype)
+        state = buffers.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)  # den_i, written there
+        dv_h = buffers.zeros((s["B"], s["heads"], s["n_k"], s["dv"]), call.dtype)
         a, b = self.plan.linear.a, self.plan.linear.b  # type: ignore[union-attr]
         with _PARALLEL, single_threaded_blas():
             self.module(call.dtype)._linear_bwd(
@@ -338,7 +355,7 @@ class CpuKernel(Kernel):
                     value = self._width(item, call)
                     width = (value,)
                 shape = lead + width
-            yield item, np.zeros(shape, call.dtype)
+            yield item, buffers.zeros(shape, call.dtype)
 
     def _width(self, item: PairInput, call: Call) -> int:
         node = item.node
