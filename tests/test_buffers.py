@@ -5,6 +5,7 @@ stay under ATTNDSL_POOL_MIB."""
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,8 +47,8 @@ def test_a_map_stays_out_while_any_view_of_it_lives(keep: str) -> None:
     a = buffers.empty(SHAPE, np.float64)
     a[...] = 3.0
     where = _address(a)
-    view = {"slice": lambda: a[1, 2:3], "transpose": lambda: a.T,
-            "reshape": lambda: a.reshape(-1)[5:], "torch": lambda: torch.from_numpy(a)}[keep]()
+    view: Any = {"slice": a[1, 2:3], "transpose": a.T, "reshape": a.reshape(-1)[5:],
+                 "torch": torch.from_numpy(a)}[keep]
     del a
     gc.collect()
     assert buffers.idle_bytes() == 0, f"returned while a {keep} view lives"

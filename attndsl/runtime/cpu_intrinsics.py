@@ -64,6 +64,7 @@ __all__ = [
     "exp2_f64",
     "exp2_shift",
     "exp2_shift_sum",
+    "finite_everywhere",
     "fmax",
     "gemm",
     "gemm_skip_zero",
@@ -73,7 +74,6 @@ __all__ = [
     "set_blas_num_threads",
     "single_threaded_blas",
     "transposed_rows",
-    "finite_everywhere",
 ]
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
