@@ -1,6 +1,6 @@
 """The cost of going through attndsl.torch: the torch op vs the Kernel called on NumPy arrays.
 
-    python benchmarks/bench_torch_op.py [--spec examples/causal.attn] [--n 256,2048] [--reps 9]
+    python benchmarks/bench_torch_op.py [--spec examples/causal.attn] [--n 256,2048] [--reps 21]
 
 Both sides run the same compiled `cpu` kernel (float32, B=1, H=8, D=64): "direct" calls
 `Kernel.forward(return_lse=True)` and `Kernel.backward(out=, lse=)` on NumPy arrays; "torch"
@@ -81,29 +81,79 @@ class Torch:
         return t["q"].grad
 
 
-def timed(f: Any) -> float:
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
+class KernelClock:
+    """Seconds spent inside a Kernel's forward and backward, per call of a timed function: the
+    rest of a call's time is what surrounds the kernels (for the op: its own code)."""
+
+    def __init__(self, *kernels: attndsl.Kernel) -> None:
+        self.spent = 0.0
+        self.kernels = kernels
+        for kernel in kernels:
+            for name in ("forward", "backward"):
+                setattr(kernel, name, self._clocked(getattr(kernel, name)))
+
+    def close(self) -> None:
+        """The kernels' own methods again."""
+        for kernel in self.kernels:
+            for name in ("forward", "backward"):
+                vars(kernel).pop(name, None)
+
+    def _clocked(self, method: Any) -> Any:
+        def clocked(*args: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kw)
+            finally:
+                self.spent += time.perf_counter() - start
+        return clocked
+
+    def timed(self, f: Any) -> tuple[float, float]:
+        """(seconds of the whole call, seconds outside the kernels)."""
+        self.spent = 0.0
+        start = time.perf_counter()
+        f()
+        whole = time.perf_counter() - start
+        return whole, whole - self.spent
 
 
-def measure(spec: Path, n: int, reps: int) -> dict[str, tuple[float, float, float]]:
-    """{mode: (median direct s, median torch s, median of the paired differences s)}."""
+def measure(spec: Path, n: int, reps: int) -> dict[str, tuple[float, ...]]:
+    """{mode: (median direct s, median torch s, median of the paired differences s, median
+    seconds outside the kernels: direct, torch)}."""
     t = inputs(n)
     kernel = attndsl.compile(spec, target="cpu")
     direct, wrapped = Direct(kernel, t), Torch(spec, t)
     for f in (direct.forward_backward, wrapped.forward_backward):  # compile, warm caches
         f()
         f()
+    op_kernel = ops.ENTRIES[ops.spec_handle(spec)].kernel(torch.device("cpu"))
+    clock = KernelClock(*{id(k): k for k in (kernel, op_kernel)}.values())
+    try:
+        return _pairs(clock, direct, wrapped, reps)
+    finally:
+        clock.close()
+
+
+def _pairs(clock: KernelClock, direct: Direct, wrapped: Torch, reps: int
+           ) -> dict[str, tuple[float, ...]]:
     result = {}
     for mode, pair in (("fwd", (direct.forward, wrapped.forward)),
                        ("fwd+bwd", (direct.forward_backward, wrapped.forward_backward))):
-        times: list[tuple[float, float]] = []
-        for _ in range(reps):  # interleaved pairs: a drift in machine load hits both sides
-            times.append((timed(pair[0]), timed(pair[1])))
-        result[mode] = (statistics.median(d for d, _ in times),
-                        statistics.median(w for _, w in times),
-                        statistics.median(w - d for d, w in times))
+        times: list[tuple[tuple[float, float], tuple[float, float]]] = []
+        for rep in range(reps):
+            # interleaved pairs, each side first in turn: a drift in machine load, or the heap
+            # state one side leaves the other, hits both sides alike
+            if rep % 2:
+                w = clock.timed(pair[1])
+                d = clock.timed(pair[0])
+            else:
+                d = clock.timed(pair[0])
+                w = clock.timed(pair[1])
+            times.append((d, w))
+        result[mode] = (statistics.median(d[0] for d, _ in times),
+                        statistics.median(w[0] for _, w in times),
+                        statistics.median(w[0] - d[0] for d, w in times),
+                        statistics.median(d[1] for d, _ in times),
+                        statistics.median(w[1] for _, w in times))
     return result
 
 
@@ -145,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(ROOT / "examples" / "causal.attn"))
     parser.add_argument("--n", default="256,2048")
-    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--reps", type=int, default=21)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "torch_op.md"))
     args = parser.parse_args(argv)
     spec = Path(args.spec)
@@ -155,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [(int(x), args.reps) for x in args.n.split(",")]
     for n, reps in [(16, 10 * args.reps), *sizes]:  # N=16: the fixed cost per call
         m = measure(spec, n, reps)
-        for mode, (d, w, diff) in m.items():
+        for mode, (d, w, diff, d_out, w_out) in m.items():
+            own = w_out - d_out
             rows.append(f"| {n} | {mode} | {reps} | {d * 1e3:.3f} | {w * 1e3:.3f} | "
-                        f"{diff * 1e3:+.3f} | {100 * diff / d:+.1f}% |")
+                        f"{diff * 1e3:+.3f} | {100 * diff / d:+.1f}% | {own * 1e3:+.3f} | "
+                        f"{100 * own / d:+.1f}% |")
             print(rows[-1], flush=True)
     checks = copies(spec)
     end = os.getloadavg()
@@ -169,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                f"{end[0]:.2f}.")
     method = (f"Spec `{rel}`, float32, B={B}, H={H}, D={D}; medians of interleaved (direct, "
               "torch) pairs of calls after two warm-up calls; the overhead is the median of the "
-              "pairs' differences (N=16 shows the fixed cost per call). **direct**: "
+              "pairs' differences (N=16 shows the fixed cost per call); each pair runs its sides in "
+              "turn first. **op's own**: the median time outside the kernel calls, torch's "
+              "minus direct's (the kernels' calls are clocked inside both): what the op's code "
+              "adds, without the kernels' own run-to-run spread. **direct**: "
               "`Kernel.forward(return_lse=True)` (+ `Kernel.backward(out=, lse=)`) on NumPy "
               "arrays. **torch**: `attndsl.torch.attention(return_lse=True)` under `no_grad` "
               "(fwd), or on tensors requiring grad followed by `torch.autograd.backward(out, "
@@ -177,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
               "same compiled `cpu` kernel.")
     text = "\n".join([
         "# attndsl.torch op overhead", "", machine, "", method, "",
-        "| N | mode | pairs | direct ms | torch ms | overhead ms | overhead |",
-        "|---|---|---|---|---|---|---|",
+        ("| N | mode | pairs | direct ms | torch ms | overhead ms | overhead | op's own ms | "
+         "op's own |"),
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "No copies (pointer checks, N=256, float32 contiguous tensors):",
