@@ -1,14 +1,19 @@
-"""Suite-wide collection order."""
+"""Suite-wide hooks."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import simulator_run
 
-# Runs the whole CUDA simulator suite in a pytest process of its own (about 8 minutes on 2
-# cores): first, so that under the README's `-n 2 --dist loadfile` one worker starts it while
-# the other takes the other files, instead of running it alone at the end.
-FIRST = "test_cuda_simulator_process.py"
+CHECKER = "test_cuda_simulator_process.py"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name != FIRST)  # stable: the rest keep their order
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the CUDA simulator's suite in the background once the test that checks it is
+    collected (tests/simulator_run.py says why), unless this is that suite's own process."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or session.config.option.collectonly:
+        return
+    if simulator_run.available() and any(item.path.name == CHECKER for item in session.items):
+        simulator_run.start()
