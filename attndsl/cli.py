@@ -79,10 +79,13 @@ def _configure_check(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from .symbolic import derive as derive_forward
+
     status = OK
     for path in args.files:
         try:
             spec = load_spec(path)
+            derive_forward(spec)  # the refusals only the derivation sees (LANGUAGE.md x3)
         except UsageError as exc:
             print(f"attndsl check: {exc}", file=sys.stderr)
             status = USAGE_ERROR
@@ -230,6 +233,7 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     import time
 
+    from .symbolic import derive as derive_forward
     from .verification import target_names, verify
 
     try:
@@ -241,6 +245,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         say = _verify_progress(path, number, len(args.files))
         try:
             spec = load_spec(path)
+            derive_forward(spec)  # the refusals only the derivation sees (LANGUAGE.md x3)
         except UsageError as exc:
             print(f"attndsl verify: {exc}", file=sys.stderr)
             status = USAGE_ERROR

@@ -301,7 +301,7 @@ class Deriver:
         if size not in SIZES:
             raise SpecError(f"a {op} over '{size}' of a vector that does not vary over its "
                             "features is not supported", at.pos.line, at.pos.column,
-                            hint=f"write the constant times the size of '{size}' instead")
+                            hint=f"write the constant times the number of entries along '{size}' instead")
         return Norm(SIZES[size] * body) if op == "norm" else SIZES[size] * body
 
     def _call(self, func: str, args: list[sp.Expr], nodes: tuple[ir.Expr, ...]) -> sp.Expr:
@@ -355,7 +355,15 @@ def _fold_normalizer(out: Derivation) -> None:
 
 
 def derive(spec: ir.Spec) -> Derivation:
-    """The forward derivation of a checked spec."""
+    """The forward derivation of a checked spec. A construct the checker accepts but the
+    derivation refuses (LANGUAGE.md x3) raises SpecError located in the spec's text."""
+    try:
+        return _derive(spec)
+    except SpecError as err:
+        raise err.located(spec.source, spec.filename) from None
+
+
+def _derive(spec: ir.Spec) -> Derivation:
     deriver = Deriver(spec)
     out = deriver.out
     x = deriver.scalar(spec.score)

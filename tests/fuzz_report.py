@@ -60,7 +60,7 @@ def main() -> int:
     failures: dict[str, list[str]] = defaultdict(list)
     tiers_of: dict[str, set[str]] = defaultdict(set)
     seconds: dict[str, float] = defaultdict(float)
-    counts = {"cases": 0, "failed": 0}
+    counts = {"cases": 0, "failed": 0, "refused": 0}
     unique: set[str] = set()
     report_every: list = [0]
 
@@ -82,6 +82,7 @@ def main() -> int:
             counts["failed"] += 1
             return
         failed = False
+        counts["refused"] += fuzz_tiers.documented_refusal(case.gen.text) is not None
         for tier in tiers:
             t0 = time.perf_counter()
             try:
@@ -112,6 +113,8 @@ def main() -> int:
         print(f"\n{counts['cases']} cases ({len(unique)} distinct specs), seed {args.seed}, "
               f"tiers {','.join(tiers)}: {counts['failed']} failed, {total:.0f} s")
         print(f"  avoided constructs: {', '.join(sorted(avoid)) or 'none'}")
+        print(f"  refused as documented (LANGUAGE.md x3), checked on every tier: "
+              f"{counts['refused']}")
         for tier in tiers:
             print(f"  {tier}: {seconds[tier] / max(counts['cases'], 1):.3f} s per case")
         print(f"\n{'count':>6}  {'specs':>6}  cause")

@@ -195,10 +195,13 @@ def tier_cpu(case: Case) -> None:
 def tier_cuda(case: Case) -> None:
     """4 x 4 tiles, so the case's lengths (up to 9) span partial tiles; the simulator runs every
     thread in Python, so no larger shape."""
+    tier_target(case, "cuda", _cuda_kernel(case.gen.text), tiled=False)
+
+
+def _cuda_kernel(text: str) -> Any:
     from attndsl.runtime.cuda_kernel import compile_kernel
 
-    kernel = compile_kernel(attndsl.parse(case.gen.text), tiles=(4, 4, 4, 4))
-    tier_target(case, "cuda", kernel, tiled=False)
+    return compile_kernel(attndsl.parse(text), tiles=(4, 4, 4, 4))
 
 
 def tier_verify(case: Case) -> None:
@@ -208,7 +211,55 @@ def tier_verify(case: Case) -> None:
         raise Mismatch("verify", "proof", failed[0].what if failed else "?", str(report))
 
 
-TIERS = {"numpy": tier_numpy, "cpu": tier_cpu, "cuda": tier_cuda, "verify": tier_verify}
+# The derivation refuses one construct the checker accepts (LANGUAGE.md x3): a sum, dot or norm
+# over a param dimension of a vector that folds to a constant (`sum(exp(wr - wr))`). For such a
+# spec every tier must refuse it the same way: a SpecError at the reduction, with a caret.
+DOCUMENTED_REFUSAL = "of a vector that does not vary over its features is not supported"
+
+
+def documented_refusal(text: str) -> attndsl.SpecError | None:
+    """The x3 refusal the forward derivation raises for this spec, if it is refused."""
+    from attndsl.symbolic import derive
+
+    try:
+        derive(attndsl.parse(text))
+    except attndsl.SpecError as err:
+        if DOCUMENTED_REFUSAL in err.message:
+            return err
+        raise
+    return None
+
+
+def refuses_cleanly(tier: str, case: Case, refusal: attndsl.SpecError) -> None:
+    """The tier's entry point raises the same located SpecError as the derivation."""
+    run = {"numpy": lambda: attndsl.compile(case.gen.text, "numpy"),
+           "cpu": lambda: attndsl.compile(case.gen.text, "cpu"),
+           "cuda": lambda: _cuda_kernel(case.gen.text),
+           "verify": lambda: attndsl.verify(case.gen.text)}[tier]
+    try:
+        run()
+    except attndsl.SpecError as err:
+        shown = str(err).splitlines()
+        if (err.message, err.line, err.column) == (refusal.message, refusal.line,
+                                                   refusal.column) and len(shown) == 3:
+            return
+        raise Mismatch("refusal", tier, "SpecError", f"not the derivation's, with a caret: {err}")
+    raise Mismatch("refusal", tier, "SpecError", "accepted a spec the derivation refuses")
+
+
+def _refusing_or(tier: str, run: Any) -> Any:
+    def checked(case: Case) -> None:
+        refusal = documented_refusal(case.gen.text)
+        if refusal is not None:
+            refuses_cleanly(tier, case, refusal)
+        else:
+            run(case)
+    checked.__doc__ = run.__doc__
+    return checked
+
+
+TIERS = {name: _refusing_or(name, run) for name, run in (
+    ("numpy", tier_numpy), ("cpu", tier_cpu), ("cuda", tier_cuda), ("verify", tier_verify))}
 
 
 @dataclass

@@ -42,6 +42,30 @@ def test_check_a_bad_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                             "heads from tensors\n")
 
 
+def test_check_reports_what_only_the_derivation_refuses(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """LANGUAGE.md x3: a reduction over a param dimension of a vector that folds to a constant
+    passes the checker but not the derivation; `check` reports it like any spec error, and
+    compiling it raises the same located error, on every target (found by the fuzzer)."""
+    import attndsl
+
+    bad = tmp_path / "folds.attn"
+    text = "attention folds {\n    param wr[r]\n    score q . k + tanh(sum(exp(wr - wr)))\n}\n"
+    bad.write_text(text)
+    assert main(["check", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"{bad}:3:28: a sum over 'r' of a vector that does not vary over its features is not "
+        "supported; write the constant times the number of entries along 'r' instead\n"
+        "    score q . k + tanh(sum(exp(wr - wr)))\n"
+        "                           ^\n")
+    for target in ("numpy", "cpu"):
+        with pytest.raises(attndsl.SpecError) as info:
+            attndsl.compile(bad, target)
+        assert str(info.value) == captured.err.rstrip("\n")
+
+
 def test_missing_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.attn"
     bad = tmp_path / "bad.attn"

@@ -163,6 +163,7 @@ def test_verify_no_proof(capsys: pytest.CaptureFixture[str]) -> None:
 def test_verify_progress_names_each_check_on_a_terminal(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import attndsl
+    import attndsl.verification  # not imported by `import attndsl` itself
 
     steps: list[str] = []
     attndsl.verification.verify(attndsl.load(example("luong_dot")), proof=False,

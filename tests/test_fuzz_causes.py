@@ -594,3 +594,29 @@ def test_clamp_keeps_a_nan_bound_cpu(text: str) -> None:
         results[target] = {"out": out, **kernel.backward(a["q"], a["k"], a["v"], a["dout"], **tau)}
     assert np.isnan(results["numpy"]["out"]).all()
     assert_same_nan_pattern_and_values(results["cpu"], results["numpy"])
+
+
+# seed 8500 (issue 9's fuzzing): the checker accepted `sum(exp(wr - wr))` over a param dimension
+# and every tier raised the derivation's refusal (LANGUAGE.md x3), without its caret; the
+# refusal is now located on every entry point, `attndsl check` reports it, and the fuzzer's
+# tiers require exactly that refusal (so an accepting or a crashing target still fails them)
+CONSTANT_REDUCTION_OVER_PARAM_SIZE = """attention fuzz {
+    param wr[r]
+    score tanh(sum(exp(wr - wr))) + q . k
+}"""
+
+
+@pytest.mark.parametrize("tier", ["numpy", "cpu", "verify"])
+def test_constant_reduction_over_a_param_size_is_refused_by_every_tier(tier: str) -> None:
+    import fuzz_tiers
+    import spec_gen
+
+    refusal = fuzz_tiers.documented_refusal(CONSTANT_REDUCTION_OVER_PARAM_SIZE)
+    assert refusal is not None and (refusal.line, refusal.column) == (3, 20)
+    case = spec_gen.Case(spec_gen.GenSpec(CONSTANT_REDUCTION_OVER_PARAM_SIZE), 1, 2, 1, 5, 6,
+                         3, 2, 2, 0)
+    fuzz_tiers.TIERS[tier](case)  # raises Mismatch unless the tier refuses it the same way
+    with pytest.raises(fuzz_tiers.Mismatch, match="accepted a spec the derivation refuses"):
+        fuzz_tiers.refuses_cleanly(tier, spec_gen.Case(spec_gen.GenSpec(
+            "attention fine {\n    param wr[r]\n    score sum(exp(wr)) + q . k\n}"),
+            1, 2, 1, 5, 6, 3, 2, 2, 0), refusal)
