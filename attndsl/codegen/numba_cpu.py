@@ -38,7 +38,9 @@ from . import numpy_ref
 from .printer import KernelPrinter, integer_valued
 from .source import SourceWriter
 
-BQ, BK = 64, 128  # a 64 x 128 score tile (32 KiB in float32) stays in L1
+# the default query x key tile: a 64 x 128 score tile (32 KiB in float32) stays in L1; the
+# kernels read the tile they run from sz[9], sz[10], chosen per machine by runtime/tiles.py
+BQ, BK = 64, 128
 DK = 512  # decoding's key tile: at <= 8 rows, 4 tiles' worth of per-tile overhead in one
 CHUNK = 64  # rows (and keys) per chunk of causal linear attention: 64 x 64 x F GEMMs
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
@@ -309,7 +311,6 @@ class CpuEmitter:
         w("from attndsl.runtime import numba_funcs as fx")
         w()
         w(f"F = np.{self.dtype}")
-        w(f"BQ, BK = {BQ}, {BK}  # query x key tile")
         w(f"DK = {DK}  # decoding's key tile")
         if self.plan.linear_path:
             w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
@@ -338,6 +339,10 @@ class CpuEmitter:
     def unpack_sizes(self) -> None:
         self.w("B, heads, kv_heads, n_q, n_k, d, dv = sz[0], sz[1], sz[2], sz[3], sz[4], "
                "sz[5], sz[6]")
+
+    def tile_sizes(self) -> None:
+        self.w("BQ, BK = sz[9], sz[10]  # the query x key tile, chosen per machine "
+               "(runtime/tiles.py)")
 
     def mixing_gemm(self, args: str) -> None:
         """A GEMM summing over pairs, the pair tile (weights or adjoints, 0 where masked or
@@ -505,6 +510,7 @@ class CpuEmitter:
             w(f'"""out = normalize(x) @ v per (batch, head, query tile); state = '
               f'{"lse" if softmax else "the row sum" if d.norm is NormKind.SUM else "unused"}."""')
             self.unpack_sizes()
+            self.tile_sizes()
             self.fold_alpha()
             w("group = heads // kv_heads")
             w("n_tiles = (n_q + BQ - 1) // BQ")
@@ -871,6 +877,7 @@ class CpuEmitter:
             w('"""FlashAttention-2 backward over (batch, head, part of the key tiles): every '
               'adjoint."""')
             self.unpack_sizes()
+            self.tile_sizes()
             w("parts = sz[7]")
             self.fold_alpha()
             w("group = heads // kv_heads")

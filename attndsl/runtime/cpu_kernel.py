@@ -13,7 +13,7 @@ from .. import ir
 from ..codegen import numba_cpu, numpy_ref
 from ..ir import NormKind, Side
 from ..plan import PairInput, make_plan
-from . import buffers, cache, numpy_ops
+from . import buffers, cache, numpy_ops, tiles
 from .kernel import Call, Kernel, check_linear_offsets
 
 # Every parallel launch (the kernels, the key transposes) holds this lock: Numba's default
@@ -98,6 +98,13 @@ def _decode_splits(tasks: int, n_k: int) -> int:
     return max(1, min(most, -(-2 * numba.get_num_threads() // tasks)))
 
 
+def _with_tile(sz: np.ndarray, bq: int, bk: int) -> np.ndarray:
+    """A copy of the kernels' sizes with the tile set (the caller's stays as it was)."""
+    sz = sz.copy()
+    sz[9], sz[10] = bq, bk
+    return sz
+
+
 def _parts(tasks: int) -> int:
     """How many parts the backward splits each (batch, head)'s key tiles into: 1 while the
     B * heads tasks fill the threads, else enough to give every thread work."""
@@ -156,10 +163,11 @@ class CpuKernel(Kernel):
                 inputs.append(value_t)
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
         rest = [a for a in operands if not any(a is t for t in transposed)]
-        # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands
+        # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands;
+        # sz[9], sz[10]: the query x key tile (each kernel's launcher sets its own)
         careful = tiled and not (keys_finite and _all_finite(rest))
         sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
-                       1, careful], dtype=np.int64)
+                       1, careful, *tiles.DEFAULT], dtype=np.int64)
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
                 *call.indices.values()]
         return t, args
@@ -179,9 +187,15 @@ class CpuKernel(Kernel):
                              f"{lookup.array}[{', '.join(map(str, subs))}] reads "
                              "outside the array")
 
+    def tile(self, call: Call, kind: str) -> tuple[int, int]:
+        """The (query, key) tile of the "forward" or "backward" kernel for this call."""
+        return tiles.choose(self, call, kind)
+
     def _run_forward(self, call: Call, common: tuple[dict[str, Any], list[np.ndarray]] | None
-                     = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """`common`: `_common`'s result when the caller already has it (the backward)."""
+                     = None, tile: tuple[int, int] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """`common`: `_common`'s result when the caller already has it (the backward);
+        `tile`: the tile to run (the tuner's trials), else the one chosen for this call."""
         from .cpu_intrinsics import single_threaded_blas
 
         s = call.sizes
@@ -190,8 +204,10 @@ class CpuKernel(Kernel):
         t, args = self._common(call) if common is None else common
         out = buffers.zeros((s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
         state = buffers.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
-        tiles = -(-s["n_q"] // numba_cpu.BQ)
-        err = np.zeros(s["B"] * s["heads"] * tiles, np.int64)
+        bq, bk = tile or self.tile(call, "forward")
+        args = [_with_tile(args[0], bq, bk), *args[1:]]
+        q_tiles = -(-s["n_q"] // bq)
+        err = np.zeros(s["B"] * s["heads"] * q_tiles, np.int64)
         module = self.module(call.dtype)
         if self.plan.linear_path:  # the associative form: O(n d dv) in GEMMs, no tiles
             with _PARALLEL, single_threaded_blas():
@@ -232,8 +248,9 @@ class CpuKernel(Kernel):
         out, state, _ = self._run_forward(call)
         return out, state if self.spec.normalize.kind is NormKind.SOFTMAX else None
 
-    def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any
-                       ) -> dict[str, np.ndarray]:
+    def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any,
+                       tile: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """`tile`: the backward kernel's tile (the tuner's trials), else the one chosen."""
         from .cpu_intrinsics import single_threaded_blas
 
         norm = self.spec.normalize.kind
@@ -257,7 +274,8 @@ class CpuKernel(Kernel):
         del products
         if dlse is not None:  # lse's adjoint: d lse / dx_j = P_j, so dS = P (dP - (D - dlse))
             D -= dlse
-        q_tiles = -(-s["n_q"] // numba_cpu.BQ)
+        bq, bk = tile or self.tile(call, "backward")
+        q_tiles = -(-s["n_q"] // bq)
         adjoints: dict[str, np.ndarray] = {}
         for item, value in self._adjoint_shapes(call, q_tiles):
             adjoints[numpy_ref.variable(item.node)] = value
@@ -283,7 +301,7 @@ class CpuKernel(Kernel):
                 first[array] = buffers.zeros((parts * value.shape[0], value.shape[1]),
                                              value.dtype)
         err = np.zeros(B * H * parts, np.int64)
-        sz = args[0].copy()
+        sz = _with_tile(args[0], bq, bk)
         sz[7] = parts
         with _PARALLEL, single_threaded_blas():
             module._attn_bwd(sz, *args[1:], dout, D, state,
@@ -305,7 +323,7 @@ class CpuKernel(Kernel):
         if out is None:
             out, _, _ = self._run_forward(call, (t, args))
         s = call.sizes
-        q_tiles = -(-s["n_q"] // numba_cpu.BQ)
+        q_tiles = -(-s["n_q"] // tiles.DEFAULT[0])  # the linear kernels have no query tiles
         adjoints = {numpy_ref.variable(item.node): value
                     for item, value in self._adjoint_shapes(call, q_tiles)}
         state = buffers.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)  # den_i, written there

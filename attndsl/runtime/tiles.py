@@ -1,0 +1,194 @@
+"""The cpu kernels' query x key tile, chosen for the machine they run on.
+
+The best tile depends on the machine (its caches, its vector width, how fast its BLAS runs a
+small GEMM) and on the spec (a causal mask wastes more of a tall tile): 64 x 128 was best on
+the AVX-512 Xeon the kernels were first tuned on, while on an AVX2 EPYC 128 x 128 ran the full
+softmax forward at N = 2048 about 1.3x faster (issue 12). So the tile is not a constant of the
+generated code: the kernels read it from `sz[9], sz[10]`, and this module picks it per call.
+
+- `ATTNDSL_CPU_TILES` unset or `auto`: a call with at least TUNE_PAIRS (query, key) pairs per
+  head uses the tile a short measurement chose; smaller calls use DEFAULT. The measurement runs
+  once per (machine, kernel source, dtype, heads, kv_heads, d, dv, threads) on arrays made
+  for it (`attndsl.demo.demo_inputs`, TUNE_N rows), forward and backward apart, each candidate
+  timed TRIALS times after a first run; the choice is kept in this process and in
+  `<kernel cache>/tiles.json`, so a later process on the same machine measures nothing.
+- `off`: DEFAULT everywhere. `BQxBK` (`128x128`): that tile for both kernels; `BQxBK,BQxBK`:
+  the forward's, then the backward's.
+
+Results depend on the tile only through rounding (the order of the sums); every call with the
+same key uses the same tile, in this process and the next, so they are reproducible run after
+run on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numba
+import numpy as np
+
+from ..codegen import numba_cpu
+from ..ir import NormKind
+
+if TYPE_CHECKING:
+    from .cpu_kernel import CpuKernel
+    from .kernel import Call
+
+DEFAULT = (numba_cpu.BQ, numba_cpu.BK)
+CANDIDATES = ((64, 128), (128, 128), (64, 256), (128, 64), (32, 256))
+TUNE_PAIRS = 1024 * 1024  # n_q * n_k from which a call is worth a measured tile
+TUNE_N = 1024  # the measurement's sequence length
+TRIALS = 3  # timed runs per candidate (the minimum counts), after one untimed run
+KINDS = ("forward", "backward")
+VARIABLE = "ATTNDSL_CPU_TILES"
+
+_lock = threading.RLock()  # the backward's measurement may choose the forward's tile
+_chosen: dict[str, tuple[int, int]] = {}
+_machine: str | None = None
+
+
+def choose(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
+    """The tile of the `kind` ("forward" or "backward") kernel for this call."""
+    fixed = configured()
+    if fixed is not None:
+        return fixed[KINDS.index(kind)]
+    s = call.sizes
+    if kernel.plan.linear_path or s["n_q"] * s["n_k"] < TUNE_PAIRS:
+        return DEFAULT
+    key = tune_key(kernel, call, kind)
+    with _lock:  # one measurement per key, even with threads calling at once
+        if key not in _chosen:
+            _chosen[key] = _stored(key) or _store(key, measure(kernel, call, kind))
+        return _chosen[key]
+
+
+def configured() -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The (forward, backward) tiles ATTNDSL_CPU_TILES fixes, or None for `auto`."""
+    text = os.environ.get(VARIABLE, "auto").strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text == "off":
+        return DEFAULT, DEFAULT
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        tiles = [tuple(int(n) for n in p.split("x")) for p in parts]
+        if len(tiles) not in (1, 2) or any(len(t) != 2 or min(t) < 1 for t in tiles):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{VARIABLE}={os.environ[VARIABLE]!r}: expected 'auto', 'off', "
+                         "BQxBK (e.g. 128x128) or a forward and a backward tile "
+                         "(64x128,128x128)") from None
+    forward, backward = tiles[0], tiles[-1]
+    return (forward[0], forward[1]), (backward[0], backward[1])
+
+
+def machine() -> str:
+    """The CPU model and LLVM's name for its ISA: a tile measured on one is not another's."""
+    global _machine
+    if _machine is None:
+        import llvmlite.binding as llvm
+
+        model = "unknown CPU"
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                model = next((line.split(":", 1)[1].strip() for line in f
+                              if line.startswith("model name")), model)
+        except OSError:
+            pass
+        _machine = f"{model} ({llvm.get_host_cpu_name()})"
+    return _machine
+
+
+def tune_key(kernel: CpuKernel, call: Call, kind: str) -> str:
+    import hashlib
+
+    s = call.sizes
+    source = hashlib.sha256(kernel.source.encode()).hexdigest()[:16]
+    return (f"{machine()} | {kernel.spec.name} {source} | {call.dtype.name} {kind} | "
+            f"heads {s['heads']}/{s['kv_heads']} d {s['d']} dv {s['dv']} | "
+            f"threads {numba.get_num_threads()}")
+
+
+def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
+    """The fastest candidate on a TUNE_N-long problem shaped like `call`."""
+    from ..demo import demo_inputs
+
+    s = call.sizes
+    case = demo_inputs(kernel.spec, TUNE_N, TUNE_N, s["d"], s["dv"],
+                       heads=(s["heads"], s["kv_heads"]))
+    q, k, v = (a.astype(call.dtype) for a in (case.q, case.k, case.v))
+    extra = {name: a.astype(call.dtype) if a.dtype.kind == "f" else a
+             for name, a in case.extra.items()}
+    trial = kernel.validate(q, k, v, extra, 0, 0)
+    dout = np.ones((1, s["heads"], TUNE_N, s["dv"]), call.dtype)
+    if kind == "forward":
+        def run(tile: tuple[int, int]) -> None:
+            kernel._run_forward(trial, tile=tile)
+    else:
+        out, lse, _ = kernel._run_forward(trial, tile=DEFAULT)
+        softmax = kernel.spec.normalize.kind is NormKind.SOFTMAX
+
+        def run(tile: tuple[int, int]) -> None:
+            kernel._backward_impl(trial, dout, out, lse if softmax else None, None,
+                                  tile=tile)
+    for tile in CANDIDATES:  # the first run of each: compiled, memory touched
+        run(tile)
+    seconds = dict.fromkeys(CANDIDATES, float("inf"))
+    for _ in range(TRIALS):  # round by round, so a slow spell of the machine hits them all
+        for tile in CANDIDATES:
+            start = time.perf_counter()
+            run(tile)
+            seconds[tile] = min(seconds[tile], time.perf_counter() - start)
+    return min(CANDIDATES, key=lambda t: seconds[t])
+
+
+def _path() -> Path:
+    from .cache import cache_dir
+
+    return cache_dir() / "tiles.json"
+
+
+def _read() -> dict[str, Any]:
+    try:
+        data = json.loads(_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _stored(key: str) -> tuple[int, int] | None:
+    tile = _read().get(key)
+    if (isinstance(tile, list) and len(tile) == 2 and all(isinstance(n, int) and n > 0
+                                                          for n in tile)):
+        return tile[0], tile[1]
+    return None
+
+
+def _store(key: str, tile: tuple[int, int]) -> tuple[int, int]:
+    """Adds the choice to tiles.json (a temp file renamed over it: readers never see half a
+    file; two processes measuring at once both store a valid choice)."""
+    path = _path()
+    data = _read()
+    data[key] = list(tile)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".tiles-{uuid.uuid4().hex}.json")
+        temp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as err:
+        warnings.warn(f"the measured cpu tile could not be kept in {path} ({err.strerror}); "
+                      "it is measured again in the next process", stacklevel=4)
+    return tile
+
+
+def forget() -> None:
+    """Drop this process's choices (tests; tiles.json is left as it is)."""
+    with _lock:
+        _chosen.clear()

@@ -1,0 +1,197 @@
+"""The cpu kernels' tile, chosen per machine (attndsl/runtime/tiles.py, issue 12 item 1).
+
+The tile is a runtime value of the generated kernels, so any tile must give the reference's
+results: odd tiles (5 x 7) against shapes that are multiples of none of them, GQA, rows that
+every key masks (causal with k_offset > 0), logits around 1e4. The measurement is tested with
+a tiny problem and two candidates: it runs once per key, is kept in tiles.json, and a later
+process (here: a cleared table) reads the choice instead of measuring.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cpu_helpers as H
+import numpy as np
+import pytest
+
+import attndsl
+from attndsl.runtime import tiles
+
+pytestmark = pytest.mark.slow
+
+TILES = ["5x7", "32x256", "128x64", "128x128"]
+F64_TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def kernels() -> dict[str, tuple[Any, Any]]:
+    """(cpu, numpy) kernels of the specs below, compiled once for the module."""
+    return {name: (attndsl.compile(H.load_spec(name), "cpu"),
+                   attndsl.compile(H.load_spec(name), "numpy"))
+            for name in ("alibi", "causal", "document")}
+
+
+def both(kernels: dict[str, tuple[Any, Any]], name: str, **call: Any
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    cpu, ref = kernels[name]
+    spec = H.load_spec(name)
+    call = dict(call)  # the parameters' dict is shared by every tile
+    qk_scale = call.pop("qk_scale", 1.0)
+    q, k, v, extra = H.make_inputs(spec, np.float64, B=2, heads=4, kv_heads=2, n_q=67, n_k=131,
+                                   d=5, dv=3, qk_scale=qk_scale, seed=3)
+    G = np.random.default_rng(4).standard_normal((2, q.shape[1], 67, 3))
+    extra = {**extra, **call}
+    return H.run(ref, q, k, v, extra, G), H.run(cpu, q, k, v, extra, G)
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize(("name", "call"), [
+    ("alibi", {}),  # heads 8, kv_heads 2 (the spec's own)
+    ("causal", {"k_offset": 20}),  # rows 0..19 have no allowed key: out 0, lse -inf
+    ("causal", {"qk_scale": 100.0}),  # logits around 1e4: the online max's rescaling
+    ("document", {}),  # a per-tile mask scan over index arrays
+])
+def test_every_tile_matches_the_reference(kernels: dict[str, tuple[Any, Any]], tile: str,
+                                          name: str, call: dict[str, Any],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tiles.VARIABLE, tile)
+    want, got = both(kernels, name, **call)
+    if "k_offset" in call:
+        assert np.isneginf(want["lse"][:, :, :20]).all() and not want["out"][:, :, :20].any()
+    errors = H.errors(want, got)
+    assert max(errors.values()) < F64_TOL, (tile, errors)
+
+
+def test_the_forward_and_the_backward_take_their_own_tiles(
+        kernels: dict[str, tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tiles.VARIABLE, "5x7,128x64")
+    want, got = both(kernels, "alibi")
+    assert max(H.errors(want, got).values()) < F64_TOL
+    cpu = kernels["alibi"][0]
+    q, k, v, extra = H.make_inputs(H.load_spec("alibi"), n_q=9, n_k=9)
+    call = cpu.validate(q, k, v, extra, 0, 0)
+    assert cpu.tile(call, "forward") == (5, 7) and cpu.tile(call, "backward") == (128, 64)
+
+
+@pytest.mark.parametrize("value", ["64", "0x128", "64x128x2", "big", "64x128,1x1,2x2"])
+def test_a_bad_setting_is_named(kernels: dict[str, tuple[Any, Any]], value: str,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tiles.VARIABLE, value)
+    cpu = kernels["causal"][0]
+    q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=9, n_k=9)
+    with pytest.raises(ValueError, match=f"ATTNDSL_CPU_TILES='{value}': expected 'auto', "
+                                         "'off', BQxBK"):
+        cpu.forward(q, k, v)
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    ("auto", None), ("", None), ("off", (tiles.DEFAULT, tiles.DEFAULT)),
+    ("128x128", ((128, 128), (128, 128))), (" 64x128 , 128X64 ", ((64, 128), (128, 64)))])
+def test_settings(value: str, want: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tiles.VARIABLE, value)
+    assert tiles.configured() == want
+
+
+@pytest.fixture
+def tiny_tuning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Auto tiles on every call, measured on a 40-long problem over two candidates, kept in
+    a tiles.json of this test; `measured` lists each measurement's (key, choice)."""
+    monkeypatch.setenv(tiles.VARIABLE, "auto")
+    monkeypatch.setattr(tiles, "TUNE_PAIRS", 1)
+    monkeypatch.setattr(tiles, "TUNE_N", 40)
+    monkeypatch.setattr(tiles, "CANDIDATES", ((5, 7), (16, 32)))
+    monkeypatch.setattr(tiles, "_path", lambda: tmp_path / "tiles.json")
+    measured: list[tuple[str, tuple[int, int]]] = []
+    measure = tiles.measure
+
+    def counted(kernel: Any, call: Any, kind: str) -> tuple[int, int]:
+        choice = measure(kernel, call, kind)
+        measured.append((tiles.tune_key(kernel, call, kind), choice))
+        return choice
+
+    monkeypatch.setattr(tiles, "measure", counted)
+    tiles.forget()
+    yield {"measured": measured, "file": tmp_path / "tiles.json"}
+    tiles.forget()
+
+
+def test_auto_measures_once_and_a_later_process_reads_the_choice(
+        kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = kernels["alibi"][0]
+    spec = H.load_spec("alibi")
+    q, k, v, extra = H.make_inputs(spec, np.float32, n_q=50, n_k=70, seed=5)
+    out, lse = cpu.forward(q, k, v, return_lse=True, **extra)
+    grads = cpu.backward(q, k, v, out, out=out, lse=lse, **extra)
+    measured = tiny_tuning["measured"]
+    assert [key.split(" | ")[2] for key, _ in measured] == ["float32 forward", "float32 backward"]
+    assert all(choice in tiles.CANDIDATES for _, choice in measured)
+    stored = json.loads(tiny_tuning["file"].read_text())
+    assert {key: tuple(tile) for key, tile in stored.items()} == dict(measured)
+    assert all(key.startswith(tiles.machine()) for key in stored)
+
+    cpu.forward(q, k, v, **extra)  # the same key: no second measurement
+    assert len(measured) == 2
+
+    tiles.forget()  # as a new process: the choice comes from tiles.json
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("measured again although tiles.json holds the choice")
+
+    monkeypatch.setattr(tiles, "measure", refuse)
+    again, lse_again = cpu.forward(q, k, v, return_lse=True, **extra)
+    grads_again = cpu.backward(q, k, v, out, out=out, lse=lse, **extra)
+    assert np.array_equal(again, out) and np.array_equal(lse_again, lse)  # the same tile
+    assert all(np.array_equal(grads_again[n], grads[n]) for n in grads)
+
+    (_, forward_tile), (_, backward_tile) = measured
+    monkeypatch.setenv(tiles.VARIABLE, "x".join(map(str, forward_tile)) + ","
+                       + "x".join(map(str, backward_tile)))
+    fixed, _ = cpu.forward(q, k, v, return_lse=True, **extra)
+    assert np.array_equal(fixed, out)  # bit for bit: the chosen tile is the one that ran
+
+
+def test_small_calls_and_the_linear_path_measure_nothing(
+        kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiles, "TUNE_PAIRS", 50 * 70 + 1)
+    cpu = kernels["causal"][0]
+    q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=50, n_k=70)
+    cpu.forward(q, k, v)
+    linear = attndsl.compile(H.load_spec("linear"), "cpu")
+    monkeypatch.setattr(tiles, "TUNE_PAIRS", 1)
+    q, k, v, _ = H.make_inputs(H.load_spec("linear"), n_q=9, n_k=9)
+    linear.forward(q, k, v)
+    assert tiny_tuning["measured"] == [] and not tiny_tuning["file"].exists()
+
+
+def test_an_unreadable_tiles_json_is_measured_again(
+        kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any]) -> None:
+    tiny_tuning["file"].write_text("{not json")
+    cpu = kernels["causal"][0]
+    q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=50, n_k=70)
+    cpu.forward(q, k, v)
+    assert len(tiny_tuning["measured"]) == 1
+    assert len(json.loads(tiny_tuning["file"].read_text())) == 1
+
+
+def test_the_tile_set_is_the_tile_that_runs(kernels: dict[str, tuple[Any, Any]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key tiles of 7 or of 128 keys sum a row's weights in another order: float32 results
+    differ in their last bits (so the setting reaches the kernels), both close to float64."""
+    cpu = kernels["alibi"][0]
+    q, k, v, extra = H.make_inputs(H.load_spec("alibi"), np.float32, n_q=67, n_k=131, seed=6)
+    results = {}
+    for tile in ("5x7", "off"):
+        monkeypatch.setenv(tiles.VARIABLE, tile)
+        out = cpu.forward(q, k, v, **extra)
+        results[tile] = (out, cpu.backward(q, k, v, out, **extra)["k"])
+    want = kernels["alibi"][1].forward(*(a.astype(np.float64) for a in (q, k, v)),
+                                       **H.as64(extra))
+    for out, _ in results.values():
+        assert H.rel_error(want, out) < 1e-5
+    assert not np.array_equal(results["5x7"][0], results["off"][0])
+    assert not np.array_equal(results["5x7"][1], results["off"][1])
