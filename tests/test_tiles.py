@@ -22,7 +22,7 @@ from attndsl.runtime import tiles
 
 pytestmark = pytest.mark.slow
 
-TILES = ["5x7", "32x256", "128x64", "128x128"]
+TILES = ["5x7", "32x256", "128x64", "128x128", "256x256"]
 F64_TOL = 1e-10
 
 
@@ -76,14 +76,17 @@ def test_the_forward_and_the_backward_take_their_own_tiles(
     assert cpu.tile(call, "forward") == (5, 7) and cpu.tile(call, "backward") == (128, 64)
 
 
-@pytest.mark.parametrize("value", ["64", "0x128", "64x128x2", "big", "64x128,1x1,2x2"])
-def test_a_bad_setting_is_named(kernels: dict[str, tuple[Any, Any]], value: str,
+@pytest.mark.parametrize(("value", "why"), [
+    ("64", "expected 'auto', 'off', BQxBK"), ("0x128", "expected 'auto', 'off', BQxBK"),
+    ("64x128x2", "expected 'auto', 'off', BQxBK"), ("big", "expected 'auto', 'off', BQxBK"),
+    ("64x128,1x1,2x2", "expected 'auto', 'off', BQxBK"),
+    ("64x128,64x512", "a key tile \\(BK\\) is at most 256")])
+def test_a_bad_setting_is_named(kernels: dict[str, tuple[Any, Any]], value: str, why: str,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tiles.VARIABLE, value)
     cpu = kernels["causal"][0]
     q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=9, n_k=9)
-    with pytest.raises(ValueError, match=f"ATTNDSL_CPU_TILES='{value}': expected 'auto', "
-                                         "'off', BQxBK"):
+    with pytest.raises(ValueError, match=f"ATTNDSL_CPU_TILES='{value}': {why}"):
         cpu.forward(q, k, v)
 
 

@@ -41,6 +41,7 @@ from .source import SourceWriter
 # the default query x key tile: a 64 x 128 score tile (32 KiB in float32) stays in L1; the
 # kernels read the tile they run from sz[9], sz[10], chosen per machine by runtime/tiles.py
 BQ, BK = 64, 128
+BK_MAX = 256  # the widest key tile a kernel can run: its tile buffers' row stride
 DK = 512  # decoding's key tile: at <= 8 rows, 4 tiles' worth of per-tile overhead in one
 CHUNK = 64  # rows (and keys) per chunk of causal linear attention: 64 x 64 x F GEMMs
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
@@ -311,6 +312,8 @@ class CpuEmitter:
         w("from attndsl.runtime import numba_funcs as fx")
         w()
         w(f"F = np.{self.dtype}")
+        w(f"BKS = {BK_MAX}  # the tile buffers' row stride: the widest key tile (a constant, "
+          "so LLVM can prove buffer indices non-negative and vectorize)")
         w(f"DK = {DK}  # decoding's key tile")
         if self.plan.linear_path:
             w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
@@ -342,7 +345,7 @@ class CpuEmitter:
 
     def tile_sizes(self) -> None:
         self.w("BQ, BK = sz[9], sz[10]  # the query x key tile, chosen per machine "
-               "(runtime/tiles.py)")
+               "(runtime/tiles.py); BK <= BKS")
 
     def mixing_gemm(self, args: str) -> None:
         """A GEMM summing over pairs, the pair tile (weights or adjoints, 0 where masked or
@@ -460,7 +463,7 @@ class CpuEmitter:
                 continue
             if step.gemm and not decoding:  # computed for the whole tile by gemm_tiles
                 if self.fold is None or self.fold[0] != n:
-                    w(f"{r.name} = s{n}[ii * BK + jj]")
+                    w(f"{r.name} = s{n}[ii * BKS + jj]")
                 continue
             w(f"{r.name} = F(0)")
             with w.block(f"for f in range({self.feature_size(r)}):"):
@@ -489,7 +492,7 @@ class CpuEmitter:
             w(f"gemm_unchecked(False, False, mq, nk, {input_name(a)}.shape[3], {alpha}, "
               f"{input_name(a)}, {self.row_offset(a, 'i0')}, {input_name(a)}.shape[3], "
               f"kt{n}, (b * kt{n}.shape[1] + {head}) * kt{n}.shape[2] * kt{n}.shape[3] + j0, "
-              f"kt{n}.shape[3], F(0), {target}, 0, BK)")
+              f"kt{n}.shape[3], F(0), {target}, 0, BKS)")
 
     def row_offset(self, item: PairInput, start: str) -> str:
         name = input_name(item)
@@ -522,11 +525,11 @@ class CpuEmitter:
                 w("mq = min(BQ, n_q - i0)")
                 for n in range(len(plan.gemms)):
                     if self.fold is None or self.fold[0] != n:
-                        w(f"s{n} = np.empty(BQ * BK, F)  # GEMM tile of {plan.gemms[n].name}")
-                w("x = np.empty(BQ * BK, F)  # logits, then weights")
+                        w(f"s{n} = np.empty(BQ * BKS, F)  # GEMM tile of {plan.gemms[n].name}")
+                w("x = np.empty(BQ * BKS, F)  # logits, then weights")
                 w("acc = np.zeros(BQ * dv, F)")
                 if d.norm is not NormKind.SOFTMAX:
-                    w("keep = np.empty(BQ * BK, np.uint8)  # 1 where the mask allows the pair")
+                    w("keep = np.empty(BQ * BKS, np.uint8)  # 1 where the mask allows the pair")
                 if softmax:
                     w("m = np.full(BQ, NEG_INF, F)  # running max (base 2)")
                 w("l = np.zeros(BQ, F)  # running normalizer")
@@ -543,7 +546,7 @@ class CpuEmitter:
                     self.logits_tile("bad")
                     self.normalize_tile()
                     w("# acc += P @ v[b, hk, j0:j0 + nk]")
-                    self.mixing_gemm("False, False, mq, dv, nk, F(1), x, 0, BK, v, "
+                    self.mixing_gemm("False, False, mq, dv, nk, F(1), x, 0, BKS, v, "
                                      "((b * kv_heads + hk) * n_k + j0) * dv, dv, F(1), acc, 0, "
                                      "dv")
                 w("err[task] = bad")
@@ -560,7 +563,7 @@ class CpuEmitter:
         if self.fold is None:
             text = self.fl(self.logit)
             return f"({text}) * LOG2E" if self.softmax else text
-        here = f"{buffer}[ii * BK + jj]"
+        here = f"{buffer}[ii * BKS + jj]"
         rest = self.fold[2]
         if rest == 0:
             return here
@@ -593,13 +596,13 @@ class CpuEmitter:
         if self.softmax:
             def full(part: str) -> None:
                 if part == "pair":
-                    w(f"x[ii * BK + jj] = {value}")
+                    w(f"x[ii * BKS + jj] = {value}")
 
             def masked(part: str) -> None:
                 if part == "pair":
-                    w(f"x[ii * BK + jj] = {value} if {self.mask_expr()} else NEG_INF")
+                    w(f"x[ii * BKS + jj] = {value} if {self.mask_expr()} else NEG_INF")
 
-            if value == "x[ii * BK + jj]":  # the GEMM wrote the logits: only mask them
+            if value == "x[ii * BKS + jj]":  # the GEMM wrote the logits: only mask them
                 if self.mask is not None:
                     with w.block("if status == 1:"), w.block("for ii in range(mq):"):
                         w("i = i0 + ii")
@@ -610,7 +613,7 @@ class CpuEmitter:
                             w("pj = ko + j")
                             self.pair_values(err)
                             with w.block(f"if not {self.mask_expr()}:"):
-                                w("x[ii * BK + jj] = NEG_INF")
+                                w("x[ii * BKS + jj] = NEG_INF")
                 return
             self.pair_loops(full, masked)
             return
@@ -619,8 +622,8 @@ class CpuEmitter:
             if part == "pair":
                 w(f"xv = {value}")
                 mask = self.mask_expr() if masked else "True"
-                w(f"keep[ii * BK + jj] = 1 if ({mask}) else 0")
-                w("x[ii * BK + jj] = xv")
+                w(f"keep[ii * BKS + jj] = 1 if ({mask}) else 0")
+                w("x[ii * BKS + jj] = xv")
 
         self.pair_loops(lambda part: keep(part, False), lambda part: keep(part, True))
 
@@ -632,19 +635,19 @@ class CpuEmitter:
             # in base 2 by the tile intrinsics: row_max, then exp2_shift_sum writes the weights
             w("# online softmax in base 2: rescale acc and l by 2^(m_old - m_new)")
             with w.block("for ii in range(mq):"):
-                self.online_softmax_row("ii", "ii * BK")
+                self.online_softmax_row("ii", "ii * BKS")
             return
         with w.block("for ii in range(mq):"), w.block("for jj in range(nk):"):
-            w("xv = x[ii * BK + jj]")
-            with w.block("if keep[ii * BK + jj] == 0:  # masked: weight 0"):
-                w("x[ii * BK + jj] = F(0)")
+            w("xv = x[ii * BKS + jj]")
+            with w.block("if keep[ii * BKS + jj] == 0:  # masked: weight 0"):
+                w("x[ii * BKS + jj] = F(0)")
                 w("continue")
             local = {normalizers.X: "xv", normalizers.Z: "l[ii]",
-                     normalizers.ACC: "x[ii * BK + jj]"}
+                     normalizers.ACC: "x[ii * BKS + jj]"}
             named = {symbol: sp.Symbol(name) for symbol, name in local.items()}
             if norm.accumulate != normalizers.X:  # element-wise: f(x), which may read i, j
                 w("pi, pj = qo + i0 + ii, ko + j0 + jj")
-                w(f"x[ii * BK + jj] = {self.fl(norm.accumulate.xreplace(named))}")
+                w(f"x[ii * BKS + jj] = {self.fl(norm.accumulate.xreplace(named))}")
             for symbol, value in norm.update:
                 w(f"{local[symbol]} = {self.fl(value.xreplace(named))}")
 
@@ -889,11 +892,11 @@ class CpuEmitter:
                 w("pb = part * B + b  # this part's copy of the query-side adjoints")
                 w("hk = h // group")
                 for n in range(len(plan.gemms)):
-                    w(f"s{n} = np.empty(BQ * BK, F)")
+                    w(f"s{n} = np.empty(BQ * BKS, F)")
                     if self.fold is None or self.fold[0] != n:
-                        w(f"g{n} = np.empty(BQ * BK, F)  # d logit / d {plan.gemms[n].name} * dS")
-                w("x = np.empty(BQ * BK, F)  # P")
-                w("dp = np.empty(BQ * BK, F)  # dP, then dS")
+                        w(f"g{n} = np.empty(BQ * BKS, F)  # d logit / d {plan.gemms[n].name} * dS")
+                w("x = np.empty(BQ * BKS, F)  # P")
+                w("dp = np.empty(BQ * BKS, F)  # dP, then dS")
                 w("bad = 0")
                 with w.block("for key_tile in range(part, k_tiles, parts):"):
                     w("j0 = key_tile * BK")
@@ -913,10 +916,10 @@ class CpuEmitter:
                         w("# dP = dO @ V^T")
                         w("gemm_unchecked(False, True, mq, nk, dv, F(1), dout, "
                           "((b * heads + h) * n_q + i0) * dv, dv, v, ((b * kv_heads + hk) * n_k "
-                          "+ j0) * dv, dv, F(0), dp, 0, BK)")
+                          "+ j0) * dv, dv, F(0), dp, 0, BKS)")
                         self.dscores()
                         w("# dV += P^T @ dO")
-                        self.mixing_gemm("True, False, nk, dv, mq, F(1), x, 0, BK, dout, "
+                        self.mixing_gemm("True, False, nk, dv, mq, F(1), x, 0, BKS, dout, "
                                          "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
                                          "((b * heads + h) * n_k + j0) * dv, dv")
                         self.gemm_adjoints(True)
@@ -974,11 +977,11 @@ class CpuEmitter:
                 w(f"xv = {value}")
             if masked:  # if/else, not `continue`: Numba's SSA pass trips over inlined exp2
                 with w.block(f"if not ({self.mask_expr()}):"):
-                    w("x[ii * BK + jj] = F(0)")
-                    w("dp[ii * BK + jj] = F(0)")
+                    w("x[ii * BKS + jj] = F(0)")
+                    w("dp[ii * BKS + jj] = F(0)")
                     for n in range(len(plan.gemms)):
                         if n != fold_n:
-                            w(f"g{n}[ii * BK + jj] = F(0)")
+                            w(f"g{n}[ii * BKS + jj] = F(0)")
                 with w.block("else:"):
                     self._dscore_pair(fold_n, row_sums)
                 return
@@ -988,7 +991,7 @@ class CpuEmitter:
 
     def _dscore_pair(self, fold_n: int, row_sums: list[tuple[sp.Symbol, str, str]]) -> None:
         w, d, plan = self.w, self.deriv, self.plan
-        w("dpv = dp[ii * BK + jj]")
+        w("dpv = dp[ii * BKS + jj]")
         norm = normalizers.of(d)
         local = {normalizers.X: "xv", normalizers.SAVED: "row_state", normalizers.WEIGHT: "pv",
                  normalizers.DP: "dpv", normalizers.DELTA: "Di"}
@@ -998,7 +1001,7 @@ class CpuEmitter:
         else:
             w(f"pv = {self.fl(norm.weight.xreplace(named))}")
         w(f"ds = {self.fl(norm.dscore.xreplace(named))}")
-        w("x[ii * BK + jj] = pv")
+        w("x[ii * BKS + jj] = pv")
         locals_ = {symbol: local for symbol, local, _ in row_sums}
         for step in self.bwd_steps:  # the pair program's backward (program.py), in its order
             if isinstance(step, program.Gather):
@@ -1008,9 +1011,9 @@ class CpuEmitter:
             elif isinstance(step, program.Gemm):
                 n = plan.gemms.index(step.gemm)
                 if n == fold_n:
-                    w("dp[ii * BK + jj] = ds  # d logit / d r = c_fold: the adjoint GEMMs' alpha")
+                    w("dp[ii * BKS + jj] = ds  # d logit / d r = c_fold: the adjoint GEMMs' alpha")
                 else:
-                    w(f"g{n}[ii * BK + jj] = {self.source(step.source)}")
+                    w(f"g{n}[ii * BKS + jj] = {self.source(step.source)}")
             else:
                 self.add_adjoint(step.source, locals_)
 
@@ -1086,13 +1089,13 @@ class CpuEmitter:
             if keys:
                 w(f"# d{bvec.node.name} += {g}^T @ {a.node.name}")
                 self.mixing_gemm(f"True, False, nk, {input_name(a)}.shape[3], mq, {alpha}, {g}, "
-                                 f"0, BK, {input_name(a)}, {self.row_offset(a, 'i0')}, "
+                                 f"0, BKS, {input_name(a)}, {self.row_offset(a, 'i0')}, "
                                  f"{input_name(a)}.shape[3], F(1), {adjoint_name(bvec)}, "
                                  f"{self.adjoint_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3]")
             else:
                 w(f"# d{a.node.name} += {g} @ {bvec.node.name}")
                 self.mixing_gemm(f"False, False, mq, {input_name(bvec)}.shape[3], nk, {alpha}, "
-                                 f"{g}, 0, BK, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
+                                 f"{g}, 0, BKS, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
                                  f"{input_name(bvec)}.shape[3], F(1), {adjoint_name(a)}, "
                                  f"{self.adjoint_offset(a, 'i0', 'pb')}, {input_name(a)}.shape[3]")
 

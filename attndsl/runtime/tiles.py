@@ -5,6 +5,10 @@ small GEMM) and on the spec (a causal mask wastes more of a tall tile): 64 x 128
 the AVX-512 Xeon the kernels were first tuned on, while on an AVX2 EPYC 128 x 128 ran the full
 softmax forward at N = 2048 about 1.3x faster (issue 12). So the tile is not a constant of the
 generated code: the kernels read it from `sz[9], sz[10]`, and this module picks it per call.
+Only the tile buffers' row stride stays a constant (numba_cpu.BK_MAX, so the key tile is at
+most that): with a stride read at run time LLVM cannot prove the buffer indices non-negative,
+keeps Numba's wraparound selects in the inner loops and does not vectorize them (the
+backward ran 1.5x slower).
 
 - `ATTNDSL_CPU_TILES` unset or `auto`: a call with at least TUNE_PAIRS (query, key) pairs per
   head uses the tile a short measurement chose; smaller calls use DEFAULT. The measurement runs
@@ -85,6 +89,9 @@ def configured() -> tuple[tuple[int, int], tuple[int, int]] | None:
         raise ValueError(f"{VARIABLE}={os.environ[VARIABLE]!r}: expected 'auto', 'off', "
                          "BQxBK (e.g. 128x128) or a forward and a backward tile "
                          "(64x128,128x128)") from None
+    if any(t[1] > numba_cpu.BK_MAX for t in tiles):
+        raise ValueError(f"{VARIABLE}={os.environ[VARIABLE]!r}: a key tile (BK) is at most "
+                         f"{numba_cpu.BK_MAX}, the row stride of the kernels' tile buffers")
     forward, backward = tiles[0], tiles[-1]
     return (forward[0], forward[1]), (backward[0], backward[1])
 
