@@ -26,6 +26,8 @@ run on one machine.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import threading
@@ -69,8 +71,21 @@ def choose(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     key = tune_key(kernel, call, kind)
     with _lock:  # one measurement per key, even with threads calling at once
         if key not in _chosen:
-            _chosen[key] = _stored(key) or _store(key, measure(kernel, call, kind))
+            _chosen[key] = _stored(key) or _measured(kernel, call, kind, key)
         return _chosen[key]
+
+
+def _measured(kernel: CpuKernel, call: Call, kind: str, key: str) -> tuple[int, int]:
+    """The measured tile, stored; DEFAULT for this process, with a warning, if the measurement
+    failed (it runs on demo arrays, not the caller's: the call itself must not fail for it)."""
+    try:
+        tile = measure(kernel, call, kind)
+    except Exception as err:  # noqa: BLE001 -- an optimization must not break the call
+        warnings.warn(f"attndsl could not measure the cpu tile of '{kernel.spec.name}' "
+                      f"({type(err).__name__}: {err}); it runs {DEFAULT[0]}x{DEFAULT[1]} in "
+                      f"this process (set {VARIABLE} to choose one)", stacklevel=5)
+        return DEFAULT
+    return _store(key, tile)
 
 
 def configured() -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -113,11 +128,15 @@ def machine() -> str:
     return _machine
 
 
-def tune_key(kernel: CpuKernel, call: Call, kind: str) -> str:
-    import hashlib
+@functools.lru_cache(maxsize=256)
+def _digest(source: str) -> str:
+    """A kernel source's sha256, once per source (str caches its own hash for the lookup)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
+
+def tune_key(kernel: CpuKernel, call: Call, kind: str) -> str:
     s = call.sizes
-    source = hashlib.sha256(kernel.source.encode()).hexdigest()[:16]
+    source = _digest(kernel.source)
     return (f"{machine()} | {kernel.spec.name} {source} | {call.dtype.name} {kind} | "
             f"heads {s['heads']}/{s['kv_heads']} d {s['d']} dv {s['dv']} | "
             f"threads {numba.get_num_threads()}")
