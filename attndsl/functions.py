@@ -298,6 +298,21 @@ OPAQUE = (Sigmoid, Softplus, Step, Relu, Elu, EluGrad, Gelu, GeluGrad, InRange, 
           NormGrad)
 
 
+def _evalf_elementary(self: sp.Function, prec: int) -> sp.Expr | None:
+    """A number for an opaque function of numbers, through its elementary form. SymPy has no
+    mpmath function of these names, and without this evalf of `sigmoid(1/2)` deep inside a
+    constant fell back to as_real_imag, which handed the same expression back: it recursed
+    until RecursionError, and the proof of `scale max(sqrt(1 + sigmoid(0.5)), 0.5)` could not
+    run (fuzz seed 8700). Symbolic arguments stay unevaluated (the proof needs them opaque)."""
+    if not all(a.is_number for a in self.args):
+        return None
+    return elementary(self)._eval_evalf(prec)
+
+
+for _opaque in OPAQUE:
+    _opaque._eval_evalf = _evalf_elementary  # type: ignore[attr-defined]
+
+
 def elementary(expr: sp.Expr) -> sp.Expr:
     """`expr` with every opaque function written in exp/log/erf/Piecewise (for mpmath checks)."""
 

@@ -134,6 +134,7 @@ def test_fuzz_cause3_cpu_abs_of_functions_sympy_cannot_call_real() -> None:
 
 
 def test_fuzz_cause3_abs_derivative_is_sign_times_inner() -> None:
+
     import sympy as sp
 
     from attndsl import functions as fn
@@ -151,6 +152,7 @@ def test_fuzz_cause4_min_of_max_is_not_folded_from_wrong_assumptions(target: str
 
 
 def test_fuzz_cause4_min_max_fold_constants_only() -> None:
+
     import sympy as sp
 
     from attndsl import functions as fn
@@ -620,3 +622,36 @@ def test_constant_reduction_over_a_param_size_is_refused_by_every_tier(tier: str
         fuzz_tiers.refuses_cleanly(tier, spec_gen.Case(spec_gen.GenSpec(
             "attention fine {\n    param wr[r]\n    score sum(exp(wr)) + q . k\n}"),
             1, 2, 1, 5, 6, 3, 2, 2, 0), refusal)
+
+
+# seed 8700 (issue 9's fuzzing): a constant opaque function (`sigmoid(0.5)`) inside a constant
+# logit made SymPy's evalf recurse until RecursionError (no mpmath function of that name; its
+# as_real_imag fallback handed the expression back), so the proof reported "could not be
+# checked"; opaque functions of numbers now evaluate through their elementary form
+CONSTANT_OPAQUE_IN_A_CONSTANT_LOGIT = """attention fuzz {
+    param sb[heads]
+    index kdoc[n_k]
+    mask (not (kdoc[j] == 1)) and (not (sb[h] <= 1))
+    bias sb[h]
+    score d
+    scale max(sqrt((1 + sigmoid(0.5))), 0.5)
+    normalize sum
+    softcap (d + 1)
+}"""
+
+
+def test_constant_opaque_functions_evaluate_and_the_proof_runs() -> None:
+    import math
+
+    import sympy as sp
+
+    from attndsl import functions as fn
+
+    half = sp.S.Half
+    assert abs(float(fn.Sigmoid(half).evalf()) - 1 / (1 + np.exp(-0.5))) < 1e-15
+    assert abs(float(fn.Gelu(half).evalf()) - 0.5 * (1 + math.erf(0.5 / math.sqrt(2))) / 2) < 1e-15
+    assert fn.Sigmoid(sp.Symbol("x")).evalf() == fn.Sigmoid(sp.Symbol("x"))  # stays opaque
+    report = attndsl.verify(CONSTANT_OPAQUE_IN_A_CONSTANT_LOGIT)
+    assert report.ok, str(report)
+    assert [c.what for c in report.checks if c.what.startswith("proof")] == [
+        "proof dq", "proof dk", "proof dv"]
