@@ -39,6 +39,10 @@ def main() -> int:
     parser.add_argument("--avoid", default="",
                         help="comma-separated extra OUTSIDE_ISSUE keys to avoid (e.g. "
                         "param_only_vectors,size_dv)")
+    parser.add_argument("--distinct", action="store_true",
+                        help="run the tiers only on spec texts not run before in this process "
+                        "(Hypothesis draws a spec again with other shapes): every counted "
+                        "case is then a new spec")
     parser.add_argument("--show", type=int, default=1, help="example specs shown per cause")
     parser.add_argument("--dump", help="write every failure (cause, spec) to this JSON-lines file")
     parser.add_argument("--every", type=int, default=0,
@@ -60,7 +64,7 @@ def main() -> int:
     failures: dict[str, list[str]] = defaultdict(list)
     tiers_of: dict[str, set[str]] = defaultdict(set)
     seconds: dict[str, float] = defaultdict(float)
-    counts = {"cases": 0, "failed": 0, "refused": 0}
+    counts = {"cases": 0, "failed": 0, "refused": 0, "repeats": 0}
     unique: set[str] = set()
     report_every: list = [0]
 
@@ -72,6 +76,9 @@ def main() -> int:
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(spec_gen.cases(nan_guards=not args.no_guards, avoid=avoid, poison=args.poison))
     def run(case: spec_gen.Case) -> None:
+        if args.distinct and case.gen.text in unique:
+            counts["repeats"] += 1
+            return
         counts["cases"] += 1
         unique.add(case.gen.text)
         try:
@@ -113,6 +120,8 @@ def main() -> int:
         print(f"\n{counts['cases']} cases ({len(unique)} distinct specs), seed {args.seed}, "
               f"tiers {','.join(tiers)}: {counts['failed']} failed, {total:.0f} s")
         print(f"  avoided constructs: {', '.join(sorted(avoid)) or 'none'}")
+        if args.distinct:
+            print(f"  repeated spec texts skipped (--distinct): {counts['repeats']}")
         print(f"  refused as documented (LANGUAGE.md x3), checked on every tier: "
               f"{counts['refused']}")
         for tier in tiers:
