@@ -655,3 +655,36 @@ def test_constant_opaque_functions_evaluate_and_the_proof_runs() -> None:
     assert report.ok, str(report)
     assert [c.what for c in report.checks if c.what.startswith("proof")] == [
         "proof dq", "proof dk", "proof dv"]
+
+
+# seed 9400 (issue 9's fuzzing): a param the proof holds at a number (it is read by a subscript)
+# inside `round(clamp(...))` left round(clamp(5/3, -2, 2)) unevaluated, so the subscript was
+# not an integer ("Expected a number but got Min") and the proof could not be checked; round
+# of a number built from opaque functions now evaluates through their elementary form
+HELD_PARAM_ROUNDED_IN_A_SUBSCRIPT = """attention fuzz {
+    param sb[heads]
+    param tau
+    param table[heads, 7]
+    param kr[n]
+    normalize none
+    mask abs(i - j) <= 2
+    bias table[h, min(max(round(clamp(tau, -2, 2)), 0), 6)]
+    score ((kr[n_k - 1 - j] / (0.5 + tau ^ 2)) * sb[h])
+}"""
+
+
+def test_round_of_opaque_functions_of_numbers_evaluates_and_the_proof_runs() -> None:
+    import sympy as sp
+
+    from attndsl import functions as fn
+
+    third, half = sp.Rational(5, 3), sp.S.Half
+    assert fn.Round(fn.Clamp(third, -2, 2)) == 2
+    assert fn.Round(fn.Relu(3 * half)) == 2 and fn.Round(fn.Relu(half)) == 0  # ties to even
+    assert fn.Round(fn.Sigmoid(half)) == 1
+    x = sp.Symbol("x")
+    assert fn.Round(fn.Clamp(x, -2, 2)).func is fn.Round  # a symbol's stays unevaluated
+    report = attndsl.verify(HELD_PARAM_ROUNDED_IN_A_SUBSCRIPT)
+    assert report.ok, str(report)
+    assert [c.what for c in report.checks if c.what.startswith("proof")] == [
+        "proof dq", "proof dk", "proof dv", "proof dsb", "proof dtable", "proof dkr"]
