@@ -28,7 +28,8 @@ from machine import lscpu_model  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"full": "scaled_dot_product", "causal": "causal", "alibi": "alibi",
-         "softcap": "softcap", "sliding_window": "sliding_window"}
+         "softcap": "softcap", "sliding_window": "sliding_window", "bahdanau": "bahdanau",
+         "cosine": "cosine"}
 
 # One side of one round: imports attndsl from the checkout given as argv[1].
 ROUND = r"""
@@ -49,6 +50,12 @@ gqa = "alibi" in spec_file  # examples/alibi.attn fixes heads 8, kv_heads 2
 if gqa:
     extra["slope"] = np.linspace(0.05, 0.5, H, dtype=np.float32)
     k, v = np.ascontiguousarray(k[:, :2]), np.ascontiguousarray(v[:, :2])
+if "bahdanau" in spec_file:  # r = 16, as in bench_cpu.py; SDPA is only the clock here
+    extra["Wq"], extra["Wk"] = (rng.standard_normal((D, 16), dtype=np.float32) / 8
+                                for _ in range(2))
+    extra["w"] = rng.standard_normal(16, dtype=np.float32)
+if "cosine" in spec_file:
+    extra["tau"] = np.array(0.1, np.float32)
 kern = attndsl.compile(spec_file, target="cpu")
 dout = np.ones_like(q)
 

@@ -294,3 +294,29 @@ def test_nested_reduction_in_feature_loop_several_tiles(name: str, compiled: Com
     errors = nested_specs.relative_errors(cpu.backward(q, k, v, G, **params),
                                           ref.backward(q, k, v, G, **params))
     assert max(errors.values()) <= 1e-10, errors
+
+
+# ---- division by zero (issue 12: the kernels' error model) ------------------------------------
+
+DIVIDE_BY_ZERO = """attention divide_by_zero {
+    score (q . k) / (i - j) + tanh(q . k) / (j - 5)
+    mask i // (n_k - 9) <= j
+}"""
+
+
+def test_division_by_zero_gives_what_numpy_gives(compiled: Compiled) -> None:
+    """The cpu kernels divide under NumPy's error model (x / 0 is inf or NaN, n // 0 is 0),
+    which also lets LLVM vectorize loops that divide: at n_k = 9 the mask divides by zero for
+    every row, and the score by zero at i == j and at key 5; out, lse and every gradient are
+    what the NumPy reference gives, NaN and inf in the same places, never an exception."""
+    cpu, ref = compiled(DIVIDE_BY_ZERO)
+    q, k, v, G = _qkv(2, 1, 7, 9)
+    with np.errstate(all="ignore"):
+        want_out, want_lse = ref.forward(q, k, v, return_lse=True)
+        want = ref.backward(q, k, v, G)
+    got_out, got_lse = cpu.forward(q, k, v, return_lse=True)
+    got = cpu.backward(q, k, v, G)
+    assert np.isnan(want_out).any() and np.isfinite(want_out).any()  # both kinds of row
+    for name, a, b in [("out", got_out, want_out), ("lse", got_lse, want_lse),
+                       *((n, got[n], want[n]) for n in sorted(want))]:
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, equal_nan=True, err_msg=name)

@@ -319,6 +319,10 @@ class CpuEmitter:
             w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
         w("LOG2E = F(1.4426950408889634)")
         w("NEG_INF = F(-np.inf)")
+        w("# x / 0 is inf or NaN and n // 0 is 0, as in NumPy: Numba's default error model "
+          "tests every divisor (to raise),")
+        w("# and that branch keeps LLVM from vectorizing loops that divide (fx.tanh)")
+        w('KERNEL = dict(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")')
         w()
         w()
         self.tile_status()
@@ -507,7 +511,7 @@ class CpuEmitter:
     def forward(self) -> None:
         w, d, plan = self.w, self.deriv, self.plan
         softmax = d.norm is NormKind.SOFTMAX
-        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        w("@njit(**KERNEL)")
         sink = ["sink_rows"] if self.deriv.sink is not None else []  # [B, H, n_q], the host's
         with w.block(self.signature("_attn_fwd", ["out", "state", *sink, "err"])):
             w(f'"""out = normalize(x) @ v per (batch, head, query tile); state = '
@@ -706,7 +710,7 @@ class CpuEmitter:
         `_decode_merge`."""
         w = self.w
         sink = ["sink_rows"] if self.deriv.sink is not None else []
-        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        w("@njit(**KERNEL)")
         with w.block(self.signature("_attn_decode", ["splits", "part_m", "part_l", "part_acc",
                                                      "err"], tiled=False)):
             w('"""Per (batch, key/value head, key range): the running state of each packed '
@@ -762,7 +766,7 @@ class CpuEmitter:
                         w("part_acc[b, h, i, part, c] = acc[r * dv + c]")
         w()
         w()
-        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        w("@njit(**KERNEL)")
         with w.block(f"def _decode_merge(sz, splits, part_m, part_l, part_acc, out, state"
                      f"{''.join(', ' + s for s in sink)}):"):
             w('"""Each row\'s key ranges merged (softmax: rescaled to their common max), then '
@@ -875,7 +879,7 @@ class CpuEmitter:
         outputs += [f"dp_{x.array}" for x in plan.param_lookups
                     if x == self._first_lookup(x.array)]
         outputs += ["err"]
-        w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+        w("@njit(**KERNEL)")
         with w.block(self.signature("_attn_bwd", outputs)):
             w('"""FlashAttention-2 backward over (batch, head, part of the key tiles): every '
               'adjoint."""')
@@ -1056,7 +1060,8 @@ class CpuEmitter:
             g = f"g_{r.name}"
         # skipped when 0: a `where` branch not taken may have inf partials (0 * inf = NaN)
         with w.block(f"if {g} != 0:"), w.block(f"for f in range({self.feature_size(r)}):"):
-            for symbol, expr in step.reads:
+            reads = self.shared_terms([expr for _, expr in step.reads])
+            for (symbol, _), expr in zip(step.reads, reads, strict=True):
                 if symbol in plan.nested:
                     w(f"ga_{self.names_of[symbol]} += {g} * ({self.fl(expr)})")
                     continue
@@ -1069,6 +1074,17 @@ class CpuEmitter:
                 row = {Side.QUERY: "i", Side.KEY: "j", Side.CONST: "qt"}[item.side]
                 batch = "b" if item.side is Side.KEY else "pb"
                 w(f"{adjoint_name(item)}[{batch}, h, {row}{feature}] += {g} * ({self.fl(expr)})")
+
+    def shared_terms(self, exprs: list[sp.Basic]) -> list[sp.Basic]:
+        """Locals c0, c1, ... for the subexpressions the partials share (tanh(a + b) in each
+        of Bahdanau's three), each computed once per feature; the partials rewritten to use
+        them."""
+        taken = set().union(*(e.free_symbols for e in exprs))
+        names = sp.numbered_symbols("c", exclude=taken)
+        terms, reduced = sp.cse(exprs, symbols=names, order="none")
+        for symbol, value in terms:
+            self.w(f"{symbol} = {self.fl(value)}")
+        return list(reduced)
 
     def flat_index(self, x: Lookup) -> str:
         if not x.subscripts:
@@ -1119,7 +1135,7 @@ def _linear(self: CpuEmitter) -> None:
 def _linear_forward(self: CpuEmitter) -> None:
     w, path = self.w, self.plan.linear
     assert path is not None
-    w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+    w("@njit(**KERNEL)")
     with w.block(self.signature("_linear_fwd", ["out", "state"], tiled=False)):
         if path.causal:
             w('"""Causal linear attention per (batch, head), chunk by chunk: out_c = (A_c S + '
@@ -1156,7 +1172,7 @@ def _linear_backward(self: CpuEmitter) -> None:
     w, path = self.w, self.plan.linear
     assert path is not None
     outputs = ["dout", "out", "state", adjoint_name(path.a), adjoint_name(path.b), "dv_h"]
-    w("@njit(cache=True, parallel=True, fastmath=FASTMATH)")
+    w("@njit(**KERNEL)")
     with w.block(self.signature("_linear_bwd", outputs, tiled=False)):
         w('"""g_i = dO_i / den_i, gd_i = -(dO_i . O_i) / den_i (none: dO_i, 0), den_i computed '
           'into state;')
