@@ -307,7 +307,7 @@ class CpuEmitter:
         # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
         # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
         w("from attndsl.runtime.cpu_intrinsics import FASTMATH, all_finite, exp2_shift_sum, "
-          "gemm_skip_zero, gemm_unchecked, row_max")
+          "gemm_skip_zero, gemm_unchecked, row_max, rows_dot_keys, rows_mix_values")
         w(f"from attndsl.runtime.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
@@ -810,14 +810,15 @@ class CpuEmitter:
 
     def decode_tiles(self) -> None:
         """s<n>[r, jj] = a[b, h(r), i(r)] . k[b, hk, j0 + jj] for every packed row: one NT
-        GEMM against the key tile as stored (no transposed copy of k)."""
+        product against the key tile as stored (no transposed copy of k), in plain loops
+        (rows_dot_keys: a BLAS call costs more than so few rows' product)."""
         w = self.w
         for n in self.decoded_gemms():
             a, _ = self.plan.inputs_of_gemm(self.plan.gemms[n])
             name = input_name(a)
-            w(f"gemm_unchecked(False, True, R, nk, d, F(1), {name}, "
+            w(f"rows_dot_keys(R, nk, d, {name}, "
               f"(b * {name}.shape[1] + hk * group) * n_q * {name}.shape[3], {name}.shape[3], "
-              f"k, ((b * kv_heads + hk) * n_k + j0) * d, d, F(0), s{n}, 0, DK)")
+              f"k, ((b * kv_heads + hk) * n_k + j0) * d, d, s{n}, 0, DK)")
 
     def decode_logits(self) -> None:
         """x[jj] (and keep[jj]) for the packed row r against the key tile."""
@@ -858,11 +859,10 @@ class CpuEmitter:
         not take), so 0 * NaN cannot spread; checking the tile costs one pass in cache."""
         w = self.w
         w("vo = ((b * kv_heads + hk) * n_k + j0) * dv")
-        args = "False, False, R, dv, nk, F(1), x, 0, DK, v, vo, dv, F(1), acc, 0, dv"
         with w.block("if all_finite(v, vo, nk * dv):"):
-            w(f"gemm_unchecked({args})")
+            w("rows_mix_values(R, dv, nk, x, 0, DK, v, vo, dv, acc, 0, dv)")
         with w.block("else:"):
-            w(f"gemm_skip_zero({args})")
+            w("gemm_skip_zero(False, False, R, dv, nk, F(1), x, 0, DK, v, vo, dv, F(1), acc, 0, dv)")
 
     # ---- backward ----
     def backward(self) -> None:

@@ -7,6 +7,8 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
   sub-tiles addressed in place (element offsets + leading dimensions) through SciPy's
   single/double precision BLAS, bound by symbol name.
 * :func:`gemm_skip_zero` -- the same in plain loops, skipping terms whose A element is 0.
+* :func:`rows_dot_keys` / :func:`rows_mix_values` -- ``A @ B^T`` and ``C += A @ B`` in plain
+  loops for a few rows (decoding), where a BLAS call costs more than its product.
 * :func:`fmax` -- ``llvm.maxnum`` with fast-math flags; unlike Numba's ``max`` it vectorizes.
 * :func:`row_max` -- vectorized max of a contiguous run of a 1-D array.
 * :func:`exp2` -- scalar 2**y: polynomial + exponent bit trick for float32, ``math.exp`` for
@@ -71,6 +73,8 @@ __all__ = [
     "gemm_unchecked",
     "keep_nan",
     "row_max",
+    "rows_dot_keys",
+    "rows_mix_values",
     "set_blas_num_threads",
     "single_threaded_blas",
     "transposed_rows",
@@ -78,7 +82,7 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "7"
+INTRINSICS_VERSION = "8"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
@@ -332,6 +336,45 @@ def gemm_skip_zero(
                 s = alpha * av
                 for j in range(n):
                     c[row + j] += s * _tile_at(b, b_off, ldb, p, j, trans_b)
+
+
+# Decoding's products: a few query rows (m <= 8) against a key tile. OpenBLAS packs the whole
+# key tile for so few rows; these plain loops (unsigned indices: no wraparound, they vectorize
+# over features) ran 1.5x (m = 8) to 6x (m = 1) faster per tile on an AMD EPYC (znver3).
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def rows_dot_keys(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc):  # pragma: no cover
+    """``C[r, j] = A[r, :] . B[j, :]`` (``C = A @ B^T``, m x n, summing k) on row-major tiles
+    addressed like :func:`gemm_unchecked`'s; C is overwritten."""
+    U = np.uint64
+    a, b, c = a.reshape(a.size), b.reshape(b.size), c.reshape(c.size)  # C-contiguous: views
+    ao, bo, co, la, lb, lc = U(a_off), U(b_off), U(c_off), U(lda), U(ldb), U(ldc)
+    for j in range(U(n)):
+        bj = bo + j * lb
+        for r in range(U(m)):
+            ar = ao + r * la
+            t = c.dtype.type(0)
+            for f in range(U(k)):
+                t += a[ar + f] * b[bj + f]
+            c[co + r * lc + j] = t
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def rows_mix_values(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc):  # pragma: no cover
+    """``C[r, :] += sum_j A[r, j] * B[j, :]`` (``C += A @ B``, m x n, summing k) on row-major
+    tiles addressed like :func:`gemm_unchecked`'s (for finite B: a weight 0 times a NaN in B
+    is NaN here, as in BLAS; see :func:`gemm_skip_zero`)."""
+    U = np.uint64
+    a, b, c = a.reshape(a.size), b.reshape(b.size), c.reshape(c.size)  # C-contiguous: views
+    ao, bo, co, la, lb, lc = U(a_off), U(b_off), U(c_off), U(lda), U(ldb), U(ldc)
+    for j in range(U(k)):
+        bj = bo + j * lb
+        for r in range(U(m)):
+            p = a[ao + r * la + j]
+            cr = co + r * lc
+            for f in range(U(n)):
+                c[cr + f] += p * b[bj + f]
 
 
 @njit(inline="always", fastmath=FASTMATH)
