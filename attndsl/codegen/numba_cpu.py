@@ -319,9 +319,9 @@ class CpuEmitter:
             w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
         w("LOG2E = F(1.4426950408889634)")
         w("NEG_INF = F(-np.inf)")
-        w("# x / 0 is inf or NaN and n // 0 is 0, as in NumPy: Numba's default error model "
-          "tests every divisor (to raise),")
-        w("# and that branch keeps LLVM from vectorizing loops that divide (fx.tanh)")
+        w("# NumPy's error model: x / 0 is inf or NaN and n // 0 is 0. Numba's default tests "
+          "every divisor")
+        w("# (to raise), and that branch keeps LLVM from vectorizing loops that divide (fx.tanh)")
         w('KERNEL = dict(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")')
         w()
         w()
@@ -704,9 +704,10 @@ class CpuEmitter:
         """`_attn_decode`, the forward of a decoder step against a KV cache (flash-decoding).
         One task per (batch, key/value head, key range): the rows of every query head of the
         group are packed (row r is head hk * group + r // n_q, query r % n_q), so each key and
-        value tile is read once per group: one GEMM against the keys as stored (no transposed
+        value tile is read once per group: one product against the keys as stored (no transposed
         copy of k: at a few rows it would cost more than the work) and one with the values per
-        tile, for all rows; each range's running state goes to part_*, merged by
+        tile, for all rows, in plain loops (rows_dot_keys, rows_mix_values: a BLAS call costs
+        more than so few rows' product); each range's running state goes to part_*, merged by
         `_decode_merge`."""
         w = self.w
         sink = ["sink_rows"] if self.deriv.sink is not None else []
@@ -798,7 +799,7 @@ class CpuEmitter:
         w()
 
     def decoded_gemms(self) -> list[int]:
-        """The GEMM reductions decoding computes as one GEMM per key tile for all packed rows:
+        """The GEMM reductions decoding computes as one product per key tile for all packed rows:
         a query-side operand (the group's rows are contiguous) against k itself; the others
         run as feature loops per pair."""
         found = []
