@@ -2,14 +2,15 @@
 
 A call runs
   1. the NumPy `rows` prologue: row-level values (q @ W, elu(q) + 1, norm(k), ...) once per row;
-  2. `_attn_fwd`: prange over (batch, head, query tile); per key tile the pair reductions
-     (BLAS GEMM tiles, or explicit feature loops), the logit, the mask (skipped for tiles the
-     mask fully allows, the tile skipped when it allows nothing) and the online normalizer.
+  2. `_attn_fwd`: tasks (batch, head, query tile), spread over the threads by
+     runtime/threads; per key tile the pair reductions (BLAS GEMM tiles, or explicit feature
+     loops), the logit, the mask (skipped for tiles the mask fully allows, the tile skipped
+     when it allows nothing) and the online normalizer.
      A decoder step (n_q x the query heads of a key/value head <= DECODE_ROWS in
-     runtime/cpu_kernel) runs `_attn_decode` instead: prange over (batch, key/value head, key
+     runtime/cpu_kernel) runs `_attn_decode` instead: tasks (batch, key/value head, key
      range), the group's rows packed, feature loops instead of GEMM tiles, the ranges merged
      by `_decode_merge` through their running state (flash-decoding);
-  3. backward: `_attn_bwd`, prange over (batch, head, part of the key tiles), recomputing P
+  3. backward: `_attn_bwd`, tasks (batch, head, part of the key tiles), recomputing P
      from the saved row state; no atomics; parameter gradients and the parts' query-side
      adjoints per task, summed in task order (deterministic);
   4. the NumPy `rows_backward` epilogue: adjoints of row-level values -> q, k, params.
@@ -302,12 +303,13 @@ class CpuEmitter:
         w("import math")
         w()
         w("import numpy as np")
-        w("from numba import njit, prange")
+        w("from numba import njit")
         w()
         # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
         # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
-        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, all_finite, exp2_shift_sum, "
-          "gemm_skip_zero, gemm_unchecked, row_max, rows_dot_keys, rows_mix_values")
+        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, NoAliasCompiler, all_finite, "
+          "exp2_shift_sum, gemm_skip_zero, gemm_unchecked, row_max, rows_dot_keys, "
+          "rows_mix_values")
         w(f"from attndsl.runtime.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
@@ -321,8 +323,11 @@ class CpuEmitter:
         w("NEG_INF = F(-np.inf)")
         w("# NumPy's error model: x / 0 is inf or NaN and n // 0 is 0. Numba's default tests "
           "every divisor")
-        w("# (to raise), and that branch keeps LLVM from vectorizing loops that divide (fx.tanh)")
-        w('KERNEL = dict(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")')
+        w("# (to raise), and that branch keeps LLVM from vectorizing loops that divide (fx.tanh).")
+        w("# nogil, not parallel: each kernel runs the tasks [lo, hi) it is given, on the threads of")
+        w("# runtime/threads.py (Numba's parfors would triple the compile time)")
+        w('KERNEL = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy",')
+        w("              pipeline_class=NoAliasCompiler)  # outputs never alias inputs")
         w()
         w()
         self.tile_status()
@@ -339,7 +344,7 @@ class CpuEmitter:
                                                                      or i.is_raw_key)]
         if tiled:  # each GEMM's key-side operand transposed, [B, H', F, n_k] (see gemm_tiles)
             inputs += [f"kt{n}" for n in range(len(self.plan.gemms))]
-        args = ["sz", "qoff", "koff", "q", "k", "v", *inputs, *(f"p_{n}" for n in self.params),
+        args = ["lo", "hi", "sz", "qoff", "koff", "q", "k", "v", *inputs, *(f"p_{n}" for n in self.params),
                 *(f"x_{n}" for n in self.indices), *outputs]
         return f"def {name}({', '.join(args)}):"
 
@@ -521,7 +526,7 @@ class CpuEmitter:
             self.fold_alpha()
             w("group = heads // kv_heads")
             w("n_tiles = (n_q + BQ - 1) // BQ")
-            with w.block("for task in prange(B * heads * n_tiles):"):
+            with w.block("for task in range(lo, hi):  # of the B * heads * n_tiles (query tiles)"):
                 w("b, h, qt = task // (heads * n_tiles), (task // n_tiles) % heads, task % n_tiles")
                 w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
                 w("hk = h // group")
@@ -720,7 +725,7 @@ class CpuEmitter:
             w("group = heads // kv_heads")
             w("R = group * n_q  # packed rows")
             w("per = ((n_k + splits - 1) // splits + DK - 1) // DK * DK  # keys per range")
-            with w.block("for task in prange(B * kv_heads * splits):"):
+            with w.block("for task in range(lo, hi):  # of the B * kv_heads * splits (key ranges)"):
                 w("b, hk, part = task // (kv_heads * splits), (task // splits) % kv_heads, "
                   "task % splits")
                 w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
@@ -768,12 +773,12 @@ class CpuEmitter:
         w()
         w()
         w("@njit(**KERNEL)")
-        with w.block(f"def _decode_merge(sz, splits, part_m, part_l, part_acc, out, state"
+        with w.block(f"def _decode_merge(lo, hi, sz, splits, part_m, part_l, part_acc, out, state"
                      f"{''.join(', ' + s for s in sink)}):"):
             w('"""Each row\'s key ranges merged (softmax: rescaled to their common max), then '
               'finished as in _attn_fwd."""')
             self.unpack_sizes()
-            with w.block("for row in prange(B * heads * n_q):"):
+            with w.block("for row in range(lo, hi):  # of the B * heads * n_q"):
                 w("b, h, i = row // (heads * n_q), (row // n_q) % heads, row % n_q")
                 w("acc = np.zeros(dv, F)")
                 w("mx = NEG_INF")
@@ -891,7 +896,7 @@ class CpuEmitter:
             w("group = heads // kv_heads")
             w("q_tiles = (n_q + BQ - 1) // BQ")
             w("k_tiles = (n_k + BK - 1) // BK")
-            with w.block("for task in prange(B * heads * parts):"):
+            with w.block("for task in range(lo, hi):  # of the B * heads * parts"):
                 w("b, h, part = task // (heads * parts), (task // parts) % heads, task % parts")
                 w("qo, ko = qoff[b], koff[b]  # position = offset + row (or column)")
                 w("pb = part * B + b  # this part's copy of the query-side adjoints")
@@ -1201,7 +1206,7 @@ def _linear_backward(self: CpuEmitter) -> None:
 
 @contextmanager
 def _linear_task(self: CpuEmitter, adjoints: bool) -> Iterator[None]:
-    """The prange over (batch, head), its names and its state S, z (the body is yielded)."""
+    """The loop over (batch, head) tasks, its names and its state S, z (the body is yielded)."""
     w, path = self.w, self.plan.linear
     assert path is not None
     self.unpack_sizes()
@@ -1209,7 +1214,7 @@ def _linear_task(self: CpuEmitter, adjoints: bool) -> Iterator[None]:
     if adjoints:
         w(f"dqf, dkf = {adjoint_name(path.a)}, {adjoint_name(path.b)}  # per query head")
     w("nf = qf.shape[3]")
-    with w.block("for task in prange(B * heads):"):
+    with w.block("for task in range(lo, hi):  # of the B * heads"):
         w("b, h = task // heads, task % heads")
         w("hk = h // (heads // kv_heads)")
         w(f"hb = {'hk' if path.b.is_raw_key else 'h'}")

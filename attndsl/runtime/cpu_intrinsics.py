@@ -1,6 +1,6 @@
 """Low-level building blocks that generated Numba CPU attention kernels call.
 
-Everything here is callable from inside ``@njit(cache=True, parallel=True, fastmath=...)``
+Everything here is callable from inside ``@njit(cache=True, nogil=True, fastmath=...)``
 functions and keeps on-disk caching possible (no ctypes pointers held in globals):
 
 * :func:`gemm` / :func:`gemm_unchecked` -- row-major ``C = alpha*op(A) @ op(B) + beta*C`` on
@@ -13,7 +13,8 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 * :func:`row_max` -- vectorized max of a contiguous run of a 1-D array.
 * :func:`exp2` -- scalar 2**y: polynomial + exponent bit trick for float32, ``math.exp`` for
   float64. :func:`exp2_shift_sum` -- the fused softmax step ``x <- 2**(x - m)``, returns the sum.
-* :func:`single_threaded_blas` -- BLAS must not spawn threads inside ``prange``.
+* :func:`single_threaded_blas` -- BLAS must not spawn threads inside a kernel's threads.
+* :class:`NoAliasCompiler` -- the kernels' Numba pipeline: their array arguments ``noalias``.
 * :func:`transposed_rows` -- (called by the launcher) a GEMM's key operand transposed, and
   whether it is finite.
 * :func:`finite_everywhere` -- (called by the launcher) whether a row operand is finite.
@@ -22,15 +23,17 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 How a generated kernel module uses it::
 
     from attndsl.runtime.cpu_intrinsics import (
-        FASTMATH, gemm_unchecked, row_max, exp2, exp2_shift_sum, single_threaded_blas)
+        FASTMATH, NoAliasCompiler, gemm_unchecked, row_max, exp2, exp2_shift_sum,
+        single_threaded_blas)
 
-    @njit(cache=True, parallel=True, fastmath=FASTMATH)
-    def _fwd(q, kt, v, o, lse, scale_log2): ...   # calls gemm_unchecked(...), row_max(...)
+    @njit(cache=True, nogil=True, fastmath=FASTMATH, pipeline_class=NoAliasCompiler)
+    def _fwd(lo, hi, q, kt, v, o, lse, scale_log2):  # tasks lo..hi-1; calls gemm_unchecked(...)
+        ...
 
-    def forward(q, k, v):                          # plain-Python launcher
+    def forward(q, k, v):                             # plain-Python launcher
         ...
         with single_threaded_blas():
-            _fwd(q, kt, v, o, lse, scale_log2)
+            threads.run(_fwd, tasks, q, kt, v, o, lse, scale_log2)   # runtime/threads.py
 
 Pitfall for cached kernels: Numba's cache index is keyed on the *kernel's* bytecode only, not
 on the helpers here; the cache key of a "cpu" module includes :data:`INTRINSICS_VERSION`
@@ -51,12 +54,14 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core.compiler import Compiler
 from numba.extending import intrinsic, overload
 
 __all__ = [
     "FASTMATH",
     "INTRINSICS_VERSION",
     "PREFER_512_ENV",
+    "NoAliasCompiler",
     "blas_num_threads",
     "cpu_features_prefer_512",
     "enable_512bit_vectors",
@@ -82,12 +87,28 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "8"
+INTRINSICS_VERSION = "9"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
 # vectorize without them: sums need 'reassoc', the row max uses llvm.maxnum (see fmax).
 FASTMATH: set[str] = {"nsz", "arcp", "contract", "afn", "reassoc"}  # Numba needs a set
+
+
+class NoAliasCompiler(Compiler):
+    """Numba's compiler, with every array argument of the compiled function marked `noalias`
+    for LLVM (`@njit(pipeline_class=NoAliasCompiler)`): no other argument reaches its memory.
+
+    Numba's parfors mark the loop bodies they outline so, when they see no aliasing; the
+    generated kernels run their tasks without parfors (runtime/threads.py), and without the
+    mark LLVM must assume that every store to an adjoint may change the inputs: Bahdanau's
+    backward ran 25% slower. It holds for the kernels: their outputs are buffers the launcher
+    allocates, never a view of an input (inputs may alias one another: they are only read).
+    """
+
+    def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
+        flags.noalias = True  # a copy made for this compilation
+        super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
 
 # ----------------------------------------------------------------------------------------------
 # 512-bit vectors. LLVM's tuning for recent Intel cores includes 'prefer-256-bit' (avoids zmm
@@ -289,9 +310,9 @@ def gemm(
 ):  # pragma: no cover - compiled
     """Bounds-checked :func:`gemm_unchecked` (raises ValueError); checks cost a few compares.
 
-    For serial code and tests. Inside ``prange`` use :func:`gemm_unchecked` and validate shapes
-    in the launcher: an exception raised in a Numba parallel region surfaces as a SystemError
-    ("returned a result with an exception set"), not as the ValueError.
+    For serial code and tests. Kernels use :func:`gemm_unchecked`, their launchers validate
+    the shapes: a kernel never raises (an exception in a Numba parallel region surfaces as a
+    SystemError, "returned a result with an exception set", not as the ValueError).
     """
     if m < 0 or n < 0 or k < 0:
         raise ValueError("gemm: negative dimension")
@@ -607,8 +628,8 @@ def finite_everywhere(x):  # pragma: no cover - compiled
 
 
 # ----------------------------------------------------------------------------------------------
-# BLAS threading. OpenBLAS threads its own GEMMs (>= ~64x64x64); inside a prange every worker
-# would then fork BLAS threads too -> oversubscription. Kernels calling gemm from prange must
+# BLAS threading. OpenBLAS threads its own GEMMs (>= ~64x64x64); inside a kernel every thread
+# would then fork BLAS threads too -> oversubscription. Kernels calling gemm on threads must
 # run with BLAS single-threaded: either OPENBLAS_NUM_THREADS=1 in the environment before NumPy or
 # SciPy is first imported, or wrap each launch in `with single_threaded_blas():`.
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +690,7 @@ def set_blas_num_threads(n: int) -> int | None:
 def single_threaded_blas() -> Iterator[None]:
     """Run the body with gemm's BLAS single-threaded; restores the previous count on exit.
 
-    Enter it in the Python launcher around every call of a parallel kernel that calls gemm
+    Enter it in the Python launcher around every threaded kernel launch that calls gemm
     (about 1 us per entry). It changes process-wide state, so don't run other BLAS work on
     other Python threads meanwhile.
     """

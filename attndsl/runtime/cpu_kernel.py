@@ -13,12 +13,13 @@ from .. import ir
 from ..codegen import numba_cpu, numpy_ref
 from ..ir import NormKind, Side
 from ..plan import PairInput, make_plan
-from . import buffers, cache, numpy_ops, tiles
+from . import buffers, cache, numpy_ops, threads, tiles
 from .kernel import Call, Kernel, check_linear_offsets
 
-# Every parallel launch (the kernels, the key transposes) holds this lock: Numba's default
-# workqueue threading layer aborts the process when two Python threads run parallel regions
-# at once, and each launch already uses every core (and sets BLAS's global thread count).
+# Every launch on all threads (the kernels, on runtime/threads; the key transposes, Numba
+# parallel) holds this lock: Numba's default workqueue threading layer aborts the process when
+# two Python threads run parallel regions at once, and each launch already uses every core
+# (and sets BLAS's global thread count).
 _PARALLEL = threading.Lock()
 
 
@@ -211,11 +212,11 @@ class CpuKernel(Kernel):
         module = self.module(call.dtype)
         if self.plan.linear_path:  # the associative form: O(n d dv) in GEMMs, no tiles
             with _PARALLEL, single_threaded_blas():
-                module._linear_fwd(*args, out, state)
+                threads.run(module._linear_fwd, s["B"] * s["heads"], *args, out, state)
             return out, state, t
         sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
         with _PARALLEL, single_threaded_blas():
-            module._attn_fwd(*args, out, state, *sink, err)
+            threads.run(module._attn_fwd, len(err), *args, out, state, *sink, err)
         self._raise_on(err, call)
         return out, state, t
 
@@ -235,13 +236,15 @@ class CpuKernel(Kernel):
         err = np.zeros(B * s["kv_heads"] * splits, np.int64)
         module = self.module(call.dtype)
         with _PARALLEL:
-            module._attn_decode(*args, splits, part_m, part_l, part_acc, err)
+            threads.run(module._attn_decode, len(err), *args, splits, part_m, part_l, part_acc,
+                        err)
         self._raise_on(err, call)
         out = buffers.empty((B, H, n_q, s["dv"]), call.dtype)
         state = buffers.empty((B, H, n_q), call.dtype)
         sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
         with _PARALLEL:
-            module._decode_merge(args[0], splits, part_m, part_l, part_acc, out, state, *sink)
+            threads.run(module._decode_merge, B * H * n_q, args[0], splits, part_m, part_l,
+                        part_acc, out, state, *sink)
         return out, state, t
 
     def _forward_impl(self, call: Call) -> tuple[np.ndarray, np.ndarray | None]:
@@ -304,10 +307,10 @@ class CpuKernel(Kernel):
         sz = _with_tile(args[0], bq, bk)
         sz[7] = parts
         with _PARALLEL, single_threaded_blas():
-            module._attn_bwd(sz, *args[1:], dout, D, state,
-                             *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
-                             *(parted[numpy_ref.variable(i.node)] for i in other_items),
-                             dv_h, *first.values(), err)
+            threads.run(module._attn_bwd, len(err), sz, *args[1:], dout, D, state,
+                        *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
+                        *(parted[numpy_ref.variable(i.node)] for i in other_items),
+                        dv_h, *first.values(), err)
         self._raise_on(err, call)
         if parts > 1:  # the parts' copies, summed in part order (deterministic)
             for name, value in parted.items():
@@ -330,9 +333,9 @@ class CpuKernel(Kernel):
         dv_h = buffers.zeros((s["B"], s["heads"], s["n_k"], s["dv"]), call.dtype)
         a, b = self.plan.linear.a, self.plan.linear.b  # type: ignore[union-attr]
         with _PARALLEL, single_threaded_blas():
-            self.module(call.dtype)._linear_bwd(
-                *args, dout, out, state, adjoints[numpy_ref.variable(a.node)],
-                adjoints[numpy_ref.variable(b.node)], dv_h)
+            threads.run(self.module(call.dtype)._linear_bwd, s["B"] * s["heads"], *args, dout,
+                        out, state, adjoints[numpy_ref.variable(a.node)],
+                        adjoints[numpy_ref.variable(b.node)], dv_h)
         return self._finish(call, t, adjoints, dv_h, {}, q_tiles)
 
     def _finish(self, call: Call, t: dict[str, Any], adjoints: dict[str, np.ndarray],

@@ -1,0 +1,93 @@
+"""runtime/threads: every task of a launch runs exactly once, on Numba's thread count."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+
+import numba
+import numpy as np
+import pytest
+from numba import njit
+
+from attndsl.runtime import threads
+
+
+@pytest.mark.parametrize("tasks", [0, 1, 2, 3, 7, 8, 9, 64, 1001])
+def test_every_task_runs_once(tasks: int) -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def kernel(lo: int, hi: int, scale: int) -> None:
+        assert 0 <= lo < hi <= tasks
+        with lock:
+            seen.extend(scale * t for t in range(lo, hi))
+
+    threads.run(kernel, tasks, 3)
+    assert sorted(seen) == [3 * t for t in range(tasks)]
+
+
+def test_ranges_spread_over_the_threads() -> None:
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread")
+    names: set[str] = set()
+    barrier = threading.Barrier(2, timeout=10)  # both threads hold a range at the same time
+
+    def kernel(lo: int, hi: int) -> None:
+        names.add(threading.current_thread().name)
+        barrier.wait()  # a thread holding one range cannot take the other
+
+    threads.run(kernel, 2)
+    assert len(names) == 2 and threading.current_thread().name in names
+
+
+def test_an_error_in_a_range_reaches_the_caller_after_the_others_ended() -> None:
+    done: list[int] = []
+
+    def kernel(lo: int, hi: int) -> None:
+        if lo == 0:
+            raise ValueError("range 0")
+        done.append(lo)
+
+    with pytest.raises(ValueError, match="range 0"):
+        threads.run(kernel, 16)
+    threads.run(lambda lo, hi: done.append(-1), 1)  # the pool still works afterwards
+    assert -1 in done
+
+
+@njit(nogil=True, cache=False)
+def _squares(lo, hi, x, out):  # pragma: no cover - compiled
+    for task in range(lo, hi):
+        acc = 0.0
+        for c in range(x.shape[1]):
+            acc += x[task, c] * x[task, c]
+        out[task] = acc
+
+
+def test_a_nogil_kernel_on_every_thread_gives_the_serial_result() -> None:
+    x = np.random.default_rng(0).standard_normal((517, 33))
+    out = np.full(517, np.nan)
+    threads.run(_squares, 517, x, out)
+    np.testing.assert_allclose(out, (x * x).sum(axis=1), rtol=1e-14)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_runs_tasks_on_its_own_threads() -> None:
+    threads.run(lambda lo, hi: None, 8)  # the parent's helper threads exist now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:  # a child whose copy of the pool has no live threads
+        got = pool.apply_async(_in_child).get(timeout=60)
+    assert got == list(range(50))
+
+
+def _in_child() -> list[int]:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def kernel(lo: int, hi: int) -> None:
+        with lock:
+            seen.extend(range(lo, hi))
+
+    threads.run(kernel, 50)
+    return sorted(seen)
