@@ -325,7 +325,7 @@ class CpuEmitter:
           "every divisor")
         w("# (to raise), and that branch keeps LLVM from vectorizing loops that divide (fx.tanh).")
         w("# nogil, not parallel: each kernel runs the tasks [lo, hi) it is given, on the threads of")
-        w("# runtime/threads.py (Numba's parfors would triple the compile time)")
+        w("# runtime/threads.py (Numba's parfors would double the compile time)")
         w('KERNEL = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy",')
         w("              pipeline_class=NoAliasCompiler)  # outputs never alias inputs")
         w()

@@ -1,11 +1,12 @@
 """Running a generated cpu kernel's tasks on every thread.
 
-The kernels are compiled `nogil`, without Numba's `parallel=True`: its parfors pass tripled the
-compile time of every new spec (causal, forward and backward: 29 s -> 10 s on a 2-core EPYC),
-and a new spec compiles on its first call. Instead each kernel takes the range of tasks to run
-first, `kernel(lo, hi, *args)` runs tasks lo..hi-1 (one task: a batch, head and query tile, or
-the like), and :func:`run` hands contiguous ranges to the threads as each finishes its last
-(dynamic: a causal mask makes the late query tiles cost more than the early ones).
+The kernels are compiled `nogil`, without Numba's `parallel=True`: its parfors pass doubled the
+compile time of every new spec (causal, float32 forward and backward: 21.6 s -> 9.9 s on a
+2-core EPYC, benchmarks/results/compile.md), and a new spec compiles on its first call.
+Instead each kernel takes the range of tasks to run first, `kernel(lo, hi, *args)` runs tasks
+lo..hi-1 (one task: a batch, head and query tile, or the like), and :func:`run` hands
+contiguous ranges to the threads as each finishes its last (dynamic: a causal mask makes the
+late query tiles cost more than the early ones).
 
 Tasks write disjoint outputs, so the ranges need no locks. The number of threads is Numba's
 (`numba.get_num_threads()`: NUMBA_NUM_THREADS, or `numba.set_num_threads`), as before.
