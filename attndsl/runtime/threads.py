@@ -34,7 +34,8 @@ def _workers() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            size = max(1, numba.config.NUMBA_NUM_THREADS - 1)
+            most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+            size = max(1, most - 1)  # numba.set_num_threads cannot go above it
             _pool = ThreadPoolExecutor(size, thread_name_prefix="attndsl")
         return _pool
 
