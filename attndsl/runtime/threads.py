@@ -59,10 +59,15 @@ def run(kernel: Callable[..., Any], tasks: int, *args: Any) -> None:
     count = min(tasks, threads * RANGES_PER_THREAD)
     bounds = [tasks * n // count for n in range(count + 1)]
     ticket = itertools.count()  # next() is atomic under the GIL: each range runs once
+    failed = threading.Event()  # an error (or Ctrl-C) in one range: start no more
 
     def work() -> None:
-        while (n := next(ticket)) < count:
-            kernel(bounds[n], bounds[n + 1], *args)
+        try:
+            while not failed.is_set() and (n := next(ticket)) < count:
+                kernel(bounds[n], bounds[n + 1], *args)
+        except BaseException:
+            failed.set()
+            raise
 
     helpers: list[Future[None]] = [_workers().submit(work) for _ in range(threads - 1)]
     try:
