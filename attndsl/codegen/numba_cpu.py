@@ -324,8 +324,8 @@ class CpuEmitter:
         w("# NumPy's error model: x / 0 is inf or NaN and n // 0 is 0. Numba's default tests "
           "every divisor")
         w("# (to raise), and that branch keeps LLVM from vectorizing loops that divide (fx.tanh).")
-        w("# nogil, not parallel: each kernel runs the tasks [lo, hi) it is given, on the threads of")
-        w("# runtime/threads.py (Numba's parfors would double the compile time)")
+        w("# nogil, not parallel: each kernel runs the tasks [lo, hi) it is given, on the threads")
+        w("# of runtime/threads.py (Numba's parfors would double the compile time)")
         w('KERNEL = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy",')
         w("              pipeline_class=NoAliasCompiler)  # outputs never alias inputs")
         w()
@@ -344,8 +344,8 @@ class CpuEmitter:
                                                                      or i.is_raw_key)]
         if tiled:  # each GEMM's key-side operand transposed, [B, H', F, n_k] (see gemm_tiles)
             inputs += [f"kt{n}" for n in range(len(self.plan.gemms))]
-        args = ["lo", "hi", "sz", "qoff", "koff", "q", "k", "v", *inputs, *(f"p_{n}" for n in self.params),
-                *(f"x_{n}" for n in self.indices), *outputs]
+        args = ["lo", "hi", "sz", "qoff", "koff", "q", "k", "v", *inputs,
+                *(f"p_{n}" for n in self.params), *(f"x_{n}" for n in self.indices), *outputs]
         return f"def {name}({', '.join(args)}):"
 
     def unpack_sizes(self) -> None:
