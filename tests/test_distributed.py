@@ -112,6 +112,18 @@ CASES = [
     Case("linear_projection", PROJECTED, params=(("W", (8, 6)),)),
     Case("bahdanau", "examples/bahdanau.attn",
          params=(("Wq", (8, 5)), ("Wk", (8, 5)), ("w", (5,)))),
+    # key rows computed by their owner and sent (norm(k), relu(k @ F)), under GQA too
+    Case("cosine_cpu", "examples/cosine.attn", target="cpu", params=(("tau", ()),)),
+    Case("decomposable_gqa", "examples/decomposable.attn", heads=4, kv_heads=2,
+         params=(("F", (8, 6)),)),
+    # the remaining examples, so that every one runs on the ring
+    Case("sliding_window", "examples/sliding_window.attn", n=141),
+    Case("spatial_window", "examples/spatial_window.attn", n=141),
+    Case("t5_bucket", "examples/t5_bucket.attn", params=(("table", (2, 32)),)),
+    Case("luong_dot", "examples/luong_dot.attn"),
+    Case("luong_general", "examples/luong_general.attn", params=(("Wa", (8, 8)),)),
+    Case("channel_attention", "examples/channel_attention.attn"),
+    Case("translation", "examples/translation.attn"),
 ]
 
 
@@ -126,12 +138,14 @@ def _globals(case: Case, seed: int) -> dict[str, Any]:
     B, H, KV, N, d = 2, case.heads, case.kv_heads, case.n, 8
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
 
     x = {"q": rand(B, H, N, d), "k": rand(B, KV, N, d), "v": rand(B, KV, N, d + 1),
          "dout": rand(B, H, N, d + 1), "dlse": rand(B, H, N)}
     for name, shape in case.params:
         x[name] = rand(*shape) * (0.3 if name == "slope" else 1.0)
+        if name == "tau":  # cosine's temperature: away from its clamp at 0.01
+            x[name] = x[name].abs() + 0.5
     for name, kind in case.inputs:
         if kind == "doc":  # packed documents: sorted ids, so boundaries fall mid-shard
             x[name] = torch.sort(torch.randint(0, 4, (B, N), generator=g), dim=1).values
@@ -145,7 +159,8 @@ def _globals(case: Case, seed: int) -> dict[str, Any]:
 
 
 POSITIONAL = {"q": 2, "k": 2, "v": 2, "dout": 2, "dlse": 2, "doc": 1, "c": 2, "rq": 1, "rk": 1}
-FLOATS = ("q", "k", "v", "slope", "sink", "table", "Wq", "Wk", "w", "c", "rq", "rk", "W")
+FLOATS = ("q", "k", "v", "slope", "sink", "table", "Wq", "Wk", "w", "c", "rq", "rk", "W", "tau",
+          "F", "Wa")
 
 
 def _extras(case: Case, x: dict[str, Any]) -> dict[str, Any]:
@@ -194,6 +209,18 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         at.distributed.ring_attention(far, x, x, x, table=torch.zeros(2, 20, dtype=x.dtype))
     except ValueError as e:
         said["kernel"] = str(e)
+    from attndsl.torch import ops
+
+    real = ops.apply  # the linear scan's kernel, failing on rank 1 only
+    if rank == 1:
+        ops.apply = _failing_kernel
+    x = shard(torch.randn(1, 2, 37, 8, dtype=torch.float64), rank, world)
+    try:
+        at.distributed.ring_attention("examples/causal_linear.attn", x, x, x)
+    except ValueError as e:
+        said["scan"] = str(e)
+    finally:
+        ops.apply = real
     short = dist.new_group(timeout=datetime.timedelta(seconds=5))
     if rank == 0:
         try:
@@ -202,6 +229,10 @@ def _errors(rank: int, world: int) -> dict[str, str]:
             said["timeout"] = f"{type(e).__name__}: {e}"
     dist.barrier()
     return said
+
+
+def _failing_kernel(*args: Any, **kwargs: Any) -> Any:
+    raise ValueError("a kernel failed on this rank")
 
 
 def _worker(rank: int, world: int, port: int, results: Any) -> None:
@@ -396,6 +427,8 @@ def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
         assert "rank 1" in said["bad_shape"] and "k: expected shape" in said["bad_shape"]
         assert "needs the split of chunk_sizes" in said["zigzag_split"]
         assert "a step failed" in said["kernel"] and "out of range" in said["kernel"]
+        assert "the linear scan's kernel failed on 1 of" in said["scan"], f"rank {rank}"
+        assert "rank 1: ValueError: a kernel failed on this rank" in said["scan"]
     assert "timeout" in got[0, "errors", ""]
 
 
@@ -425,6 +458,14 @@ def test_ring_spec_refuses_what_a_shard_cannot_read() -> None:
                          " mask doc[0] == doc[j]\n}")
     with pytest.raises(ValueError, match=r"doc\[0\].*not only the query's"):
         ring_spec(spec)
+
+
+def test_every_example_runs_on_the_ring() -> None:
+    """The matrix above holds a case for every bundled example (a new example needs one)."""
+    import glob
+
+    covered = {c.spec for c in CASES}
+    assert sorted(set(glob.glob("examples/*.attn")) - covered) == []
 
 
 def test_ring_split_and_shard() -> None:
@@ -458,6 +499,43 @@ def test_ring_skips_pairs_the_mask_hides() -> None:
             if layout == "contiguous":
                 assert all(not _pairs(plan, owner) for owner in range(rank + 1, world))
         assert counts == ([1, 2, 3, 4] if layout == "contiguous" else [2 * world + 1] * world)
+
+
+def test_ring_skips_shards_whose_documents_or_windows_cannot_meet() -> None:
+    """Masks beyond i/j comparisons: packed documents skip a key shard whose ids cannot meet
+    the query shard's (bounded by each side's least and greatest id), and a 2-D window
+    skips image rows more than 2 apart; a shard that may meet is never skipped."""
+    from attndsl.torch.distributed import _Arg, _Keys, _pairs, _Plan, chunk_bounds
+    from attndsl.torch.ring_spec import ring_spec
+
+    world, n = 4, 640
+    chunks = chunk_bounds(n, world)
+    doc = torch.arange(n).div(n // world + 5, rounding_mode="floor")[None]  # 4 documents
+    ring = ring_spec(attndsl.load("examples/document.attn"))
+
+    def shard_of(rank: int) -> torch.Tensor:
+        (a, b), = chunks[rank]
+        return doc[:, a:b]
+
+    for rank in range(world):
+        plan = _Plan(ring, {}, None, rank, world, chunks, n,
+                     [_Arg("doc", shard_of(rank), "both", 1, False)], 8)
+        ran = [owner for owner in range(world) if _pairs(plan, owner, _Keys(
+            owner, [shard_of(owner)], ["doc_k"], [1]))]
+        # causal and by document: keys of this shard, and of the one before when a document
+        # spans the boundary (the ids run over 165 positions, a shard holds 160)
+        meets = [o for o in range(rank + 1)
+                 if set(shard_of(o).tolist()[0]) & set(shard_of(rank).tolist()[0])]
+        assert ran == meets, (rank, ran)
+        assert ran == ([0] if rank == 0 else [rank - 1, rank])
+        assert [o for o in range(world) if _pairs(plan, o)] == list(range(rank + 1))  # ids
+        # unknown: only the causal part decides
+
+    window = ring_spec(attndsl.load("examples/spatial_window.attn"))  # 16 pixels a row
+    for rank in range(world):  # 160 positions: 10 image rows per shard
+        plan = _Plan(window, {}, None, rank, world, chunks, n, [], 8)
+        ran = [o for o in range(world) if _pairs(plan, o)]
+        assert ran == [o for o in range(world) if abs(o - rank) <= 1], (rank, ran)
 
 
 def test_ring_needs_a_process_group() -> None:

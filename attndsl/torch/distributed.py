@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 
 from attndsl import ir
+from attndsl.intervals import Interval, interval
 from attndsl.runtime.kernel import Validator, check_names
+from attndsl.symbolic import POSITIONS
 
-from .linear_scan import Features, linear_scan, scan_features
+from .linear_scan import Features, SumGrad, evaluate, linear_scan, raise_together, scan_features
 from .module import Attention
 from .ops import ENTRIES, FLOATS, Entry, _param, attention_backward_op, attention_op, spec_handle
 from .ring_spec import POSITIONAL, RingSpec, ring_spec
@@ -184,6 +186,32 @@ def _arguments(ring: RingSpec, given: dict[str, Any], compute: torch.dtype,
     return args
 
 
+def _key_rows(ring: RingSpec, k: torch.Tensor, args: list[_Arg], group: Any
+              ) -> tuple[list[_Arg], str | None]:
+    """The hoisted key-side row terms of this rank's keys (ring_spec's key rows), computed
+    once here with autograd (their gradients come home with dk and flow into k and the
+    params; a param's part is summed over the ranks), then travelling with k and v; and
+    what went wrong computing them (None: nothing), for every rank to agree on."""
+    if not ring.key_rows:
+        return [], None
+    values: dict[str, torch.Tensor] = {"k": k, "d": torch.tensor(k.shape[-1], dtype=k.dtype)}
+    world = dist.get_world_size(group)
+    for a in args:
+        if a.side == "replicated" and a.is_float:
+            needs_sum = world > 1 and a.value.requires_grad
+            values[a.name] = SumGrad.apply(group, a.value) if needs_sum else a.value
+    rows = []
+    try:
+        for name, term in ring.key_rows.items():
+            value = evaluate(term, values)
+            if term.type is not None and term.type.kind is not ir.Kind.VECTOR:
+                value = value.squeeze(-1)
+            rows.append(_Arg(name, value.expand(k.shape[:3] + value.shape[3:]), "key", 2, True))
+    except (RuntimeError, ValueError, TypeError) as e:  # shapes: the others agree to raise
+        return [], f"{type(e).__name__}: computing {ir.to_text(term)}: {e}"
+    return rows, None
+
+
 # ---- validation every rank agrees on, before any transfer ---------------------------------------
 
 
@@ -223,10 +251,10 @@ def _stand_in(t: torch.Tensor) -> Any:
 
 
 def _agree(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: list[_Arg], ring: RingSpec,
-           layout: str, group: Any) -> list[int]:
+           layout: str, group: Any, problem: str | None = None) -> list[int]:
     """Every rank's length, once every rank's arguments passed: else every rank raises the
     same ValueError (one collective, so a bad rank never leaves the others waiting)."""
-    problem = _local_problem(q, k, v, args, ring)
+    problem = problem or _local_problem(q, k, v, args, ring)
     mine = {"problem": problem, "n": int(q.shape[2]) if q.ndim == 4 else 0,
             "shape": (tuple(q.shape[:2]) + tuple(k.shape[1:2]) + (q.shape[-1], v.shape[-1]))
             if problem is None else None, "dtype": str(q.dtype)}
@@ -322,16 +350,18 @@ def _shapes(plan: _Plan, tensors: list[torch.Tensor], axes: list[int], owner: in
     return [_resized(t, axis, n) for t, axis in zip(tensors, axes)]
 
 
-def _pairs(plan: _Plan, owner: int) -> list[tuple[int, int, str]]:
+def _pairs(plan: _Plan, owner: int, keys: _Keys | None = None) -> list[tuple[int, int, str]]:
     """(local query chunk, key chunk of `owner`, program) for one step. A pair the mask hides
-    entirely is left out (causal: the shards after ours), unless it counts the sink; a causal
-    linear spec runs fully visible pairs unmasked (its prefix-sum kernel needs q_offset ==
-    k_offset, which only a chunk against itself has)."""
+    entirely is left out (causal: the shards after ours; document ids: a shard whose ids
+    cannot meet ours, bounded from the least and greatest id each side holds, with the key
+    side's ids read from the visiting `keys`), unless it counts the sink; a causal linear spec
+    runs fully visible pairs unmasked (its prefix-sum kernel needs q_offset == k_offset,
+    which only a chunk against itself has)."""
     ring, pairs = plan.ring, []
     for a, (q0, q1) in enumerate(plan.chunks[plan.rank]):
         for c, (k0, k1) in enumerate(plan.chunks[owner]):
             program = "own" if (owner == plan.rank and a == c) else "step"
-            seen = ring.visible(q0, q1, k0, k1)
+            seen = ring.visible(q0, q1, k0, k1, _lookup_bounds(plan, a, keys, c))
             if seen == "none" and (program == "step" or ring.own is ring.step):
                 continue
             if ring.causal_linear and k0 != q0:
@@ -339,6 +369,43 @@ def _pairs(plan: _Plan, owner: int) -> list[tuple[int, int, str]]:
                 program = "unmasked"
             pairs.append((a, c, program))
     return pairs
+
+
+def _lookup_bounds(plan: _Plan, a: int, keys: _Keys | None, c: int) -> dict[Any, Interval]:
+    """For each lookup the mask reads, an interval holding every value it reads for query
+    chunk a against key chunk c: a positional array read at i (or j) by the chunk's own
+    rows, a replicated one by all of its values. Lookups left out are unknown."""
+    i, j = POSITIONS["i"], POSITIONS["j"]
+    by_name = {arg.name: arg for arg in plan.args}
+    visiting = {} if keys is None else dict(zip(keys.names, zip(keys.tensors, keys.axes)))
+    known: dict[Any, Interval] = {}
+    for symbol, (array, subscripts) in plan.ring.lookups.items():
+        value: torch.Tensor | None = None
+        if array == plan.ring.size_index:
+            value = torch.tensor(plan.n)
+        elif keys is not None and array in visiting:  # a key-side array: this step's chunk c
+            t, axis = visiting[array]
+            if _read_at(subscripts, j):
+                value = _narrow(t, axis, _local_slices(plan.chunks[keys.owner])[c])
+        elif array in by_name:
+            arg = by_name[array]
+            if arg.side == "replicated":
+                value = arg.value
+            elif arg.side in ("query", "both") and _read_at(subscripts, i):
+                value = _narrow(arg.value, arg.axis, _local_slices(plan.chunks[plan.rank])[a])
+        if value is not None and value.numel():
+            span = interval(value.min().item(), value.max().item())
+            if span is not None:
+                known[symbol] = span
+    return known
+
+
+def _read_at(subscripts: tuple[Any, ...], position: Any) -> bool:
+    """The subscripts read the sequence axis at exactly `position` (i or j) and no other
+    axis at a position (a head h or a constant may index the others)."""
+    i, j = POSITIONS["i"], POSITIONS["j"]
+    return position in subscripts and all(
+        s == position or not ({i, j} & s.free_symbols) for s in subscripts)
 
 
 def _local_slices(chunks: list[tuple[int, int]]) -> list[slice]:
@@ -417,15 +484,7 @@ def _guarded(failed: list[Exception]) -> Any:
 
 def _raise_together(plan: _Plan, failed: list[Exception]) -> None:
     """After the ring: every rank raises if any rank's kernels raised (one all_gather)."""
-    mine = f"{type(failed[0]).__name__}: {failed[0]}" if failed else None
-    everyone: list[Any] = [None] * plan.world
-    dist.all_gather_object(everyone, mine, group=plan.group)
-    bad = [(r, said) for r, said in enumerate(everyone) if said is not None]
-    if bad:
-        said = "; ".join(f"rank {r}: {m}" for r, m in bad)
-        error = ValueError(f"ring_attention: a step failed on {len(bad)} of {plan.world} "
-                           f"ranks ({said})")
-        raise error from (failed[0] if failed else None)
+    raise_together(plan.group, failed, "a step")
 
 
 # ---- forward: partial results merged by the normalizer -----------------------------------------
@@ -445,7 +504,7 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     @_guarded(failed)
     def visit(keys: _Keys) -> None:
         nonlocal lse
-        for a, c, program in _pairs(plan, keys.owner):
+        for a, c, program in _pairs(plan, keys.owner, keys):
             tensors, q_off, k_off = _pair_args(plan, program, a, keys, c, merge == "ratio", q)
             out_s, lse_s = attention_op(plan.handles[program], *tensors, q_off, k_off)
             rows = slices[a]
@@ -511,7 +570,7 @@ def _backward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
 
     def contributions(keys: _Keys, part: list[torch.Tensor], names: list[str]) -> None:
         kslices = _local_slices(plan.chunks[keys.owner])
-        for a, c, program in _pairs(plan, keys.owner):
+        for a, c, program in _pairs(plan, keys.owner, keys):
             tensors, q_off, k_off = _pair_args(plan, program, a, keys, c, merge == "ratio", q)
             rows = slices[a]
             given_dlse = dlse[:, :, rows].contiguous() if dlse is not None else None
@@ -640,7 +699,8 @@ def _apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
     compute = q.dtype if q.dtype in FLOATS else torch.float32
     q_, k_, v_ = (t.to(compute).contiguous() for t in (q, k, v))
     args = _arguments(ring, params_and_indices, compute, q.device)
-    lengths = _agree(q_, k_, v_, args, ring, layout, group)
+    rows, problem = _key_rows(ring, k_, args, group)
+    lengths = _agree(q_, k_, v_, args + rows, ring, layout, group, problem)
     chunks, rank = _chunks(lengths, layout), dist.get_rank(group)
     if handle not in _SCANS:
         _SCANS[handle] = scan_features(base)
@@ -650,7 +710,7 @@ def _apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
                           {a.name: a.value for a in args}, chunks, rank, group).to(q.dtype)
         return (out, None) if return_lse else out
     plan = _Plan(ring, handles, group, rank, dist.get_world_size(group), chunks, sum(lengths),
-                 args, v_.shape[3])
+                 args + rows, v_.shape[3])
     out, lse = _Ring.apply(plan, q_, k_, v_, *(a.value for a in plan.floats()))
     out = out.to(q.dtype)
     if not return_lse:

@@ -35,6 +35,14 @@ FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "softplus": lambda x: torch.logaddexp(x, torch.zeros_like(x)), "elu": F.elu,
     "gelu": lambda x: F.gelu(x, approximate="none"), "sin": torch.sin, "cos": torch.cos,
 }
+# what ring attention's key rows (ring_spec.ROW_FUNCTIONS) use besides FUNCTIONS; reductions
+# over the feature axis keep it, as size 1
+ROW_ONLY: dict[str, Callable[..., torch.Tensor]] = {
+    "dot": lambda u, w: (u * w).sum(-1, keepdim=True),
+    "sum": lambda u: u.sum(-1, keepdim=True),
+    "norm": lambda u: (u * u).sum(-1, keepdim=True).sqrt(),
+    "min": torch.minimum, "max": torch.maximum,
+}
 ARITH = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow}
 
 Features = tuple[ir.Expr, ir.Expr]  # (phi over q, psi over k)
@@ -74,18 +82,25 @@ def _supported(e: ir.Expr, params: set[str]) -> bool:
 
 
 def evaluate(e: ir.Expr, values: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A checked vector expression over the last axis, with torch operations."""
+    """A checked expression over the last axis, with torch operations: a vector keeps its
+    feature axis, a scalar reduced from vectors keeps it as size 1 (so it broadcasts against
+    them); `values` holds q or k, the params, and optionally "d"."""
     if isinstance(e, ir.Num):
-        return torch.tensor(float(e.text), dtype=values["q"].dtype, device=values["q"].device)
+        like = values.get("q", values.get("k"))
+        assert like is not None
+        return torch.tensor(float(e.text), dtype=like.dtype, device=like.device)
     if isinstance(e, ir.Name):
         return values[e.name]
     if isinstance(e, ir.Unary):
         return -evaluate(e.operand, values)
     if isinstance(e, ir.Binary):
         left, right = evaluate(e.left, values), evaluate(e.right, values)
+        if e.op == ".":
+            return (left * right).sum(-1, keepdim=True)
         return left @ right if e.op == "@" else ARITH[e.op](left, right)
     assert isinstance(e, ir.Call)
-    return FUNCTIONS[e.func](*(evaluate(a, values) for a in e.args))
+    args = [evaluate(a, values) for a in e.args]
+    return (ROW_ONLY.get(e.func) or FUNCTIONS[e.func])(*args)
 
 
 class _Gather(torch.autograd.Function):
@@ -106,7 +121,7 @@ class _Gather(torch.autograd.Function):
         return None, grad[ctx.rank]
 
 
-class _SumGrad(torch.autograd.Function):
+class SumGrad(torch.autograd.Function):
     """The identity on a replicated param whose gradient is summed over the ranks."""
 
     @staticmethod
@@ -128,7 +143,7 @@ def linear_scan(spec: ir.Spec, features: Features, step_handle: str, q: torch.Te
     from .ops import apply
 
     if dist.get_world_size(group) > 1:
-        params = {n: _SumGrad.apply(group, p) if p.requires_grad else p
+        params = {n: SumGrad.apply(group, p) if p.requires_grad else p
                   for n, p in params.items()}
     ratio = spec.normalize.kind is NormKind.SUM
     causal = spec.mask is not None
@@ -142,15 +157,19 @@ def linear_scan(spec: ir.Spec, features: Features, step_handle: str, q: torch.Te
     gathered = _Gather.apply(group, states)  # [P, chunks, B, kv_heads, F, width]
     by_start = sorted((a, gathered[r, c]) for r, rank_chunks in enumerate(chunks)
                       for c, (a, _) in enumerate(rank_chunks))
-    outs = []
+    outs, failed = [], []  # type: list[torch.Tensor], list[Exception]
     for start, rows in zip(starts, mine):
         before = [s for a, s in by_start if not causal or a < start]
         acc = _at_heads(phi[:, :, rows], sum(before[1:], before[0]) if before else None,
                         heads, kv_heads, values.shape[3])
-        if causal:  # the chunk against its own keys: the prefix-sum kernel at its offset
-            acc = acc + apply(step_handle, q[:, :, rows], k[:, :, rows], values[:, :, rows],
-                              q_offset=start, k_offset=start, **params)
+        if causal and not failed:  # the chunk against its own keys: the prefix-sum kernel
+            try:
+                acc = acc + apply(step_handle, q[:, :, rows], k[:, :, rows],
+                                  values[:, :, rows], q_offset=start, k_offset=start, **params)
+            except (ValueError, TypeError, IndexError, ArithmeticError, RuntimeError) as e:
+                failed.append(e)  # raised on every rank below, so none waits in a backward
         outs.append(acc)
+    raise_together(group, failed, "the linear scan's kernel")
     # every rank's graph reads the gather (an empty sum, exactly 0 and never NaN), so every
     # rank runs its backward's all_reduce, also the first rank of a causal scan
     acc = torch.cat(outs, dim=2) + gathered.narrow(-1, 0, 0).sum()
@@ -158,6 +177,20 @@ def linear_scan(spec: ir.Spec, features: Features, step_handle: str, q: torch.Te
         return acc
     z = acc[..., -1:]
     return torch.where(z != 0, acc[..., :-1] / torch.where(z == 0, 1, z), 0.0)
+
+
+def raise_together(group: Any, failed: list[Exception], what: str) -> None:
+    """Every rank raises if any rank's `failed` holds an error (one all_gather_object): an
+    error on some ranks never leaves the others waiting in a later collective."""
+    mine = f"{type(failed[0]).__name__}: {failed[0]}" if failed else None
+    world = dist.get_world_size(group)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    bad = [(r, said) for r, said in enumerate(everyone) if said is not None]
+    if bad:
+        said = "; ".join(f"rank {r}: {m}" for r, m in bad)
+        raise ValueError(f"ring_attention: {what} failed on {len(bad)} of {world} ranks "
+                         f"({said})") from (failed[0] if failed else None)
 
 
 def _local(chunks: list[tuple[int, int]]) -> list[slice]:

@@ -9,6 +9,10 @@ rewritten spec, printed back to spec text and checked again (nothing is patched 
   [n]-arrays an index or input sized `n` holds one sequence read from both sides; it splits
             into a query-side copy (same name, sized n_q) and a key-side copy (NAME_k, sized
             n_k) that travels with k and v; doc[i] reads the first, doc[j] the second
+  key rows  a key-side row term the plan hoists (`norm(k)`, `k @ Wk`) is computed once, by
+            the rank that owns the keys, and travels with k and v: the step program reads it
+            as an input `k_rowsN[h // (heads // kv_heads), j]` (per key/value head), so no step
+            recomputes it, and its gradient travels home with dk (key_rows: name -> the term)
   normalizer `sum` runs as `none` with a column of ones appended to v, so each step returns
             its numerator and denominator (merged exactly, then divided once); a softmax sink
             is counted once per row: only the step of a query shard against its own keys runs
@@ -18,12 +22,14 @@ rewritten spec, printed back to spec text and checked again (nothing is patched 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from fractions import Fraction
 
 import sympy as sp
 
 import attndsl
 from attndsl import ir
+from attndsl.intervals import Interval, fold
 from attndsl.ir import NormKind, Side
 from attndsl.plan import make_plan
 from attndsl.symbolic import POSITIONS
@@ -44,28 +50,28 @@ class RingSpec:
     size_index: str | None  # the index holding the global length, if the spec reads one
     key_copies: dict[str, str]  # [n]-array -> its key-side copy
     mask: sp.Basic | None  # the step's mask as derived (SymPy), None: every key allowed
+    lookups: dict[sp.Symbol, tuple[str, tuple[sp.Basic, ...]]]  # mask symbol -> array, subscripts
+    key_rows: dict[str, ir.Expr]  # hoisted key-side row term's input name -> the term (base's)
 
     @property
     def causal_linear(self) -> bool:
         return self.unmasked is not None
 
-    def visible(self, q0: int, q1: int, k0: int, k1: int) -> str:
+    def visible(self, q0: int, q1: int, k0: int, k1: int,
+                known: Mapping[sp.Symbol, Interval] | None = None) -> str:
         """Which pairs of queries [q0, q1) x keys [k0, k1) the mask allows: "all", "none" or
-        "some" (unknown counts as some). A comparison of i and j alone is linear, so its
-        value at the four corners decides it over the whole rectangle."""
+        "some" (unknown counts as some). Each atom is bounded over the whole block
+        (intervals.py) from the positions' ranges and `known`: an interval per lookup symbol
+        (`lookups`) holding every value it reads in the block, e.g. the least and greatest
+        document id of each shard."""
         if self.mask is None:
             return "all"
         i, j = POSITIONS["i"], POSITIONS["j"]
-        corners = [(a, b) for a in (q0, q1 - 1) for b in (k0, k1 - 1)]
-        decided = {}
-        for atom in self.mask.atoms(sp.core.relational.Relational):
-            if not atom.free_symbols <= {i, j}:
-                continue
-            values = {bool(atom.subs({i: a, j: b})) for a, b in corners}
-            if len(values) == 1 and _linear(atom, i, j):
-                decided[atom] = sp.true if values.pop() else sp.false
-        folded = self.mask.xreplace(decided)
-        return "all" if folded is sp.true else "none" if folded is sp.false else "some"
+        ranges = {**(known or {})}
+        for symbol, (first, last) in ((i, (q0, q1 - 1)), (j, (k0, k1 - 1))):
+            ranges[symbol] = (Fraction(first), Fraction(last))
+        seen = fold(self.mask, ranges)
+        return "all" if seen is True else "none" if seen is False else "some"
 
 
 def ring_spec(base: ir.Spec) -> RingSpec:
@@ -79,17 +85,19 @@ def ring_spec(base: ir.Spec) -> RingSpec:
             raise ValueError(f"ring_attention: param {p.name} has a sequence axis "
                              f"({', '.join(map(str, p.dims))}); a param is replicated on every "
                              "rank, so pass per-position values as an input or index")
+    taken: set[str | None] = {*names, size_index, *key_copies.values()}
+    hoist = _KeyRows(base, taken)
     rewrite = _Rewrite(base, size_index, key_copies)
-    shard = dataclasses.replace(base, **{c: rewrite(getattr(base, c)) for c in
+    shard = dataclasses.replace(base, **{c: rewrite(hoist(getattr(base, c))) for c in
                                          ("score", "scale", "bias", "softcap", "mask")})
     norm = base.normalize
-    expr = rewrite(norm.expr)
+    expr = rewrite(hoist(norm.expr))
     merge = {NormKind.SOFTMAX: "lse", NormKind.SUM: "ratio"}.get(norm.kind, "add")
     if norm.kind is NormKind.SUM:
         step_norm = ir.Normalize(NormKind.NONE)
     else:
         step_norm = dataclasses.replace(norm, expr=expr, sink=None)
-    declared = _declarations(base, size_index, key_copies)
+    declared = _declarations(base, size_index, key_copies) + hoist.declarations
     step = _parse(dataclasses.replace(shard, normalize=step_norm), declared)
     own = step
     if norm.sink is not None:
@@ -99,14 +107,9 @@ def ring_spec(base: ir.Spec) -> RingSpec:
     plan = make_plan(step)
     if plan.linear is not None and plan.linear.causal:
         unmasked = _parse(dataclasses.replace(shard, normalize=step_norm, mask=None), declared)
-    return RingSpec(base, step, own, unmasked, merge, size_index, key_copies, plan.deriv.mask)
-
-
-def _linear(atom: sp.Basic, i: sp.Symbol, j: sp.Symbol) -> bool:
-    try:
-        return sp.Poly(atom.lhs - atom.rhs, i, j).total_degree() <= 1
-    except sp.PolynomialError:
-        return False
+    lookups = {x.symbol: (x.array, x.subscripts) for x in plan.lookups}
+    return RingSpec(base, step, own, unmasked, merge, size_index, key_copies, plan.deriv.mask,
+                    lookups, hoist.terms)
 
 
 def _fresh(name: str, taken: set[str | None]) -> str:
@@ -128,6 +131,71 @@ def _clauses(spec: ir.Spec) -> list[ir.Expr]:
 def _reads_sizes(spec: ir.Spec) -> bool:
     return any(isinstance(node, ir.Name) and node.name in SIZE_NAMES
                for e in _clauses(spec) for node in ir.walk(e))
+
+
+# what a key-side row term may be built from to be computed apart (linear_scan.evaluate)
+ROW_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "softplus", "relu",
+                 "elu", "gelu", "sin", "cos", "min", "max", "dot", "sum", "norm")
+ROW_OPS = ("+", "-", "*", "/", "^", ".", "@")
+
+
+class _KeyRows:
+    """Replaces each largest key-side term built from k (not k itself) by a key-side input
+    read, `k_rowsN[h // (heads // kv_heads), j]`, when every part of it is computed apart:
+    k, numbers, `d`, and params without a sequence axis, combined by ROW_OPS and ROW_FUNCTIONS.
+    A spec on the linear path keeps its terms (its features are the kernel's own form)."""
+
+    def __init__(self, spec: ir.Spec, taken: set[str | None]) -> None:
+        self.spec, self.taken = spec, set(taken)
+        self.on = make_plan(spec).linear is None
+        self.terms: dict[str, ir.Expr] = {}
+        self.declarations: list[str] = []
+
+    def __call__(self, e: ir.Expr | None) -> ir.Expr | None:
+        return e if e is None or not self.on else self._visit(e)
+
+    def _visit(self, e: ir.Expr) -> ir.Expr:
+        if self._hoisted(e):
+            return self._read(e)
+        if isinstance(e, ir.Unary):
+            return dataclasses.replace(e, operand=self._visit(e.operand))
+        if isinstance(e, ir.Binary):
+            return dataclasses.replace(e, left=self._visit(e.left), right=self._visit(e.right))
+        if isinstance(e, ir.Call):
+            return dataclasses.replace(e, args=tuple(self._visit(a) for a in e.args))
+        return e  # a subscript's indices are integers: never a row term
+
+    def _hoisted(self, e: ir.Expr) -> bool:
+        return (e.type is not None and e.type.side is Side.KEY and not isinstance(e, ir.Name)
+                and any(isinstance(x, ir.Name) and x.name == "k" for x in ir.walk(e))
+                and self._computed_apart(e))
+
+    def _computed_apart(self, e: ir.Expr) -> bool:
+        if isinstance(e, ir.Num):
+            return True
+        if isinstance(e, ir.Name):
+            p = self.spec.param(e.name)
+            return e.name in ("k", "d") or (p is not None and not p.batched and not any(
+                dim in POSITIONAL for dim in p.dims))
+        ok = ((isinstance(e, ir.Unary) and e.op == "-")
+              or (isinstance(e, ir.Binary) and e.op in ROW_OPS)
+              or (isinstance(e, ir.Call) and e.func in ROW_FUNCTIONS))
+        return ok and all(self._computed_apart(c) for c in ir.children(e))
+
+    def _read(self, e: ir.Expr) -> ir.Expr:
+        for name, term in self.terms.items():  # the same term twice is one input
+            if term == e:
+                break
+        else:
+            name = _fresh(f"k_rows{len(self.terms)}", self.taken)
+            self.taken.add(name)
+            self.terms[name] = e
+            assert e.type is not None
+            feature = f", {e.type.size}" if e.type.kind is ir.Kind.VECTOR else ""
+            self.declarations.append(f"input {name}[kv_heads, n_k{feature}]")
+        group = ir.Binary("//", ir.Name("h"), ir.Binary("//", ir.Name("heads"),
+                                                          ir.Name("kv_heads")))
+        return ir.Subscript(name, (group, ir.Name("j")), e.pos)
 
 
 class _Rewrite:
