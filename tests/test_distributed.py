@@ -81,6 +81,32 @@ FAR = """attention far {
     bias  table[h, max(j - i, 0)]
 }"""
 
+# arrays whose sequence axis holds the whole sequence (ring_spec's whole axes)
+PREVIOUS_DOC = """attention previous_doc {
+    index doc[n]
+    score q . k
+    mask  doc[max(i - 1, 0)] == doc[j] and j <= i
+}"""
+
+POSITION_BIAS = """attention position_bias {
+    param pb[n_k]
+    score q . k
+    bias  pb[j]
+}"""
+
+PAIR_BIAS = """attention pair_bias {
+    input pb2[heads, n_q, n_k]
+    score q . k
+    bias  pb2[h, i, j]
+}"""
+
+SHIFTED_GATE = """attention shifted_gate {
+    input g[n]
+    score q . k
+    bias  g[max(i - 1, 0)] - g[j]
+    mask  j <= i
+}"""
+
 CASES = [
     Case("softmax", "examples/scaled_dot_product.attn"),
     Case("softmax_cpu", "examples/causal.attn", target="cpu"),
@@ -124,6 +150,10 @@ CASES = [
     Case("luong_general", "examples/luong_general.attn", params=(("Wa", (8, 8)),)),
     Case("channel_attention", "examples/channel_attention.attn"),
     Case("translation", "examples/translation.attn"),
+    Case("previous_doc", PREVIOUS_DOC, inputs=(("doc", "doc"),)),  # an index, gathered
+    Case("position_bias", POSITION_BIAS, params=(("pb", (37,)),)),  # a param, replicated
+    Case("pair_bias", PAIR_BIAS, inputs=(("pb2", "pair"),)),  # query rows, whole keys
+    Case("shifted_gate", SHIFTED_GATE, inputs=(("g", "gate1"),)),  # an input, gathered
 ]
 
 
@@ -155,12 +185,17 @@ def _globals(case: Case, seed: int) -> dict[str, Any]:
             x[name] = rand(B, H, N).cumsum(-1) * 0.1
         elif kind == "rope":
             x[name] = rand(B, N, 4)
+        elif kind == "pair":
+            x[name] = rand(B, H, N, N)
+        elif kind == "gate1":
+            x[name] = rand(B, N).cumsum(-1) * 0.1
     return x
 
 
-POSITIONAL = {"q": 2, "k": 2, "v": 2, "dout": 2, "dlse": 2, "doc": 1, "c": 2, "rq": 1, "rk": 1}
+POSITIONAL = {"q": 2, "k": 2, "v": 2, "dout": 2, "dlse": 2, "doc": 1, "c": 2, "rq": 1, "rk": 1,
+              "pb2": 2, "g": 1}  # pb2: the query axis (its key axis is whole on every rank)
 FLOATS = ("q", "k", "v", "slope", "sink", "table", "Wq", "Wk", "w", "c", "rq", "rk", "W", "tau",
-          "F", "Wa")
+          "F", "Wa", "pb", "pb2", "g")
 
 
 def _extras(case: Case, x: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +247,17 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         at.distributed.ring_attention(far, x, x, x, table=torch.zeros(2, 20, dtype=x.dtype))
     except ValueError as e:
         said["kernel"] = str(e)
+    x = shard(torch.randn(1, 2, 37, 8, dtype=torch.float64), rank, world)
+    doc = torch.zeros(1, x.shape[2], dtype=torch.int64 if rank == 0 else torch.float64)
+    try:  # a float index on the ranks after 0 only
+        at.distributed.ring_attention("examples/document.attn", x, x, x, doc=doc)
+    except ValueError as e:
+        said["float_index"] = str(e)
+    try:  # a whole-sequence param of the wrong length on rank 0 only
+        at.distributed.ring_attention(attndsl.compile(POSITION_BIAS, target="numpy"), x, x, x,
+                                      pb=torch.zeros(37 if rank else 36, dtype=x.dtype))
+    except ValueError as e:
+        said["whole_length"] = str(e)
     from attndsl.torch import ops
 
     real = ops.apply  # the linear scan's kernel, failing on rank 1 only
@@ -473,6 +519,9 @@ def test_ring_bad_rank_raises_everywhere(ring: Any) -> None:
         assert "rank 1" in said["bad_shape"] and "k: expected shape" in said["bad_shape"]
         assert "needs the split of chunk_sizes" in said["zigzag_split"]
         assert "a step failed" in said["kernel"] and "out of range" in said["kernel"]
+        assert "rank 1: TypeError: doc: expected an integer array" in said["float_index"]
+        assert "rank 0: ValueError: pb: its axis 0 holds the whole sequence on every rank " \
+            "(37 positions), got shape (36,)" in said["whole_length"]
         assert "the linear scan's kernel failed on 1 of" in said["scan"], f"rank {rank}"
         assert "rank 1: ValueError: a kernel failed on this rank" in said["scan"]
     assert "timeout" in got[0, "errors", ""]
@@ -500,10 +549,23 @@ def test_ring_spec_programs() -> None:
 def test_ring_spec_refuses_what_a_shard_cannot_read() -> None:
     from attndsl.torch.ring_spec import ring_spec
 
-    spec = attndsl.parse("attention first_doc {\n index doc[n]\n score q . k\n"
-                         " mask doc[0] == doc[j]\n}")
-    with pytest.raises(ValueError, match=r"doc\[0\].*not only the query's"):
-        ring_spec(spec)
+    first = ring_spec(attndsl.parse("attention first_doc {\n index doc[n]\n score q . k\n"
+                                    " mask doc[0] == doc[j]\n}"))
+    assert first.roles == {"doc": ("whole",)} and first.key_copies == {}  # gathered: served
+    assert "index doc[ring_len]" in _program_text(first.step)
+    transposed = attndsl.parse("attention transposed {\n input x[n_q, n_k]\n score q . k\n"
+                               " bias x[j, i]\n}")
+    with pytest.raises(ValueError, match=r"x has two sequence axes.*at i exactly"):
+        ring_spec(transposed)
+    cube = attndsl.parse("attention cube {\n index t[n, n, n]\n score q . k\n"
+                         " mask t[i, j, 0] > 0\n}")
+    with pytest.raises(ValueError, match="3 sequence axes"):
+        ring_spec(cube)
+
+
+def _program_text(spec: Any) -> str:
+    return attndsl.ir.to_text(spec.mask) + "".join(
+        f"\nindex {x.name}[{', '.join(map(str, x.dims))}]" for x in spec.indices)
 
 
 def test_every_example_runs_on_the_ring() -> None:

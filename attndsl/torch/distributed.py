@@ -31,7 +31,7 @@ from attndsl.symbolic import POSITIONS
 from .linear_scan import Features, SumGrad, evaluate, linear_scan, raise_together, scan_features
 from .module import Attention
 from .ops import ENTRIES, FLOATS, Entry, _param, attention_backward_op, attention_op, spec_handle
-from .ring_spec import POSITIONAL, RingSpec, ring_spec
+from .ring_spec import RingSpec, ring_spec
 
 LAYOUTS = ("contiguous", "zigzag")
 _RINGS: dict[str, tuple[RingSpec, dict[str, str]]] = {}  # handle -> shard programs, handles
@@ -153,37 +153,77 @@ def _register(program: ir.Spec, cpu_target: str) -> str:
     return handle
 
 
-def _positional_axis(decl: ir.Param | ir.Index, value: torch.Tensor) -> tuple[str, int]:
-    """(the positional dim, its axis in `value`), or ("", -1) for a replicated array."""
-    dims = decl.dims  # an input's dims lead with "B", like its tensor
-    found = [(str(d), a) for a, d in enumerate(dims) if d in POSITIONAL]
-    if not found:
-        return "", -1
-    if len(found) > 1:
-        raise ValueError(f"ring_attention: {decl.name} has {len(found)} sequence axes; a shard "
-                         "holds positions along one")
-    dim, axis = found[0]
-    return dim, axis + (value.ndim - len(dims))  # an index may omit its batch axis
+def _side(ring: RingSpec, decl: ir.Param | ir.Index, value: torch.Tensor) -> tuple[str, int]:
+    """How the ring moves an array (_Arg.side, "gather" for an index or input whose one
+    sequence axis holds the whole sequence: gathered from the ranks' shards), and the axis of
+    its shard's positions in `value` (-1: none)."""
+    role = ring.roles[decl.name]
+    shift = value.ndim - len(decl.dims)  # an index may omit its batch axis
+    for side in ("query", "key", "both"):
+        if side in role:
+            return side, role.index(side) + shift
+    if "whole" in role and not (isinstance(decl, ir.Param) and not decl.batched):
+        return "gather", role.index("whole") + shift
+    return "replicated", -1
 
 
 def _arguments(ring: RingSpec, given: dict[str, Any], compute: torch.dtype,
-               device: torch.device) -> list[_Arg]:
-    base = ring.base
-    args = []
-    for p in base.params:
-        value = _param(given[p.name], compute, device)
-        dim, axis = _positional_axis(p, value)
-        side = {"": "replicated", "n_q": "query", "n_k": "key", "n": "both"}[dim]
-        args.append(_Arg(p.name, value, side, axis, True))
-    for x in base.indices:
-        value = torch.as_tensor(given[x.name])
-        if value.dtype.is_floating_point or value.dtype == torch.bool:
-            raise TypeError(f"{x.name}: expected an integer array, got {value.dtype}")
-        value = value.to(device=device, dtype=torch.int64)
-        dim, axis = _positional_axis(x, value)
-        side = {"": "replicated", "n_q": "query", "n_k": "key", "n": "both"}[dim]
-        args.append(_Arg(x.name, value, side, axis, False))
-    return args
+               device: torch.device) -> tuple[list[_Arg], str | None]:
+    """This rank's params, inputs and indices as the ring moves them, and what is wrong with
+    them (None: nothing), for every rank to agree on before anything moves."""
+    base, args = ring.base, []
+    try:
+        for p in base.params:
+            value = _param(given[p.name], compute, device)
+            args.append(_Arg(p.name, value, *_side(ring, p, value), True))
+        for x in base.indices:
+            value = torch.as_tensor(given[x.name])
+            if value.dtype.is_floating_point or value.dtype == torch.bool:
+                raise TypeError(f"{x.name}: expected an integer array, got {value.dtype}")
+            value = value.to(device=device, dtype=torch.int64)
+            args.append(_Arg(x.name, value, *_side(ring, x, value), False))
+    except (TypeError, ValueError, RuntimeError) as e:
+        return [], f"{type(e).__name__}: {e}"
+    return args, None
+
+
+def _whole(args: list[_Arg], chunks: list[list[tuple[int, int]]], rank: int, group: Any
+           ) -> list[_Arg]:
+    """`args` with each "gather" array replaced by the whole sequence, assembled from every
+    rank's shard (an input keeps its gradient: _Gathered), and then replicated."""
+    out = []
+    for a in args:
+        if a.side == "gather":
+            whole = _Gathered.apply(a.value, a.axis, chunks, rank, group)
+            a = dataclasses.replace(a, value=whole, side="replicated", axis=-1)
+        out.append(a)
+    return out
+
+
+class _Gathered(torch.autograd.Function):
+    """The whole sequence along `axis` from every rank's shard (chunks in global order); the
+    backward hands this rank the rows of its own chunks from the whole array's gradient,
+    which the ring has already summed over the ranks (a replicated array's gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, axis: int, chunks: list[list[tuple[int, int]]],
+                rank: int, group: Any) -> torch.Tensor:
+        lengths = [sum(b - a for a, b in c) for c in chunks]
+        padded = torch.zeros(_resized(x, axis, max(lengths)), dtype=x.dtype, device=x.device)
+        padded.narrow(axis, 0, x.shape[axis]).copy_(x)
+        parts = [torch.empty_like(padded) for _ in chunks]
+        dist.all_gather(parts, padded, group=group)
+        whole = x.new_empty(_resized(x, axis, sum(lengths)))
+        for part, rank_chunks in zip(parts, chunks):
+            for s, (a, b) in zip(_local_slices(rank_chunks), rank_chunks):
+                whole.narrow(axis, a, b - a).copy_(_narrow(part, axis, s))
+        ctx.axis, ctx.own = axis, chunks[rank]
+        return whole
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        mine = torch.cat([grad.narrow(ctx.axis, a, b - a) for a, b in ctx.own], dim=ctx.axis)
+        return mine, None, None, None, None
 
 
 def _key_rows(ring: RingSpec, k: torch.Tensor, args: list[_Arg], group: Any
@@ -216,9 +256,10 @@ def _key_rows(ring: RingSpec, k: torch.Tensor, args: list[_Arg], group: Any
 
 
 def _local_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: list[_Arg],
-                   ring: RingSpec) -> str | None:
+                   ring: RingSpec, total: int | None = None) -> str | None:
     """What is wrong with this rank's arguments (None: nothing): shapes and dtypes, checked
-    by the step program's own Validator on zero-stride stand-ins (no data read, any device)."""
+    by the step program's own Validator on zero-stride stand-ins (no data read, any device);
+    `total`: the whole sequence's length, which every whole axis holds."""
     try:
         n = q.shape[2] if q.ndim == 4 else -1
         if not (k.ndim == v.ndim == 4 and k.shape[2] == n and v.shape[2] == n):
@@ -229,9 +270,18 @@ def _local_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: list
             if a.side != "replicated" and a.value.shape[a.axis] != n:
                 raise ValueError(f"{a.name}: its sequence axis ({a.axis}) holds this rank's "
                                  f"{n} positions, got shape {tuple(a.value.shape)}")
-        extra = {}
         for a in args:
-            stand_in = _stand_in(a.value)
+            role = ring.roles.get(a.name, ())
+            shift = a.value.ndim - len(role)
+            for axis in (x + shift for x, r in enumerate(role) if r == "whole"):
+                if a.side != "gather" and a.value.shape[axis] != total:
+                    raise ValueError(f"{a.name}: its axis {axis} holds the whole sequence on "
+                                     f"every rank ({total} positions), got shape "
+                                     f"{tuple(a.value.shape)}")
+        extra = {}
+        for a in args:  # a gathered array will hold the whole sequence
+            stand_in = _stand_in(a.value) if a.side != "gather" else _stand_in(torch.empty(
+                _resized(a.value, a.axis, total or 0), dtype=a.value.dtype, device="meta"))
             extra[a.name] = stand_in
             if a.name in ring.key_copies:
                 extra[ring.key_copies[a.name]] = stand_in
@@ -254,11 +304,16 @@ def _agree(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: list[_Arg], 
            layout: str, group: Any, problem: str | None = None) -> list[int]:
     """Every rank's length, once every rank's arguments passed: else every rank raises the
     same ValueError (one collective, so a bad rank never leaves the others waiting)."""
-    problem = problem or _local_problem(q, k, v, args, ring)
+    world = dist.get_world_size(group)
+    total = None  # the whole length, which whole axes must hold: known after one gather
+    if any("whole" in role for role in ring.roles.values()):
+        lengths: list[Any] = [None] * world
+        dist.all_gather_object(lengths, int(q.shape[2]) if q.ndim == 4 else 0, group=group)
+        total = sum(lengths)
+    problem = problem or _local_problem(q, k, v, args, ring, total)
     mine = {"problem": problem, "n": int(q.shape[2]) if q.ndim == 4 else 0,
             "shape": (tuple(q.shape[:2]) + tuple(k.shape[1:2]) + (q.shape[-1], v.shape[-1]))
             if problem is None else None, "dtype": str(q.dtype)}
-    world = dist.get_world_size(group)
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
     bad = [(r, m["problem"]) for r, m in enumerate(everyone) if m["problem"] is not None]
@@ -698,10 +753,11 @@ def _apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gr
                             f"{getattr(t, 'dtype', type(t).__name__)}")
     compute = q.dtype if q.dtype in FLOATS else torch.float32
     q_, k_, v_ = (t.to(compute).contiguous() for t in (q, k, v))
-    args = _arguments(ring, params_and_indices, compute, q.device)
-    rows, problem = _key_rows(ring, k_, args, group)
+    args, problem = _arguments(ring, params_and_indices, compute, q.device)
+    rows, problem = ([], problem) if problem else _key_rows(ring, k_, args, group)
     lengths = _agree(q_, k_, v_, args + rows, ring, layout, group, problem)
     chunks, rank = _chunks(lengths, layout), dist.get_rank(group)
+    args = _whole(args, chunks, rank, group)
     if handle not in _SCANS:
         _SCANS[handle] = scan_features(base)
     features = _SCANS[handle]

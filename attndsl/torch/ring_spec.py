@@ -9,6 +9,13 @@ rewritten spec, printed back to spec text and checked again (nothing is patched 
   [n]-arrays an index or input sized `n` holds one sequence read from both sides; it splits
             into a query-side copy (same name, sized n_q) and a key-side copy (NAME_k, sized
             n_k) that travels with k and v; doc[i] reads the first, doc[j] the second
+  whole axes an array read at a sequence position other than exactly i or j (`doc[0]`,
+            `doc[i - 1]`), a param with a sequence axis, and the second sequence axis of an
+            array with two (`input pb[n_q, n_k]`, a pair bias) hold the whole sequence: that
+            axis is declared with the free size `ring_len` (so no offset shifts it) and read at
+            global positions. A param is the same on every rank; an index or input with one
+            such axis is gathered from the ranks' shards (ring_attention); the first axis of
+            a two-axis array is the query's, sliced like any query-side array
   key rows  a key-side row term the plan hoists (`norm(k)`, `k @ Wk`) is computed once, by
             the rank that owns the keys, and travels with k and v: the step program reads it
             as an input `k_rowsN[h // (heads // kv_heads), j]` (per key/value head), so no step
@@ -52,6 +59,9 @@ class RingSpec:
     mask: sp.Basic | None  # the step's mask as derived (SymPy), None: every key allowed
     lookups: dict[sp.Symbol, tuple[str, tuple[sp.Basic, ...]]]  # mask symbol -> array, subscripts
     key_rows: dict[str, ir.Expr]  # hoisted key-side row term's input name -> the term (base's)
+    roles: dict[str, tuple[str | None, ...]]  # array -> per dim of its decl.dims: "query",
+    # "key", "both" (an [n]-array read at i and j), "whole" or None (not a sequence axis)
+    whole_size: str  # the free size name of whole axes in the shard programs
 
     @property
     def causal_linear(self) -> bool:
@@ -78,16 +88,14 @@ def ring_spec(base: ir.Spec) -> RingSpec:
     """The shard programs of a checked spec; ValueError for what a ring cannot shard."""
     names = {p.name for p in base.params} | {x.name for x in base.indices}
     size_index = _fresh("ring_n", names) if _reads_sizes(base) else None
-    key_copies = {decl.name: _fresh(f"{decl.name}_k", names | {size_index})
-                  for decl in (*base.params, *base.indices) if "n" in _dims(decl)}
-    for p in base.params:
-        if not p.batched and any(d in POSITIONAL for d in p.dims):
-            raise ValueError(f"ring_attention: param {p.name} has a sequence axis "
-                             f"({', '.join(map(str, p.dims))}); a param is replicated on every "
-                             "rank, so pass per-position values as an input or index")
+    roles = _roles(base)
+    key_copies = {name: _fresh(f"{name}_k", names | {size_index})
+                  for name, role in roles.items() if "both" in role}
     taken: set[str | None] = {*names, size_index, *key_copies.values()}
+    whole_size = _fresh("ring_len", taken | _size_names(base))
+    taken.add(whole_size)
     hoist = _KeyRows(base, taken)
-    rewrite = _Rewrite(base, size_index, key_copies)
+    rewrite = _Rewrite(base, size_index, key_copies, roles)
     shard = dataclasses.replace(base, **{c: rewrite(hoist(getattr(base, c))) for c in
                                          ("score", "scale", "bias", "softcap", "mask")})
     norm = base.normalize
@@ -97,7 +105,8 @@ def ring_spec(base: ir.Spec) -> RingSpec:
         step_norm = ir.Normalize(NormKind.NONE)
     else:
         step_norm = dataclasses.replace(norm, expr=expr, sink=None)
-    declared = _declarations(base, size_index, key_copies) + hoist.declarations
+    declared = _declarations(base, size_index, key_copies, roles, whole_size) + \
+        hoist.declarations
     step = _parse(dataclasses.replace(shard, normalize=step_norm), declared)
     own = step
     if norm.sink is not None:
@@ -109,7 +118,7 @@ def ring_spec(base: ir.Spec) -> RingSpec:
         unmasked = _parse(dataclasses.replace(shard, normalize=step_norm, mask=None), declared)
     lookups = {x.symbol: (x.array, x.subscripts) for x in plan.lookups}
     return RingSpec(base, step, own, unmasked, merge, size_index, key_copies, plan.deriv.mask,
-                    lookups, hoist.terms)
+                    lookups, hoist.terms, roles, whole_size)
 
 
 def _fresh(name: str, taken: set[str | None]) -> str:
@@ -131,6 +140,59 @@ def _clauses(spec: ir.Spec) -> list[ir.Expr]:
 def _reads_sizes(spec: ir.Spec) -> bool:
     return any(isinstance(node, ir.Name) and node.name in SIZE_NAMES
                for e in _clauses(spec) for node in ir.walk(e))
+
+
+def _arrays(spec: ir.Spec) -> list[ir.Param | ir.Index]:
+    return [*spec.params, *spec.indices]
+
+
+def _size_names(spec: ir.Spec) -> set[str | None]:
+    return {str(d) for decl in _arrays(spec) for d in decl.dims}
+
+
+def _roles(spec: ir.Spec) -> dict[str, tuple[str | None, ...]]:
+    """Each array's sequence axes, by how the spec reads them (the module docstring): an
+    axis read only at exactly i (n_q, n) or j (n_k, n) is the query's, the key's or both;
+    any other read, a param's axis and an array's second sequence axis hold the whole
+    sequence. ValueError for what no shard can serve."""
+    reads: dict[str, list[set[str]]] = {}
+    for e in _clauses(spec):
+        for node in ir.walk(e):
+            if isinstance(node, ir.Subscript):
+                forms = reads.setdefault(node.name, [set() for _ in node.indices])
+                for axis, sub in enumerate(node.indices):
+                    forms[axis].add(sub.name if isinstance(sub, ir.Name) and sub.name in "ij"
+                                    else "other")
+    roles = {}
+    for decl in _arrays(spec):
+        dims = decl.dims
+        axes = [a for a, d in enumerate(dims) if d in POSITIONAL]
+        role: list[str | None] = [None] * len(dims)
+        seen = reads.get(decl.name, [set() for _ in dims])
+        if isinstance(decl, ir.Param) and not decl.batched:
+            for a in axes:
+                role[a] = "whole"  # replicated: every rank holds all of it
+        elif len(axes) == 1:
+            a = axes[0]
+            allowed = {"n_q": {"i"}, "n_k": {"j"}, "n": {"i", "j"}}[str(dims[a])]
+            if seen[a] <= allowed:
+                role[a] = {"n_q": "query", "n_k": "key", "n": "both"}[str(dims[a])]
+            else:
+                role[a] = "whole"
+        elif len(axes) == 2:
+            first, second = axes
+            if not seen[first] <= {"i"} or dims[first] == "n_k":
+                raise ValueError(
+                    f"ring_attention: {decl.name} has two sequence axes "
+                    f"({', '.join(map(str, _dims(decl)))}); a shard holds the rows of its "
+                    "queries on the first, so the spec must read it there at i exactly (and the "
+                    "first must not be n_k)")
+            role[first], role[second] = "query", "whole"
+        elif axes:
+            raise ValueError(f"ring_attention: {decl.name} has {len(axes)} sequence axes; a "
+                             "shard serves arrays with at most two")
+        roles[decl.name] = tuple(role)
+    return roles
 
 
 # what a key-side row term may be built from to be computed apart (linear_scan.evaluate)
@@ -201,8 +263,10 @@ class _KeyRows:
 class _Rewrite:
     """Sizes -> the global-length index; [n]-array reads -> the side's copy."""
 
-    def __init__(self, spec: ir.Spec, size_index: str | None, key_copies: dict[str, str]):
+    def __init__(self, spec: ir.Spec, size_index: str | None, key_copies: dict[str, str],
+                 roles: dict[str, tuple[str | None, ...]]):
         self.spec, self.size_index, self.key_copies = spec, size_index, key_copies
+        self.roles = roles
 
     def __call__(self, e: ir.Expr | None) -> ir.Expr | None:
         return None if e is None else _map(e, self._node)
@@ -219,22 +283,10 @@ class _Rewrite:
         declared = self.spec.param(e.name) or self.spec.index(e.name)
         if declared is None:
             return e
-        sides = set()
         # an input's checked subscripts lead with b (dims ("B", ...)); spec text omits it
-        for dim, sub in zip(declared.dims, e.indices):
-            if dim not in POSITIONAL:
-                continue
-            side = sub.type.side if sub.type is not None else Side.CONST
-            want = {"n_q": (Side.QUERY,), "n_k": (Side.KEY,)}.get(str(dim),
-                                                                  (Side.QUERY, Side.KEY))
-            if side not in want:
-                raise ValueError(
-                    f"ring_attention: {ir.to_text(e)} (line {e.pos.line}) reads the {dim} axis "
-                    f"of {e.name} at a position that is not only the query's (i) or only the "
-                    "key's (j); a shard holds its own positions only, so ring attention "
-                    "cannot run this spec")
-            sides.add(side)
-        name = self.key_copies.get(e.name, e.name) if Side.KEY in sides else e.name
+        reads_j = any(role == "both" and isinstance(sub, ir.Name) and sub.name == "j"
+                      for role, sub in zip(self.roles[e.name], e.indices))
+        name = self.key_copies[e.name] if reads_j else e.name
         written = e.indices[1:] if isinstance(declared, ir.Param) and declared.batched else \
             e.indices
         return dataclasses.replace(e, name=name, indices=written)
@@ -253,28 +305,34 @@ def _map(e: ir.Expr, f: Callable[[ir.Expr], ir.Expr]) -> ir.Expr:
     return f(e)
 
 
-def _declarations(spec: ir.Spec, size_index: str | None, key_copies: dict[str, str]
-                  ) -> list[str]:
-    """The shard program's param, input and index lines: [n] axes become n_q (the query
-    copy) and n_k (the key copy)."""
+def _declarations(spec: ir.Spec, size_index: str | None, key_copies: dict[str, str],
+                  roles: dict[str, tuple[str | None, ...]], whole_size: str) -> list[str]:
+    """The shard program's param, input and index lines: an [n] axis read at i and j becomes
+    n_q (the query copy) and n_k (the key copy), a query axis n_q, a whole axis the free size
+    `whole_size`."""
     lines = []
-    for decl in (*spec.params, *spec.indices):
+    for decl in _arrays(spec):
         kind = ("input" if decl.batched else "param") if isinstance(decl, ir.Param) else "index"
+        role = roles[decl.name][len(decl.dims) - len(_dims(decl)):]  # as the spec writes it
         dims = _dims(decl)
         if decl.name in key_copies:
-            lines.append(f"{kind} {decl.name}{_text_dims(dims, 'n_q')}")
-            lines.append(f"{kind} {key_copies[decl.name]}{_text_dims(dims, 'n_k')}")
+            lines.append(f"{kind} {decl.name}{_text_dims(dims, role, 'n_q', whole_size)}")
+            lines.append(f"{kind} {key_copies[decl.name]}"
+                         f"{_text_dims(dims, role, 'n_k', whole_size)}")
         else:
-            lines.append(f"{kind} {decl.name}{_text_dims(dims, 'n')}")
+            lines.append(f"{kind} {decl.name}{_text_dims(dims, role, 'n', whole_size)}")
     if size_index is not None:
         lines.append(f"index {size_index}")
     return lines
 
 
-def _text_dims(dims: tuple[ir.Dim, ...], n_as: str) -> str:
+def _text_dims(dims: tuple[ir.Dim, ...], role: tuple[str | None, ...], n_as: str,
+               whole_size: str) -> str:
     if not dims:
         return ""
-    return "[" + ", ".join(n_as if d == "n" else str(d) for d in dims) + "]"
+    named = {"whole": whole_size, "query": "n_q"}
+    return "[" + ", ".join(named.get(r or "", n_as if d == "n" else str(d))
+                           for d, r in zip(dims, role)) + "]"
 
 
 def _parse(spec: ir.Spec, declarations: list[str]) -> ir.Spec:
