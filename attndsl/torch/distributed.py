@@ -169,7 +169,7 @@ def _arguments(ring: RingSpec, given: dict[str, Any], compute: torch.dtype,
     base = ring.base
     args = []
     for p in base.params:
-        value = _param(given[p.name], compute, device)
+        value = _param(p.name, given[p.name], compute, device)
         dim, axis = _positional_axis(p, value)
         side = {"": "replicated", "n_q": "query", "n_k": "key", "n": "both"}[dim]
         args.append(_Arg(p.name, value, side, axis, True))
