@@ -134,9 +134,28 @@ def sequence_sizes(text: str, option: str = "--mask") -> tuple[int, int]:
                      "256x4096")
 
 
+def cpu_tile(n_q: int, n_k: int) -> tuple[int, int, str]:
+    """The forward tile `show --mask` and `plot` draw, and a note when a call of that size may
+    run another: ATTNDSL_CPU_TILES's tile when set, else the default, which calls under
+    TUNE_PAIRS pairs run; larger calls run the tile measured for the machine and the shapes
+    (runtime/tiles.py), which these commands cannot know (they take no d, dtype or heads)."""
+    from .runtime import tiles
+
+    try:
+        fixed = tiles.configured()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if fixed is not None:
+        return fixed[0][0], fixed[0][1], f" (set by {tiles.VARIABLE})"
+    bq, bk = tiles.DEFAULT
+    if n_q * n_k < tiles.TUNE_PAIRS:
+        return bq, bk, ""
+    return bq, bk, (f"; a call this size runs the tile measured for the machine and its shapes, "
+                    f"which may differ: set {tiles.VARIABLE}=BQxBK to fix it and draw it")
+
+
 def _show_mask(spec: ir.Spec, args: argparse.Namespace) -> int:
     from . import viz
-    from .codegen.numba_cpu import BK, BQ
     from .plan import describe_path
 
     n_q, n_k = sequence_sizes(args.mask)
@@ -148,10 +167,13 @@ def _show_mask(spec: ir.Spec, args: argparse.Namespace) -> int:
         mask = viz.pair_mask(spec, inputs, head=args.head)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    path = describe_path(spec)
+    BQ, BK, note = cpu_tile(n_q, n_k)
+    if "linear attention" in path:
+        note = ""  # prefix sums: no tiles to tune
     status = viz.kernel_status(mask, BQ, BK)
     print(f"attention {spec.name}: mask at n_q = {n_q}, n_k = {n_k}, head {args.head}; "
-          f"tiles of {BQ} queries x {BK} keys (cpu kernel)")
-    path = describe_path(spec)
+          f"tiles of {BQ} queries x {BK} keys (cpu kernel){note}")
     print(path)
     if "linear attention" in path:
         print("(the linear path runs prefix sums, no tiles: below, the mask at tile granularity)")
@@ -358,7 +380,6 @@ def _draw(spec: ir.Spec, inputs, args: argparse.Namespace,  # type: ignore[no-un
           qlabels: list[str] | None, klabels: list[str] | None) -> Path:
     """The mask, or with --weights the weights, of one (batch, head) as a PNG."""
     from . import plot, viz
-    from .codegen.numba_cpu import BK, BQ
 
     B, heads, n_q = inputs.q.shape[:3]
     n_k = inputs.k.shape[2]
@@ -376,7 +397,11 @@ def _draw(spec: ir.Spec, inputs, args: argparse.Namespace,  # type: ignore[no-un
                                  args.output or f"{spec.name}_weights.png",
                                  f"{spec.name}: attention weights ({where})",
                                  allowed=mask.allowed, qlabels=qlabels, klabels=klabels)
-    title = (f"{spec.name}: mask at {n_q} x {n_k} ({where}); dark: allowed, "
+    BQ, BK, note = cpu_tile(n_q, n_k)
+    if note and not note.startswith(" ("):
+        print(f"note: lines at {BQ} x {BK} tiles, the default{note}", file=sys.stderr)
+    # two lines: one was cut at the picture's edge for long names
+    title = (f"{spec.name}: mask at {n_q} x {n_k} ({where})\ndark: allowed, "
              f"lines: {BQ} x {BK} cpu tiles")
     return plot.save_mask(mask.allowed, args.output or f"{spec.name}_mask.png", title,
                           tile=(BQ, BK))

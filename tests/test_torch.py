@@ -253,6 +253,19 @@ def test_call_errors() -> None:
         at.attention(spec, q, k, v, q_offset=-3, **a["extra"])
     with pytest.raises(ValueError, match=r"k: expected shape"):
         at.attention(spec, q, k[:, :, :, :2], v, **a["extra"])
+    # values torch cannot convert, and a q with 3 dimensions, which the fake op would unpack
+    # (under torch.compile) before the kernel could name it; with fullgraph=True dynamo wraps
+    # the ValueError in its Unsupported error, which quotes it
+    with pytest.raises(TypeError, match="slope: expected a float tensor, array or number, "
+                                        "got NoneType"):
+        at.attention(spec, q, k, v, slope=None)
+    with pytest.raises(TypeError, match="doc: expected an integer tensor or array, got str"):
+        at.attention(SPECS["document"], q, k, v, doc="0,0,1")
+    wrong = r"q: expected 4 dimensions \[B, heads, n_q, d\], got shape \[8, 7, 3\]"
+    with pytest.raises(ValueError, match=wrong):
+        at.attention(spec, q[0], k, v, **a["extra"])
+    with pytest.raises(Exception, match=wrong):
+        torch.compile(at.attention, fullgraph=True)(spec, q[0], k, v, **a["extra"])
 
 
 def test_a_compiled_kernel_may_stand_for_its_spec() -> None:

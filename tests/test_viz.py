@@ -58,6 +58,26 @@ def test_show_mask_matches_the_pairs(name: str, capsys: pytest.CaptureFixture[st
     assert f"tiles of {BQ} queries x {BK} keys" in out
 
 
+def test_show_mask_draws_the_tile_calls_of_that_size_run(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """From TUNE_PAIRS pairs on, the cpu kernels run a tile measured per machine and shapes
+    (runtime/tiles.py): ATTNDSL_CPU_TILES fixes it, and then the picture shows that tile; left
+    on auto, the picture says it shows the default, which such a call may not run."""
+    causal = str(EXAMPLES / "causal.attn")
+    monkeypatch.delenv("ATTNDSL_CPU_TILES", raising=False)
+    assert main(["show", causal, "--mask", "700"]) == 0
+    assert "may differ" not in capsys.readouterr().out  # under TUNE_PAIRS: the default runs
+    assert main(["show", causal, "--mask", "1024"]) == 0
+    assert "the tile measured for the machine" in capsys.readouterr().out
+    monkeypatch.setenv("ATTNDSL_CPU_TILES", "128x128,64x128")  # the forward's is drawn
+    assert main(["show", causal, "--mask", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "tiles of 128 queries x 128 keys (cpu kernel) (set by ATTNDSL_CPU_TILES)" in out
+    assert shown_tiles(out) == ["+" + "." * 7] + ["#" * r + "+" + "." * (7 - r)
+                                                  for r in range(1, 8)]
+
+
 def test_show_mask_document_with_given_ids(capsys: pytest.CaptureFixture[str]) -> None:
     doc = "0," * 200 + "1," * 312
     assert main(["show", str(EXAMPLES / "document.attn"), "--mask", "512",

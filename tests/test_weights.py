@@ -62,7 +62,7 @@ def test_weights_with_offsets_and_lookups() -> None:
 def test_weights_refuse_a_result_past_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     spec, q, k, v, _ = _call("causal", 70, 150)
     kernel = attndsl.compile(spec, target="numpy")
-    monkeypatch.setattr(kernel_module, "WEIGHTS_LIMIT", 2**20)
+    monkeypatch.setattr(kernel_module, "WEIGHTS_LIMIT", 2**19)  # under the result's 656 KiB
     with pytest.raises(ValueError, match=r"would take .* GiB .*rows=range\(0, (\d+)\)"):
         kernel.weights(q, k, v)
     try:
@@ -105,3 +105,32 @@ def test_weights_of_some_heads_in_blocks_under_the_limit(target: str,
     blocks = kernel.weights(q, k, v, heads=[0, 7], **extra)
     np.testing.assert_allclose(blocks, whole[:, [0, 7]], **close)
     assert max(calls) == 9 and sum(calls) == n
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_weights_of_many_keys_in_column_blocks(target: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A limit far under the n_k x n_k identity (what long sequences meet: n_k = 20000 and 8
+    kv heads make a 12 GiB identity) still gives one row's weights, and the whole matrix, in
+    column blocks of the identity: the same weights, and the hint's rows= is always enough."""
+    spec, q, k, v, extra = _call("alibi", 70, 150)
+    kernel = attndsl.compile(spec, target=target)
+    whole = kernel.weights(q, k, v, **extra)
+    item, B, H, KV, n_k = 8, 2, q.shape[1], k.shape[1], 150
+    identity = B * KV * n_k * n_k * item
+    monkeypatch.setattr(kernel_module, "WEIGHTS_LIMIT", identity // 10 + B * H * 70 * n_k * item)
+    widths: list[int] = []
+    forward = kernel.forward
+    monkeypatch.setattr(kernel, "forward", lambda q_, k_, v_, **kw: widths.append(v_.shape[3])
+                        or forward(q_, k_, v_, **kw))
+    close = {"rtol": 1e-12, "atol": 1e-15}
+    np.testing.assert_allclose(kernel.weights(q, k, v, **extra), whole, **close)
+    assert 1 < max(widths) < n_k  # several column blocks of the identity
+    monkeypatch.setattr(kernel_module, "WEIGHTS_LIMIT", B * H * 12 * n_k * item)  # 12 rows
+    with pytest.raises(ValueError, match=r"rows=range\(0, (\d+)\)") as err:
+        kernel.weights(q, k, v, **extra)
+    fit = int(str(err.value).split("rows=range(0, ")[1].split(")")[0])
+    np.testing.assert_allclose(kernel.weights(q, k, v, rows=range(fit), **extra),
+                               whole[:, :, :fit], **close)
+    np.testing.assert_allclose(kernel.weights(q, k, v, rows=[69], heads=[7], **extra),
+                               whole[:, 7:8, 69:70], **close)

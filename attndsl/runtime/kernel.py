@@ -385,43 +385,56 @@ class Kernel:
             lse = None
         return (out, lse) if return_lse else out
 
-    def weights(self, q: Any, k: Any, v: Any, rows: Any = None, heads: Any = None,
+    def weights(self, q: Any, k: Any, v: Any, *, rows: Any = None, heads: Any = None,
                 q_offset: Any = 0, k_offset: Any = 0, **params_and_indices: Any) -> np.ndarray:
         """The normalized weights [B, len(heads), len(rows), n_k] (all heads and rows by
         default) exactly as this target's kernels use them (masked entries 0): its forward with
-        v = the identity per key/value head, whose output row i is P[i, :]. `rows` and `heads`
-        (indices, a range or a slice) pick query rows and query heads; runs of consecutive rows
-        are computed as query blocks at their offsets, each small enough for WEIGHTS_LIMIT."""
+        v = columns of the identity per key/value head, whose output row i is P[i, those keys].
+        `rows` and `heads` (indices, a range or a slice) pick query rows and query heads; runs
+        of consecutive rows are computed as query blocks at their offsets, and the keys in
+        column blocks of the identity, each small enough for WEIGHTS_LIMIT (a few columns of
+        the identity at a time when n_k is large: never an n_k x n_k matrix past the limit)."""
         call = self.validate(q, k, v, params_and_indices, q_offset, k_offset)
         s = call.sizes
         picked = _picked("rows", rows, s["n_q"], "query row")
         head_ix = _picked("heads", heads, s["heads"], "query head")
         item = call.dtype.itemsize
-        result = s["B"] * head_ix.size * picked.size * s["n_k"] * item
-        eye = s["B"] * s["kv_heads"] * s["n_k"] ** 2 * item  # v = the identity per kv head
-        row = s["B"] * s["heads"] * s["n_k"] * item  # one query row of the forward, all heads
+        n_k = s["n_k"]
+        result = s["B"] * head_ix.size * picked.size * n_k * item
+        column = s["B"] * s["kv_heads"] * n_k * item  # one column of v = the identity
+        cell = s["B"] * s["heads"] * item  # one (query row, key column) of the forward's out
         whole = self.validate.uses_n or not self.row_blocks  # uses_n: a block would change n
-        least = eye + row * (s["n_q"] if whole else 1)
+        least = column + cell * (s["n_q"] if whole else 1)  # one column, one row (or all)
         if result + least > WEIGHTS_LIMIT:
-            fit = max(1, (WEIGHTS_LIMIT - least) // (s["B"] * head_ix.size * s["n_k"] * item))
+            fit = max(1, (WEIGHTS_LIMIT - least) // (s["B"] * head_ix.size * n_k * item))
             raise ValueError(
-                f"weights: [{s['B']}, {head_ix.size}, {picked.size}, {s['n_k']}] would take "
-                f"{(result + least) / 2**30:.1f} GiB with the identity and a query block "
-                f"(limit {WEIGHTS_LIMIT / 2**30:.0f} GiB); ask for fewer query rows or heads, "
-                f"e.g. rows=range(0, {min(fit, s['n_q'])}) or heads=[0]")
-        eye_v = np.ascontiguousarray(np.broadcast_to(np.eye(s["n_k"], dtype=call.dtype),
-                                                     (s["B"], s["kv_heads"], s["n_k"], s["n_k"])))
-        if whole:
-            out = self.forward(call.q, call.k, eye_v, q_offset=call.q_offset,
-                               k_offset=call.k_offset, **params_and_indices)
-            return np.ascontiguousarray(out[:, head_ix][:, :, picked])
-        most = max(1, (WEIGHTS_LIMIT - result - eye) // row)  # rows per query block
-        blocks = [self.forward(call.q[:, :, start:stop], call.k, eye_v,
-                               q_offset=call.q_offset + start, k_offset=call.k_offset,
-                               **_row_block(self.spec, params_and_indices, start, stop)
-                               )[:, head_ix]
-                  for start, stop in _runs(picked, most)]
-        return np.concatenate(blocks, axis=2)
+                f"weights: [{s['B']}, {head_ix.size}, {picked.size}, {n_k}] would take "
+                f"{(result + least) / 2**30:.1f} GiB with a column of the identity and a query "
+                f"block (limit {WEIGHTS_LIMIT / 2**30:.0f} GiB); ask for fewer query rows or "
+                f"heads, e.g. rows=range(0, {min(fit, s['n_q'])}) or heads=[0]")
+        room = WEIGHTS_LIMIT - result
+        # the widest column block that fits with one query block of one row (or all rows):
+        # every column block recomputes the logits, while query blocks cost nothing extra
+        width = min(n_k, max(1, room // least))
+        most = max(1, (room - width * column) // (cell * width))  # rows per query block
+        weights = np.empty((s["B"], head_ix.size, picked.size, n_k), call.dtype)
+        for c0 in range(0, n_k, width):
+            c1 = min(n_k, c0 + width)
+            eye_v = np.zeros((s["B"], s["kv_heads"], n_k, c1 - c0), call.dtype)
+            eye_v[:, :, c0:c1] = np.eye(c1 - c0, dtype=call.dtype)
+            if whole:
+                out = self.forward(call.q, call.k, eye_v, q_offset=call.q_offset,
+                                   k_offset=call.k_offset, **params_and_indices)
+                weights[..., c0:c1] = out[:, head_ix][:, :, picked]
+                continue
+            at = 0
+            for start, stop in _runs(picked, most):
+                weights[:, :, at:at + stop - start, c0:c1] = self.forward(
+                    call.q[:, :, start:stop], call.k, eye_v, q_offset=call.q_offset + start,
+                    k_offset=call.k_offset,
+                    **_row_block(self.spec, params_and_indices, start, stop))[:, head_ix]
+                at += stop - start
+        return weights
 
     def backward(self, q: Any, k: Any, v: Any, dout: Any, out: Any = None, lse: Any = None,
                  dlse: Any = None, q_offset: Any = 0, k_offset: Any = 0,

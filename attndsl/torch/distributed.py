@@ -174,7 +174,7 @@ def _arguments(ring: RingSpec, given: dict[str, Any], compute: torch.dtype,
     base, args = ring.base, []
     try:
         for p in base.params:
-            value = _param(given[p.name], compute, device)
+            value = _param(p.name, given[p.name], compute, device)
             args.append(_Arg(p.name, value, *_side(ring, p, value), True))
         for x in base.indices:
             value = torch.as_tensor(given[x.name])

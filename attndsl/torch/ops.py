@@ -290,17 +290,21 @@ def apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """`attention` for a registered spec's handle (what a module calls on every forward)."""
     names, index_names, softmax = spec_names(handle)
     check_names(names + index_names, params_and_indices)
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t, dims in (("q", q, "B, heads, n_q, d"), ("k", k, "B, kv_heads, n_k, d"),
+                          ("v", v, "B, kv_heads, n_k, dv")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name}: expected a float tensor, got {t.dtype}")
+        if t.dim() != 4:  # here, not only in the kernel: the fake op unpacks q's shape
+            raise ValueError(f"{name}: expected 4 dimensions [{dims}], got shape "
+                             f"{list(t.shape)}")  # list(): dynamo traces no str(int)
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must share one float dtype, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
     compute = q.dtype if q.dtype in FLOATS else torch.float32
-    params = [_param(params_and_indices[n], compute, q.device) for n in names]
-    indices = [torch.as_tensor(params_and_indices[n]) for n in index_names]
+    params = [_param(n, params_and_indices[n], compute, q.device) for n in names]
+    indices = [_index(n, params_and_indices[n]) for n in index_names]
     # made contiguous here, once: the op saves these for the backward
     q_, k_, v_ = (t.to(compute).contiguous() for t in (q, k, v))
     offsets = [_offset(x) for x in (q_offset, k_offset)]
@@ -309,12 +313,27 @@ def apply(handle: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return (out, lse if softmax else None) if return_lse else out
 
 
-def _param(value: Any, compute: torch.dtype, device: torch.device) -> torch.Tensor:
+def _param(name: str, value: Any, compute: torch.dtype, device: torch.device) -> torch.Tensor:
     """A param or input as the op takes it: a float tensor (a number becomes a 0-d tensor;
     float16/bfloat16 and integers are computed in `compute`, gradients cast back by autograd)."""
     if not isinstance(value, torch.Tensor):
-        return torch.as_tensor(value, dtype=compute, device=device)
+        try:
+            return torch.as_tensor(value, dtype=compute, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name}: expected a float tensor, array or number, got "
+                            f"{type(value).__name__}") from None
+    if value.is_complex():
+        raise TypeError(f"{name}: expected a float tensor, got {value.dtype}")
     return value if value.dtype in FLOATS else value.to(compute)
+
+
+def _index(name: str, value: Any) -> torch.Tensor:
+    """An index array as the op takes it (the kernel checks its dtype and shape)."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected an integer tensor or array, got "
+                        f"{type(value).__name__}") from None
 
 
 def _offset(value: Any) -> torch.Tensor:
