@@ -2,8 +2,9 @@
 
 Every example in examples/ goes through `torch.library.opcheck` (both ops) and
 `torch.autograd.gradcheck` in float64 (odd small shapes, GQA where the spec allows, params,
-inputs and lse included); masks that empty rows, determinism, dtypes, zero-copy and
-`torch.compile(fullgraph=True)` are checked on a few. CPU tensors run the `cpu` target.
+inputs and lse included), and every example with a mask again with rows that see no key;
+determinism, dtypes, zero-copy and `torch.compile(fullgraph=True)` are checked on a few. CPU
+tensors run the `cpu` target.
 """
 
 from __future__ import annotations
@@ -133,6 +134,46 @@ def test_gradcheck_with_rows_that_see_no_key(spec: Any, n_q: int, n_k: int) -> N
         torch.testing.assert_close(empty, a["extra"]["sink"][None, :, None].expand_as(empty)
                                    .detach())
     assert torch.autograd.gradcheck(as_function(checked, a), differentiable(a), fast_mode=True)
+
+
+MASKED = sorted(name for name, spec in SPECS.items() if spec.mask is not None)
+# (k_offset, how many first rows then see no key): keys placed after the first query rows;
+# the 2-D window (16 pixels a row) sees keys two image rows down (columns 3-8) only from
+# columns 1 and up
+EMPTYING = {"spatial_window": (35, 1)}
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_gradcheck_on_every_masked_example_with_rows_that_see_no_key(name: str) -> None:
+    """Every example with a mask, with the keys shifted so that the first query rows see no
+    key (out = 0 there; lse = -inf, or the sink), GQA, float64: gradcheck through out and lse.
+    A spec whose positions must coincide (it reads n, or runs causal prefix sums) always lets
+    a row see its own key: there, that property is what is checked."""
+    spec = SPECS[name]
+    a = make_inputs(spec, n_q=7, n_k=6)
+    linear = attndsl.plan.make_plan(spec).linear
+    if uses_n(spec) or (linear is not None and linear.causal):
+        out, lse = at.attention(spec, a["q"], a["k"], a["v"], return_lse=True, q_offset=3,
+                                k_offset=3, **a["extra"])
+        with pytest.raises(ValueError, match="offset"):
+            at.attention(spec, a["q"], a["k"], a["v"], q_offset=0, k_offset=3, **a["extra"])
+        assert lse is None or torch.isfinite(lse).all()
+        return
+    shift, rows = EMPTYING.get(name, (3, 3))
+    out, lse = at.attention(spec, a["q"], a["k"], a["v"], return_lse=True, k_offset=shift,
+                            **a["extra"])
+    assert (out[:, :, :rows] == 0).all() and (out[:, :, rows:].abs().sum(-1) > 0).all()
+    if "sink" not in a["extra"]:
+        assert torch.isneginf(lse[:, :, :rows]).all() and torch.isfinite(lse[:, :, rows:]).all()
+    names = [n for n, t in a["extra"].items() if t.is_floating_point()]
+    indices = {n: t for n, t in a["extra"].items() if not t.is_floating_point()}
+
+    def shifted(q, k, v, *params):  # type: ignore[no-untyped-def]
+        out, lse = at.attention(spec, q, k, v, return_lse=True, k_offset=shift,
+                                **dict(zip(names, params)), **indices)
+        return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+    assert torch.autograd.gradcheck(shifted, differentiable(a), fast_mode=True)
 
 
 # ---- what the op promises -------------------------------------------------------------------
