@@ -21,7 +21,6 @@ import argparse
 import math
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import nn
 
 import attndsl
 import attndsl.torch as at
+from attndsl.progress import progress, progress_done
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_FILES = ("docs/language.md", "README.md")
@@ -127,7 +127,10 @@ def batches(data: torch.Tensor, steps: int, batch: int, context: int, seed: int)
 
 
 def train(spec: attndsl.ir.Spec | None, steps: int, dtype: torch.dtype, seed: int = 0,
-          batch: int = 16, context: int = 64) -> tuple[CharLM, list[float], float]:
+          batch: int = 16, context: int = 64, label: str = "training"
+          ) -> tuple[CharLM, list[float], float]:
+    """The model after `steps` steps, its losses and steps per second; progress on stderr
+    (one line rewritten on a terminal, every 5% of the steps in a log)."""
     data, chars = corpus()
     torch.manual_seed(seed)
     model = CharLM(len(chars), spec, context=context).to(dtype)
@@ -143,6 +146,9 @@ def train(spec: attndsl.ir.Spec | None, steps: int, dtype: torch.dtype, seed: in
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if len(losses) % max(1, steps // 20) == 0 or len(losses) == steps:
+            progress(f"{label}: step {len(losses)}/{steps}, loss {losses[-1]:.3f}")
+    progress_done()
     return model, losses, steps / (time.perf_counter() - start)
 
 
@@ -181,16 +187,17 @@ def compare(steps: int, out_dir: Path) -> None:
     float64 (same seed, same batches)."""
     curves: dict[str, list[float]] = {}
     rates: dict[str, float] = {}
-    print(f"attndsl causal vs SDPA, float64, {steps} steps", file=sys.stderr)
-    _, ours, rates["causal f64"] = train(load_spec("causal"), steps, torch.float64)
-    _, sdpa, rates["sdpa f64"] = train(None, steps, torch.float64)
+    _, ours, rates["causal f64"] = train(load_spec("causal"), steps, torch.float64,
+                                         label="attndsl causal, float64")
+    _, sdpa, rates["sdpa f64"] = train(None, steps, torch.float64, label="SDPA, float64")
     rel = max(abs(a - b) / abs(b) for a, b in zip(ours, sdpa))
-    _, ours32, _ = train(load_spec("causal"), steps, torch.float32)
-    _, sdpa32, _ = train(None, steps, torch.float32)
+    _, ours32, _ = train(load_spec("causal"), steps, torch.float32,
+                         label="attndsl causal, float32")
+    _, sdpa32, _ = train(None, steps, torch.float32, label="SDPA, float32")
     rel32 = max(abs(a - b) / abs(b) for a, b in zip(ours32, sdpa32))
     for name in COMPARED:
-        print(f"{name}, float32, {steps} steps", file=sys.stderr)
-        model, curves[name], rates[name] = train(load_spec(name), steps, torch.float32)
+        model, curves[name], rates[name] = train(load_spec(name), steps, torch.float32,
+                                                 label=f"{name}, float32")
         if name == "causal":
             text_plain, plain = generate(model, "The ", 64, cached=False)
             text_cached, cached = generate(model, "The ", 64, cached=True)
@@ -243,7 +250,7 @@ def main() -> None:
         compare(args.steps, Path(args.out))
         return
     dtype = torch.float64 if args.float64 else torch.float32
-    model, losses, rate = train(load_spec(args.spec), args.steps, dtype)
+    model, losses, rate = train(load_spec(args.spec), args.steps, dtype, label=args.spec)
     print(f"{args.spec}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f} "
           f"({rate:.1f} steps/s); perplexity {math.exp(sum(losses[-10:]) / 10):.1f}")
     text, speed = generate(model, "The ", 80, cached=True)
