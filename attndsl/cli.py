@@ -7,6 +7,7 @@ A verb adds its arguments to its own subparser and returns an exit status:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,11 +160,12 @@ def _show_mask(spec: ir.Spec, args: argparse.Namespace) -> int:
     from .plan import describe_path
 
     n_q, n_k = sequence_sizes(args.mask)
-    heads, _ = viz.heads_of(spec)
-    if not 0 <= args.head < heads:
-        raise UsageError(f"--head {args.head}: the mask is drawn for {heads} head(s)")
+    heads = viz.heads_of(spec, args.head + 1)  # the spec's, else enough for --head
+    if not 0 <= args.head < heads[0]:
+        raise UsageError(f"--head {args.head}: the mask is drawn for {heads[0]} head(s)")
     try:
-        inputs = viz.demo_inputs(spec, n_q, n_k, d=1, dv=1, indices=index_values(args.index))
+        inputs = viz.demo_inputs(spec, n_q, n_k, d=1, dv=1, indices=index_values(args.index),
+                                 heads=heads)
         mask = viz.pair_mask(spec, inputs, head=args.head)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -373,7 +375,8 @@ def _plot_inputs(spec: ir.Spec, args: argparse.Namespace, qlabels: list[str] | N
         return inputs
     n_q, n_k = _plot_sizes(args, qlabels, klabels)
     return viz.demo_inputs(spec, n_q, n_k, d=args.d, dv=args.d, batch=args.batch + 1,
-                           indices=indices, seed=args.seed)
+                           indices=indices, seed=args.seed,
+                           heads=viz.heads_of(spec, args.head + 1))  # enough for --head
 
 
 def _draw(spec: ir.Spec, inputs, args: argparse.Namespace,  # type: ignore[no-untyped-def]
@@ -534,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"attndsl {args.verb}: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:  # the reader stopped reading (`| head`): not an error here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
 
 
 if __name__ == "__main__":

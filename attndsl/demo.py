@@ -81,10 +81,13 @@ class Inputs:
     extra: dict[str, np.ndarray]
 
 
-def heads_of(spec: ir.Spec) -> tuple[int, int]:
-    """(heads, kv_heads): the spec's, else one head."""
-    heads = spec.heads or (spec.kv_heads or 1)
-    return heads, spec.kv_heads or (spec.heads or heads)
+def heads_of(spec: ir.Spec, at_least: int = 1) -> tuple[int, int]:
+    """(heads, kv_heads): the spec's, else the fewest that give `at_least` query heads (one
+    key/value head per query head unless the spec fixes kv_heads)."""
+    if spec.heads is not None:
+        return spec.heads, spec.kv_heads or spec.heads
+    kv_heads = spec.kv_heads or max(1, at_least)
+    return kv_heads * -(-max(1, at_least) // kv_heads), kv_heads
 
 
 def demo_inputs(spec: ir.Spec, n_q: int, n_k: int, d: int = 16, dv: int = 16, batch: int = 1,

@@ -245,6 +245,24 @@ def test_plot_weights_from_npz_with_params(tmp_path: Path) -> None:
                  str(tmp_path / "alibi.npz"), "--head", "8", "-o", str(out)]) == 2
 
 
+def test_any_head_of_random_arrays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With random arrays there are as many heads as --head needs (the spec fixes none), in
+    whole groups of a spec's fixed kv_heads; a spec that fixes its heads bounds --head."""
+    out = tmp_path / "w.png"
+    for spec, head in (("causal", 3), ("multi_head_gqa", 5)):
+        assert main(["plot", str(EXAMPLES / f"{spec}.attn"), "--weights", "--n", "6",
+                     "--head", str(head), "-o", str(out)]) == 0
+        assert main(["show", str(EXAMPLES / f"{spec}.attn"), "--mask", "300", "--head",
+                     str(head)]) == 0
+    assert "head 5" in capsys.readouterr().out
+    groups = attndsl.parse("attention groups {\n kv_heads 2\n score q . k\n}")
+    assert viz.heads_of(groups, 5) == (6, 2)  # whole groups of the fixed kv_heads
+    fixed = attndsl.parse("attention fixed {\n heads 2\n score q . k\n}")
+    assert viz.heads_of(fixed, 5) == (2, 2)
+    assert main(["plot", str(EXAMPLES / "multi_head_gqa.attn"), "--head", "8", "-o",
+                 str(out)]) == 2
+
+
 def test_plot_weights_size_limit(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plot", str(EXAMPLES / "causal.attn"), "--weights", "--n", "1025"]) == 2
     assert "--weights draws at most 1,048,576 pairs" in capsys.readouterr().err
