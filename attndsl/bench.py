@@ -271,7 +271,7 @@ def flex_contender(case: Case) -> Contender | None:
 
     score_mod, block_mask = mods
     q, k, v = (torch.from_numpy(a) for a in (case.q, case.k, case.v))
-    attend = torch.compile(flex_attention)
+    attend: Any = None
 
     def run() -> Outputs:
         with torch.no_grad():
@@ -279,7 +279,18 @@ def flex_contender(case: Case) -> Contender | None:
                          enable_gqa=q.shape[1] != k.shape[1])
         return {"out": out.numpy()}
 
+    try:  # compiled now: a machine where inductor cannot build gets a note, not a crash
+        attend = torch.compile(flex_attention)
+        run()
+    except Exception as exc:  # noqa: BLE001 (torch.compile's failures share no base class)
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise FlexUnavailable(f"torch.compile(flex_attention) failed: {type(exc).__name__}: "
+                              f"{first}") from None
     return Contender("torch flex", run)
+
+
+class FlexUnavailable(RuntimeError):
+    """torch.compile could not build flex_attention for this case (no C++ compiler, ...)."""
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -345,13 +356,20 @@ def eager_fits(case: Case) -> bool:
 
 
 def contenders(spec: ir.Spec, kernel: Any, case: Case, backward: bool, use_torch: bool,
-               flex: bool = False) -> list[Contender]:
+               flex: bool = True, notes: list[str] | None = None) -> list[Contender]:
+    """attndsl's kernel and the torch contenders that apply (docs/language.md, `bench`);
+    `notes` gets a line for a contender that applies but could not be built."""
     found = [attndsl_contender(kernel, case, backward)]
     if use_torch:
         sdpa = sdpa_contender(case, backward)
         found += [sdpa] if sdpa is not None else []
         if eager_fits(case):
             found.append(eager_contender(case, backward))
-        compiled = flex_contender(case) if flex and not backward else None
+        try:
+            compiled = flex_contender(case) if flex and not backward else None
+        except FlexUnavailable as exc:
+            compiled = None
+            if notes is not None:
+                notes.append(f"(no flex row at n = {case.q.shape[2]}: {exc})")
         found += [compiled] if compiled is not None else []
     return found

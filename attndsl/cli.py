@@ -440,9 +440,12 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d", type=int, default=64, help="feature size of q, k and v (64)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--no-torch", action="store_true", help="time attndsl alone")
-    parser.add_argument("--flex", action="store_true",
-                        help="also time torch.compile(flex_attention) (forward only; compiling "
-                        "takes tens of seconds per length on a small machine)")
+    parser.add_argument("--no-flex", dest="flex", action="store_false",
+                        help="leave out torch.compile(flex_attention), timed by default where a "
+                        "score_mod expresses the spec (forward only; compiling takes seconds "
+                        "to a minute per length)")
+    parser.add_argument("--flex", dest="flex", action="store_true",
+                        help=argparse.SUPPRESS)  # the default since flex became one
     _add_index_option(parser)
 
 
@@ -467,9 +470,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         for n in sizes:
             case = bench.make_case(spec, n, setup, index_values(args.index))
-            if args.flex and use_torch:
+            if args.flex and use_torch and not args.backward and bench.flex_source(spec):
                 progress(f"n = {n}: compiling flex_attention")
-            found = bench.contenders(spec, kernel, case, args.backward, use_torch, args.flex)
+            found = bench.contenders(spec, kernel, case, args.backward, use_torch, args.flex,
+                                     notes)
             if use_torch and not bench.eager_fits(case):
                 notes.append(f"(no torch eager row at n = {n}: more than "
                              f"{bench.EAGER_PAIRS:,} pairs to materialize)")
