@@ -100,20 +100,24 @@ def _single(args: argparse.Namespace, results: Any) -> None:
     results.put(("single", 0, {"grown": mem.grown, "seconds": seconds}))
 
 
-def _ring_call(args: argparse.Namespace, x: dict[str, torch.Tensor], rank: int, world: int,
-               backward: bool) -> None:
-    local = {n: shard(t, rank, world, args.layout) for n, t in x.items()}
-    q, k, v = (local[n].requires_grad_(backward) for n in ("q", "k", "v"))
+def _ring_call(args: argparse.Namespace, local: dict[str, torch.Tensor], rank: int,
+               world: int, backward: bool) -> None:
+    """One ring call on this rank's shards (made before any measurement, like the whole
+    inputs of the one-process run)."""
+    q, k, v = (local[n].detach().requires_grad_(backward) for n in ("q", "k", "v"))
     out = at.distributed.ring_attention(args.spec, q, k, v, layout=args.layout, **_extra(args))
     if backward:
         (out * local["dout"]).sum().backward()
 
 
 class _LocalTransfer:
-    """A stand-in for one ring hop that moves nothing: buffers of the right shapes at once."""
+    """A stand-in for one ring hop that moves nothing: buffers of the right shapes at once,
+    holding this rank's own data where the shapes agree (so the kernels see data like the
+    ring's, not zeros)."""
 
     def __init__(self, plan: Any, tensors: list[torch.Tensor], shapes: list[Any]) -> None:
-        self.received = [torch.zeros(s, dtype=t.dtype) for t, s in zip(tensors, shapes)]
+        self.received = [t.clone() if tuple(t.shape) == tuple(s) else torch.zeros(s, dtype=t.dtype)
+                         for t, s in zip(tensors, shapes)]
 
     def wait(self) -> list[torch.Tensor]:
         return self.received
@@ -154,10 +158,10 @@ def _timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _comm_alone(args: argparse.Namespace, x: dict[str, torch.Tensor], rank: int,
+def _comm_alone(args: argparse.Namespace, local: dict[str, torch.Tensor], rank: int,
                 world: int) -> None:
     """The forward's P - 1 hops of this rank's k and v shard, with no compute."""
-    k, v = (shard(x[n], rank, world, args.layout) for n in ("k", "v"))
+    k, v = local["k"], local["v"]
     plan = ring_mod._Plan(None, {}, None, rank, world, [], 0, [], 0)  # only peers are read
     tensors = [k, v]
     for _ in range(world - 1):
@@ -169,6 +173,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, results: A
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))
     x = _inputs(args, args.n)
+    x = {n: shard(t, rank, world, args.layout) for n, t in x.items()}  # this rank's shards
     _ring_call(args, x, rank, world, backward=True)  # what stays allocated, allocated once
     dist.barrier()
     sent: list[int] = []
@@ -252,6 +257,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ring.md"))
     args = parser.parse_args()
     os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    # the cpu target's pool keeps freed buffers warm for the next call, so the second call's
+    # growth would leave out whatever the first left pooled: measure working memory without it
+    os.environ.setdefault("ATTNDSL_POOL_MIB", "0")
+    # glibc raises its mmap threshold to the largest block freed (up to 32 MiB) and then keeps
+    # such blocks in its heap, so a second call could reuse what the first freed (and the
+    # growth depend on the block sizes): a fixed threshold maps every large array afresh
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
     single = _run(0, args)[0][2]
     ranks = [r[2] for r in _run(args.world, args)]
@@ -265,7 +277,11 @@ def main() -> None:
                f"{torch.__version__}.")
     memory = (f"One [1, {args.heads}, {args.n}, {args.d}] float32 tensor is {_mib(tensor)} MiB. "
               "Growth = peak resident set during the second of two identical forward + "
-              "backward calls minus the resident set before it (inputs already allocated).")
+              "backward calls minus the resident set before it (inputs already allocated), "
+              f"with the cpu target's buffer pool at ATTNDSL_POOL_MIB = "
+              f"{os.environ['ATTNDSL_POOL_MIB']} (0: off, so pooled buffers count) and glibc's "
+              f"MALLOC_MMAP_THRESHOLD_ = {os.environ['MALLOC_MMAP_THRESHOLD_']} (every larger "
+              "array mapped afresh, none kept from the first call).")
     lines = ["# Ring attention on loopback (benchmarks/bench_ring.py)", "", command, machine, "",
              "## Memory (forward + backward)", "", memory, "",
              "| process | positions | growth (MiB) | wall (s) |", "| --- | --- | --- | --- |",
@@ -284,17 +300,23 @@ def main() -> None:
     lines += ["", ratio, "", "## Bytes sent per step (rank 0)", "", forward, backward, "",
               "## Overlap (forward, medians)", "",
               ("| rank | ring (s) | compute alone (s) | communication alone (s) | hidden | "
-              "blocked in wait (s) |"),
-              "| --- | --- | --- | --- | --- | --- |"]
+              "blocked in wait (s) | hidden, by the wait |"),
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r, rep in enumerate(ranks):
         hidden = (rep["compute"] + rep["comm"] - rep["ring"]) / max(rep["comm"], 1e-9)
+        by_wait = 1 - rep["blocked"] / max(rep["comm"], 1e-9)
         lines.append(f"| {r} | {rep['ring']:.3f} | {rep['compute']:.3f} | {rep['comm']:.3f} | "
-                     f"{min(max(hidden, 0.0), 1.0):.0%} | {rep['blocked']:.3f} |")
+                     f"{min(max(hidden, 0.0), 1.0):.0%} | {rep['blocked']:.3f} | "
+                     f"{min(max(by_wait, 0.0), 1.0):.0%} |")
     note = ("hidden = (compute alone + communication alone - ring) / communication alone, "
-            "clamped to [0, 1]. Blocked in wait: the time the ring forward spent waiting for "
-            "a posted hop to complete (transfer not yet done, or the neighbour not yet at that "
-            "step). With more processes than cores the ranks share CPUs, so loopback "
-            "transfers compete with compute for them.")
+            "clamped to [0, 1]: a difference of whole-forward times, so noise of a few percent "
+            "of the compute swamps it when communication is small. Blocked in wait: the time "
+            "the ring forward spent waiting for a posted hop to complete (transfer not yet "
+            "done, or the neighbour not yet at that step); hidden, by the wait = 1 - blocked / "
+            "communication alone, the share of the transfers' own time no rank waited for (a "
+            "wait for a slower neighbour counts as exposed, so this errs low). With more "
+            "processes than cores the ranks share CPUs, so loopback transfers compete with "
+            "compute for them.")
     lines += ["", note]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

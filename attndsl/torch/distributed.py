@@ -615,8 +615,11 @@ def _backward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         part = [torch.zeros_like(keys.tensors[i]) for i in key_floats]
         names = [keys.names[i] for i in key_floats]
         _guarded(failed)(contributions)(keys, part, names)
-        if pending is not None:
-            part = [t + p for t, p in zip(pending.wait(), part)]
+        if pending is not None:  # the running sum from the ranks before, ours added in place
+            received = pending.wait()
+            for t, p in zip(received, part):
+                t.add_(p)
+            part = received
         if plan.world == 1:
             home.extend(part)
             return
