@@ -94,3 +94,40 @@ def _in_child() -> list[int]:
 
     threads.run(kernel, 50)
     return sorted(seen)
+
+
+# ---- NumPy's element-wise functions on the threads (numpy_ops.on_threads) --------------------
+
+
+def test_numpy_ops_on_threads_give_the_same_bits_and_keep_the_callers_errstate() -> None:
+    import warnings
+
+    from attndsl.runtime import numpy_ops as ops
+
+    x = (np.random.default_rng(0).standard_normal((3, 8, 40001, 7)) * 3).astype(np.float32)
+    x.flat[::997], x.flat[5], x.flat[6] = np.nan, np.inf, -np.inf
+    assert x.size >= ops.PARALLEL_ELEMENTS and x.size % ops.PIECE  # a ragged last piece
+    for name in ("elu", "elu_grad", "sigmoid", "softplus", "gelu", "gelu_grad"):
+        f = getattr(ops, name)
+        for value in (x, x[:, :, ::2], x.astype(np.float64)):  # non-contiguous, float64
+            got, want = f(value), f.__wrapped__(value)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert np.array_equal(got, want, equal_nan=True), name
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a helper thread warning here would raise
+        ops.gelu(x)
+
+
+def test_on_threads_runs_pieces_on_every_thread() -> None:
+    from attndsl.runtime.numpy_ops import PIECE, on_threads
+
+    seen: set[int] = set()
+
+    def slow_double(a: np.ndarray) -> np.ndarray:
+        seen.add(threading.get_ident())
+        time.sleep(0.002)
+        return a * 2
+
+    x = np.arange(64 * PIECE, dtype=np.float64)
+    np.testing.assert_array_equal(on_threads(slow_double)(x), x * 2)
+    assert len(seen) == min(2, numba.get_num_threads())
