@@ -96,7 +96,7 @@ def evaluate(e: ir.Expr, values: dict[str, torch.Tensor]) -> torch.Tensor:
     if isinstance(e, ir.Binary):
         left, right = evaluate(e.left, values), evaluate(e.right, values)
         if e.op == ".":
-            return (left * right).sum(-1, keepdim=True)
+            return ROW_ONLY["dot"](left, right)
         return left @ right if e.op == "@" else ARITH[e.op](left, right)
     assert isinstance(e, ir.Call)
     args = [evaluate(a, values) for a in e.args]

@@ -41,6 +41,8 @@ from attndsl.ir import NormKind, Side
 from attndsl.plan import make_plan
 from attndsl.symbolic import POSITIONS
 
+from .linear_scan import ARITH, FUNCTIONS, ROW_ONLY
+
 SIZE_NAMES = ("n", "n_q", "n_k")
 POSITIONAL = ("n", "n_q", "n_k")
 
@@ -195,10 +197,10 @@ def _roles(spec: ir.Spec) -> dict[str, tuple[str | None, ...]]:
     return roles
 
 
-# what a key-side row term may be built from to be computed apart (linear_scan.evaluate)
-ROW_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "softplus", "relu",
-                 "elu", "gelu", "sin", "cos", "min", "max", "dot", "sum", "norm")
-ROW_OPS = ("+", "-", "*", "/", "^", ".", "@")
+# what a key-side row term may be built from to be computed apart: what linear_scan.evaluate
+# computes with torch
+ROW_FUNCTIONS = (*FUNCTIONS, *ROW_ONLY)
+ROW_OPS = (*ARITH, ".", "@")
 
 
 class _KeyRows:
