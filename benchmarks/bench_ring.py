@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any, Self
 
 import torch
 import torch.distributed as dist
+from machine import lscpu_model  # benchmarks/machine.py, beside this script
 
 import attndsl.torch as at
 from attndsl.torch import distributed as ring_mod
@@ -230,15 +229,6 @@ def _run(nprocs: int, args: argparse.Namespace) -> list[Any]:
     return sorted(got, key=lambda g: g[1])
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    line = next((ln for ln in out.splitlines() if ln.startswith("Model name")), "")
-    return line.split(":", 1)[1].strip() if line else "unknown"
-
-
 def _mib(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -272,7 +262,7 @@ def main() -> None:
                f"{args.spec} --layout {args.layout}`: B = 1, heads = kv_heads = {args.heads}, "
                f"d = dv = {args.d}, float32, numba `cpu` target, gloo on 127.0.0.1, "
                f"{args.threads} thread(s) per process.")
-    machine = (f"Machine: {_cpu_model()}, {os.cpu_count()} logical CPUs (shared with other "
+    machine = (f"Machine: {lscpu_model()}, {os.cpu_count()} logical CPUs (shared with other "
                f"jobs: load average {os.getloadavg()[0]:.1f} at the end), torch "
                f"{torch.__version__}.")
     memory = (f"One [1, {args.heads}, {args.n}, {args.d}] float32 tensor is {_mib(tensor)} MiB. "
