@@ -22,15 +22,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy: the kernels 
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 import argparse
-import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from machine import lscpu_model  # benchmarks/machine.py, beside this script
+from before import import_renamed  # benchmarks/before.py, beside this script
+from machine import lscpu_model, vector_isa
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"full": "scaled_dot_product", "causal": "causal", "alibi": "alibi",
@@ -39,19 +37,6 @@ SPECS = {"full": "scaled_dot_product", "causal": "causal", "alibi": "alibi",
 NO_SDPA = {"linear", "causal_linear"}  # not softmax attention: SDPA is no yardstick there
 B, H, D = 1, 8, 64
 WARM_UP = 3  # untimed rounds before each case's timed ones
-
-
-def import_renamed(checkout: Path, name: str):  # type: ignore[no-untyped-def]
-    """`checkout`'s attndsl package imported as `name`, from a rewritten copy (generated code
-    names its runtime modules too, so the printers' templates are rewritten with it)."""
-    tmp = Path(tempfile.mkdtemp(prefix="ab_one_process_"))
-    shutil.copytree(checkout / "attndsl", tmp / name)
-    shutil.copytree(checkout / "grammar", tmp / "grammar")  # found beside the package
-    pattern = re.compile(r"\battndsl(?=[.\s])")
-    for path in (tmp / name).rglob("*.py"):
-        path.write_text(pattern.sub(name, path.read_text()))
-    sys.path.insert(0, str(tmp))
-    return __import__(name)
 
 
 def cases(side, spec_file: str, q, k, v, extra):  # type: ignore[no-untyped-def]
@@ -146,9 +131,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(numba.get_num_threads())
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), "") if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
+    isa = vector_isa()
     lines = [f"# cpu A/B in one process: {args.before.resolve()} vs {ROOT}", "",
              (f"CPU: {lscpu_model()}; {isa}; {os.cpu_count()} cores, {numba.get_num_threads()} "
               f"threads; {time.strftime('%Y-%m-%d %H:%M')}; load at start "

@@ -6,7 +6,26 @@ benchmarks/results/cpu.png. torch and matplotlib come from the `bench` extra
 (`pip install -e .[bench]`); the attndsl package never imports them.
 
     python benchmarks/bench_cpu.py            # N = 512, 1024, 2048, 4096, 5 repetitions
-    python benchmarks/bench_cpu.py --quick    # N = 512, 1024, 3 repetitions, fewer targets
+    python benchmarks/bench_cpu.py --quick    # N = 512, 1024, 3 repetitions, short targets
+    git worktree add /tmp/before 0494974      # issue 12's "before / after" columns:
+    python benchmarks/bench_cpu.py --before /tmp/before
+    python benchmarks/bench_cpu.py --targets-only linear,decode --before /tmp/before
+
+--before CHECKOUT imports that checkout's attndsl in this process as `attndsl_before`
+(benchmarks/before.py) and times it as one more contender in the same interleaved repetitions,
+on the same arrays: every table row gains "before ms" and "before / after". The subprocess
+targets run the checkout from its own directory. --targets-only re-measures the targets (all,
+or the ones named) and keeps the table rows of OUT/cpu.json.
+
+The "issue's targets" table has one row per target of issue 12; its reason column comes from
+--reasons (default benchmarks/results/cpu_reasons.json), a JSON object from a target's id to a
+sentence, read when the report is rendered (so `--from-json` picks up edited reasons). The ids:
+    {full,causal}-{2048,4096}-{fwd,fwdbwd}-sdpa
+    {alibi,softcap,sliding_window}-N-fwd-flex, ...-N-fwdbwd-eager   (N = each measured N >= 2048)
+    bahdanau-1024-fwdbwd-eager
+    linear-8192-before, linear-scaling
+    decode-sdpa, decode-bandwidth, threads
+    memory, compile-cold, compile-warm, no-regressions
 
 Threads: torch.set_num_threads(2), numba.set_num_threads(2), BLAS single-threaded inside the
 kernels. Numba's threading layer is `workqueue` unless NUMBA_THREADING_LAYER is set: Numba's
@@ -26,12 +45,13 @@ import gc
 import json
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +60,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from machine import lscpu_model  # benchmarks/machine.py
+from before import import_renamed, short_commit  # benchmarks/before.py
+from machine import lscpu_model, vector_isa  # benchmarks/machine.py
 
 import attndsl
 
@@ -142,7 +163,8 @@ def flops(name: str, n: int, backward: bool) -> float:
 
 def make_inputs(name: str, n: int, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    spec = attndsl.load(ROOT / "examples" / f"{SPECS[name]}.attn")
+    path = ROOT / "examples" / f"{SPECS[name]}.attn"
+    spec = attndsl.load(path)
     kv = spec.kv_heads or H
     q = rng.standard_normal((B, H, n, D), dtype=np.float32)
     k = rng.standard_normal((B, kv, n, D), dtype=np.float32)
@@ -155,14 +177,20 @@ def make_inputs(name: str, n: int, seed: int = 0) -> dict[str, Any]:
         params["Wq"] = (rng.standard_normal((D, BAHDANAU_R)) / 8).astype(np.float32)
         params["Wk"] = (rng.standard_normal((D, BAHDANAU_R)) / 8).astype(np.float32)
         params["w"] = rng.standard_normal(BAHDANAU_R).astype(np.float32)
-    return {"spec": spec, "q": q, "k": k, "v": v, "g": g, "params": params}
+    return {"spec": spec, "path": path, "q": q, "k": k, "v": v, "g": g, "params": params}
 
 
 # ---- contenders ----------------------------------------------------------------------------
 
 class Attndsl:
-    def __init__(self, target: str, inp: dict[str, Any]) -> None:
-        self.kernel = attndsl.compile(inp["spec"], target=target)
+    """attndsl's kernel for `target`; `package` is another checkout's attndsl (--before), which
+    compiles the same example file with its own parser and code generators."""
+
+    def __init__(self, target: str, inp: dict[str, Any], package: Any = None) -> None:
+        if package is None:
+            self.kernel = attndsl.compile(inp["spec"], target=target)
+        else:
+            self.kernel = package.compile(str(inp["path"]), target=target)
         self.inp = inp
         self.out: Any = None
 
@@ -310,9 +338,14 @@ def max_rel(ref: Any, got: Any) -> float:
 
 
 def bench_case(torch: Any, name: str, n: int, reps: int, log: Callable[[str], None],
-               numpy_max_n: int | None = None) -> dict[str, Any]:
+               numpy_max_n: int | None = None, before: Any = None) -> dict[str, Any]:
+    """One spec at one N: every contender once per repetition, in turn (the drift of a shared
+    machine then hits them alike), medians. `before` is another checkout's attndsl package:
+    timed like the others, its errors and memory not measured (issue 12 asks for its time)."""
     inp = make_inputs(name, n)
     contenders: dict[str, Any] = {"attndsl": Attndsl("cpu", inp)}
+    if before is not None:
+        contenders["before"] = Attndsl("cpu", inp, before)
     notes: dict[str, str] = {}
     numpy_bytes = B * H * n * n * 4 * 8 * (BAHDANAU_R if name == "bahdanau" else 1)
     if numpy_max_n is not None and n > numpy_max_n:
@@ -371,7 +404,7 @@ def bench_case(torch: Any, name: str, n: int, reps: int, log: Callable[[str], No
     for cname, c in contenders.items():
         for mode in ("fwd", "fwd+bwd"):
             fn = c.forward if mode == "fwd" else getattr(c, "forward_backward", None)
-            if fn is not None:
+            if fn is not None and cname != "before":
                 c.out = None
                 memory[(cname, mode)] = peak_growth_mib(fn)
     med = {key: float(np.median(v)) for key, v in times.items()}
@@ -381,6 +414,15 @@ def bench_case(torch: Any, name: str, n: int, reps: int, log: Callable[[str], No
 
 
 # ---- the issue's other targets (subprocesses: fresh memory, fresh caches) -------------------
+
+TARGETS = ("linear", "decode", "threads", "memory", "compile")  # --targets-only names
+DEFAULT_REASONS = ROOT / "benchmarks" / "results" / "cpu_reasons.json"
+LINEAR_N = 8192  # causal linear attention: the "5x before" size and the base of the scaling
+LINEAR_BIG = 65536  # time(LINEAR_BIG) / time(LINEAR_N) <= LINEAR_SCALING
+LINEAR_SCALING = 9.0
+LINEAR_PAIRS = 2  # after/before subprocess pairs, alternating
+THREADS_ROUNDS = 3  # one-thread and two-thread calls each, alternating
+DECODE_ROUNDS = 15
 
 SNIPPETS = {
     "memory": """
@@ -414,7 +456,7 @@ numba.set_num_threads(2)
 k = attndsl.compile({root!r} + '/examples/causal_linear.attn', target='cpu')
 rng = np.random.default_rng(0)
 res = []
-for n in (8192, 65536):
+for n in {sizes!r}:
     q, kk, v, g = (rng.standard_normal((1, 8, n, 64), dtype=np.float32) for _ in range(4))
     ts = []
     for r in range(6):
@@ -423,7 +465,30 @@ for n in (8192, 65536):
         k.backward(q, kk, v, g, out=out)
         ts.append(time.perf_counter() - t0)
     res.append(float(np.median(ts[1:])))
-print('RESULT', res[0], res[1])
+print('RESULT', *res)
+""",
+    # one process, the same call at one and two threads, alternating which goes first
+    "threads": """
+import sys, time, numpy as np
+sys.path.insert(0, {root!r})
+import attndsl, numba
+k = attndsl.compile({root!r} + '/examples/scaled_dot_product.attn', target='cpu')
+rng = np.random.default_rng(0)
+q, kk, v, g = (rng.standard_normal((1, 8, {n}, 64), dtype=np.float32) for _ in range(4))
+def call():
+    out, lse = k.forward(q, kk, v, return_lse=True)
+    k.backward(q, kk, v, g, out=out, lse=lse)
+for t in (1, 2):
+    numba.set_num_threads(t)
+    call()
+times = {{1: [], 2: []}}
+for r in range({rounds}):
+    for t in ((1, 2) if r % 2 == 0 else (2, 1)):
+        numba.set_num_threads(t)
+        t0 = time.perf_counter()
+        call()
+        times[t].append(time.perf_counter() - t0)
+print('RESULT', float(np.median(times[1])), float(np.median(times[2])))
 """,
     "compile": """
 import time
@@ -442,8 +507,12 @@ print('RESULT', t_end - t_start, t_end - t_import)
 }
 
 
-def run_snippet(key: str, env: dict[str, str] | None = None, **fmt: Any) -> list[float]:
-    code = SNIPPETS[key].format(root=str(ROOT), **fmt)
+def run_snippet(key: str, env: dict[str, str] | None = None, root: Path = ROOT,
+                **fmt: Any) -> list[float]:
+    """SNIPPETS[key] in a fresh Python with `root`'s attndsl first on sys.path (this tree, or
+    the --before checkout); OpenBLAS single-threaded there too: the kernels own the threads."""
+    code = SNIPPETS[key].format(root=str(root), **fmt)
+    env = dict(os.environ if env is None else env, OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=1800, check=False)
     for line in proc.stdout.splitlines():
@@ -452,32 +521,118 @@ def run_snippet(key: str, env: dict[str, str] | None = None, **fmt: Any) -> list
     raise RuntimeError(f"{key} failed: {proc.stderr[-2000:]}")
 
 
-def targets(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def _before_env(tmp: str) -> dict[str, str]:
+    """The --before checkout's subprocesses get caches of their own: its generated kernels may
+    have the same source and version string as this tree's, and Numba's cache does not see a
+    change in the helpers they inline."""
+    return dict(os.environ, ATTNDSL_CACHE=os.path.join(tmp, "attndsl"),
+                NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
+
+
+def linear_target(quick: bool, before_root: Path | None, before_env: dict[str, str],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """Causal linear attention fwd+bwd: this tree at LINEAR_N and the big N, the --before
+    checkout at LINEAR_N only (its row-by-row recurrence takes minutes at 65536), subprocesses
+    alternating after / before; medians over the pairs."""
+    big = 2 * LINEAR_N if quick else LINEAR_BIG
+    small, large, before = [], [], []
+    for _ in range(LINEAR_PAIRS):
+        t_small, t_big = run_snippet("linear", sizes=(LINEAR_N, big))
+        small.append(t_small)
+        large.append(t_big)
+        if before_root is not None:
+            before += run_snippet("linear", env=before_env, root=before_root, sizes=(LINEAR_N,))
+    result: dict[str, Any] = {"quick": quick, "n": LINEAR_N, "n_big": big,
+                              "t_small": statistics.median(small),
+                              "t_big": statistics.median(large), "pairs": LINEAR_PAIRS}
+    result["ratio"] = result["t_big"] / result["t_small"]
+    log(f"  causal linear: {result['t_small']:.3f} s -> {result['t_big']:.3f} s at N={big} "
+        f"= {result['ratio']:.1f}x")
+    if before:
+        result["before_t_small"] = statistics.median(before)
+        log(f"  causal linear N={LINEAR_N}: before {result['before_t_small']:.3f} s")
+    return result
+
+
+def decode_target(torch: Any, quick: bool, before: Any, log: Callable[[str], None]
+                  ) -> dict[str, Any]:
+    """Issue 12's decoding case through bench_decode.py's own `case` and `copy_bandwidth`, in
+    this process: once for this tree, once for the --before package (each `case` interleaves
+    its contenders, so each side's ratio to SDPA comes from the same rounds)."""
+    import bench_decode  # benchmarks/bench_decode.py
+
+    spec = ROOT / "examples" / "causal.attn"
+    rounds = 5 if quick else DECODE_ROUNDS
+    ref = attndsl.compile(spec, target="numpy")
+    sides = {"after": attndsl.compile(spec, target="cpu")}
+    if before is not None:
+        sides["before"] = before.compile(str(spec), target="cpu")
+    bandwidth = bench_decode.copy_bandwidth()
+    result: dict[str, Any] = {"quick": quick, "rounds": rounds, "shape": list(bench_decode.TARGET),
+                              "copy_bytes_per_s": bandwidth}
+    for side, kernel in sides.items():
+        r = bench_decode.case(torch, kernel, ref, bench_decode.TARGET, rounds)
+        result[side] = {"s": r["medians"]["attndsl"], "sdpa_s": r["medians"]["torch SDPA"],
+                        "kv_bytes": r["kv_bytes"]}
+        log(f"  decode {side}: {result[side]['s'] * 1e3:.2f} ms, SDPA "
+            f"{result[side]['sdpa_s'] * 1e3:.2f} ms")
+    return result
+
+
+def threads_target(quick: bool, before_root: Path | None, before_env: dict[str, str],
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Full softmax fwd+bwd at one and two Numba threads, in one subprocess per checkout."""
+    n = 1024 if quick else 4096
+    t1, t2 = run_snippet("threads", n=n, rounds=THREADS_ROUNDS)
+    result: dict[str, Any] = {"quick": quick, "n": n, "rounds": THREADS_ROUNDS, "t1": t1,
+                              "t2": t2}
+    log(f"  threads N={n}: {t1:.3f} s -> {t2:.3f} s = {t1 / t2:.2f}x")
+    if before_root is not None:
+        b1, b2 = run_snippet("threads", env=before_env, root=before_root, n=n,
+                             rounds=THREADS_ROUNDS)
+        result.update(before_t1=b1, before_t2=b2)
+        log(f"  threads N={n}, before: {b1:.3f} s -> {b2:.3f} s = {b1 / b2:.2f}x")
+    return result
+
+
+def compile_target(tmp: str, log: Callable[[str], None]) -> dict[str, float]:
+    """Cold compile (fresh process, empty caches) and warm start (a second process)."""
+    env = dict(os.environ, ATTNDSL_CACHE=os.path.join(tmp, "attndsl"),
+               NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
+    cold, cold_after_import = run_snippet("compile", env=env)
+    warm, warm_after_import = run_snippet("compile", env=env)
+    log(f"  compile: cold {cold:.1f} s, warm {warm:.2f} s")
+    return {"cold": cold, "cold_after_import": cold_after_import, "warm": warm,
+            "warm_after_import": warm_after_import}
+
+
+def targets(quick: bool, log: Callable[[str], None], torch: Any, before: Any = None,
+            before_root: Path | None = None, which: Iterable[str] = TARGETS
+            ) -> dict[str, Any]:
+    """The targets a table row cannot show, each measured on its own (a failure is recorded
+    as {"error": ...} and the others still run)."""
     result: dict[str, Any] = {}
-    n_mem = 8192 if quick else 32768
-    try:
-        growth, seconds = run_snippet("memory", n=n_mem)
-        result["memory"] = {"n": n_mem, "peak_mib": growth, "seconds": seconds}
-        log(f"  memory N={n_mem}: +{growth:.0f} MiB peak RSS in {seconds:.1f} s")
-    except Exception as e:  # noqa: BLE001
-        result["memory"] = {"error": str(e)[:500]}
-    try:
-        t_small, t_big = run_snippet("linear")
-        result["linear"] = {"t8192": t_small, "t65536": t_big, "ratio": t_big / t_small}
-        log(f"  causal linear: {t_small:.3f} s -> {t_big:.3f} s = {t_big / t_small:.1f}x")
-    except Exception as e:  # noqa: BLE001
-        result["linear"] = {"error": str(e)[:500]}
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, ATTNDSL_CACHE=os.path.join(tmp, "attndsl"),
-                   NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
-        try:
-            cold, cold_after_import = run_snippet("compile", env=env)
-            warm, warm_after_import = run_snippet("compile", env=env)
-            result["compile"] = {"cold": cold, "cold_after_import": cold_after_import,
-                                 "warm": warm, "warm_after_import": warm_after_import}
-            log(f"  compile: cold {cold:.1f} s, warm {warm:.2f} s")
-        except Exception as e:  # noqa: BLE001
-            result["compile"] = {"error": str(e)[:500]}
+        before_env = _before_env(os.path.join(tmp, "before"))
+        for key in which:
+            try:
+                if key == "memory":
+                    n_mem = 8192 if quick else 32768
+                    growth, seconds = run_snippet("memory", n=n_mem)
+                    result[key] = {"quick": quick, "n": n_mem, "peak_mib": growth,
+                                   "seconds": seconds}
+                    log(f"  memory N={n_mem}: +{growth:.0f} MiB peak RSS in {seconds:.1f} s")
+                elif key == "linear":
+                    result[key] = linear_target(quick, before_root, before_env, log)
+                elif key == "decode":
+                    result[key] = decode_target(torch, quick, before, log)
+                elif key == "threads":
+                    result[key] = threads_target(quick, before_root, before_env, log)
+                elif key == "compile":
+                    result[key] = compile_target(os.path.join(tmp, "compile"), log)
+            except Exception as e:  # noqa: BLE001 - recorded in the results instead
+                log(f"  {key} failed: {e}")
+                result[key] = {"error": str(e)[:500]}
     return result
 
 
@@ -510,29 +665,199 @@ def other_jobs() -> list[str]:
     return busy[:6]
 
 
+def _row(rows: list[dict[str, Any]], name: str, n: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["name"] == name and r["n"] == n), None)
+
+
+def _ratio(rows: list[dict[str, Any]], name: str, n: int, other: str, mode: str,
+           side: str = "attndsl") -> float | None:
+    """other's median / side's median for one table row (None where either is missing)."""
+    r = _row(rows, name, n)
+    if r is None:
+        return None
+    ours, theirs = r["median_s"].get(f"{side}|{mode}"), r["median_s"].get(f"{other}|{mode}")
+    return theirs / ours if ours and theirs else None
+
+
+def _x(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}x"
+
+
+QUICK_NOTE = ("*(quick)*: measured with `--quick`, shorter than the issue asks (decoding 5 "
+              "rounds instead of 15, two threads vs one at N=1024 instead of 4096, causal "
+              "linear up to N=16384 with the goal scaled in proportion to N (<= 9 for 8x the N, so "
+              "<= 2.25 for 2x), "
+              "memory at N=8192); not the issue's measurement.")
+
+
+def target_rows(rows: list[dict[str, Any]], tgt: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's targets, one dict per row: id (the key of --reasons), what, goal, measured,
+    before (the same measurement for the --before checkout, where it makes sense), met (True,
+    False, or None: not measured). Computed from the stored rows and targets, so `--from-json`
+    renders the same table."""
+    out: list[dict[str, Any]] = []
+
+    def add(tid: str, what: str, goal: str, shown: str | None, met: bool | None,
+            before: str | None = None, quick: bool = False) -> None:
+        out.append({"id": tid, "what": what + (" *(quick)*" if quick else ""), "goal": goal,
+                    "measured": "not measured" if shown is None else shown,
+                    "before": before or "—", "met": None if shown is None else met})
+
+    for name in ("full", "causal"):
+        for n in (2048, 4096):
+            for mode in ("fwd", "fwd+bwd"):
+                r = _ratio(rows, name, n, "sdpa", mode)
+                add(f"{name}-{n}-{mode.replace('+', '')}-sdpa", f"{name} N={n} {mode} vs torch "
+                    "SDPA", ">= 1.1x", _x(r), r is not None and r >= 1.1,
+                    _x(_ratio(rows, name, n, "sdpa", mode, "before")))
+    for name in ("alibi", "softcap", "sliding_window"):
+        sizes = sorted(r["n"] for r in rows if r["name"] == name and r["n"] >= 2048)
+        for n in sizes or [2048, 4096]:
+            r = _ratio(rows, name, n, "flex", "fwd")
+            add(f"{name}-{n}-fwd-flex", f"{name} N={n} fwd vs compiled flex_attention", ">= 2x",
+                _x(r), r is not None and r >= 2, _x(_ratio(rows, name, n, "flex", "fwd", "before")))
+            r = _ratio(rows, name, n, "eager", "fwd+bwd")
+            add(f"{name}-{n}-fwdbwd-eager", f"{name} N={n} fwd+bwd vs torch eager autograd",
+                ">= 3x", _x(r), r is not None and r >= 3,
+                _x(_ratio(rows, name, n, "eager", "fwd+bwd", "before")))
+    r = _ratio(rows, "bahdanau", 1024, "eager", "fwd+bwd")
+    add("bahdanau-1024-fwdbwd-eager", f"bahdanau (r = {BAHDANAU_R}) N=1024 fwd+bwd vs torch "
+        "eager autograd", ">= 3x", _x(r), r is not None and r >= 3,
+        _x(_ratio(rows, "bahdanau", 1024, "eager", "fwd+bwd", "before")))
+
+    li = tgt.get("linear", {})
+    t_small = li.get("t_small", li.get("t8192"))  # t8192 / t65536: cpu.json before issue 12
+    t_big, n_big = li.get("t_big", li.get("t65536")), li.get("n_big", LINEAR_BIG)
+    quick = bool(li.get("quick"))
+    pairs = f"; medians of {li['pairs']} after/before subprocess pairs" if "pairs" in li else ""
+    b = li.get("before_t_small")
+    add("linear-8192-before", f"causal linear (`examples/causal_linear.attn`) fwd+bwd N="
+        f"{LINEAR_N} vs the before checkout (fresh processes{pairs})", ">= 5x faster",
+        None if b is None or t_small is None else
+        f"{b / t_small:.2f}x ({b:.3f} s before, {t_small:.3f} s now)",
+        b is not None and t_small is not None and b / t_small >= 5, quick=quick)
+    if b is None and t_small is not None:
+        out[-1]["measured"] = "not measured (no `--before`)"
+    goal = LINEAR_SCALING * (n_big / LINEAR_N) / (LINEAR_BIG / LINEAR_N)
+    ratio = None if t_small is None or t_big is None else t_big / t_small
+    add("linear-scaling", f"causal linear fwd+bwd time(N={n_big}) / time(N={LINEAR_N})",
+        f"<= {goal:g}" + (f" (the issue's <= {LINEAR_SCALING:g} at N={LINEAR_BIG}, scaled)"
+                          if n_big != LINEAR_BIG else ""),
+        None if ratio is None else f"{ratio:.1f} ({t_small:.3f} s -> {t_big:.3f} s)",
+        ratio is not None and ratio <= goal, quick=quick)
+
+    d = tgt.get("decode", {})
+    shape = "B={}, H={}, kv_heads={}, n_q={}, n_k={}".format(*d.get("shape", [1, 8, 2, 1, 32768]))
+    what = (f"decoding ({shape}, `examples/causal.attn` at q_offset = n_k - 1; medians of "
+            f"{d.get('rounds', DECODE_ROUNDS)} interleaved rounds)")
+
+    def sdpa_x(side: dict[str, float] | None) -> str | None:
+        return None if not side else (f"{side['sdpa_s'] / side['s']:.2f}x ({side['s'] * 1e3:.2f} "
+                                      f"ms, SDPA {side['sdpa_s'] * 1e3:.2f} ms)")
+
+    def share(side: dict[str, float] | None) -> float | None:
+        return None if not side else side["kv_bytes"] / side["s"] / d["copy_bytes_per_s"]
+
+    after, before = d.get("after"), d.get("before")
+    add("decode-sdpa", what + " vs torch SDPA", ">= 1.5x", sdpa_x(after),
+        bool(after) and after["sdpa_s"] / after["s"] >= 1.5, sdpa_x(before), bool(d.get("quick")))
+    frac, bfrac = share(after), share(before)
+    add("decode-bandwidth", "decoding: bytes of K and V read per second, of the machine's copy "
+        "bandwidth (`bench_decode.copy_bandwidth`: read + write)", ">= 50%",
+        None if frac is None else f"{frac:.0%} ({after['kv_bytes'] / after['s'] / 1e9:.1f} of "
+        f"{d['copy_bytes_per_s'] / 1e9:.1f} GB/s)", frac is not None and frac >= 0.5,
+        None if bfrac is None else f"{bfrac:.0%}", bool(d.get("quick")))
+
+    th = tgt.get("threads", {})
+    speed = th["t1"] / th["t2"] if "t1" in th else None
+    add("threads", f"two Numba threads vs one, full softmax fwd+bwd N={th.get('n', 4096)} (one "
+        f"process, medians of {th.get('rounds', THREADS_ROUNDS)} alternating calls each)",
+        ">= 1.8x", None if speed is None else
+        f"{speed:.2f}x ({th['t1']:.3f} s -> {th['t2']:.3f} s)", speed is not None and speed >= 1.8,
+        _x(th["before_t1"] / th["before_t2"]) if "before_t1" in th else None,
+        bool(th.get("quick")))
+
+    m = tgt.get("memory", {})
+    add("memory", f"B=1 H=1 N={m.get('n', 32768)} D=64 softmax fwd+bwd peak RSS growth (fresh "
+        "process)", "< 256 MiB", None if "peak_mib" not in m else f"{m['peak_mib']:.0f} MiB",
+        m.get("peak_mib", 1e9) < 256, quick=bool(m.get("quick")))
+    c = tgt.get("compile", {})
+    add("compile-cold", "cold compile, causal, fwd+bwd float32 (fresh process and caches)",
+        "<= 30 s", None if "cold" not in c else f"{c['cold']:.1f} s", c.get("cold", 1e9) <= 30)
+    add("compile-warm", "warm start from the disk cache (second process, to the first result)",
+        "<= 2 s", None if "warm" not in c else f"{c['warm']:.2f} s", c.get("warm", 1e9) <= 2)
+
+    ratios = [(r["median_s"][f"before|{mode}"] / r["median_s"][f"attndsl|{mode}"],
+               f"{r['name']} N={r['n']} {mode}") for r in rows for mode in ("fwd", "fwd+bwd")
+              if f"before|{mode}" in r["median_s"] and f"attndsl|{mode}" in r["median_s"]]
+    worst = min(ratios, default=None)
+    add("no-regressions", "no regressions elsewhere: the smallest before / after over every "
+        "table row above", ">= 0.95x (5% noise allowed)",
+        None if worst is None else f"{worst[0]:.2f}x ({worst[1]})",
+        worst is not None and worst[0] >= 0.95)
+    for row in out:  # a failed measurement says so instead of "not measured"
+        key = row["id"].split("-")[0]
+        if key in TARGETS and "error" in tgt.get(key, {}):
+            row["measured"] = f"failed: see '{key} failed' below"
+    return out
+
+
+def load_reasons(path: Path | None) -> dict[str, str]:
+    """The hand-written reasons (target id -> sentence), read at rendering time: they are
+    written after a run, and `--from-json` puts them in without measuring again."""
+    if path is None or not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def write_report(rows: list[dict[str, Any]], tgt: dict[str, Any], meta: dict[str, Any],
-                 out_dir: Path) -> None:
+                 out_dir: Path, reasons: dict[str, str] | None = None) -> None:
+    reasons = reasons or {}
+    before = meta.get("before") or {}
+    has_before = any(f"before|{m}" in r["median_s"] for r in rows for m in ("fwd", "fwd+bwd"))
+    flags = (" --quick" if meta.get("quick") else "") + (" --before ..." if before else "")
     lines = ["# attndsl `cpu` benchmark", ""]
-    lines += [(f"Generated by `benchmarks/bench_cpu.py{' --quick' if meta['quick'] else ''}` "
-              f"on {meta['date']}. Machine: {meta.get('model', '?')}, {meta['cores']} cores "
-              f"({meta['cpu']}); torch "
-              f"{meta['torch']}, numba {meta['numba']} (threading layer "
-              f"{meta['layer']}); torch threads = numba threads = {THREADS}; float32, "
-              f"B={B}, H={H}, D={D}; medians of {meta['reps']} interleaved repetitions."), ""]
+    lines += [(f"Generated by `benchmarks/bench_cpu.py{flags}` on {meta['date']}. Machine: "
+              f"lscpu \"{meta.get('model', '?')}\", {meta.get('isa', '?')}, {meta['cores']} "
+              f"cores (LLVM host CPU {meta['cpu']}); torch {meta['torch']}, numba "
+              f"{meta['numba']} (threading layer {meta.get('layer', '?')}); torch threads = "
+              f"numba threads = {THREADS}; float32, B={B}, H={H}, D={D}; medians of "
+              f"{meta['reps']} interleaved repetitions."), ""]
+    if before:
+        lines += [(f"**Before** = commit `{before.get('commit', '?')}` (checkout "
+                  f"`{before.get('path', '?')}`), imported in this process as `attndsl_before` "
+                  "and timed in the same interleaved repetitions on the same arrays; its "
+                  "subprocess targets ran from that checkout. **before / after** = before's time "
+                  "/ attndsl's time (> 1: faster now)."), ""]
     if meta.get("resumed"):
-        lines += [("The run was stopped before Bahdanau N=2048 (its scalar tanh loop takes "
-                  "minutes per call) and resumed with `--resume` for the remaining cases and "
-                  "the targets; every comparison row still comes from one process, "
-                  "interleaved."), ""]
+        lines += [("The run was stopped and resumed with `--resume` for the remaining cases "
+                  "and the targets: the tables' rows come from more than one process, but each "
+                  "row's comparisons come from one process, interleaved."), ""]
+    if meta.get("targets_only"):
+        lines += [(f"The targets were measured again with `--targets-only` "
+                  f"({', '.join(meta['targets_only']['which'])}) on "
+                  f"{meta['targets_only']['date']}, load average "
+                  f"{meta['targets_only']['load']}; the tables are from the run above."), ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
-    lines += [(f"Load average at start {meta['load_start']}, at end {meta['load_end']}. "
+    load_end = str(meta.get("load_end") or "?")
+    try:
+        busy = bool(meta.get("jobs")) or float(load_end.split()[0]) > 1.5
+    except (ValueError, IndexError):
+        busy = bool(meta.get("jobs"))
+    lines += [(f"Load average at start {meta.get('load_start')}, at end {load_end}. "
               + ("**Other jobs were running during the measurement** (processes above 10% "
-                 "CPU at the end: " + "; ".join(f"`{x}`" for x in meta["jobs"]) + "), so "
-                 "absolute times are inflated and noisy; the ratios come from the same "
-                 "interleaved repetitions." if meta["jobs"] or float(meta["load_end"].split()[0])
-                 > 1.5 else "No other significant jobs were running.")), ""]
-    lines += [("Contenders: **attndsl** (`attndsl.compile(spec, target='cpu')`), **numpy** "
+                 "CPU at the end: " + "; ".join(f"`{x}`" for x in meta.get("jobs", [])) + "), "
+                 "so absolute times are inflated and noisy; the ratios come from the same "
+                 "interleaved repetitions." if busy else
+                 "No other significant jobs were running.")), ""]
+    lines += [("Contenders: **attndsl** (`attndsl.compile(spec, target='cpu')`), "
+              + ("**before** (the same, from the before checkout), " if has_before else "")
+              + "**numpy** "
               "(the NumPy reference target, materializes n x n), **sdpa** "
               "(`torch.nn.functional.scaled_dot_product_attention`, full and causal only), "
               "**flex** (`torch.compile(flex_attention)`, forward only: torch has no CPU "
@@ -558,14 +883,18 @@ def write_report(rows: list[dict[str, Any]], tgt: dict[str, Any], meta: dict[str
         lines += [f"## {name} (`examples/{SPECS[name]}.attn`)", ""]
         others = [c for c in ("numpy", "sdpa", "flex", "eager")
                   if any(f"{c}|fwd" in r["median_s"] for r in spec_rows)]
-        head = ["N", "mode", "attndsl ms", "GFLOP/s"] + [f"{c} ratio" for c in others] + \
-            ["attndsl MiB"] + [f"{c} MiB" for c in others]
+        head = ["N", "mode", "attndsl ms", "GFLOP/s"] + \
+            (["before ms", "before / after"] if has_before else []) + \
+            [f"{c} ratio" for c in others] + ["attndsl MiB"] + [f"{c} MiB" for c in others]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in spec_rows:
             for mode in ("fwd", "fwd+bwd"):
                 ours = r["median_s"][f"attndsl|{mode}"]
                 cells = [str(r["n"]), mode, f"{ours * 1e3:.1f}",
                          f"{flops(name, r['n'], mode != 'fwd') / ours / 1e9:.1f}"]
+                if has_before:
+                    t = r["median_s"].get(f"before|{mode}")
+                    cells += ["—", "—"] if t is None else [f"{t * 1e3:.1f}", f"{t / ours:.2f}"]
                 for c in others:
                     t = r["median_s"].get(f"{c}|{mode}")
                     cells.append("—" if t is None else f"{t / ours:.2f}")
@@ -581,77 +910,45 @@ def write_report(rows: list[dict[str, Any]], tgt: dict[str, Any], meta: dict[str
         if notes:
             lines += ["", "Notes: " + "; ".join(sorted(notes)) + "."]
         lines.append("")
-    lines += ["## The issue's targets", "", "| target | goal | measured | met |",
-              "|---|---|---|---|"]
-
-    def ratio(name: str, n: int, other: str, mode: str) -> float | None:
-        for r in rows:
-            if r["name"] == name and r["n"] == n:
-                a, b = r["median_s"].get(f"attndsl|{mode}"), r["median_s"].get(f"{other}|{mode}")
-                if a and b:
-                    return b / a
-        return None
-
-    def line(what: str, goal: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}x"
-             ) -> None:
-        shown = "not measured" if value is None else fmt.format(value)
-        met = "—" if ok is None or value is None else ("yes" if ok else "**no**")
-        lines.append(f"| {what} | {goal} | {shown} | {met} |")
-
-    for name in ("full", "causal"):
-        for n, gf, gb in ((2048, 0.9, 1.0), (4096, 0.8, 0.9)):
-            rf, rb = ratio(name, n, "sdpa", "fwd"), ratio(name, n, "sdpa", "fwd+bwd")
-            line(f"{name} N={n} fwd vs SDPA", f">= {gf}x", rf, rf is not None and rf >= gf)
-            line(f"{name} N={n} fwd+bwd vs SDPA", f">= {gb}x", rb, rb is not None and rb >= gb)
-    big = max((r["n"] for r in rows), default=0)
-    for name in ("alibi", "softcap", "sliding_window"):
-        rf, rb = ratio(name, big, "flex", "fwd"), ratio(name, big, "eager", "fwd+bwd")
-        line(f"{name} N={big} fwd vs flex_attention", ">= 2x", rf, rf is not None and rf >= 2)
-        line(f"{name} N={big} fwd+bwd vs torch eager", ">= 3x", rb, rb is not None and rb >= 3)
-    for r in rows:
-        if r["name"] == "causal" and r["n"] == big:
-            full = next((x for x in rows if x["name"] == "full" and x["n"] == big), None)
-            if full:
-                for mode in ("fwd", "fwd+bwd"):
-                    s = full["median_s"]["attndsl|" + mode] / r["median_s"]["attndsl|" + mode]
-                    line(f"causal vs full N={big} ({mode})", ">= 1.7x faster", s, s >= 1.7)
-    for name in ("alibi", "softcap", "sliding_window"):
-        for r in rows:
-            if r["name"] == name and r["n"] == big:
-                base = "causal" if name in ("alibi", "sliding_window") else "full"
-                b = next((x for x in rows if x["name"] == base and x["n"] == big), None)
-                if b:
-                    s = r["median_s"]["attndsl|fwd+bwd"] / b["median_s"]["attndsl|fwd+bwd"]
-                    line(f"{name} cost vs plain {base} N={big} (fwd+bwd time ratio)",
-                         "little more than 1", s, None)
-    m = tgt.get("memory", {})
-    line(f"B=1 H=1 N={m.get('n', '?')} D=64 softmax fwd+bwd peak RSS growth", "< 256 MiB",
-         m.get("peak_mib"), m.get("peak_mib", 1e9) < 256, "{:.0f} MiB")
-    li = tgt.get("linear", {})
-    line("causal linear time(N=65536) / time(N=8192), fwd+bwd", "<= 10", li.get("ratio"),
-         li.get("ratio", 1e9) <= 10, "{:.1f}")
-    c = tgt.get("compile", {})
-    line("cold compile, causal, fwd+bwd float32 (fresh process and caches)", "<= 30 s",
-         c.get("cold"), c.get("cold", 1e9) <= 30, "{:.1f} s")
-    line("warm start from the disk cache (second process, to the first result)", "<= 2 s",
-         c.get("warm"), c.get("warm", 1e9) <= 2, "{:.2f} s")
+    lines += ["## The issue's targets", "",
+              ("Issue 12's targets; ratio = other's time / attndsl's time (medians, same run). "
+               "**before** is the same measurement for the before checkout where it makes sense "
+               "(— where it was not measured). The reasons are written by hand "
+               "(`benchmarks/results/cpu_reasons.json`, by target id)."), "",
+              "| target | goal | measured | before | met | reason |", "|---|---|---|---|---|---|"]
+    trows = target_rows(rows, tgt)
+    for t in trows:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append("| " + " | ".join(_cell(x) for x in (
+            t["what"], t["goal"], t["measured"], t["before"], met, reasons.get(t["id"], "")))
+            + " |")
+    unknown = sorted(set(reasons) - {t["id"] for t in trows})
+    if unknown:
+        print(f"reasons for no target (ids: {', '.join(t['id'] for t in trows)}): "
+              f"{', '.join(unknown)}", file=sys.stderr)
+    if any("*(quick)*" in t["what"] for t in trows):
+        lines += ["", QUICK_NOTE]
     for key, value in tgt.items():
         if "error" in value:
             lines.append(f"\n{key} failed: `{value['error']}`")
+    c, m = tgt.get("compile", {}), tgt.get("memory", {})
     if c and "cold_after_import" in c:
         lines += ["", (f"Compile times include Python start and imports; after imports: cold "
                        f"{c['cold_after_import']:.1f} s, warm {c['warm_after_import']:.2f} s.")]
     if m and "seconds" in m:
         lines += [f"The N={m['n']} memory run took {m['seconds']:.1f} s."]
     lines += ["", "## Settings", "",
-              ("Default Numba CPU features (LLVM prefers 256-bit vectors here). "
+              ("Default Numba CPU features (on the AVX-512 machine of this A/B, LLVM preferred "
+               "256-bit vectors). "
               "`ATTNDSL_PREFER_512BIT=1` (set before the process imports Numba code) lets LLVM "
               "use 512-bit vectors: about 5% faster at N=2048 in our same-load A/B (full "
               "forward 134 vs 142 ms, causal 70 vs 77 ms, full fwd+bwd 408 vs 427 ms). It is "
               "not the package default: the setting is process-wide (it changes every Numba "
               "function the user compiles) and only applies before Numba's first compile. "
               "It does not break the disk cache: the feature string is part of Numba's cache "
-              "key, so each setting compiles once and both stay cached side by side."), ""]
+              "key, so each setting compiles once and both stay cached side by side."
+              + (f" This machine ({meta['isa']}) has no 512-bit vectors: the setting does "
+                 "nothing here." if meta.get("isa") not in (None, "AVX-512") else "")), ""]
     (out_dir / "cpu.md").write_text("\n".join(lines))
 
 
@@ -663,8 +960,10 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
 
     names = list(dict.fromkeys(r["name"] for r in rows))
     fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.5), squeeze=False)
-    styles = {"attndsl": "o-", "numpy": "x:", "sdpa": "s--", "flex": "^--", "eager": "v-."}
-    colors = {"attndsl": "C0", "numpy": "C1", "sdpa": "C2", "flex": "C3", "eager": "C4"}
+    styles = {"attndsl": "o-", "before": "D:", "numpy": "x:", "sdpa": "s--", "flex": "^--",
+              "eager": "v-."}
+    colors = {"attndsl": "C0", "before": "C7", "numpy": "C1", "sdpa": "C2", "flex": "C3",
+              "eager": "C4"}
     for col, name in enumerate(names):
         spec_rows = [r for r in rows if r["name"] == name]
         for row, mode in enumerate(("fwd", "fwd+bwd")):
@@ -690,11 +989,20 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="N = 512, 1024; 3 repetitions")
+    ap.add_argument("--quick", action="store_true",
+                    help="N = 512, 1024; 3 repetitions; short targets (marked in the report)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--sizes", default=None, help="comma-separated N (default 512,...,4096)")
     ap.add_argument("--specs", default=",".join(SPECS))
+    ap.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                    help="another checkout of this repository, timed as the contender 'before'")
     ap.add_argument("--no-targets", action="store_true", help="skip the subprocess targets")
+    ap.add_argument("--targets-only", nargs="?", const=",".join(TARGETS), default=None,
+                    metavar="NAMES", help=f"measure only these targets (default all: "
+                    f"{','.join(TARGETS)}), keeping the table rows and the other targets of "
+                    "OUT/cpu.json")
+    ap.add_argument("--reasons", type=Path, default=DEFAULT_REASONS,
+                    help="JSON object: target id -> why it is not met (read when rendering)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the cases already in OUT/cpu.json, measure the rest")
     ap.add_argument("--from-json", action="store_true",
@@ -707,10 +1015,20 @@ def main() -> None:
         names = spec_names(args.specs)
     except ValueError as exc:
         ap.error(f"--specs: {exc}")
+    which = [t.strip() for t in (args.targets_only or ",".join(TARGETS)).split(",") if t.strip()]
+    if set(which) - set(TARGETS):
+        ap.error(f"--targets-only: choose from {', '.join(TARGETS)}")
+    if args.before is not None and not (args.before / "attndsl" / "__init__.py").exists():
+        ap.error(f"--before: {args.before} is not a checkout of this repository")
+    out_dir = Path(args.out)
+    raw = out_dir / "cpu.json"
+    if (args.from_json or args.targets_only) and not raw.exists():
+        ap.error(f"{raw} does not exist: run the table first")
+    reasons = load_reasons(args.reasons)
     if args.from_json:
-        data = json.loads((Path(args.out) / "cpu.json").read_text())
-        write_report(data["rows"], data["targets"], data["meta"], Path(args.out))
-        plot(data["rows"], Path(args.out))
+        data = json.loads(raw.read_text())
+        write_report(data["rows"], data.get("targets", {}), data["meta"], out_dir, reasons)
+        plot(data["rows"], out_dir)
         return
     import numba
     import torch
@@ -720,33 +1038,63 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else \
         ([512, 1024] if args.quick else [512, 1024, 2048, 4096])
     reps = args.reps or (3 if args.quick else 5)
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"quick": args.quick, "reps": reps, "tracemalloc": True, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "numba": numba.__version__,
-            "load_start": load_average()}
-    try:
-        import llvmlite.binding as llvm
-
-        meta["cpu"] = llvm.get_host_cpu_name()
-    except Exception as e:  # noqa: BLE001
-        print(f"host CPU name unknown: {e}")
-    meta["model"] = lscpu_model()
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    machine = {"model": lscpu_model(), "isa": vector_isa(), "cores": os.cpu_count(),
+               "cpu": platform.processor() or platform.machine()}
+    try:
+        import llvmlite.binding as llvm
+
+        machine["cpu"] = llvm.get_host_cpu_name()
+    except Exception as e:  # noqa: BLE001
+        log(f"host CPU name unknown: {e}")
+    before, before_root, before_meta = None, None, None
+    if args.before is not None:
+        before_root = args.before.resolve()
+        before = import_renamed(before_root, "attndsl_before")
+        before_meta = {"path": str(before_root), "commit": short_commit(before_root)}
+        log(f"before: {before_meta['commit']} ({before_root})")
+
+    if args.targets_only:
+        old = json.loads(raw.read_text())
+        rows, meta, tgt = old["rows"], old["meta"], old.get("targets", {})
+        for key, value in machine.items():
+            if meta.setdefault(key, value) != value:
+                log(f"warning: the table ran on {key} {meta[key]!r}, the targets on {value!r}")
+        if before_meta and meta.setdefault("before", before_meta) != before_meta:
+            log(f"warning: the table's before was {meta['before']}, the targets' {before_meta}")
+        meta["targets_only"] = {"which": which, "date": time.strftime("%Y-%m-%d %H:%M"),
+                                "load": load_average()}
+        tgt.update(targets(args.quick, log, torch, before, before_root, which))
+        meta.setdefault("layer", threading_layer())
+        raw.write_text(json.dumps({"rows": rows, "targets": tgt, "meta": meta}, indent=1))
+        write_report(rows, tgt, meta, out_dir, reasons)
+        plot(rows, out_dir)
+        log(f"wrote {out_dir / 'cpu.md'} and {out_dir / 'cpu.png'}")
+        return
+
+    meta = {"quick": args.quick, "reps": reps, "tracemalloc": True,
+            "date": time.strftime("%Y-%m-%d %H:%M"), **machine, "before": before_meta,
+            "torch": torch.__version__, "numba": numba.__version__,
+            "load_start": load_average()}
     rows = []
-    raw = out_dir / "cpu.json"
+    old_targets: dict[str, Any] = {}
     if args.resume and raw.exists():
         old = json.loads(raw.read_text())
-        rows = old["rows"]
-        meta["load_start"] = old.get("meta", {}).get("load_start", "? (resumed run)")
-        meta["tracemalloc"] = old.get("meta", {}).get("tracemalloc", False)
+        rows, old_targets = old["rows"], old.get("targets", {})
+        old_meta = old.get("meta", {})
+        meta["load_start"] = old_meta.get("load_start", "? (resumed run)")
+        meta["tracemalloc"] = old_meta.get("tracemalloc", False)
         global USE_TRACEMALLOC
         USE_TRACEMALLOC = bool(meta["tracemalloc"])
         meta["resumed"] = True
+        if old_meta.get("before") and old_meta["before"] != before_meta:
+            log(f"warning: the kept rows' before was {old_meta['before']}, now {before_meta}")
+        if before is not None and any("before|fwd" not in r["median_s"] for r in rows):
+            log("note: the kept rows measured without --before keep '—' in its columns")
     done = {(r["name"], r["n"]) for r in rows}
     for name in names:
         for n in sizes:
@@ -754,7 +1102,7 @@ def main() -> None:
                 continue
             log(f"{name} N={n}")
             try:
-                r = bench_case(torch, name, n, reps, log, args.numpy_max_n)
+                r = bench_case(torch, name, n, reps, log, args.numpy_max_n, before)
             except Exception:  # noqa: BLE001
                 log(traceback.format_exc())
                 continue
@@ -762,15 +1110,26 @@ def main() -> None:
             summary = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["median_s"].items())
             log(f"  {summary}")
             raw.write_text(json.dumps({"rows": rows, "meta": meta}, indent=1))
-    meta["layer"] = numba.threading_layer()
-    tgt = {} if args.no_targets else targets(args.quick, log)
+    meta["layer"] = threading_layer()
+    tgt = old_targets if args.no_targets else \
+        targets(args.quick, log, torch, before, before_root, which)
     meta["load_end"] = load_average()
     meta["jobs"] = other_jobs()
     raw.write_text(json.dumps({"rows": rows, "targets": tgt, "meta": meta}, indent=1))
     meta.setdefault("resumed", False)
-    write_report(rows, tgt, meta, out_dir)
+    write_report(rows, tgt, meta, out_dir, reasons)
     plot(rows, out_dir)
     log(f"wrote {out_dir / 'cpu.md'} and {out_dir / 'cpu.png'}")
+
+
+def threading_layer() -> str:
+    """Numba's threading layer, or '?' where no parallel kernel has run in this process yet."""
+    import numba
+
+    try:
+        return str(numba.threading_layer())
+    except ValueError:
+        return "?"
 
 
 if __name__ == "__main__":
