@@ -65,6 +65,52 @@ def test_every_tile_matches_the_reference(kernels: dict[str, tuple[Any, Any]], t
     assert max(errors.values()) < F64_TOL, (tile, errors)
 
 
+
+BAND_SPECS = ("sliding_window", "sliding_window_sink", "spatial_window", "prefix_lm")
+
+
+@pytest.fixture(scope="module")
+def band_kernels() -> dict[str, tuple[Any, Any]]:
+    return {name: (attndsl.compile(H.load_spec(name), "cpu"),
+                   attndsl.compile(H.load_spec(name), "numpy")) for name in BAND_SPECS}
+
+
+@pytest.mark.parametrize("tile", ["5x7", "17x48", "64x128", "40x200"])
+@pytest.mark.parametrize("name", BAND_SPECS)
+def test_tiles_fitted_to_a_band_match_the_reference(band_kernels: dict[str, tuple[Any, Any]],
+                                                   name: str, tile: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows over sequences long enough that most tiles are partly allowed, so the forward
+    fits key ranges and the backward query ranges to the band (`_fit_keys`, `_fit_queries`)
+    at strips that no tile size is a multiple of."""
+    monkeypatch.setenv(tiles.VARIABLE, tile)
+    cpu, ref = band_kernels[name]
+    q, k, v, extra = H.make_inputs(H.load_spec(name), np.float64, B=1, heads=4, kv_heads=2,
+                                   n_q=333, n_k=301, d=5, dv=3, seed=7)
+    G = np.random.default_rng(8).standard_normal((1, q.shape[1], q.shape[2], 3))
+    want, got = H.run(ref, q, k, v, extra, G), H.run(cpu, q, k, v, extra, G)
+    errors = H.errors(want, got)
+    assert max(errors.values()) < F64_TOL, (tile, errors)
+
+
+def test_a_partly_allowed_tile_is_fitted_to_the_window(
+        band_kernels: dict[str, tuple[Any, Any]]) -> None:
+    """sliding_window.attn (window 128, causal) at n = 2048: where the fitted ranges start
+    and stop, checked by hand against `j <= i and i - j < 128`."""
+    module = band_kernels["sliding_window"][0].module(np.float32)
+    sz = np.array([1, 1, 1, 2048, 2048, 64, 64, 1, 0, 64, 128], np.int64)
+    # queries 1024..1087 see keys up to 1087: the diagonal tile [1024, 1152) ends at 1088
+    assert module._fit_keys(sz, 0, 0, 0, 0, 1024, 1088, 1024, 1152, 128) == (1024, 1088, 1)
+    # queries 1100..1115 see keys from 973: the tile [896, 1024) starts at the strip of 960
+    # and runs 128 keys on, to 1088 (every strip of it holds an allowed pair)
+    assert module._fit_keys(sz, 0, 0, 0, 0, 1100, 1116, 896, 1024, 128) == (960, 1088, 1)
+    # keys 1024..1151 are seen by queries up to 1278: [1216, 1344) ends at the strip of 1264
+    assert module._fit_queries(sz, 0, 0, 0, 0, 1216, 1344, 1024, 1152, 128) == (1216, 1280, 1)
+    # with positions shifted by the offsets, the same tile: qo = ko = 1000
+    assert module._fit_keys(sz, 1000, 1000, 0, 0, 1024, 1088, 1024, 1152, 128) == \
+        (1024, 1088, 1)
+
+
 def test_the_forward_and_the_backward_take_their_own_tiles(
         kernels: dict[str, tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tiles.VARIABLE, "5x7,128x64")

@@ -43,6 +43,7 @@ from .source import SourceWriter
 # kernels read the tile they run from sz[9], sz[10], chosen per machine by runtime/tiles.py
 BQ, BK = 64, 128
 BK_MAX = 256  # the widest key tile a kernel can run: its tile buffers' row stride
+STRIP = 16  # positions per strip when a partly allowed tile is fitted to the mask's band
 DK = 512  # decoding's key tile: at <= 8 rows, 4 tiles' worth of per-tile overhead in one
 CHUNK = 64  # rows (and keys) per chunk of causal linear attention: 64 x 64 x F GEMMs
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
@@ -317,6 +318,8 @@ class CpuEmitter:
         w(f"BKS = {BK_MAX}  # the tile buffers' row stride: the widest key tile (a constant, "
           "so LLVM can prove buffer indices non-negative and vectorize)")
         w(f"DK = {DK}  # decoding's key tile")
+        if self.deriv.mask is not None:
+            w(f"STRIP = {STRIP}  # positions per strip when a tile is fitted to the mask's band")
         if self.plan.linear_path:
             w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
         w("LOG2E = F(1.4426950408889634)")
@@ -331,6 +334,9 @@ class CpuEmitter:
         w()
         w()
         self.tile_status()
+        if self.deriv.mask is not None:
+            self.band_fit("keys")
+            self.band_fit("queries")
         self.forward()
         if not self.plan.linear_path:
             self.decode()
@@ -426,6 +432,43 @@ class CpuEmitter:
                         w("break")
                 w(f"a{n} = {scan_status_text(f't{n}', f'f{n}')}  # {sp.sstr(relation)}")
             w(f"return {tile_status_text(d.mask, states)}")
+        w()
+        w()
+
+    def band_fit(self, axis: str) -> None:
+        """`_fit_keys` / `_fit_queries`: a tile the mask partly allows, fitted to the mask's
+        band along one axis. A sliding window's aligned tiles hold about half masked pairs;
+        started at the first strip of STRIP positions with an allowed pair and ended after
+        the last, a tile computes few of them (issue 12 item 5). Any mask: the strips are
+        judged by `_tile_status`, which only answers 0 when no pair is allowed."""
+        w = self.w
+        keys = axis == "keys"
+        lo, hi, size = ("j0", "j1", "n_k") if keys else ("i0", "i1", "n_q")
+
+        def status(start: str, stop: str) -> str:
+            rows = "qo + i0, qo + i1" if keys else f"qo + {start}, qo + {stop}"
+            cols = f"ko + {start}, ko + {stop}" if keys else "ko + j0, ko + j1"
+            return f"_tile_status(sz, qo, ko, b, h, {rows}, {cols}{self.extra_args()})"
+
+        w("@njit(inline='always')")
+        with w.block(f"def _fit_{axis}(sz, qo, ko, b, h, i0, i1, j0, j1, width"
+                     f"{self.extra_args()}):"):
+            other = "query rows [i0, i1)" if keys else "key columns [j0, j1)"
+            w(f'"""The {axis} [{lo}, {hi}) of a partly allowed tile (against the {other}), '
+              f'fitted: from')
+            w(f"the first strip of STRIP {axis} with an allowed pair, `width` {axis} on (at most "
+              f"to {size}),")
+            w('less the trailing strips with none. Returns the fitted [start, stop) and its '
+              'status."""')
+            w(f"{size} = sz[{SIZE_NAMES.index(size)}]")
+            with w.block(f"while {lo} + STRIP < {hi} and "
+                         f"{status(lo, f'{lo} + STRIP')} == 0:"):
+                w(f"{lo} += STRIP")
+            w(f"{hi} = min({lo} + width, {size})")
+            with w.block(f"while {hi} - STRIP >= {lo} + STRIP and "
+                         f"{status(f'{hi} - STRIP', hi)} == 0:"):
+                w(f"{hi} -= STRIP")
+            w(f"return {lo}, {hi}, {status(lo, hi)}")
         w()
         w()
 
@@ -543,13 +586,22 @@ class CpuEmitter:
                     w("m = np.full(BQ, NEG_INF, F)  # running max (base 2)")
                 w("l = np.zeros(BQ, F)  # running normalizer")
                 w("bad = 0")
-                with w.block("for j0 in range(0, n_k, BK):"):
+                w("j_next = 0")
+                with w.block("while j_next < n_k:  # the key tiles, in order"):
+                    w("j0 = j_next")
                     w("nk = min(BK, n_k - j0)")
+                    w("j_next = j0 + nk")
                     w(f"status = _tile_status(sz, qo, ko, b, h, qo + i0, qo + i0 + mq, ko + j0, "
                       f"ko + j0 + nk"
                       f"{self.extra_args()})")
                     with w.block("if status == 0:"):
                         w("continue  # the mask allows no pair of this tile")
+                    if d.mask is not None:
+                        with w.block("if status == 1:  # fitted to the band (it may end past "
+                                     "j0 + BK)"):
+                            w(f"j0, j_next, status = _fit_keys(sz, qo, ko, b, h, i0, i0 + mq, "
+                              f"j0, j_next, BK{self.extra_args()})")
+                            w("nk = j_next - j0")
                     self.lookups_at(0, "bad")
                     self.gemm_tiles("x")
                     self.logits_tile("bad")
@@ -911,15 +963,22 @@ class CpuEmitter:
                 with w.block("for key_tile in range(part, k_tiles, parts):"):
                     w("j0 = key_tile * BK")
                     w("nk = min(BK, n_k - j0)")
-                    with w.block("for i0 in range(0, n_q, BQ):"):
+                    w("i_next = 0")
+                    with w.block("while i_next < n_q:  # the query tiles, in order"):
+                        w("i0 = i_next")
                         w("mq = min(BQ, n_q - i0)")
-                        w("qt = i0 // BQ  # the query tile: per-tile partials")
-                        w("qtask = (pb * heads + h) * q_tiles + qt")
-                        w(f"status = _tile_status(sz, qo, ko, b, h, qo + i0, qo + i0 + mq, ko + j0, "
-                      f"ko + j0 + nk"
-                          f"{self.extra_args()})")
+                        w("i_next = i0 + mq")
+                        w(f"status = _tile_status(sz, qo, ko, b, h, qo + i0, qo + i0 + mq, "
+                          f"ko + j0, ko + j0 + nk{self.extra_args()})")
                         with w.block("if status == 0:"):
                             w("continue")
+                        if self.deriv.mask is not None:
+                            with w.block("if status == 1:  # fitted to the band"):
+                                w(f"i0, i_next, status = _fit_queries(sz, qo, ko, b, h, i0, "
+                                  f"i_next, j0, j0 + nk, BQ{self.extra_args()})")
+                                w("mq = i_next - i0")
+                        w("qt = i0 // BQ  # the aligned query tile holding i0: per-tile partials")
+                        w("qtask = (pb * heads + h) * q_tiles + qt")
                         self.lookups_at(0, "bad")
                         fold_n = self.fold[0] if self.fold is not None else 0
                         self.gemm_tiles(f"s{fold_n}")
