@@ -12,8 +12,8 @@ backward ran 1.5x slower).
 
 - `ATTNDSL_CPU_TILES` unset or `auto`: a call with at least TUNE_PAIRS (query, key) pairs per
   head uses the tile a short measurement chose; smaller calls use DEFAULT. The measurement runs
-  once per (machine, kernel source, dtype, heads, kv_heads, d, dv, threads) on arrays made
-  for it (`attndsl.demo.demo_inputs`, TUNE_N rows), forward and backward apart, each candidate
+  once per (machine, kernel source, dtype, heads, kv_heads, d, dv, threads, candidates) on arrays
+  made for it (`attndsl.demo.demo_inputs`, TUNE_N rows), forward and backward apart, each candidate
   timed TRIALS times after a first run; the choice is kept in this process and in
   `<kernel cache>/tiles.json`, so a later process on the same machine measures nothing.
 - `off`: DEFAULT everywhere. `BQxBK` (`128x128`): that tile for both kernels; `BQxBK,BQxBK`:
@@ -48,7 +48,11 @@ if TYPE_CHECKING:
     from .kernel import Call
 
 DEFAULT = (numba_cpu.BQ, numba_cpu.BK)
-CANDIDATES = ((64, 128), (128, 128), (64, 256), (128, 64), (32, 256))
+# 256 x 256 ran the full and causal softmax at N = 2048 and 4096 10-17% faster than 128 x 128
+# on an AVX2 EPYC (bigger GEMMs: OpenBLAS's small ones lose to their call overhead); a wider
+# key tile than 256 (BK_MAX = 512) gained at most 5% there and lost as much on causal
+CANDIDATES = ((64, 128), (128, 128), (64, 256), (128, 64), (32, 256), (128, 256), (256, 128),
+              (256, 256))
 TUNE_PAIRS = 1024 * 1024  # n_q * n_k from which a call is worth a measured tile
 TUNE_N = 1024  # the measurement's sequence length
 TRIALS = 3  # timed runs per candidate (the minimum counts), after one untimed run
@@ -139,7 +143,7 @@ def tune_key(kernel: CpuKernel, call: Call, kind: str) -> str:
     source = _digest(kernel.source)
     return (f"{machine()} | {kernel.spec.name} {source} | {call.dtype.name} {kind} | "
             f"heads {s['heads']}/{s['kv_heads']} d {s['d']} dv {s['dv']} | "
-            f"threads {numba.get_num_threads()}")
+            f"threads {numba.get_num_threads()} | of {_digest(repr(CANDIDATES))[:8]}")
 
 
 def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
