@@ -270,3 +270,24 @@ def test_rows_dot_keys_and_rows_mix_values_match_numpy(dtype: type) -> None:
     acc = np.ones((3, 6), dtype)
     rows_mix_values(3, 6, 9, x, 2, 20, v, (30 + 4) * 6, 6, acc, 0, 6)
     np.testing.assert_allclose(acc, 1 + x[:, 2:11] @ v[1, 4:13], rtol=tol, atol=tol)
+
+
+@njit(fastmath=ci.FASTMATH, error_model="numpy")
+def _all_finite(x, off, n):  # type: ignore[no-untyped-def]
+    return ci.all_finite(x, off, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_sees_every_element_of_its_range_and_none_outside(dtype: type) -> None:
+    """all_finite over [off, off + n) of a flat array, 2-D arrays read flat; its unsigned
+    indices must still cover the range exactly (first, last, odd lengths)."""
+    x = np.arange(2 * 97, dtype=dtype).reshape(2, 97)
+    assert _all_finite(x, 0, x.size) and _all_finite(x, 5, 0)
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in (0, 13, 96, 97, 193):
+            y = x.copy()
+            y.flat[at] = bad
+            assert not _all_finite(y, 0, y.size)
+            assert not _all_finite(y, at, 1) and not _all_finite(y, max(at - 4, 0), 5)
+            assert _all_finite(y, at + 1, y.size - at - 1)  # the range after it
+            assert _all_finite(y, 0, at)  # the range before it

