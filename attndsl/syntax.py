@@ -95,6 +95,7 @@ def parser() -> Lark:
         postlex=BracketNewlines(),
         propagate_positions=True,
         maybe_placeholders=True,
+        cache=True,  # the LALR tables, kept by lark in the temp dir: 0.4 s off every start
     )
 
 
