@@ -257,19 +257,22 @@ def test_rows_dot_keys_and_rows_mix_values_match_numpy(dtype: type) -> None:
     from attndsl.runtime.cpu_intrinsics import rows_dot_keys, rows_mix_values
 
     rng = np.random.default_rng(7)
-    a = rng.standard_normal((2, 3, 5, 7)).astype(dtype)
-    b = rng.standard_normal((2, 11, 7)).astype(dtype)
-    c = np.full((4, 13), 5.0, dtype)
-    rows_dot_keys(3, 9, 7, a, (1 * 3 + 2) * 5 * 7 + 7, 7, b, (11 + 2) * 7, 7, c, 13 + 2, 13)
     tol = 1e-5 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(c[1:4, 2:11], a[1, 2, 1:4] @ b[1, 2:11].T, rtol=tol, atol=tol)
-    c[1:4, 2:11] = 5.0
-    assert (c == 5.0).all()  # nothing outside the tile was written
-    x = rng.standard_normal((3, 20)).astype(dtype)
-    v = rng.standard_normal((2, 30, 6)).astype(dtype)
-    acc = np.ones((3, 6), dtype)
-    rows_mix_values(3, 6, 9, x, 2, 20, v, (30 + 4) * 6, 6, acc, 0, 6)
-    np.testing.assert_allclose(acc, 1 + x[:, 2:11] @ v[1, 4:13], rtol=tol, atol=tol)
+    for m in (3, 4, 7):  # rows four at a time, then the rest one by one
+        a = rng.standard_normal((2, 3, 9, 7)).astype(dtype)
+        b = rng.standard_normal((2, 11, 7)).astype(dtype)
+        c = np.full((m + 1, 13), 5.0, dtype)
+        rows_dot_keys(m, 9, 7, a, (1 * 3 + 2) * 9 * 7 + 7, 7, b, (11 + 2) * 7, 7, c, 13 + 2, 13)
+        np.testing.assert_allclose(c[1:, 2:11], a[1, 2, 1:m + 1] @ b[1, 2:11].T, rtol=tol,
+                                   atol=tol)
+        c[1:, 2:11] = 5.0
+        assert (c == 5.0).all()  # nothing outside the tile was written
+    for m, k in ((3, 9), (2, 4), (5, 3)):  # keys four at a time, then the rest one by one
+        x = rng.standard_normal((m, 20)).astype(dtype)
+        v = rng.standard_normal((2, 30, 6)).astype(dtype)
+        acc = np.ones((m, 6), dtype)
+        rows_mix_values(m, 6, k, x, 2, 20, v, (30 + 4) * 6, 6, acc, 0, 6)
+        np.testing.assert_allclose(acc, 1 + x[:, 2:2 + k] @ v[1, 4:4 + k], rtol=tol, atol=tol)
 
 
 @njit(fastmath=ci.FASTMATH, error_model="numpy")
