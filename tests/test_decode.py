@@ -149,6 +149,23 @@ def test_nan_stays_out_of_masked_pairs_and_spreads_from_allowed_ones(taken: list
     assert taken
 
 
+def test_an_inf_in_v_spreads_only_where_the_reference_spreads_it(taken: list[int]) -> None:
+    """An inf in v at an allowed key (first tile) makes its column inf in every row of the
+    group, and the later tiles (mixed again by the loop that skips weights of 0, since acc
+    is no longer finite) still add up as the reference does; an inf at a masked key and a
+    NaN at another change nothing."""
+    ref, cpu = kernels("causal")
+    q, k, v, _ = make_inputs(ref.spec, np.float64, B=1, heads=4, kv_heads=2, n_q=1, n_k=1500,
+                             seed=8)
+    v[0, 0, 1300], v[0, 1, 1400] = np.inf, np.nan  # after the query: masked
+    v[0, 0, 100, 1] = np.inf
+    want = ref.forward(q, k, v, q_offset=1200)
+    got = cpu.forward(q, k, v, q_offset=1200)
+    assert np.isinf(got[0, :2, 0, 1]).all() and np.isfinite(np.delete(got[0, :2, 0], 1, -1)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)  # inf == inf
+    assert taken
+
+
 def test_an_out_of_range_subscript_is_reported_as_by_the_tiled_forward(
         taken: list[int]) -> None:
     spec = attndsl.parse("attention t {\n param table[heads, 5]\n score q . k\n"
