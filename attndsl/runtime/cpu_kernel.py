@@ -242,9 +242,9 @@ class CpuKernel(Kernel):
         out = buffers.empty((B, H, n_q, s["dv"]), call.dtype)
         state = buffers.empty((B, H, n_q), call.dtype)
         sink = [] if self.plan.deriv.sink is None else [_sink_rows(t["sink"], s, call.dtype)]
-        with _PARALLEL:
-            threads.run(module._decode_merge, B * H * n_q, args[0], splits, part_m, part_l,
-                        part_acc, out, state, *sink)
+        # on this thread: O(B heads n_q splits dv), less than waking a helper costs
+        module._decode_merge(0, B * H * n_q, args[0], splits, part_m, part_l, part_acc, out,
+                             state, *sink)
         return out, state, t
 
     def _forward_impl(self, call: Call) -> tuple[np.ndarray, np.ndarray | None]:
