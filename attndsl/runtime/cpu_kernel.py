@@ -165,10 +165,14 @@ class CpuKernel(Kernel):
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
         rest = [a for a in operands if not any(a is t for t in transposed)]
         # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands;
-        # sz[9], sz[10]: the query x key tile (each kernel's launcher sets its own)
+        # sz[9], sz[10]: the query x key tile (each kernel's launcher sets its own); sz[11]:
+        # every position, offset and size below numba_cpu.NARROW_LIMIT (int32 conversions)
         careful = tiled and not (keys_finite and _all_finite(rest))
+        largest = max(int(call.q_offset.max()) + s["n_q"], int(call.k_offset.max()) + s["n_k"],
+                      *s.values())
+        narrow = largest < numba_cpu.NARROW_LIMIT
         sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
-                       1, careful, *tiles.DEFAULT], dtype=np.int64)
+                       1, careful, *tiles.DEFAULT, narrow], dtype=np.int64)
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
                 *call.indices.values()]
         return t, args
