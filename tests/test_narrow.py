@@ -52,3 +52,14 @@ def test_alibi_matches_the_reference_on_either_side_of_the_limit(offset: int) ->
     assert set(got) == set(want)
     for name in want:
         assert rel_error(want[name], got[name]) <= 1e-11, name
+
+
+def test_no_narrow_copy_inside_a_power() -> None:
+    """tau ^ (j - i) in a narrow (vectorized) loop crashed the process once optimized (see
+    NumbaPrinter._print_Pow): powers keep the int64 conversion; the product beside them does
+    not."""
+    spec = attndsl.parse("attention p {\n param tau\n score q . k\n"
+                         " bias 0.5 * (tau ^ (j - i)) + 0.25 * (j - i)\n}")
+    source = numba_cpu.emit_source(spec, "float32")
+    assert "**F(F(-pi + pj))" in source and "(F(np.int32(-pi + pj)) if narrow" in source
+    assert "**F((F(np.int32" not in source

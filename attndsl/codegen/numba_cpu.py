@@ -108,13 +108,14 @@ class NumbaPrinter(KernelPrinter):
 
     def __init__(self, names: dict[sp.Symbol, str]) -> None:
         super().__init__("fx", names)
+        self.in_pow = 0  # inside a power's base or exponent: no int32 copy (see _print_Pow)
 
     def _print_ToFloat(self, expr: ToFloat) -> str:
         arg = expr.args[0]
         if isinstance(arg, fn.ROUNDING):  # the float form (np.floor): NaN and inf stay
             return self._rounding(FLOAT_ROUNDING[type(arg)], arg)
         text = self._print(arg)
-        if narrowable(arg):  # see NARROW_LIMIT
+        if narrowable(arg) and not self.in_pow:  # see NARROW_LIMIT
             return f"(F(np.int32({text})) if narrow else F({text}))"
         return f"F({text})"
 
@@ -152,6 +153,15 @@ class NumbaPrinter(KernelPrinter):
         return "F(-np.inf)"
 
     def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        # a narrow copy of a loop computing tau ** (j - i) vectorized the power, and that code
+        # crashed (segmentation fault, only with optimization on); its int64 copy stays scalar
+        self.in_pow += 1
+        try:
+            return self._print_power(expr, rational)
+        finally:
+            self.in_pow -= 1
+
+    def _print_power(self, expr: sp.Pow, rational: bool) -> str:
         base, exponent = expr.args
         if exponent == -sp.S.Half:  # F(1): an int numerator would make the quotient float64
             return f"(F(1) / {self.call('sqrt', base)})"
