@@ -53,12 +53,13 @@ FLOAT_ROUNDING = {fn.Floor: "floor", fn.Ceil: "ceil", fn.Round: "rint"}
 
 # Integers in float math (ALiBi's slope * (j - i)): int64 -> float has no vector instruction
 # before AVX-512, so a pair loop converting one ran element by element; int32 -> float has one
-# (ALiBi ran 1.06-1.13x faster with it on an AVX2 EPYC, forward and forward + backward). sz[11] (the launcher's `narrow`) is 1 when
-# every position, offset and size is below NARROW_LIMIT; then an integer expression affine in
-# them, whose bound sum |coefficient| * NARROW_LIMIT + |constant| stays below 2^31, goes
-# through int32 exactly: `F(np.int32(e)) if narrow else F(e)`, with `narrow = sz[11] != 0`
-# set once per kernel, so LLVM moves the test out of the loop and vectorizes the narrow copy
-# (reading sz[11] in the loop instead measured slower).
+# (ALiBi ran 1.06-1.13x faster with it on an AVX2 EPYC, forward and forward + backward).
+# sz[11] (the launcher's `narrow`) is 1 when every position, offset and size is below
+# NARROW_LIMIT; then an integer expression affine in them, whose bound
+# sum |coefficient| * NARROW_LIMIT + |constant| stays below 2^31, goes through int32 exactly:
+# `F(np.int32(e)) if narrow else F(e)`, with `narrow = sz[11] != 0` set once per kernel, so
+# LLVM moves the test out of the loop and vectorizes the narrow copy (reading sz[11] in the
+# loop instead measured slower).
 NARROW_LIMIT = 2**26
 _NARROWABLE = {*POSITIONS.values(), *OFFSETS.values(), *SIZES.values()}
 _VARYING = {POSITIONS["i"], POSITIONS["j"]}
@@ -969,7 +970,8 @@ class CpuEmitter:
         with w.block("if not all_finite(acc, 0, R * dv):  # a NaN or inf: from the tile, "
                      "or one acc held"):
             w("acc[:] = acc_before")
-            w("gemm_skip_zero(False, False, R, dv, nk, F(1), x, 0, DK, v, vo, dv, F(1), acc, 0, dv)")
+            w("gemm_skip_zero(False, False, R, dv, nk, F(1), x, 0, DK, v, vo, dv, F(1), acc, 0, "
+              "dv)")
 
     # ---- backward ----
     def backward(self) -> None:
