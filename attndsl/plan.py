@@ -116,6 +116,19 @@ class LinearPath:
     normalized: bool  # `sum` (else `none`)
 
 
+@dataclass(frozen=True)
+class FeatureMap:
+    """A row-level input that is an element-wise function of q alone or of k alone (phi(q) =
+    elu(q) + 1 of linear attention). When every row-level node is q, k or such a map, the cpu
+    target computes the maps and chains their adjoints in one fused pass each (`_maps_fwd`,
+    `_maps_bwd`) instead of the NumPy reference's `rows` and `rows_backward`."""
+
+    item: PairInput
+    source: Vec  # the input q or k
+    value: sp.Expr  # of source.symbol, per feature
+    partial: sp.Expr  # d value / d source.symbol
+
+
 @dataclass
 class KernelPlan:
     deriv: Derivation
@@ -126,6 +139,7 @@ class KernelPlan:
     lookups: list[Lookup] = field(default_factory=list)  # read inside the pair kernel
     mask_atoms: list[MaskAtom] = field(default_factory=list)
     linear: LinearPath | None = None  # the associative form, when the spec allows it
+    feature_maps: list[FeatureMap] | None = None  # every row-level node q, k or a FeatureMap
     # pair-kernel nodes (GEMMs, loops, lookups) that explicit loops read in their bodies:
     # symbol -> [(loop, d body / d symbol)]; their adjoint gathers sum_f dloop * partial
     nested: dict[sp.Symbol, list[tuple[Reduction, sp.Expr]]] = field(default_factory=dict)
@@ -211,6 +225,33 @@ def _linear_path(deriv: Derivation, plan: KernelPlan) -> bool:
     return deriv.mask is None or deriv.mask in (sp.Le(j, i), sp.Ge(i, j))
 
 
+def _feature_maps(deriv: Derivation, plan: KernelPlan) -> list[FeatureMap] | None:
+    """The row-level inputs as FeatureMaps, or None unless every row-level node is the input
+    q, the input k or an element-wise map of one of them that the pair kernel reads."""
+    if deriv.sink is not None:
+        return None
+    inputs = {n.symbol: n for n in deriv.of(Vec) if n.kind == "input"}
+    read = {item.node.symbol: item for item in plan.inputs}
+    maps = []
+    for node in deriv.nodes:
+        if (isinstance(node, Vec) and node.kind == "input") or \
+                (not isinstance(node, Vec) and node.side is Side.PAIR):
+            continue  # the pair kernel computes pair-level nodes itself
+        if not (isinstance(node, Vec) and node.kind == "map" and node.symbol in read):
+            return None
+        assert node.expr is not None
+        sources = node.expr.free_symbols
+        if len(sources) != 1 or not sources <= inputs.keys():
+            return None  # positions, params, other nodes: the reference's rows compute it
+        (symbol,) = sources
+        partials = plan.grads.partials.get(node.name, [])
+        partial = sum((e for s, e in partials if s == symbol), sp.S.Zero)
+        if not partial.free_symbols <= {symbol}:
+            return None
+        maps.append(FeatureMap(read[node.symbol], inputs[symbol], node.expr, partial))
+    return maps or None
+
+
 def make_plan(spec_or_deriv: ir.Spec | Derivation) -> KernelPlan:
     deriv = spec_or_deriv if isinstance(spec_or_deriv, Derivation) else derive(spec_or_deriv)
     plan = KernelPlan(deriv, derive_gradients(deriv))
@@ -239,6 +280,7 @@ def make_plan(spec_or_deriv: ir.Spec | Derivation) -> KernelPlan:
         plan.linear = LinearPath(a, b, causal=deriv.mask is not None,
                                  normalized=deriv.norm is NormKind.SUM)
     plan.nested = _nested_reads(plan)
+    plan.feature_maps = _feature_maps(deriv, plan)
     return plan
 
 

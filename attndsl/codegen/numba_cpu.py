@@ -1,7 +1,8 @@
 """KernelPlan -> fused Numba CPU kernels: forward, FlashAttention-2 backward, never n_q x n_k.
 
 A call runs
-  1. the NumPy `rows` prologue: row-level values (q @ W, elu(q) + 1, norm(k), ...) once per row;
+  1. the NumPy `rows` prologue: row-level values (q @ W, elu(q) + 1, norm(k), ...) once per row
+     (when every one is an element-wise map of q or k, `_maps_fwd` instead: one fused pass);
   2. `_attn_fwd`: tasks (batch, head, query tile), spread over the threads by
      runtime/threads; per key tile the pair reductions (BLAS GEMM tiles, or explicit feature
      loops), the logit, the mask (skipped for tiles the mask fully allows, the tile skipped
@@ -13,7 +14,8 @@ A call runs
   3. backward: `_attn_bwd`, tasks (batch, head, part of the key tiles), recomputing P
      from the saved row state; no atomics; parameter gradients and the parts' query-side
      adjoints per task, summed in task order (deterministic);
-  4. the NumPy `rows_backward` epilogue: adjoints of row-level values -> q, k, params.
+  4. the NumPy `rows_backward` epilogue: adjoints of row-level values -> q, k, params
+     (`_maps_bwd` for element-wise maps: one fused pass).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .. import functions as fn
 from .. import ir, normalizers, program
 from ..ir import NormKind, Side
 from ..plan import (
+    FeatureMap,
     KernelPlan,
     PairInput,
     corner_status_text,
@@ -45,6 +48,7 @@ BQ, BK = 64, 128
 BK_MAX = 256  # the widest key tile a kernel can run: its tile buffers' row stride
 STRIP = 16  # positions per strip when a partly allowed tile is fitted to the mask's band
 DK = 512  # decoding's key tile: at <= 8 rows, 4 tiles' worth of per-tile overhead in one
+MAP_ROWS = 256  # rows of q or k per task of the fused feature maps (_maps_fwd, _maps_bwd)
 CHUNK = 64  # rows (and keys) per chunk of causal linear attention: 64 x 64 x F GEMMs
 SIZE_NAMES = ("B", "heads", "kv_heads", "n_q", "n_k", "d", "dv")
 
@@ -365,6 +369,8 @@ class CpuEmitter:
             w(f"STRIP = {STRIP}  # positions per strip when a tile is fitted to the mask's band")
         if self.plan.linear_path:
             w(f"CHUNK = {CHUNK}  # rows (and keys) per chunk of the linear path")
+        if self.plan.feature_maps:
+            w(f"MAP_ROWS = {MAP_ROWS}  # rows of q or k per task of the feature maps")
         w("LOG2E = F(1.4426950408889634)")
         w("NEG_INF = F(-np.inf)")
         w("# NumPy's error model: x / 0 is inf or NaN and n // 0 is 0. Numba's default tests "
@@ -386,6 +392,8 @@ class CpuEmitter:
         self.backward()
         if self.plan.linear_path:
             self.linear()
+        if self.plan.feature_maps:
+            self.maps()
         return w.text()
 
     def signature(self, name: str, outputs: list[str], tiled: bool = True) -> str:
@@ -1563,6 +1571,139 @@ for _f in (_linear, _linear_forward, _linear_backward, _linear_task, _linear_chu
            _linear_rows_join_state, _linear_dk_from_state, _linear_backward_rows,
            _linear_backward_keys, _linear_backward_full):
     setattr(CpuEmitter, _f.__name__.removeprefix("_") if _f is _linear else _f.__name__, _f)
+
+
+# ---- fused feature maps: phi(q), phi(k) and their adjoints in one pass each ----------------
+
+
+def _maps(self: CpuEmitter) -> None:
+    """`_maps_fwd` and `_maps_bwd` for plan.feature_maps: tasks of MAP_ROWS rows of q (per
+    batch and head) then of k; the launcher passes how many blocks of rows each side has (0
+    for a side with nothing to compute)."""
+    maps = self.plan.feature_maps
+    assert maps
+    w = self.w
+    sides = {side: [m for m in maps if m.source.name == side] for side in ("q", "k")}
+    w("@njit(**KERNEL)")
+    outputs = [input_name(m.item) for m in maps]
+    with w.block(f"def _maps_fwd(lo, hi, sz, q_blocks, k_blocks, q, k, {', '.join(outputs)}, "
+                 "bad):"):
+        w('"""The feature maps, element by element (the values of the NumPy reference\'s '
+          '`rows`):')
+        for m in maps:
+            w(f"{input_name(m.item)} = {sp.sstr(m.value)}")
+        w('bad[task]: a NaN or inf among the task\'s values."""')
+        with self.maps_tasks():
+            for side, row in (("q", "i"), ("k", "j")):
+                if not sides[side]:
+                    continue
+                with self.maps_rows(side, row):
+                    w("check = F(0)  # the sum of value * 0: NaN once a value is NaN or inf")
+                    stop = "n_q" if side == "q" else "n_k"
+                    with w.block(f"for {row} in range(r0, min(r0 + MAP_ROWS, {stop})):"), \
+                            w.block("for f in range(d):"):
+                        w(f"x = {side}[b, {'h' if side == 'q' else 'hk'}, {row}, f]")
+                        for m in sides[side]:
+                            w(f"y = {self.map_text(m, m.value)}")
+                            w(f"{input_name(m.item)}[b, h, {row}, f] = y")
+                            w("check += y * F(0)")
+                    w("bad[task] = check != F(0)")
+    w()
+    w()
+    self.maps_backward(sides)
+
+
+def _maps_backward(self: CpuEmitter, sides: dict[str, list[FeatureMap]]) -> None:
+    """`_maps_bwd`: dq and dk from the maps' adjoints (and the kernel's adjoint of q or k
+    where it reads them raw), dk summed over the query heads of each key/value head."""
+    w = self.w
+    raw = {"q": any(i.is_raw_query for i in self.plan.inputs),
+           "k": any(i.is_raw_key for i in self.plan.inputs)}
+    adjoints = [adjoint_name(m.item) for m in self.plan.feature_maps or []]
+    adjoints += [f"d_{side}_rows" for side in ("q", "k") if raw[side]]
+    w("@njit(**KERNEL)")
+    with w.block(f"def _maps_bwd(lo, hi, sz, q_blocks, k_blocks, q, k, {', '.join(adjoints)}, "
+                 "dq, dk):"):
+        w('"""dq and dk: sum over the maps of adjoint * d map / d input (0 where the adjoint is'
+          ' 0:')
+        w("an untaken branch's partial may be NaN), the adjoints of the raw q or k added; dk")
+        w("summed over the query heads of each key/value head:")
+        for side in ("q", "k"):
+            for m in sides[side]:
+                w(f"d {input_name(m.item)} / d {side} = {sp.sstr(m.partial)}")
+        w('"""')
+        with self.maps_tasks():
+            for side, row in (("q", "i"), ("k", "j")):
+                if not (sides[side] or raw[side]):
+                    continue
+                head = "h" if side == "q" else "hk"
+                terms = [(f"a = {adjoint_name(m.item)}[b, h, {row}, f]",
+                          f"a * {self.map_text(m, m.partial)} if a != F(0) else F(0)")
+                         for m in sides[side]]
+                if raw[side]:
+                    terms.append(("", f"d_{side}_rows[b, h, {row}, f]"))
+                stop = "n_q" if side == "q" else "n_k"
+                with self.maps_rows(side, row, backward=True), \
+                        w.block(f"for {row} in range(r0, min(r0 + MAP_ROWS, {stop})):"):
+                    if side == "k":  # the group's query heads add up in dk's row
+                        with w.block("for f in range(d):"):
+                            w(f"dk[b, hk, {row}, f] = F(0)")
+                    heads = w.block("for h in range(h0, h0 + group):") if side == "k" else \
+                        _nothing()
+                    with heads, w.block("for f in range(d):"):
+                        w(f"x = {side}[b, {head}, {row}, f]")
+                        w("g = F(0)")
+                        for read, term in terms:
+                            if read:
+                                w(read)
+                            w(f"g += {term}")
+                        w(f"d{side}[b, {head}, {row}, f] {'+=' if side == 'k' else '='} g")
+    w()
+    w()
+
+
+@contextmanager
+def _maps_tasks(self: CpuEmitter) -> Iterator[None]:
+    self.unpack_sizes()
+    with self.w.block("for task in range(lo, hi):"):
+        yield
+
+
+@contextmanager
+def _maps_rows(self: CpuEmitter, side: str, row: str, backward: bool = False
+               ) -> Iterator[None]:
+    """The task's batch, head and first row on `side`: query tasks come first, then key
+    tasks (per query head forward; per key/value head backward, which sums its group)."""
+    w = self.w
+    if side == "q":
+        block = w.block("if task < B * heads * q_blocks:  # rows of q")
+        first = "task"
+    else:
+        block = w.block("if task >= B * heads * q_blocks:  # rows of k")
+        first = "task - B * heads * q_blocks"
+    with block:
+        heads = "kv_heads" if backward and side == "k" else "heads"
+        head = "hk" if backward and side == "k" else "h"
+        w(f"t = {first}")
+        w(f"b = t // ({heads} * {side}_blocks)")
+        w(f"{head} = t // {side}_blocks % {heads}")
+        w(f"r0 = t % {side}_blocks * MAP_ROWS")
+        if backward and side == "k":
+            w("group = heads // kv_heads")
+            w("h0 = hk * group  # the first query head reading key/value head hk")
+        elif side == "k":
+            w("hk = h // (heads // kv_heads)")
+        yield
+
+
+def _map_text(self: CpuEmitter, m: FeatureMap, e: sp.Expr) -> str:
+    """A map's value or partial at x, one element of its input."""
+    printer = NumbaPrinter({m.source.symbol: "x"})
+    return printer.doprint(floatify(e))
+
+
+for _f in (_maps, _maps_backward, _maps_tasks, _maps_rows, _map_text):
+    setattr(CpuEmitter, _f.__name__.removeprefix("_"), _f)
 
 
 def emit_source(spec: ir.Spec | KernelPlan, dtype: str = "float32") -> str:

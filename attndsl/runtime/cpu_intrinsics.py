@@ -64,6 +64,8 @@ __all__ = [
     "NoAliasCompiler",
     "blas_num_threads",
     "cpu_features_prefer_512",
+    "elu_f32",
+    "elu_grad_f32",
     "enable_512bit_vectors",
     "exp2",
     "exp2_f32",
@@ -87,7 +89,7 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "11"
+INTRINSICS_VERSION = "12"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
@@ -566,6 +568,44 @@ def exp2_f32_clamped(yc):  # pragma: no cover - compiled
 def exp2_f64(y):  # pragma: no cover - compiled
     """2**y for float64 y via math.exp (libm accuracy; -inf -> 0)."""
     return math.exp(y * _LN2)
+
+
+_LOG2E32 = np.float32(1.4426950408889634)
+_ONE32 = np.float32(1.0)
+_ELU_NEAR = np.float32(-0.5)
+# expm1's Taylor coefficients 1/2!, ..., 1/10!
+_E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10 = (np.float32(1 / math.factorial(n))
+                                                 for n in range(2, 11))
+
+
+@njit(fastmath=FASTMATH)
+def elu_f32(v):  # pragma: no cover - compiled
+    """elu(v) for float32 v, branch-free (a loop calling it vectorizes; libm's expm1f does not):
+    above -0.5, expm1 by its Taylor series to v^10 (truncation < 3e-10); below, exp(v) - 1
+    with exp2_f32 (the result is at least 0.39 in size there, so the subtraction loses
+    nothing). NaN stays NaN, -inf gives -1, -0.0 gives 0.0. NumPy's elu (numpy_ops) and the
+    kernels' fx.elu both call this: the same bits."""
+    t = _E9 + v * _E10
+    t = _E8 + v * t
+    t = _E7 + v * t
+    t = _E6 + v * t
+    t = _E5 + v * t
+    t = _E4 + v * t
+    t = _E3 + v * t
+    t = _E2 + v * t
+    near = v + v * v * t
+    far = exp2_f32_clamped(fmax(v * _LOG2E32, _MIN_EXP32)) - _ONE32  # -inf: 2^-126 - 1 = -1
+    below = near if v > _ELU_NEAR else far
+    return below if v <= _ZERO32 else v  # NaN: neither test holds -> NaN itself
+
+
+@njit(fastmath=FASTMATH)
+def elu_grad_f32(v):  # pragma: no cover - compiled
+    """elu'(v) = 1 if v > 0 else exp(v), for float32 v through exp2 (vectorizes); NaN -> NaN."""
+    e = exp2_f32_clamped(fmax(v * _LOG2E32, _MIN_EXP32))
+    e = e if v >= _MIN_EXP32 / _LOG2E32 else _ZERO32  # exp underflows to 0 there, as NumPy's
+    e = e if v == v else v  # noqa: PLR0124 - NaN (fmax dropped it)
+    return _ONE32 if v > _ZERO32 else e
 
 
 def exp2(y):  # pragma: no cover - replaced by the overload inside compiled code

@@ -138,17 +138,34 @@ class CpuKernel(Kernel):
         linear = self.plan.linear
         check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
         hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
-        t: dict[str, Any] = {}
-        if hoisted or dout is not None or self.plan.deriv.sink is not None:
-            # else the kernels read q and k themselves and the rows (k per query head: a copy
-            # of k under GQA) would be computed for nothing
-            with np.errstate(all="ignore"):
-                t = self.ref.rows(numpy_ops, *call.arrays(), **call.offsets)
-        inputs = [_kernel_layout(t[numpy_ref.variable(i.node)], i, call.sizes, call.dtype)
-                  for i in hoisted]
         s = call.sizes
+        # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands (set
+        # below); sz[9], sz[10]: the query x key tile (each kernel's launcher sets its own);
+        # sz[11]: every position, offset and size below numba_cpu.NARROW_LIMIT (int32 math)
+        largest = max(int(call.q_offset.max()) + s["n_q"], int(call.k_offset.max()) + s["n_k"],
+                      *s.values())
+        narrow = largest < numba_cpu.NARROW_LIMIT
+        sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
+                       1, 0, *tiles.DEFAULT, narrow], dtype=np.int64)
+        t: dict[str, Any] = {}
+        maps_finite = True
+        if self.plan.feature_maps:  # one fused pass (_maps_fwd) instead of the rows
+            inputs, maps_finite = self._run_maps(call, sz)
+        else:
+            if hoisted or dout is not None or self.plan.deriv.sink is not None:
+                # else the kernels read q and k themselves and the rows (k per query head: a
+                # copy of k under GQA) would be computed for nothing
+                with np.errstate(all="ignore"):
+                    t = self.ref.rows(numpy_ops, *call.arrays(), **call.offsets)
+            inputs = [_kernel_layout(t[numpy_ref.variable(i.node)], i, call.sizes, call.dtype)
+                      for i in hoisted]
         params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
-        operands = [call.q, call.k, call.v, *inputs, *params, dout]
+        # what the kernels read: q or k only where an input is the raw q or k (phi(q) alone
+        # is checked, as an input, when the maps did not check it themselves)
+        raw_q = any(i.is_raw_query for i in self.plan.inputs)
+        raw_k = any(i.is_raw_key for i in self.plan.inputs)
+        operands = [call.q if raw_q else None, call.k if raw_k else None, call.v,
+                    *(inputs if not self.plan.feature_maps else []), *params, dout]
         keys_finite, transposed = True, []  # checked while transposed: not checked again
         if tiled and not self.plan.linear_path:  # each GEMM's key operand: [B, H', F, n_k]
             from .cpu_intrinsics import transposed_rows
@@ -164,18 +181,53 @@ class CpuKernel(Kernel):
                 inputs.append(value_t)
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
         rest = [a for a in operands if not any(a is t for t in transposed)]
-        # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands;
-        # sz[9], sz[10]: the query x key tile (each kernel's launcher sets its own); sz[11]:
-        # every position, offset and size below numba_cpu.NARROW_LIMIT (int32 conversions)
-        careful = tiled and not (keys_finite and _all_finite(rest))
-        largest = max(int(call.q_offset.max()) + s["n_q"], int(call.k_offset.max()) + s["n_k"],
-                      *s.values())
-        narrow = largest < numba_cpu.NARROW_LIMIT
-        sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
-                       1, careful, *tiles.DEFAULT, narrow], dtype=np.int64)
+        sz[8] = tiled and not (maps_finite and keys_finite and _all_finite(rest))
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
                 *call.indices.values()]
         return t, args
+
+    def _run_maps(self, call: Call, sz: np.ndarray) -> tuple[list[np.ndarray], bool]:
+        """plan.feature_maps, computed in one pass on every thread (`_maps_fwd`): the kernels'
+        hoisted inputs in order, and whether every value is finite."""
+        s = call.sizes
+        maps = self.plan.feature_maps or []
+        sides = {m.source.name for m in maps}
+        q_blocks, k_blocks = (-(-s[n] // numba_cpu.MAP_ROWS) if side in sides else 0
+                              for side, n in (("q", "n_q"), ("k", "n_k")))
+        rows = {"q": s["n_q"], "k": s["n_k"]}
+        outputs = [buffers.empty((s["B"], s["heads"], rows[m.source.name], s["d"]), call.dtype)
+                   for m in maps]
+        bad = np.zeros(s["B"] * s["heads"] * (q_blocks + k_blocks), np.int64)
+        with _PARALLEL:
+            threads.run(self.module(call.dtype)._maps_fwd, len(bad), sz, q_blocks, k_blocks,
+                        call.q, call.k, *outputs, bad)
+        by_item = {id(m.item): value for m, value in zip(maps, outputs)}
+        hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
+        return [by_item[id(i)] for i in hoisted], not bad.any()
+
+    def _run_maps_backward(self, call: Call, sz: np.ndarray,
+                           adjoints: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """dq and dk from the maps' adjoints (and the raw q's or k's) in one pass
+        (`_maps_bwd`), in place of the reference's rows_backward."""
+        s = call.sizes
+        maps = self.plan.feature_maps or []
+        sides = {m.source.name for m in maps}
+        sides |= {"q"} if any(i.is_raw_query for i in self.plan.inputs) else set()
+        sides |= {"k"} if any(i.is_raw_key for i in self.plan.inputs) else set()
+        q_blocks, k_blocks = (-(-s[n] // numba_cpu.MAP_ROWS) if side in sides else 0
+                              for side, n in (("q", "n_q"), ("k", "n_k")))
+        dq = (buffers.empty if "q" in sides else buffers.zeros)(call.q.shape, call.dtype)
+        dk = (buffers.empty if "k" in sides else buffers.zeros)(call.k.shape, call.dtype)
+        names = [numpy_ref.variable(m.item.node) for m in maps]
+        names += [f"{side}_rows" for side in ("q", "k") if f"{side}_rows" in adjoints]
+        tasks = s["B"] * (s["heads"] * q_blocks + s["kv_heads"] * k_blocks)
+        with _PARALLEL:
+            threads.run(self.module(call.dtype)._maps_bwd, tasks, sz, q_blocks, k_blocks,
+                        call.q, call.k, *(adjoints[n] for n in names), dq, dk)
+        grads = {"q": dq, "k": dk}
+        for name, value in call.params.items():  # only pair-level lookups read params here
+            grads[name] = numpy_ops.as_grad(0, value)
+        return grads
 
     def _raise_on(self, err: np.ndarray, call: Call) -> None:
         bad = int(err.max()) if err.size else 0
@@ -319,7 +371,7 @@ class CpuKernel(Kernel):
         if parts > 1:  # the parts' copies, summed in part order (deterministic)
             for name, value in parted.items():
                 adjoints[name] = value.reshape((parts, B) + value.shape[1:]).sum(axis=0)
-        return self._finish(call, t, adjoints, dv_h, first, q_tiles, (state, D))
+        return self._finish(call, t, args[0], adjoints, dv_h, first, q_tiles, (state, D))
 
     def _linear_backward(self, call: Call, t: dict[str, Any], args: list[np.ndarray],
                          dout: np.ndarray, out: Any) -> dict[str, np.ndarray]:
@@ -340,12 +392,28 @@ class CpuKernel(Kernel):
             threads.run(self.module(call.dtype)._linear_bwd, s["B"] * s["heads"], *args, dout,
                         out, state, adjoints[numpy_ref.variable(a.node)],
                         adjoints[numpy_ref.variable(b.node)], dv_h)
-        return self._finish(call, t, adjoints, dv_h, {}, q_tiles)
+        return self._finish(call, t, args[0], adjoints, dv_h, {}, q_tiles)
 
-    def _finish(self, call: Call, t: dict[str, Any], adjoints: dict[str, np.ndarray],
-                dv_h: np.ndarray, first: dict[str, np.ndarray], q_tiles: int,
-                rows: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def _finish(self, call: Call, t: dict[str, Any], sz: np.ndarray,
+                adjoints: dict[str, np.ndarray], dv_h: np.ndarray, first: dict[str, np.ndarray],
+                q_tiles: int, rows: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> dict[str, np.ndarray]:
         """The epilogue: row-level adjoints -> q, k, params; dv summed over GQA groups."""
+        s = call.sizes
+        if self.plan.feature_maps:
+            grads = self._run_maps_backward(call, sz, adjoints)
+        else:
+            grads = self._rows_backward(call, t, adjoints, q_tiles, rows)
+        grads["v"] = numpy_ops.group_heads(dv_h, s["kv_heads"])
+        for array, partial in first.items():
+            shape = call.params[array].shape
+            grads[array] = grads[array] + partial.sum(axis=0).reshape(shape)
+        return grads
+
+    def _rows_backward(self, call: Call, t: dict[str, Any], adjoints: dict[str, np.ndarray],
+                       q_tiles: int, rows: tuple[np.ndarray, np.ndarray] | None
+                       ) -> dict[str, np.ndarray]:
+        """The reference's rows_backward on the kernels' adjoints (in its 5-D layout)."""
         s = call.sizes
         five_d = {numpy_ref.variable(i.node): _reference_layout(
             adjoints[numpy_ref.variable(i.node)], i, q_tiles) for i in self.plan.inputs}
@@ -356,13 +424,8 @@ class CpuKernel(Kernel):
             with np.errstate(all="ignore"):
                 five_d["sink"] = (-np.exp(sink - lse) * D)[..., None, None]
         with np.errstate(all="ignore"):
-            grads = self.ref.rows_backward(numpy_ops, t, five_d, call.q, call.k,
-                                           *call.params.values())
-        grads["v"] = numpy_ops.group_heads(dv_h, s["kv_heads"])
-        for array, partial in first.items():
-            shape = call.params[array].shape
-            grads[array] = grads[array] + partial.sum(axis=0).reshape(shape)
-        return grads
+            return dict(self.ref.rows_backward(numpy_ops, t, five_d, call.q, call.k,
+                                               *call.params.values()))
 
     def _adjoint_shapes(self, call: Call, q_tiles: int):  # type: ignore[no-untyped-def]
         s = call.sizes
