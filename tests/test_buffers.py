@@ -93,3 +93,14 @@ def test_a_bad_limit_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATTNDSL_POOL_MIB", "lots")
     with pytest.raises(ValueError, match="ATTNDSL_POOL_MIB='lots'"):
         buffers.empty(SHAPE, np.float64)
+
+
+def test_the_default_limit_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset: a sixteenth of physical memory (at least 256 MiB); ATTNDSL_POOL_MIB overrides."""
+    import os
+
+    monkeypatch.delenv("ATTNDSL_POOL_MIB", raising=False)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert buffers.limit_bytes() == int(max(256 << 20, memory / 16))
+    monkeypatch.setenv("ATTNDSL_POOL_MIB", "300")
+    assert buffers.limit_bytes() == 300 << 20

@@ -404,7 +404,10 @@ class CpuKernel(Kernel):
             grads = self._run_maps_backward(call, sz, adjoints)
         else:
             grads = self._rows_backward(call, t, adjoints, q_tiles, rows)
-        grads["v"] = numpy_ops.group_heads(dv_h, s["kv_heads"])
+        # dv summed over each key/value head's query heads (dv_h itself without GQA: a copy
+        # of an N x dv array costs a fresh mapping's page faults at large N)
+        grads["v"] = dv_h if s["kv_heads"] == s["heads"] else \
+            numpy_ops.group_heads(dv_h, s["kv_heads"])
         for array, partial in first.items():
             shape = call.params[array].shape
             grads[array] = grads[array] + partial.sum(axis=0).reshape(shape)
