@@ -158,6 +158,12 @@ class KernelPlan:
         return a, b
 
     @property
+    def raw_inputs(self) -> set[str]:
+        """Which of "q" and "k" the pair kernel reads as they are (not only through maps)."""
+        return {name for name, raw in (("q", any(i.is_raw_query for i in self.inputs)),
+                                       ("k", any(i.is_raw_key for i in self.inputs))) if raw}
+
+    @property
     def linear_path(self) -> bool:
         return self.linear is not None
 

@@ -1617,8 +1617,7 @@ def _maps_backward(self: CpuEmitter, sides: dict[str, list[FeatureMap]]) -> None
     """`_maps_bwd`: dq and dk from the maps' adjoints (and the kernel's adjoint of q or k
     where it reads them raw), dk summed over the query heads of each key/value head."""
     w = self.w
-    raw = {"q": any(i.is_raw_query for i in self.plan.inputs),
-           "k": any(i.is_raw_key for i in self.plan.inputs)}
+    raw = {side: side in self.plan.raw_inputs for side in ("q", "k")}
     adjoints = [adjoint_name(m.item) for m in self.plan.feature_maps or []]
     adjoints += [f"d_{side}_rows" for side in ("q", "k") if raw[side]]
     w("@njit(**KERNEL)")

@@ -99,6 +99,15 @@ def _decode_splits(tasks: int, n_k: int) -> int:
     return max(1, min(most, -(-2 * numba.get_num_threads() // tasks)))
 
 
+def _map_blocks(sizes: dict[str, int], sides: set[str]) -> tuple[int, int]:
+    """Blocks of MAP_ROWS rows of q and of k for the feature maps' tasks (0: nothing on that
+    side)."""
+    rows = numba_cpu.MAP_ROWS
+    q_blocks = -(-sizes["n_q"] // rows) if "q" in sides else 0
+    k_blocks = -(-sizes["n_k"] // rows) if "k" in sides else 0
+    return q_blocks, k_blocks
+
+
 def _with_tile(sz: np.ndarray, bq: int, bk: int) -> np.ndarray:
     """A copy of the kernels' sizes with the tile set (the caller's stays as it was)."""
     sz = sz.copy()
@@ -160,11 +169,10 @@ class CpuKernel(Kernel):
             inputs = [_kernel_layout(t[numpy_ref.variable(i.node)], i, call.sizes, call.dtype)
                       for i in hoisted]
         params = [p.reshape(1) if p.ndim == 0 else p for p in call.params.values()]
-        # what the kernels read: q or k only where an input is the raw q or k (phi(q) alone
-        # is checked, as an input, when the maps did not check it themselves)
-        raw_q = any(i.is_raw_query for i in self.plan.inputs)
-        raw_k = any(i.is_raw_key for i in self.plan.inputs)
-        operands = [call.q if raw_q else None, call.k if raw_k else None, call.v,
+        # what the kernels read: q and k only where they read them raw (phi(q) alone is
+        # checked, as an input, unless the maps checked it themselves)
+        raw = self.plan.raw_inputs
+        operands = [call.q if "q" in raw else None, call.k if "k" in raw else None, call.v,
                     *(inputs if not self.plan.feature_maps else []), *params, dout]
         keys_finite, transposed = True, []  # checked while transposed: not checked again
         if tiled and not self.plan.linear_path:  # each GEMM's key operand: [B, H', F, n_k]
@@ -191,9 +199,7 @@ class CpuKernel(Kernel):
         hoisted inputs in order, and whether every value is finite."""
         s = call.sizes
         maps = self.plan.feature_maps or []
-        sides = {m.source.name for m in maps}
-        q_blocks, k_blocks = (-(-s[n] // numba_cpu.MAP_ROWS) if side in sides else 0
-                              for side, n in (("q", "n_q"), ("k", "n_k")))
+        q_blocks, k_blocks = _map_blocks(s, {m.source.name for m in maps})
         rows = {"q": s["n_q"], "k": s["n_k"]}
         outputs = [buffers.empty((s["B"], s["heads"], rows[m.source.name], s["d"]), call.dtype)
                    for m in maps]
@@ -211,15 +217,12 @@ class CpuKernel(Kernel):
         (`_maps_bwd`), in place of the reference's rows_backward."""
         s = call.sizes
         maps = self.plan.feature_maps or []
-        sides = {m.source.name for m in maps}
-        sides |= {"q"} if any(i.is_raw_query for i in self.plan.inputs) else set()
-        sides |= {"k"} if any(i.is_raw_key for i in self.plan.inputs) else set()
-        q_blocks, k_blocks = (-(-s[n] // numba_cpu.MAP_ROWS) if side in sides else 0
-                              for side, n in (("q", "n_q"), ("k", "n_k")))
+        sides = {m.source.name for m in maps} | self.plan.raw_inputs
+        q_blocks, k_blocks = _map_blocks(s, sides)
         dq = (buffers.empty if "q" in sides else buffers.zeros)(call.q.shape, call.dtype)
         dk = (buffers.empty if "k" in sides else buffers.zeros)(call.k.shape, call.dtype)
         names = [numpy_ref.variable(m.item.node) for m in maps]
-        names += [f"{side}_rows" for side in ("q", "k") if f"{side}_rows" in adjoints]
+        names += [f"{side}_rows" for side in ("q", "k") if side in self.plan.raw_inputs]
         tasks = s["B"] * (s["heads"] * q_blocks + s["kv_heads"] * k_blocks)
         with _PARALLEL:
             threads.run(self.module(call.dtype)._maps_bwd, tasks, sz, q_blocks, k_blocks,
