@@ -1663,6 +1663,7 @@ def _maps_backward(self: CpuEmitter, sides: dict[str, list[FeatureMap]]) -> None
 
 @contextmanager
 def _maps_tasks(self: CpuEmitter) -> Iterator[None]:
+    """The sizes, then `for task in range(lo, hi):` (the body is yielded)."""
     self.unpack_sizes()
     with self.w.block("for task in range(lo, hi):"):
         yield
