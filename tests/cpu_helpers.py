@@ -8,6 +8,7 @@ session can warm Numba's disk cache in a second process while it compiles other 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,21 @@ def errors(ref: dict[str, Any], got: dict[str, Any], floor: float = 1.0) -> dict
             continue
         result[name] = rel_error(want, got[name], floor)
     return result
+
+
+def compile_pairs(specs: dict[str, str], check: Callable[[str, Any], bool]
+                  ) -> dict[str, tuple[Any, Any]]:
+    """Each inline spec's (cpu, numpy) kernels by name; `check(name, plan)` must hold of the
+    spec's KernelPlan (that the spec takes the path its tests are about)."""
+    import attndsl
+    from attndsl.plan import make_plan
+
+    built = {}
+    for name, text in specs.items():
+        spec = attndsl.parse(text)
+        assert check(name, make_plan(spec)), name
+        built[name] = (attndsl.compile(spec, target="cpu"), attndsl.compile(spec, target="numpy"))
+    return built
 
 
 def warm(names: list[str]) -> None:

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-import attndsl
 from attndsl.codegen.numba_cpu import CHUNK
-from attndsl.plan import make_plan
+from tests.cpu_helpers import compile_pairs
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::numba.core.errors.NumbaWarning")]
 
@@ -48,13 +47,8 @@ TOL = {np.float64: 1e-11, np.float32: 3e-5}  # relative to the largest reference
 
 @pytest.fixture(scope="module")
 def kernels() -> dict[str, tuple[Any, Any]]:
-    built = {}
-    for name, text in SPECS.items():
-        spec = attndsl.parse(text)
-        plan = make_plan(spec)
-        assert plan.linear is not None and plan.linear.causal == (name in CAUSAL), name
-        built[name] = (attndsl.compile(spec, target="cpu"), attndsl.compile(spec, target="numpy"))
-    return built
+    return compile_pairs(SPECS, lambda name, plan: plan.linear is not None
+                         and plan.linear.causal == (name in CAUSAL))
 
 
 def _inputs(name: str, n_q: int, n_k: int, dtype: type, B: int = 2, heads: int = 4,

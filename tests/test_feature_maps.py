@@ -20,6 +20,7 @@ import attndsl
 from attndsl.codegen import numba_cpu
 from attndsl.plan import make_plan
 from attndsl.runtime import numpy_ops
+from tests.cpu_helpers import compile_pairs
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::numba.core.errors.NumbaWarning")]
 
@@ -55,12 +56,7 @@ TOL = {np.float64: 1e-10, np.float32: 3e-5}  # relative to the largest reference
 
 @pytest.fixture(scope="module")
 def kernels() -> dict[str, tuple[Any, Any]]:
-    built = {}
-    for name, text in SPECS.items():
-        spec = attndsl.parse(text)
-        assert make_plan(spec).feature_maps, name
-        built[name] = (attndsl.compile(spec, target="cpu"), attndsl.compile(spec, target="numpy"))
-    return built
+    return compile_pairs(SPECS, lambda name, plan: bool(plan.feature_maps))
 
 
 def test_which_plans_take_the_fused_maps() -> None:
