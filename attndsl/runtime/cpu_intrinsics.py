@@ -89,7 +89,7 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "12"
+INTRINSICS_VERSION = "13"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
@@ -594,18 +594,16 @@ def elu_f32(v):  # pragma: no cover - compiled
     t = _E3 + v * t
     t = _E2 + v * t
     near = v + v * v * t
-    far = exp2_f32_clamped(fmax(v * _LOG2E32, _MIN_EXP32)) - _ONE32  # -inf: 2^-126 - 1 = -1
+    far = exp2_f32(v * _LOG2E32) - _ONE32  # -inf: 0 - 1
     below = near if v > _ELU_NEAR else far
     return below if v <= _ZERO32 else v  # NaN: neither test holds -> NaN itself
 
 
 @njit(fastmath=FASTMATH)
 def elu_grad_f32(v):  # pragma: no cover - compiled
-    """elu'(v) = 1 if v > 0 else exp(v), for float32 v through exp2 (vectorizes); NaN -> NaN."""
-    e = exp2_f32_clamped(fmax(v * _LOG2E32, _MIN_EXP32))
-    e = e if v >= _MIN_EXP32 / _LOG2E32 else _ZERO32  # exp underflows to 0 there, as NumPy's
-    e = e if v == v else v  # noqa: PLR0124 - NaN (fmax dropped it)
-    return _ONE32 if v > _ZERO32 else e
+    """elu'(v) = 1 if v > 0 else exp(v), for float32 v through exp2_f32 (vectorizes; 0 for
+    -inf, NaN for NaN)."""
+    return _ONE32 if v > _ZERO32 else exp2_f32(v * _LOG2E32)
 
 
 def exp2(y):  # pragma: no cover - replaced by the overload inside compiled code

@@ -159,7 +159,7 @@ class CpuKernel(Kernel):
         t: dict[str, Any] = {}
         maps_finite = True
         if self.plan.feature_maps:  # one fused pass (_maps_fwd) instead of the rows
-            inputs, maps_finite = self._run_maps(call, sz)
+            inputs, maps_finite = self._run_maps(call, sz, hoisted)
         else:
             if hoisted or dout is not None or self.plan.deriv.sink is not None:
                 # else the kernels read q and k themselves and the rows (k per query head: a
@@ -194,9 +194,10 @@ class CpuKernel(Kernel):
                 *call.indices.values()]
         return t, args
 
-    def _run_maps(self, call: Call, sz: np.ndarray) -> tuple[list[np.ndarray], bool]:
-        """plan.feature_maps, computed in one pass on every thread (`_maps_fwd`): the kernels'
-        hoisted inputs in order, and whether every value is finite."""
+    def _run_maps(self, call: Call, sz: np.ndarray, hoisted: list[PairInput]
+                  ) -> tuple[list[np.ndarray], bool]:
+        """plan.feature_maps, computed in one pass on every thread (`_maps_fwd`): the values of
+        the `hoisted` inputs in their order, and whether every value is finite."""
         s = call.sizes
         maps = self.plan.feature_maps or []
         q_blocks, k_blocks = _map_blocks(s, {m.source.name for m in maps})
@@ -208,7 +209,6 @@ class CpuKernel(Kernel):
             threads.run(self.module(call.dtype)._maps_fwd, len(bad), sz, q_blocks, k_blocks,
                         call.q, call.k, *outputs, bad)
         by_item = {id(m.item): value for m, value in zip(maps, outputs)}
-        hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         return [by_item[id(i)] for i in hoisted], not bad.any()
 
     def _run_maps_backward(self, call: Call, sz: np.ndarray,
