@@ -262,7 +262,9 @@ class CpuKernel(Kernel):
         if common is None and self._decoding(s):
             return self._run_decode(call)
         t, args = self._common(call) if common is None else common
-        out = buffers.zeros((s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
+        # the tiled forward writes every row of out (finish_rows); the linear one adds to it
+        out = (buffers.zeros if self.plan.linear_path else buffers.empty)(
+            (s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
         state = buffers.zeros((s["B"], s["heads"], s["n_q"]), call.dtype)
         bq, bk = tile or self.tile(call, "forward")
         args = [_with_tile(args[0], bq, bk), *args[1:]]
