@@ -168,6 +168,18 @@ class KernelPlan:
         return self.linear is not None
 
     @property
+    def convex_rows(self) -> bool:
+        """Whether the keys the mask allows a query row form one run [lo, hi) of every tile:
+        the mask is one linear atom or an And of them (each holds on a half-line of j, or on
+        all or none of it, for a fixed i; the intersection is an interval). The cpu forward then
+        finds each run of a partly allowed tile (`row_band`: a scan, then a binary search) and
+        computes its pairs without a mask test (issue 12 item 5)."""
+        mask = self.deriv.mask
+        atoms = {a.relation: a.linear for a in self.mask_atoms}
+        parts = mask.args if isinstance(mask, sp.And) else (mask,)
+        return mask is not None and all(atoms.get(p, False) for p in parts)
+
+    @property
     def param_lookups(self) -> list[Lookup]:
         return [x for x in self.lookups if x.is_param]
 

@@ -273,6 +273,8 @@ class CpuEmitter:
         self.norm = next(s.norm for s in self.fwd_steps if isinstance(s, program.Accumulate))
         self.logit = next(s.value for s in self.fwd_steps if isinstance(s, program.Logit))
         self.mask = next((s.mask for s in self.fwd_steps if isinstance(s, program.Allow)), None)
+        # a row's allowed keys are one run, found by `row_band` (no lookups per pair to check)
+        self.convex = plan.convex_rows and 2 not in self.levels.values()
 
     def _find_fold(self) -> tuple[int, sp.Basic, sp.Basic] | None:
         """(n, c, rest) when logit = c * r_n + rest with c constant per call (sizes, numbers
@@ -654,6 +656,8 @@ class CpuEmitter:
                             w(f"j0, j_next, status = _fit_keys(sz, qo, ko, b, h, i0, i0 + mq, "
                               f"j0, j_next, BK{self.extra_args()})")
                             w("nk = j_next - j0")
+                            with w.block("if status == 0:"):
+                                w("continue  # fitted: its strips show no allowed pair after all")
                     self.lookups_at(0, "bad")
                     self.gemm_tiles("x")
                     self.logits_tile("bad")
@@ -683,10 +687,41 @@ class CpuEmitter:
         return f"{here} + ({self.fl(rest)}) * LOG2E" if self.softmax else \
             f"{here} + {self.fl(rest)}"
 
-    def pair_loops(self, body, masked_body=None) -> None:  # type: ignore[no-untyped-def]
-        """The (ii, jj) loops of a tile: separate loops for tiles the mask fully allows
-        (status 2: no mask test, branch-free, vectorizable) and partly allows (status 1)."""
+    def row_band(self) -> None:
+        """[j_lo, j_hi): the keys of tile row ii that the mask allows, one run when
+        self.convex (i and pi set). j_lo by scanning from the left; then the mask holds on
+        [j_lo, j_hi) and on no key after it, so j_hi is a binary search: a sliding window's
+        fitted tile or a causal diagonal tile tests a few pairs per row, not all of them."""
         w = self.w
+        w("j_lo = nk  # the row's allowed keys: one run [j_lo, j_hi) (plan.convex_rows)")
+        with w.block("for jj in range(nk):"):
+            w("j = j0 + jj")
+            w("pj = ko + j")
+            with w.block(f"if {self.mask_expr()}:"):
+                w("j_lo = jj")
+                w("break")
+        w("j_hi, j_end = min(j_lo + 1, nk), nk  # allowed before j_hi, none from j_end on")
+        with w.block("while j_hi < j_end:"):
+            w("jj = (j_hi + j_end) // 2")
+            w("j = j0 + jj")
+            w("pj = ko + j")
+            with w.block(f"if {self.mask_expr()}:"):
+                w("j_hi = jj + 1")
+            with w.block("else:"):
+                w("j_end = jj")
+        # LLVM cannot tell that j_lo and j_hi are never negative: without this, Numba's
+        # wraparound of negative indices stays in the loops over them, unvectorized
+        w("j_lo, j_hi = max(j_lo, 0), max(j_hi, 0)  # never negative: the loops vectorize")
+
+    def pair_loops(self, body, masked_body=None,  # type: ignore[no-untyped-def]
+                   masked_out=None) -> None:
+        """The (ii, jj) loops of a tile: separate loops for tiles the mask fully allows
+        (status 2: no mask test, branch-free, vectorizable) and partly allows (status 1).
+        `masked_out(part)`, where given and self.convex, is a pair the mask disallows: a
+        partly allowed row then runs `body` over its band (`row_band`) and `masked_out`
+        before and after it, with no mask test per pair."""
+        w = self.w
+        banded = self.mask is not None and self.convex and masked_out is not None
         variants = [(None, body)] if self.mask is None else \
             [("if status == 2:", body), ("else:", masked_body)]
         for head, emit in variants:
@@ -695,12 +730,31 @@ class CpuEmitter:
                 w("pi = qo + i")
                 self.lookups_at(1, "bad")
                 emit("row")
-                with w.block("for jj in range(nk):"):
+                if banded and emit is masked_body:
+                    self._band_loops(body, masked_out)
+                else:
+                    with w.block("for jj in range(nk):"):
+                        w("j = j0 + jj")
+                        w("pj = ko + j")
+                        self.pair_values("bad")
+                        emit("pair")
+                emit("row_end")
+
+    def _band_loops(self, body, masked_out) -> None:  # type: ignore[no-untyped-def]
+        """A partly allowed row of a convex mask: `body` over its band, `masked_out` on the
+        keys before and after it (the status 2 loops stay apart: over range(nk), LLVM
+        vectorizes them better than over a band that happens to be the whole tile)."""
+        w = self.w
+        self.row_band()
+        for head, emit, values in (("for jj in range(j_lo):", masked_out, False),
+                                   ("for jj in range(j_lo, j_hi):", body, True),
+                                   ("for jj in range(j_hi, nk):", masked_out, False)):
+            with w.block(head):
+                if values:
                     w("j = j0 + jj")
                     w("pj = ko + j")
                     self.pair_values("bad")
-                    emit("pair")
-                emit("row_end")
+                emit("pair")
 
     def logits_tile(self, err: str) -> None:
         """x[ii, jj] = the logit; masked pairs -inf (softmax) or weight 0 via `keep`."""
@@ -715,8 +769,21 @@ class CpuEmitter:
                 if part == "pair":
                     w(f"x[ii * BKS + jj] = {value} if {self.mask_expr()} else NEG_INF")
 
+            def masked_out(part: str) -> None:
+                if part == "pair":
+                    w("x[ii * BKS + jj] = NEG_INF")
+
             if value == "x[ii * BKS + jj]":  # the GEMM wrote the logits: only mask them
-                if self.mask is not None:
+                if self.mask is not None and self.convex:
+                    with w.block("if status == 1:"), w.block("for ii in range(mq):"):
+                        w("i = i0 + ii")
+                        w("pi = qo + i")
+                        self.lookups_at(1, err)
+                        self.row_band()
+                        for head in ("for jj in range(j_lo):", "for jj in range(j_hi, nk):"):
+                            with w.block(head):
+                                w("x[ii * BKS + jj] = NEG_INF")
+                elif self.mask is not None:
                     with w.block("if status == 1:"), w.block("for ii in range(mq):"):
                         w("i = i0 + ii")
                         w("pi = qo + i")
@@ -728,7 +795,7 @@ class CpuEmitter:
                             with w.block(f"if not {self.mask_expr()}:"):
                                 w("x[ii * BKS + jj] = NEG_INF")
                 return
-            self.pair_loops(full, masked)
+            self.pair_loops(full, masked, masked_out)
             return
 
         def keep(part: str, masked: bool) -> None:
@@ -738,7 +805,11 @@ class CpuEmitter:
                 w(f"keep[ii * BKS + jj] = 1 if ({mask}) else 0")
                 w("x[ii * BKS + jj] = xv")
 
-        self.pair_loops(lambda part: keep(part, False), lambda part: keep(part, True))
+        def keep_out(part: str) -> None:
+            if part == "pair":
+                w("keep[ii * BKS + jj] = 0")
+
+        self.pair_loops(lambda part: keep(part, False), lambda part: keep(part, True), keep_out)
 
     def normalize_tile(self) -> None:
         """The Accumulate step over a tile: x becomes the weights ACC, l the running state."""
@@ -1036,6 +1107,8 @@ class CpuEmitter:
                                 w(f"i0, i_next, status = _fit_queries(sz, qo, ko, b, h, i0, "
                                   f"i_next, j0, j0 + nk, BQ{self.extra_args()})")
                                 w("mq = i_next - i0")
+                                with w.block("if status == 0:"):
+                                    w("continue  # fitted: no allowed pair after all")
                         w("qt = i0 // BQ  # the aligned query tile holding i0: per-tile partials")
                         w("qtask = (pb * heads + h) * q_tiles + qt")
                         self.lookups_at(0, "bad")
@@ -1084,6 +1157,14 @@ class CpuEmitter:
         value = self.logit_value(f"s{fold_n}")
         row_sums = self._row_adjoints()
 
+        def masked_out(part: str) -> None:  # a pair the mask disallows: P, dS, g<n> = 0
+            if part == "pair":
+                w("x[ii * BKS + jj] = F(0)")
+                w("dp[ii * BKS + jj] = F(0)")
+                for n in range(len(plan.gemms)):
+                    if n != fold_n:
+                        w(f"g{n}[ii * BKS + jj] = F(0)")
+
         def body(part: str, masked: bool) -> None:
             if part == "row":
                 w("row_state = state[b, h, i]")
@@ -1105,11 +1186,7 @@ class CpuEmitter:
                 w(f"xv = {value}")
             if masked:  # if/else, not `continue`: Numba's SSA pass trips over inlined exp2
                 with w.block(f"if not ({self.mask_expr()}):"):
-                    w("x[ii * BKS + jj] = F(0)")
-                    w("dp[ii * BKS + jj] = F(0)")
-                    for n in range(len(plan.gemms)):
-                        if n != fold_n:
-                            w(f"g{n}[ii * BKS + jj] = F(0)")
+                    masked_out(part)
                 with w.block("else:"):
                     self._dscore_pair(fold_n, row_sums)
                 return
