@@ -125,6 +125,17 @@ def make_inputs(spec: Any, dtype: Any = np.float64, *, B: int = 2, heads: int = 
     return q, k, v, extra
 
 
+def qkv_dout(n_q: int, n_k: int, dtype: type, B: int = 2, heads: int = 4, kv_heads: int = 2,
+             d: int = 5, dv: int = 3, seed: int = 0, scale: float = 1.0) -> tuple[Any, ...]:
+    """Random q, k, v and an output adjoint (q and k times `scale`, for huge logits)."""
+    rng = np.random.default_rng(seed + n_q + 7 * n_k)
+    q = (scale * rng.standard_normal((B, heads, n_q, d))).astype(dtype)
+    k = (scale * rng.standard_normal((B, kv_heads, n_k, d))).astype(dtype)
+    v = rng.standard_normal((B, kv_heads, n_k, dv)).astype(dtype)
+    dout = rng.standard_normal((B, heads, n_q, dv)).astype(dtype)
+    return q, k, v, dout
+
+
 def as64(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n: (a.astype(np.float64) if a.dtype.kind == "f" else a) for n, a in arrays.items()}
 

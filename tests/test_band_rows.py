@@ -21,7 +21,7 @@ import pytest
 import attndsl
 from attndsl.codegen import numba_cpu
 from attndsl.plan import make_plan
-from tests.cpu_helpers import compile_pairs
+from tests.cpu_helpers import compile_pairs, qkv_dout
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::numba.core.errors.NumbaWarning")]
 
@@ -78,17 +78,6 @@ def test_which_plans_scan_their_rows() -> None:
     assert "j_lo" not in source
 
 
-def _inputs(n_q: int, n_k: int, dtype: type, heads: int = 4, kv_heads: int = 2,
-            scale: float = 1.0, seed: int = 0) -> tuple[Any, ...]:
-    rng = np.random.default_rng(seed + n_q + 7 * n_k)
-    B, d, dv = 2, 5, 3
-    q = (scale * rng.standard_normal((B, heads, n_q, d))).astype(dtype)
-    k = (scale * rng.standard_normal((B, kv_heads, n_k, d))).astype(dtype)
-    v = rng.standard_normal((B, kv_heads, n_k, dv)).astype(dtype)
-    dout = rng.standard_normal((B, heads, n_q, dv)).astype(dtype)
-    return q, k, v, dout
-
-
 def _compare(kernels: dict[str, tuple[Any, Any]], name: str, q: np.ndarray, k: np.ndarray,
              v: np.ndarray, dout: np.ndarray, **kw: Any) -> None:
     cpu, ref = kernels[name]
@@ -125,9 +114,9 @@ def test_scanned_rows_match_reference(kernels, name: str, dtype: type, tiles: st
     status 0, which the forward once took for a tile to compute unmasked (rows 0..15 had
     output where the reference has 0)."""
     monkeypatch.setenv("ATTNDSL_CPU_TILES", tiles)
-    _compare(kernels, name, *_inputs(150, 301, dtype))
+    _compare(kernels, name, *qkv_dout(150, 301, dtype))
     if name == "band":
-        out = kernels[name][0](*_inputs(150, 301, dtype)[:3])
+        out = kernels[name][0](*qkv_dout(150, 301, dtype)[:3])
         assert np.all(out[:, :, :38] == 0)  # rows i < 38: 2 j <= i + 3 leaves no j > 20
 
 
@@ -137,7 +126,7 @@ def test_scanned_rows_with_offsets_and_mqa(kernels, name: str,
     """A block of queries at positions 200.. against keys at 0..: the runs move with the
     offsets (`pi`, `pj`), not with the rows; 3 query heads on one key/value head."""
     monkeypatch.setenv("ATTNDSL_CPU_TILES", "32x64")
-    q, k, v, dout = _inputs(90, 330, np.float64, heads=3, kv_heads=1)
+    q, k, v, dout = qkv_dout(90, 330, np.float64, heads=3, kv_heads=1)
     _compare(kernels, name, q, k, v, dout, q_offset=200, k_offset=0)
 
 
@@ -146,4 +135,4 @@ def test_scanned_rows_huge_logits(kernels, monkeypatch) -> None:  # type: ignore
     pair's logit in."""
     monkeypatch.setenv("ATTNDSL_CPU_TILES", "64x128")
     for name in ("band", "band_bias"):
-        _compare(kernels, name, *_inputs(150, 301, np.float64, scale=45.0))
+        _compare(kernels, name, *qkv_dout(150, 301, np.float64, scale=45.0))

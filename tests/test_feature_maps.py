@@ -20,7 +20,7 @@ import attndsl
 from attndsl.codegen import numba_cpu
 from attndsl.plan import make_plan
 from attndsl.runtime import numpy_ops
-from tests.cpu_helpers import compile_pairs
+from tests.cpu_helpers import compile_pairs, qkv_dout
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::numba.core.errors.NumbaWarning")]
 
@@ -75,16 +75,6 @@ def test_which_plans_take_the_fused_maps() -> None:
     assert "def _maps_fwd(" not in numba_cpu.emit_source(attndsl.parse(NOT_FUSED["norm"]))
 
 
-def _inputs(n_q: int, n_k: int, dtype: type, B: int = 2, heads: int = 4, kv_heads: int = 2,
-            d: int = 5, dv: int = 3, seed: int = 0, scale: float = 1.0) -> tuple[Any, ...]:
-    rng = np.random.default_rng(seed + n_q + 7 * n_k)
-    q = (scale * rng.standard_normal((B, heads, n_q, d))).astype(dtype)
-    k = (scale * rng.standard_normal((B, kv_heads, n_k, d))).astype(dtype)
-    v = rng.standard_normal((B, kv_heads, n_k, dv)).astype(dtype)
-    dout = rng.standard_normal((B, heads, n_q, dv)).astype(dtype)
-    return q, k, v, dout
-
-
 def _compare(kernels: dict[str, tuple[Any, Any]], name: str, q: np.ndarray, k: np.ndarray,
              v: np.ndarray, dout: np.ndarray) -> None:
     cpu, ref = kernels[name]
@@ -109,15 +99,15 @@ def test_fused_maps_match_reference(kernels, name: str, n: int, dtype: type
                                     ) -> None:  # type: ignore[no-untyped-def]
     """Forward and every gradient, GQA (4 heads on 2), B = 2, n around MAP_ROWS; the softmax
     spec's first three rows see no key (out and dq are 0 there, as on the reference)."""
-    _compare(kernels, name, *_inputs(n, n + 2, dtype))
+    _compare(kernels, name, *qkv_dout(n, n + 2, dtype))
 
 
 def test_fused_maps_rows_differ_from_keys_and_mqa(kernels) -> None:  # type: ignore[no-untyped-def]
     """n_q != n_k (different block counts per side) and 3 query heads on one kv head, whose
     dk sums the three heads' adjoints."""
     for name in SPECS:
-        _compare(kernels, name, *_inputs(40, 300, np.float64, heads=3, kv_heads=1))
-        _compare(kernels, name, *_inputs(300, 40, np.float64, heads=3, kv_heads=3))
+        _compare(kernels, name, *qkv_dout(40, 300, np.float64, heads=3, kv_heads=1))
+        _compare(kernels, name, *qkv_dout(300, 40, np.float64, heads=3, kv_heads=3))
 
 
 def test_fused_maps_huge_logits(kernels) -> None:  # type: ignore[no-untyped-def]
@@ -126,9 +116,9 @@ def test_fused_maps_huge_logits(kernels) -> None:  # type: ignore[no-untyped-def
     float32 a logit of 1e4 is only known to ~1e-3, and the nearly one-hot weights' gradients
     move by that much between any two summation orders."""
     for name in ("softmax_maps", "map_and_raw_k"):
-        _compare(kernels, name, *_inputs(90, 90, np.float64, scale=100.0))
+        _compare(kernels, name, *qkv_dout(90, 90, np.float64, scale=100.0))
         cpu, ref = kernels[name]
-        q, k, v, _ = _inputs(90, 90, np.float32, scale=100.0)
+        q, k, v, _ = qkv_dout(90, 90, np.float32, scale=100.0)
         out, want = cpu(q, k, v), ref(q, k, v)
         assert np.isfinite(want).all()
         np.testing.assert_allclose(out, want, rtol=0, atol=1e-3 * float(np.abs(want).max()))
@@ -139,7 +129,7 @@ def test_fused_maps_nan_and_inf(kernels, dtype: type) -> None:  # type: ignore[n
     """A NaN in q and in k, +inf in q, -inf in k (elu(-inf) + 1 = 0: a finite map of a
     non-finite input, whose gradient is 0): NaN exactly where the reference has it."""
     for name in SPECS:
-        q, k, v, dout = _inputs(150, 150, dtype)
+        q, k, v, dout = qkv_dout(150, 150, dtype)
         q[0, 1, 70, 2] = np.nan
         q[1, 2, 10, 0] = np.inf
         k[0, 0, 40, 1] = np.nan
@@ -156,7 +146,7 @@ def test_fused_maps_are_the_reference_bits(kernels) -> None:  # type: ignore[no-
     n = numba_cpu.MAP_ROWS + 5
     for dtype in (np.float32, np.float64):
         for special in (False, True):
-            q, k, v, _ = _inputs(n, n, dtype, scale=30.0)
+            q, k, v, _ = qkv_dout(n, n, dtype, scale=30.0)
             if special:
                 q[0, 0, 0, :4] = [np.nan, np.inf, -np.inf, -0.0]
             _, args = cpu._common(cpu.validate(q, k, v, {}))
@@ -173,7 +163,7 @@ def test_fused_maps_gradient_by_finite_differences(kernels) -> None:  # type: ig
     on both sides of elu's kink (the reference is proved; this checks the fused chain rule)."""
     for name in ("softmax_maps", "causal_linear"):
         cpu, _ = kernels[name]
-        q, k, v, dout = _inputs(23, 23, np.float64, seed=5)
+        q, k, v, dout = qkv_dout(23, 23, np.float64, seed=5)
         grads = cpu.backward(q, k, v, dout)
         for array, index in (("q", (1, 3, 20, 2)), ("q", (0, 0, 5, 4)), ("k", (1, 1, 4, 0)),
                              ("k", (0, 0, 17, 3))):
