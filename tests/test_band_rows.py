@@ -5,10 +5,11 @@ When the mask is one linear atom or an And of them, the keys it allows a query r
 tile (a scan from the left, a binary search for its end) and computes its pairs without a mask
 test; the pairs outside it are written masked.
 
-Checked here: which plans take the scan; the generated forward has it only for them; forward and every gradient against the NumPy reference with masks whose runs start
-and end inside a tile, have slopes other than 1, and are empty for whole rows (in float64 and
-float32, GQA, positions offset, sizes that are not multiples of any tile, several tiles forced
-through ATTNDSL_CPU_TILES), and huge logits.
+Checked here: which plans take the scan; the generated forward has it only for them; forward
+and every gradient against the NumPy reference with masks whose runs start and end inside a
+tile, have slopes other than 1, and are empty for whole rows (in float64 and float32, GQA,
+positions offset, sizes that are not multiples of any tile, several tiles forced through
+ATTNDSL_CPU_TILES), and huge logits.
 """
 
 from __future__ import annotations

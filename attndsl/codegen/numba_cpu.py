@@ -1157,14 +1157,6 @@ class CpuEmitter:
         value = self.logit_value(f"s{fold_n}")
         row_sums = self._row_adjoints()
 
-        def masked_out(part: str) -> None:  # a pair the mask disallows: P, dS, g<n> = 0
-            if part == "pair":
-                w("x[ii * BKS + jj] = F(0)")
-                w("dp[ii * BKS + jj] = F(0)")
-                for n in range(len(plan.gemms)):
-                    if n != fold_n:
-                        w(f"g{n}[ii * BKS + jj] = F(0)")
-
         def body(part: str, masked: bool) -> None:
             if part == "row":
                 w("row_state = state[b, h, i]")
@@ -1186,7 +1178,11 @@ class CpuEmitter:
                 w(f"xv = {value}")
             if masked:  # if/else, not `continue`: Numba's SSA pass trips over inlined exp2
                 with w.block(f"if not ({self.mask_expr()}):"):
-                    masked_out(part)
+                    w("x[ii * BKS + jj] = F(0)")
+                    w("dp[ii * BKS + jj] = F(0)")
+                    for n in range(len(plan.gemms)):
+                        if n != fold_n:
+                            w(f"g{n}[ii * BKS + jj] = F(0)")
                 with w.block("else:"):
                     self._dscore_pair(fold_n, row_sums)
                 return
