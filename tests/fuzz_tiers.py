@@ -10,13 +10,18 @@ the target and the quantity) or whatever the project raised (classified by the c
           exactly the rows whose allowed pairs read it (no finite differences then).
   cpu     the Numba CPU target vs the IR evaluator on out and lse and vs the numpy target on
           every gradient (<= 1e-8 relative), at the case's shape and at one that spans several
-          tiles (n_q = 67, n_k = 133: partial query and key tiles).
+          tiles (n_q = 67, n_k = 133: partial query and key tiles), that one twice: with the
+          default tile and with a forward and a backward tile drawn from CPU_TILES (small and
+          odd ones, so band fitting, row scans and strips meet tile edges at many offsets).
   cuda    the same for the CUDA target under the simulator, with 4 x 4 tiles (case shape only).
   verify  `attndsl.verify(spec)` proves the gradients (report.ok).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +31,17 @@ from spec_gen import Case, arrays
 
 import attndsl
 from attndsl import check as _check
+from attndsl.runtime import tiles as _tiles
 
 OUT_RTOL = 1e-9
 GRAD_RTOL = 1e-8
 FD_RTOL = 1e-5
 FD_STEPS = (1e-5, 1.3e-6)  # a second, smaller step rules out a kink or jump inside the first
 TILED = (67, 133)  # lengths that span partial CPU tiles (64 x 128)
+# Query x key tiles the cpu tier runs TILED with too (through ATTNDSL_CPU_TILES): any tile the
+# variable accepts must give the default tile's answer, so not only the tuner's candidates.
+# Smaller than the fitting's STRIP (16), not multiples of it, and a single query row.
+CPU_TILES = ((16, 32), (8, 16), (5, 7), (24, 40), (33, 17), (1, 64), (32, 256), (128, 256))
 
 
 class Mismatch(AssertionError):
@@ -161,21 +171,36 @@ def tier_numpy(case: Case) -> None:
 
 
 def targets_agree(spec: Any, kernel: Any, reference: Any, a: dict[str, Any], target: str,
-                  oracle: bool) -> None:
-    """`kernel` vs the IR evaluator (forward, when `oracle`) and vs numpy (every gradient)."""
+                  oracle: bool, tiled: str = "tiled") -> None:
+    """`kernel` vs the IR evaluator (forward, when `oracle`) and vs numpy (every gradient);
+    `tiled` names the shape's tiles in the check when not `oracle`."""
     if oracle:
         forward_matches_oracle(spec, kernel, a, target)
     else:
         want = reference.forward(a["q"], a["k"], a["v"], return_lse=True, **_extras(a))
         got = kernel.forward(a["q"], a["k"], a["v"], return_lse=True, **_extras(a))
-        expect_close("forward vs numpy (tiled)", target, "out", got[0], want[0], OUT_RTOL)
-        expect_close("forward vs numpy (tiled)", target, "lse", got[1], want[1], OUT_RTOL)
+        expect_close(f"forward vs numpy ({tiled})", target, "out", got[0], want[0], OUT_RTOL)
+        expect_close(f"forward vs numpy ({tiled})", target, "lse", got[1], want[1], OUT_RTOL)
     args = (a["q"], a["k"], a["v"], a["dout"])
     want = reference.backward(*args, **_extras(a))
     got = kernel.backward(*args, **_extras(a))
-    check = "backward vs numpy" + ("" if oracle else " (tiled)")
+    check = "backward vs numpy" + ("" if oracle else f" ({tiled})")
     for name in want:
         expect_close(check, target, f"d{name}", got.get(name), want[name], GRAD_RTOL)
+
+
+@contextmanager
+def cpu_tiles(forward: tuple[int, int], backward: tuple[int, int]) -> Iterator[None]:
+    """The cpu kernels run these tiles inside the block (ATTNDSL_CPU_TILES, restored after)."""
+    before = os.environ.get(_tiles.VARIABLE)
+    os.environ[_tiles.VARIABLE] = f"{forward[0]}x{forward[1]},{backward[0]}x{backward[1]}"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_tiles.VARIABLE]
+        else:
+            os.environ[_tiles.VARIABLE] = before
 
 
 def tier_target(case: Case, target: str, kernel: Any = None, tiled: bool = True) -> None:
@@ -186,6 +211,12 @@ def tier_target(case: Case, target: str, kernel: Any = None, tiled: bool = True)
     if tiled:
         spec, big = _spec_and_arrays(case, *TILED)
         targets_agree(spec, kernel, reference, big, target, oracle=False)
+        if target == "cpu":  # again, on tiles drawn for the case (the failure names them)
+            rng = np.random.default_rng(case.seed)
+            forward, backward = (CPU_TILES[i] for i in rng.integers(0, len(CPU_TILES), 2))
+            label = f"tiles {forward[0]}x{forward[1]},{backward[0]}x{backward[1]}"
+            with cpu_tiles(forward, backward):
+                targets_agree(spec, kernel, reference, big, target, oracle=False, tiled=label)
 
 
 def tier_cpu(case: Case) -> None:

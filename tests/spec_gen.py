@@ -10,7 +10,8 @@ norms, dots, sums, `where` on vectors and scalars; lookups into params (`sb[h]`,
 every function (including `floor`/`ceil`/`round` once the language has them) and every operator
 with compound operands on both sides; biases, scales, softcap (a constant, a size, a param);
 params inside normalizers (`sigmoid(s + sb[h])`); linear and non-linear mask atoms (`j <= i`,
-windows, `doc[i] == doc[j]`, `//`/`%` atoms, lengths that empty rows); every normalization;
+windows, thresholds `j >= 40` up to the tiled shape's lengths, `doc[i] == doc[j]`, `//`/`%`
+atoms, lengths that empty rows); every normalization;
 heads/kv_heads with GQA; lets of every kind; and "guarded" terms whose untaken `where` branch or
 masked pairs are NaN (sqrt/log of a negative), which the contract says never reach a result.
 
@@ -174,9 +175,12 @@ class Gen:
     # ---- booleans ----
     def comparison(self, side: str, depth: int) -> str:
         template = self.pick(["causal", "window", "doc", "floordiv", "mod", "random", "length",
-                              "param"])
+                              "param", "threshold"])
         if template == "causal":
             return self.pick(["j <= i", "j < i", "j >= i", "j <= i + n_k - n_q", "j <= i - 2"])
+        if template == "threshold":  # beside a causal atom: tiles whose corners leave both
+            c = self.draw(st.integers(0, 120))  # open, but their And allows no pair
+            return self.pick([f"j >= {c}", f"j < {c}", f"i >= {c}", f"i + j >= {c}"])
         if template == "window":
             w = self.draw(st.integers(1, 4))
             return self.pick([f"i - j < {w}", f"abs(i - j) <= {w}", f"j > i - {w}"])
