@@ -203,6 +203,47 @@ def test_auto_measures_once_and_a_later_process_reads_the_choice(
     assert np.array_equal(fixed, out)  # bit for bit: the chosen tile is the one that ran
 
 
+def test_the_finalists_run_again_at_the_calls_length(
+        kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate runs at TUNE_N; the FINALISTS fastest run again at TUNE_N_LONG when the
+    call has that many pairs per head (its key says the length), and the choice is one of them,
+    the fastest there; a shorter call keeps TUNE_N throughout."""
+    candidates = ((5, 7), (16, 32), (8, 16), (24, 40))
+    monkeypatch.setattr(tiles, "CANDIDATES", candidates)
+    monkeypatch.setattr(tiles, "FINALISTS", 2)
+    monkeypatch.setattr(tiles, "TUNE_N_LONG", 48)  # 50 x 70 pairs: long; 40 x 40: not
+    ran: list[tuple[int, tuple[int, int]]] = []
+    runner = tiles._runner
+
+    def recorded(kernel: Any, call: Any, kind: str, n: int) -> Any:
+        run = runner(kernel, call, kind, n)
+
+        def timed(tile: tuple[int, int]) -> None:
+            ran.append((n, tile))
+            run(tile)
+        return timed
+
+    monkeypatch.setattr(tiles, "_runner", recorded)
+    cpu = kernels["causal"][0]
+    q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=50, n_k=70)
+    cpu.forward(q, k, v)
+    (key, choice), = tiny_tuning["measured"]
+    assert key.endswith(" | n 48")
+    first = [tile for n, tile in ran if n == 40]
+    assert first == list(candidates) * (1 + tiles.TRIALS)  # an untimed round, then TRIALS
+    finalists = {tile for n, tile in ran if n == 48}
+    assert len(finalists) == 2 and choice in finalists
+    assert len(ran) == len(first) + 2 * (1 + tiles.FINAL_TRIALS)
+
+    ran.clear()
+    q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=40, n_k=40)
+    cpu.forward(q, k, v)
+    assert tiny_tuning["measured"][1][0].endswith(" | n 40")
+    assert {n for n, _ in ran} == {40}
+    assert len(ran) == len(candidates) * (1 + tiles.TRIALS) + 2 * tiles.FINAL_TRIALS
+
+
 def test_small_calls_and_the_linear_path_measure_nothing(
         kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:

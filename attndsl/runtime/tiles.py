@@ -12,10 +12,13 @@ backward ran 1.5x slower).
 
 - `ATTNDSL_CPU_TILES` unset or `auto`: a call with at least TUNE_PAIRS (query, key) pairs per
   head uses the tile a short measurement chose; smaller calls use DEFAULT. The measurement runs
-  once per (machine, kernel source, dtype, heads, kv_heads, d, dv, threads, candidates) on arrays
-  made for it (`attndsl.demo.demo_inputs`, TUNE_N rows), forward and backward apart, each candidate
-  timed TRIALS times after a first run; the choice is kept in this process and in
-  `<kernel cache>/tiles.json`, so a later process on the same machine measures nothing.
+  once per (machine, kernel source, dtype, heads, kv_heads, d, dv, threads, candidates, length)
+  on arrays made for it (`attndsl.demo.demo_inputs`, the call's heads), forward and backward
+  apart: each candidate runs once, then TRIALS timed rounds at TUNE_N rows; the FINALISTS
+  fastest run FINAL_TRIALS more rounds at the call's length class (TUNE_N_LONG rows for calls
+  of at least TUNE_N_LONG**2 pairs per head, else TUNE_N again), which picks among them. The
+  choice is kept in this process and in `<kernel cache>/tiles.json`, so a later process on the
+  same machine measures nothing.
 - `off`: DEFAULT everywhere. `BQxBK` (`128x128`): that tile for both kernels; `BQxBK,BQxBK`:
   the forward's, then the backward's.
 
@@ -34,6 +37,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +59,15 @@ CANDIDATES = ((64, 128), (128, 128), (64, 256), (128, 64), (32, 256), (128, 256)
               (256, 256))
 TUNE_PAIRS = 1024 * 1024  # n_q * n_k from which a call is worth a measured tile
 TUNE_N = 1024  # the measurement's sequence length
-TRIALS = 3  # timed runs per candidate (the minimum counts), after one untimed run
+# ... of its final rounds for calls of at least TUNE_N_LONG**2 pairs: the best tile changes with
+# the length. On an AVX2 EPYC the causal forward's three best tiles ran within 3% of each other
+# at N = 1024 (the measurement's noise picked 128 x 128), while at 2048 256 x 256 ran 6-11%
+# ahead of them. Not on fewer heads: there the causal backward ranked its tiles otherwise
+# (128 x 128 3% behind the best on 2 heads, 29% on 8: the operands no longer fit the cache).
+TUNE_N_LONG = 2048
+TRIALS = 3  # timed rounds over every candidate, after one untimed run of each
+FINALISTS = 3  # the fastest after those rounds, timed FINAL_TRIALS more rounds at the call's
+FINAL_TRIALS = 3  # length class (after an untimed run there); the fastest of them is chosen
 KINDS = ("forward", "backward")
 VARIABLE = "ATTNDSL_CPU_TILES"
 
@@ -143,21 +155,58 @@ def tune_key(kernel: CpuKernel, call: Call, kind: str) -> str:
     source = _digest(kernel.source)
     return (f"{machine()} | {kernel.spec.name} {source} | {call.dtype.name} {kind} | "
             f"heads {s['heads']}/{s['kv_heads']} d {s['d']} dv {s['dv']} | "
-            f"threads {numba.get_num_threads()} | of {_digest(repr(CANDIDATES))[:8]}")
+            f"threads {numba.get_num_threads()} | of {_digest(repr(CANDIDATES))[:8]} | "
+            f"n {final_length(call)}")
+
+
+def final_length(call: Call) -> int:
+    """The length of the measurement's final rounds: TUNE_N_LONG for a call with that many
+    pairs per head, else TUNE_N."""
+    s = call.sizes
+    return TUNE_N_LONG if s["n_q"] * s["n_k"] >= TUNE_N_LONG * TUNE_N_LONG else TUNE_N
 
 
 def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
-    """The fastest candidate on a TUNE_N-long problem shaped like `call`."""
+    """The fastest candidate on problems shaped like `call`: all of them at TUNE_N, then the
+    FINALISTS at `final_length(call)`."""
+    seconds = dict.fromkeys(CANDIDATES, float("inf"))
+    run = _runner(kernel, call, kind, TUNE_N)
+    _rounds(run, CANDIDATES, TRIALS, seconds, warm=True)
+    finalists = tuple(sorted(CANDIDATES, key=lambda t: seconds[t])[:FINALISTS])
+    n = final_length(call)
+    if n != TUNE_N:  # another problem: the first rounds' times do not count
+        run = _runner(kernel, call, kind, n)
+        seconds = dict.fromkeys(finalists, float("inf"))
+    _rounds(run, finalists, FINAL_TRIALS, seconds, warm=n != TUNE_N)
+    return min(finalists, key=lambda t: seconds[t])
+
+
+def _rounds(run: Callable[[tuple[int, int]], None], tiles: tuple[tuple[int, int], ...],
+            count: int, seconds: dict[tuple[int, int], float], warm: bool) -> None:
+    """`count` timed rounds, after an untimed run of each tile if `warm` (compiled, memory
+    touched); `seconds[tile]`: the fastest run so far."""
+    for tile in tiles if warm else ():
+        run(tile)
+    for _ in range(count):  # round by round, so a slow spell of the machine hits them all
+        for tile in tiles:
+            start = time.perf_counter()
+            run(tile)
+            seconds[tile] = min(seconds[tile], time.perf_counter() - start)
+
+
+def _runner(kernel: CpuKernel, call: Call, kind: str, n: int
+            ) -> Callable[[tuple[int, int]], None]:
+    """Runs the `kind` kernel with a given tile on an n x n problem with `call`'s heads and
+    widths (demo arrays: the caller's are not touched)."""
     from ..demo import demo_inputs
 
     s = call.sizes
-    case = demo_inputs(kernel.spec, TUNE_N, TUNE_N, s["d"], s["dv"],
-                       heads=(s["heads"], s["kv_heads"]))
+    case = demo_inputs(kernel.spec, n, n, s["d"], s["dv"], heads=(s["heads"], s["kv_heads"]))
     q, k, v = (a.astype(call.dtype) for a in (case.q, case.k, case.v))
     extra = {name: a.astype(call.dtype) if a.dtype.kind == "f" else a
              for name, a in case.extra.items()}
     trial = kernel.validate(q, k, v, extra, 0, 0)
-    dout = np.ones((1, s["heads"], TUNE_N, s["dv"]), call.dtype)
+    dout = np.ones((1, s["heads"], n, s["dv"]), call.dtype)
     if kind == "forward":
         def run(tile: tuple[int, int]) -> None:
             kernel._run_forward(trial, tile=tile)
@@ -168,15 +217,7 @@ def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
         def run(tile: tuple[int, int]) -> None:
             kernel._backward_impl(trial, dout, out, lse if softmax else None, None,
                                   tile=tile)
-    for tile in CANDIDATES:  # the first run of each: compiled, memory touched
-        run(tile)
-    seconds = dict.fromkeys(CANDIDATES, float("inf"))
-    for _ in range(TRIALS):  # round by round, so a slow spell of the machine hits them all
-        for tile in CANDIDATES:
-            start = time.perf_counter()
-            run(tile)
-            seconds[tile] = min(seconds[tile], time.perf_counter() - start)
-    return min(CANDIDATES, key=lambda t: seconds[t])
+    return run
 
 
 def _path() -> Path:
