@@ -190,17 +190,22 @@ def targets_agree(spec: Any, kernel: Any, reference: Any, a: dict[str, Any], tar
 
 
 @contextmanager
-def cpu_tiles(forward: tuple[int, int], backward: tuple[int, int]) -> Iterator[None]:
-    """The cpu kernels run these tiles inside the block (ATTNDSL_CPU_TILES, restored after)."""
-    before = os.environ.get(_tiles.VARIABLE)
-    os.environ[_tiles.VARIABLE] = f"{forward[0]}x{forward[1]},{backward[0]}x{backward[1]}"
+def cpu_tiles(forward: tuple[int, int], backward: tuple[int, int], keys: str = "transposed"
+              ) -> Iterator[None]:
+    """The cpu kernels run these tiles and key layout inside the block (ATTNDSL_CPU_TILES,
+    ATTNDSL_CPU_KEYS, restored after)."""
+    settings = {_tiles.VARIABLE: f"{forward[0]}x{forward[1]},{backward[0]}x{backward[1]}",
+                _tiles.KEYS_VARIABLE: keys}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[_tiles.VARIABLE]
-        else:
-            os.environ[_tiles.VARIABLE] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def tier_target(case: Case, target: str, kernel: Any = None, tiled: bool = True) -> None:
@@ -214,8 +219,9 @@ def tier_target(case: Case, target: str, kernel: Any = None, tiled: bool = True)
         if target == "cpu":  # again, on tiles drawn for the case (the failure names them)
             rng = np.random.default_rng(case.seed)
             forward, backward = (CPU_TILES[i] for i in rng.integers(0, len(CPU_TILES), 2))
-            label = f"tiles {forward[0]}x{forward[1]},{backward[0]}x{backward[1]}"
-            with cpu_tiles(forward, backward):
+            keys = _tiles.LAYOUTS[int(rng.integers(0, 2))]
+            label = f"tiles {forward[0]}x{forward[1]},{backward[0]}x{backward[1]}, keys {keys}"
+            with cpu_tiles(forward, backward, keys):
                 targets_agree(spec, kernel, reference, big, target, oracle=False, tiled=label)
 
 

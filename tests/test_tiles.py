@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import cpu_helpers as H
+import nan_cases
 import numpy as np
 import pytest
 
@@ -64,6 +65,69 @@ def test_every_tile_matches_the_reference(kernels: dict[str, tuple[Any, Any]], t
     errors = H.errors(want, got)
     assert max(errors.values()) < F64_TOL, (tile, errors)
 
+
+@pytest.fixture(scope="module")
+def stored_kernels() -> dict[str, tuple[Any, Any]]:
+    return {name: (attndsl.compile(H.load_spec(name), "cpu"),
+                   attndsl.compile(H.load_spec(name), "numpy"))
+            for name in ("latent_rope", "sliding_window")}
+
+
+@pytest.mark.parametrize("tile", ["5x7", "64x128", "128x256,33x17"])
+@pytest.mark.parametrize(("name", "call"), [
+    ("alibi", {}), ("causal", {"k_offset": 20}), ("causal", {"qk_scale": 100.0}),
+    ("document", {}), ("latent_rope", {}), ("sliding_window", {})])
+def test_keys_read_as_stored_match_the_reference(
+        kernels: dict[str, tuple[Any, Any]], stored_kernels: dict[str, tuple[Any, Any]],
+        tile: str, name: str, call: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """ATTNDSL_CPU_KEYS=stored: every GEMM reads its key operand as stored (NT), the raw k
+    under GQA (alibi: 8 query heads on 2), a key-side input of its own width (latent_rope's
+    rk[j], r = 4); rows no key reaches, huge logits, a band; the forward and the backward."""
+    monkeypatch.setenv(tiles.VARIABLE, tile)
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, "stored")
+    want, got = both({**kernels, **stored_kernels}, name, **call)
+    errors = H.errors(want, got)
+    assert max(errors.values()) < F64_TOL, (tile, errors)
+    cpu = {**kernels, **stored_kernels}[name][0]
+    q, k, v, extra = H.make_inputs(H.load_spec(name), n_q=9, n_k=9)
+    call_ = cpu.validate(q, k, v, extra, 0, 0)
+    assert cpu.stored_keys(call_, "forward") and cpu.stored_keys(call_, "backward")
+
+
+@pytest.mark.parametrize("case", nan_cases.CAUSAL_CASES, ids=lambda c: c.__name__)
+def test_keys_read_as_stored_keep_the_nan_policy(case: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read as stored, the keys are checked for NaN and inf with the other operands (the
+    transposition checked them before): NaN exactly where the reference has it, masked
+    poison harmless (200 x 200 causal, GQA, 64 x 128 tiles)."""
+    monkeypatch.setenv(tiles.VARIABLE, "64x128")
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, "stored")
+    cpu, ref = (attndsl.compile(nan_cases.CAUSAL, target) for target in ("cpu", "numpy"))
+    clean = nan_cases.make(nan_cases.CAUSAL, 200, 200)
+    poisoned = clean.copy()
+    expect = case(poisoned)
+    got, want = nan_cases.run(cpu, poisoned), nan_cases.run(ref, poisoned)
+    if getattr(case, "forward_only", False):
+        got, want = ({n: r[n] for n in ("out", "lse")} for r in (got, want))
+    nan_cases.assert_same(got, want, rtol=F64_TOL, atol=F64_TOL)
+    expect(got, nan_cases.run(cpu, clean))
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    ("auto", None), ("", None), ("stored", True), (" Transposed ", False)])
+def test_key_layout_settings(value: str, want: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, value)
+    assert tiles.configured_keys() == want
+
+
+def test_a_bad_key_layout_is_named(kernels: dict[str, tuple[Any, Any]],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tiles.VARIABLE, "64x128")
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, "nt")
+    q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=9, n_k=9)
+    with pytest.raises(ValueError, match="ATTNDSL_CPU_KEYS='nt': expected 'auto', "
+                                         "'transposed' or 'stored'"):
+        kernels["causal"][0].forward(q, k, v)
 
 
 BAND_SPECS = ("sliding_window", "sliding_window_sink", "spatial_window", "prefix_lm")
@@ -149,6 +213,7 @@ def tiny_tuning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
     """Auto tiles on every call, measured on a 40-long problem over two candidates, kept in
     a tiles.json of this test; `measured` lists each measurement's (key, choice)."""
     monkeypatch.setenv(tiles.VARIABLE, "auto")
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, "transposed")  # the layout's tests set auto
     monkeypatch.setattr(tiles, "TUNE_PAIRS", 1)
     monkeypatch.setattr(tiles, "TUNE_N", 40)
     monkeypatch.setattr(tiles, "CANDIDATES", ((5, 7), (16, 32)))
@@ -219,9 +284,9 @@ def test_the_finalists_run_again_at_the_calls_length(
     def recorded(kernel: Any, call: Any, kind: str, n: int) -> Any:
         run = runner(kernel, call, kind, n)
 
-        def timed(tile: tuple[int, int]) -> None:
+        def timed(tile: tuple[int, int], stored: bool) -> None:
             ran.append((n, tile))
-            run(tile)
+            run(tile, stored)
         return timed
 
     monkeypatch.setattr(tiles, "_runner", recorded)
@@ -302,3 +367,45 @@ def test_a_failed_measurement_warns_and_runs_the_default(
         out = cpu.forward(q, k, v)
     assert H.rel_error(ref.forward(q, k, v), out) < F64_TOL
     assert not tiny_tuning["file"].exists()  # nothing stored: the next process tries again
+
+
+def test_auto_measures_the_key_layout_once_with_the_chosen_tile(
+        kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the tile, both layouts run with it, FINAL_TRIALS rounds at the call's length
+    class; the faster is kept in tiles.json beside the tile ("| keys"), read by a later
+    process, and is the layout the call runs (bit for bit)."""
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, "auto")
+    ran: list[tuple[int, tuple[int, int], bool]] = []
+    runner = tiles._runner
+
+    def recorded(kernel: Any, call: Any, kind: str, n: int) -> Any:
+        run = runner(kernel, call, kind, n)
+
+        def timed(tile: tuple[int, int], stored: bool) -> None:
+            ran.append((n, tile, stored))
+            run(tile, stored)
+        return timed
+
+    monkeypatch.setattr(tiles, "_runner", recorded)
+    cpu = kernels["alibi"][0]
+    q, k, v, extra = H.make_inputs(H.load_spec("alibi"), np.float32, n_q=50, n_k=70, seed=5)
+    out = cpu.forward(q, k, v, **extra)
+    (key, tile), = tiny_tuning["measured"]
+    layouts = ran[-2 * (1 + tiles.FINAL_TRIALS):]  # an untimed run of each, then rounds
+    assert layouts == [(tiles.TUNE_N, tile, False), (tiles.TUNE_N, tile, True)] * (
+        1 + tiles.FINAL_TRIALS)
+    assert not any(stored for *_, stored in ran[:-len(layouts)])  # the tiles: transposed
+    stored = json.loads(tiny_tuning["file"].read_text())
+    assert stored[key] == list(tile) and stored[key + " | keys"] in tiles.LAYOUTS
+    call = cpu.validate(q, k, v, extra, 0, 0)
+    chosen = cpu.stored_keys(call, "forward")
+    assert chosen == (stored[key + " | keys"] == "stored")
+
+    ran.clear()
+    tiles.forget()  # as a new process: both choices come from tiles.json
+    again = cpu.forward(q, k, v, **extra)
+    assert ran == [] and np.array_equal(again, out)
+    monkeypatch.setenv(tiles.VARIABLE, "x".join(map(str, tile)))
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, tiles.LAYOUTS[chosen])
+    assert np.array_equal(cpu.forward(q, k, v, **extra), out)  # the layout that ran

@@ -401,7 +401,8 @@ class CpuEmitter:
     def signature(self, name: str, outputs: list[str], tiled: bool = True) -> str:
         inputs = [input_name(i) for i in self.plan.inputs if not (i.is_raw_query
                                                                      or i.is_raw_key)]
-        if tiled:  # each GEMM's key-side operand transposed, [B, H', F, n_k] (see gemm_tiles)
+        if tiled:  # each GEMM's key-side operand transposed, [B, H', F, n_k], or (sz[12]) the
+            # operand itself, unread (see gemm_tiles)
             inputs += [f"kt{n}" for n in range(len(self.plan.gemms))]
         args = ["lo", "hi", "sz", "qoff", "koff", "q", "k", "v", *inputs,
                 *(f"p_{n}" for n in self.params), *(f"x_{n}" for n in self.indices), *outputs]
@@ -415,6 +416,9 @@ class CpuEmitter:
     def tile_sizes(self) -> None:
         self.w("BQ, BK = sz[9], sz[10]  # the query x key tile, chosen per machine "
                "(runtime/tiles.py); BK <= BKS")
+        if self.plan.gemms:
+            self.w("stored = sz[12] != 0  # the GEMMs read their key operands as stored (NT), "
+                   "not kt<n> (runtime/tiles.py)")
 
     def mixing_gemm(self, args: str) -> None:
         """A GEMM summing over pairs, the pair tile (weights or adjoints, 0 where masked or
@@ -592,13 +596,20 @@ class CpuEmitter:
             target, alpha = f"s{n}", "F(1)"
             if self.fold is not None and self.fold[0] == n:
                 target, alpha = folded, "alpha_fold"
-            # the key operand pre-transposed (kt<n>[b, h', f, j]): an NN sgemm with k = d
-            # short runs ~1.3x faster than NT here
+            # The key operand as stored (an NT sgemm) or transposed by the launcher
+            # (kt<n>[b, h', f, j]: an NN sgemm with k = d short), whichever ran faster on this
+            # machine: NN 1.3x faster on an AVX-512 Xeon, NT as fast and no copy on an EPYC.
             head = "hk" if bvec.is_raw_key else "h"
-            w(f"gemm_unchecked(False, False, mq, nk, {input_name(a)}.shape[3], {alpha}, "
-              f"{input_name(a)}, {self.row_offset(a, 'i0')}, {input_name(a)}.shape[3], "
-              f"kt{n}, (b * kt{n}.shape[1] + {head}) * kt{n}.shape[2] * kt{n}.shape[3] + j0, "
-              f"kt{n}.shape[3], F(0), {target}, 0, BKS)")
+            rows = (f"mq, nk, {input_name(a)}.shape[3], {alpha}, {input_name(a)}, "
+                    f"{self.row_offset(a, 'i0')}, {input_name(a)}.shape[3]")
+            with w.block("if stored:"):
+                w(f"gemm_unchecked(False, True, {rows}, {input_name(bvec)}, "
+                  f"{self.row_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3], F(0), "
+                  f"{target}, 0, BKS)")
+            with w.block("else:"):
+                w(f"gemm_unchecked(False, False, {rows}, kt{n}, "
+                  f"(b * kt{n}.shape[1] + {head}) * kt{n}.shape[2] * kt{n}.shape[3] + j0, "
+                  f"kt{n}.shape[3], F(0), {target}, 0, BKS)")
 
     def row_offset(self, item: PairInput, start: str) -> str:
         name = input_name(item)

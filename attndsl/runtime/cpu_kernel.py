@@ -140,22 +140,24 @@ class CpuKernel(Kernel):
         return self.modules[name]
 
     # ---- arguments ----
-    def _common(self, call: Call, dout: np.ndarray | None = None, tiled: bool = True
-                ) -> tuple[dict[str, Any], list[np.ndarray]]:
+    def _common(self, call: Call, dout: np.ndarray | None = None, tiled: bool = True,
+                stored: bool = False) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The rows prologue and the kernels' arguments; `tiled`: with each GEMM's key operand
-        transposed and the finiteness check of the careful path (decoding needs neither)."""
+        transposed (unless `stored`: the GEMMs then read it as stored, sz[12]) and the
+        finiteness check of the careful path (decoding needs neither)."""
         linear = self.plan.linear
         check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
         hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         s = call.sizes
         # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands (set
         # below); sz[9], sz[10]: the query x key tile (each kernel's launcher sets its own);
-        # sz[11]: every position, offset and size below numba_cpu.NARROW_LIMIT (int32 math)
+        # sz[11]: every position, offset and size below numba_cpu.NARROW_LIMIT (int32 math);
+        # sz[12]: the GEMMs read their key operands as stored, not transposed (`stored`)
         largest = max(int(call.q_offset.max()) + s["n_q"], int(call.k_offset.max()) + s["n_k"],
                       *s.values())
         narrow = largest < numba_cpu.NARROW_LIMIT
         sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
-                       1, 0, *tiles.DEFAULT, narrow], dtype=np.int64)
+                       1, 0, *tiles.DEFAULT, narrow, tiled and stored], dtype=np.int64)
         t: dict[str, Any] = {}
         maps_finite = True
         if self.plan.feature_maps:  # one fused pass (_maps_fwd) instead of the rows
@@ -183,6 +185,9 @@ class CpuKernel(Kernel):
             for r in self.plan.gemms:
                 key = self.plan.inputs_of_gemm(r)[1]
                 value = call.k if key.is_raw_key else by_node[id(key.node)]
+                if stored:  # read as it is (kt<n> unread): checked with the other operands
+                    inputs.append(value)
+                    continue
                 value_t = buffers.empty(value.shape[:2] + value.shape[:1:-1], value.dtype)
                 with _PARALLEL:
                     finite = transposed_rows(value, value_t)
@@ -251,17 +256,27 @@ class CpuKernel(Kernel):
         """The (query, key) tile of the "forward" or "backward" kernel for this call."""
         return tiles.choose(self, call, kind)
 
+    def stored_keys(self, call: Call, kind: str) -> bool:
+        """Whether the "forward" or "backward" kernel's GEMMs read their key operands as
+        stored for this call (else transposed first)."""
+        return bool(self.plan.gemms) and tiles.choose_keys(self, call, kind)
+
     def _run_forward(self, call: Call, common: tuple[dict[str, Any], list[np.ndarray]] | None
-                     = None, tile: tuple[int, int] | None = None
+                     = None, tile: tuple[int, int] | None = None, stored: bool | None = None
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """`common`: `_common`'s result when the caller already has it (the backward);
-        `tile`: the tile to run (the tuner's trials), else the one chosen for this call."""
+        `tile`, `stored`: the tile and key layout to run (the tuner's trials), else the ones
+        chosen for this call."""
         from .cpu_intrinsics import single_threaded_blas
 
         s = call.sizes
         if common is None and self._decoding(s):
             return self._run_decode(call)
-        t, args = self._common(call) if common is None else common
+        if common is None:
+            if stored is None:
+                stored = self.stored_keys(call, "forward")
+            common = self._common(call, stored=stored)
+        t, args = common
         # the tiled forward writes every row of out (finish_rows); the linear one adds to it
         out = (buffers.zeros if self.plan.linear_path else buffers.empty)(
             (s["B"], s["heads"], s["n_q"], s["dv"]), call.dtype)
@@ -313,14 +328,19 @@ class CpuKernel(Kernel):
         return out, state if self.spec.normalize.kind is NormKind.SOFTMAX else None
 
     def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any,
-                       tile: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-        """`tile`: the backward kernel's tile (the tuner's trials), else the one chosen."""
+                       tile: tuple[int, int] | None = None, stored: bool | None = None
+                       ) -> dict[str, np.ndarray]:
+        """`tile`, `stored`: the backward kernel's tile and key layout (the tuner's trials),
+        else the ones chosen."""
         from .cpu_intrinsics import single_threaded_blas
 
         norm = self.spec.normalize.kind
         softmax = norm is NormKind.SOFTMAX
-        # one rows pass and one finiteness check, shared with a recomputed forward
-        t, args = self._common(call, dout)
+        if stored is None:
+            stored = not self.plan.linear_path and self.stored_keys(call, "backward")
+        # one rows pass and one finiteness check, shared with a recomputed forward (which
+        # then reads the keys in the backward's layout)
+        t, args = self._common(call, dout, stored=stored)
         if self.plan.linear_path:
             return self._linear_backward(call, t, args, dout, out)
         if out is None or (softmax and lse is None) or norm is NormKind.SUM:

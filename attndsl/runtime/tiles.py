@@ -22,6 +22,15 @@ backward ran 1.5x slower).
 - `off`: DEFAULT everywhere. `BQxBK` (`128x128`): that tile for both kernels; `BQxBK,BQxBK`:
   the forward's, then the backward's.
 
+The key operands' layout is chosen the same way, after the tile: the launcher transposes each
+GEMM's key operand ([B, H, n_k, F] -> [B, H, F, n_k], an NN product with the short k = F: 1.3x
+faster than NT on an AVX-512 Xeon), or the GEMMs read it as stored (NT: as fast on an AVX2
+EPYC, where the transposed copy cost 0.6 ms of a 10 ms sliding window forward at N = 2048).
+With `ATTNDSL_CPU_KEYS` unset or `auto`, calls of at least TUNE_PAIRS pairs per head use the
+layout that ran faster with the chosen tile (both run FINAL_TRIALS rounds at the call's length
+class, kept in tiles.json beside the tile); smaller calls, and `transposed`, transpose;
+`stored` reads the keys as stored.
+
 Results depend on the tile only through rounding (the order of the sums); every call with the
 same key uses the same tile, in this process and the next, so they are reproducible run after
 run on one machine.
@@ -70,9 +79,12 @@ FINALISTS = 3  # the fastest after those rounds, timed FINAL_TRIALS more rounds 
 FINAL_TRIALS = 3  # length class (after an untimed run there); the fastest of them is chosen
 KINDS = ("forward", "backward")
 VARIABLE = "ATTNDSL_CPU_TILES"
+KEYS_VARIABLE = "ATTNDSL_CPU_KEYS"
+LAYOUTS = ("transposed", "stored")  # the key operands' layouts (tiles.json spells them so)
 
 _lock = threading.RLock()  # the backward's measurement may choose the forward's tile
 _chosen: dict[str, tuple[int, int]] = {}
+_layouts: dict[str, bool] = {}  # tune_key + " | keys": whether the keys are read as stored
 _machine: str | None = None
 
 
@@ -102,6 +114,69 @@ def _measured(kernel: CpuKernel, call: Call, kind: str, key: str) -> tuple[int, 
                       f"this process (set {VARIABLE} to choose one)", stacklevel=5)
         return DEFAULT
     return _store(key, tile)
+
+
+def choose_keys(kernel: CpuKernel, call: Call, kind: str) -> bool:
+    """Whether the `kind` kernel's GEMMs read their key operands as stored for this call (else
+    the launcher transposes them)."""
+    fixed = configured_keys()
+    if fixed is not None:
+        return fixed
+    s = call.sizes
+    if kernel.plan.linear_path or s["n_q"] * s["n_k"] < TUNE_PAIRS:
+        return False
+    tile = choose(kernel, call, kind)
+    key = tune_key(kernel, call, kind) + " | keys"
+    with _lock:
+        if key not in _layouts:
+            layout = _read().get(key)
+            if layout in LAYOUTS:
+                _layouts[key] = layout == "stored"
+            else:
+                _layouts[key] = _measured_keys(kernel, call, kind, tile, key)
+        return _layouts[key]
+
+
+def _measured_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, int],
+                   key: str) -> bool:
+    """The layout that ran faster with `tile`, stored; transposed for this process, with a
+    warning, if the measurement failed."""
+    try:
+        stored = measure_keys(kernel, call, kind, tile)
+    except Exception as err:  # noqa: BLE001 -- an optimization must not break the call
+        warnings.warn(f"attndsl could not measure the cpu key layout of '{kernel.spec.name}' "
+                      f"({type(err).__name__}: {err}); it transposes the keys in this process "
+                      f"(set {KEYS_VARIABLE} to choose)", stacklevel=5)
+        return False
+    _store(key, LAYOUTS[stored])
+    return stored
+
+
+def measure_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, int]) -> bool:
+    """Whether reading the keys as stored ran faster than transposing them: both with `tile`,
+    FINAL_TRIALS rounds at `final_length(call)` after an untimed run of each."""
+    run = _runner(kernel, call, kind, final_length(call))
+    seconds = dict.fromkeys((False, True), float("inf"))
+    for stored in seconds:
+        run(tile, stored)
+    for _ in range(FINAL_TRIALS):
+        for stored in seconds:
+            start = time.perf_counter()
+            run(tile, stored)
+            seconds[stored] = min(seconds[stored], time.perf_counter() - start)
+    return seconds[True] < seconds[False]
+
+
+def configured_keys() -> bool | None:
+    """Whether ATTNDSL_CPU_KEYS reads the keys as stored (True), transposes them (False), or
+    leaves it to the measurement (None: `auto`)."""
+    text = os.environ.get(KEYS_VARIABLE, "auto").strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text not in LAYOUTS:
+        raise ValueError(f"{KEYS_VARIABLE}={os.environ[KEYS_VARIABLE]!r}: expected 'auto', "
+                         "'transposed' or 'stored'")
+    return text == "stored"
 
 
 def configured() -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -171,7 +246,7 @@ def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     FINALISTS at `final_length(call)`."""
     seconds = dict.fromkeys(CANDIDATES, float("inf"))
     run = _runner(kernel, call, kind, TUNE_N)
-    _rounds(run, CANDIDATES, TRIALS, seconds, warm=True)
+    _rounds(run, CANDIDATES, TRIALS, seconds, warm=True)  # the keys transposed
     finalists = tuple(sorted(CANDIDATES, key=lambda t: seconds[t])[:FINALISTS])
     n = final_length(call)
     if n != TUNE_N:  # another problem: the first rounds' times do not count
@@ -181,23 +256,23 @@ def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     return min(finalists, key=lambda t: seconds[t])
 
 
-def _rounds(run: Callable[[tuple[int, int]], None], tiles: tuple[tuple[int, int], ...],
+def _rounds(run: Callable[[tuple[int, int], bool], None], tiles: tuple[tuple[int, int], ...],
             count: int, seconds: dict[tuple[int, int], float], warm: bool) -> None:
     """`count` timed rounds, after an untimed run of each tile if `warm` (compiled, memory
     touched); `seconds[tile]`: the fastest run so far."""
     for tile in tiles if warm else ():
-        run(tile)
+        run(tile, False)
     for _ in range(count):  # round by round, so a slow spell of the machine hits them all
         for tile in tiles:
             start = time.perf_counter()
-            run(tile)
+            run(tile, False)
             seconds[tile] = min(seconds[tile], time.perf_counter() - start)
 
 
 def _runner(kernel: CpuKernel, call: Call, kind: str, n: int
-            ) -> Callable[[tuple[int, int]], None]:
-    """Runs the `kind` kernel with a given tile on an n x n problem with `call`'s heads and
-    widths (demo arrays: the caller's are not touched)."""
+            ) -> Callable[[tuple[int, int], bool], None]:
+    """Runs the `kind` kernel with a given tile and key layout (stored or not) on an n x n
+    problem with `call`'s heads and widths (demo arrays: the caller's are not touched)."""
     from ..demo import demo_inputs
 
     s = call.sizes
@@ -208,15 +283,15 @@ def _runner(kernel: CpuKernel, call: Call, kind: str, n: int
     trial = kernel.validate(q, k, v, extra, 0, 0)
     dout = np.ones((1, s["heads"], n, s["dv"]), call.dtype)
     if kind == "forward":
-        def run(tile: tuple[int, int]) -> None:
-            kernel._run_forward(trial, tile=tile)
+        def run(tile: tuple[int, int], stored: bool) -> None:
+            kernel._run_forward(trial, tile=tile, stored=stored)
     else:
-        out, lse, _ = kernel._run_forward(trial, tile=DEFAULT)
+        out, lse, _ = kernel._run_forward(trial, tile=DEFAULT, stored=False)
         softmax = kernel.spec.normalize.kind is NormKind.SOFTMAX
 
-        def run(tile: tuple[int, int]) -> None:
+        def run(tile: tuple[int, int], stored: bool) -> None:
             kernel._backward_impl(trial, dout, out, lse if softmax else None, None,
-                                  tile=tile)
+                                  tile=tile, stored=stored)
     return run
 
 
@@ -242,19 +317,20 @@ def _stored(key: str) -> tuple[int, int] | None:
     return None
 
 
-def _store(key: str, tile: tuple[int, int]) -> tuple[int, int]:
-    """Adds the choice to tiles.json (a temp file renamed over it: readers never see half a
-    file; two processes measuring at once both store a valid choice)."""
+def _store(key: str, tile: Any) -> Any:
+    """Adds the choice (a tile, or a layout's name) to tiles.json (a temp file renamed over
+    it: readers never see half a file; two processes measuring at once both store a valid
+    choice)."""
     path = _path()
     data = _read()
-    data[key] = list(tile)
+    data[key] = list(tile) if isinstance(tile, tuple) else tile
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".tiles-{uuid.uuid4().hex}.json")
         temp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(temp, path)
     except OSError as err:
-        warnings.warn(f"the measured cpu tile could not be kept in {path} ({err.strerror}); "
+        warnings.warn(f"the measured cpu choice could not be kept in {path} ({err.strerror}); "
                       "it is measured again in the next process", stacklevel=4)
     return tile
 
@@ -263,3 +339,4 @@ def forget() -> None:
     """Drop this process's choices (tests; tiles.json is left as it is)."""
     with _lock:
         _chosen.clear()
+        _layouts.clear()
