@@ -12,9 +12,10 @@ positions), float32, d = dv = 64. Reports medians, ratios (other / attndsl: abov
 attndsl is faster), and the bytes of K and V read per second against the machine's copy
 bandwidth (NumPy copying 256 MiB with every thread, read + write counted).
 
-Each timed call starts after a PAUSE_S pause: torch's OpenMP threads spin for 3-10 ms after
-each torch call, and a 2 ms decoding call right after SDPA shared the 2 cores with them the
-whole time (see benchmarks/bench_cpu.py).
+Each timed call runs warm on a quiet machine, as in benchmarks/bench_cpu.py: a PAUSE_S pause
+(torch's OpenMP threads spin for 3-10 ms after each torch call: a 2 ms decoding call right
+after SDPA shared the 2 cores with them the whole time), then an untimed call (after the
+pause, an idle helper thread woke 1.8-2.8 ms late on these VMs), then the timed one.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from attndsl.runtime import cpu_kernel
 D = 64
 # (B, heads, kv_heads, n_q, n_k): the issue's target first, then the grid it names
 TARGET = (1, 8, 2, 1, 32768)
-PAUSE_S = 0.02  # before each timed call: the previous contender's threads go idle
+PAUSE_S = 0.01  # before each timed call: the previous contender's threads go idle
 GRID = [TARGET, (1, 8, 2, 1, 4096), (1, 8, 2, 1, 131072), (4, 8, 2, 1, 32768),
         (1, 8, 8, 1, 32768), (1, 8, 1, 1, 32768), (1, 8, 2, 2, 32768), (1, 8, 8, 4, 32768),
         (1, 8, 2, 16, 32768)]
@@ -103,6 +104,7 @@ def case(torch, kernel, ref, shape, rounds: int) -> dict:  # type: ignore[no-unt
     for _ in range(rounds):
         for name, run in runs.items():
             time.sleep(PAUSE_S)
+            run()  # untimed: this contender's threads are awake for the timed call
             times[name].append(_timed(run))
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {"shape": shape, "medians": medians, "errors": errors,
