@@ -25,7 +25,7 @@ backward ran 1.5x slower).
 The key operands' layout is chosen the same way, after the tile: the launcher transposes each
 GEMM's key operand ([B, H, n_k, F] -> [B, H, F, n_k], an NN product with the short k = F: 1.3x
 faster than NT on an AVX-512 Xeon), or the GEMMs read it as stored (NT: as fast on an AVX2
-EPYC, where the transposed copy cost 0.6 ms of a 10 ms sliding window forward at N = 2048).
+EPYC, where the copy cost 0.5 ms of a 9.5 ms sliding window forward at N = 2048).
 With `ATTNDSL_CPU_KEYS` unset or `auto`, calls of at least TUNE_PAIRS pairs per head use the
 layout that ran faster with the chosen tile (both run FINAL_TRIALS rounds at the call's length
 class, kept in tiles.json beside the tile); smaller calls, and `transposed`, transpose;
