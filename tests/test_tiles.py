@@ -268,6 +268,23 @@ def test_auto_measures_once_and_a_later_process_reads_the_choice(
     assert np.array_equal(fixed, out)  # bit for bit: the chosen tile is the one that ran
 
 
+def recorded_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple[int, int], bool]]:
+    """Every run of the measurements from here on, in order: (length, tile, keys stored)."""
+    ran: list[tuple[int, tuple[int, int], bool]] = []
+    runner = tiles._runner
+
+    def recorded(kernel: Any, call: Any, kind: str, n: int) -> Any:
+        run = runner(kernel, call, kind, n)
+
+        def timed(tile: tuple[int, int], stored: bool) -> None:
+            ran.append((n, tile, stored))
+            run(tile, stored)
+        return timed
+
+    monkeypatch.setattr(tiles, "_runner", recorded)
+    return ran
+
+
 def test_the_finalists_run_again_at_the_calls_length(
         kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,26 +295,15 @@ def test_the_finalists_run_again_at_the_calls_length(
     monkeypatch.setattr(tiles, "CANDIDATES", candidates)
     monkeypatch.setattr(tiles, "FINALISTS", 2)
     monkeypatch.setattr(tiles, "TUNE_N_LONG", 48)  # 50 x 70 pairs: long; 40 x 40: not
-    ran: list[tuple[int, tuple[int, int]]] = []
-    runner = tiles._runner
-
-    def recorded(kernel: Any, call: Any, kind: str, n: int) -> Any:
-        run = runner(kernel, call, kind, n)
-
-        def timed(tile: tuple[int, int], stored: bool) -> None:
-            ran.append((n, tile))
-            run(tile, stored)
-        return timed
-
-    monkeypatch.setattr(tiles, "_runner", recorded)
+    ran = recorded_runs(monkeypatch)
     cpu = kernels["causal"][0]
     q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=50, n_k=70)
     cpu.forward(q, k, v)
     (key, choice), = tiny_tuning["measured"]
     assert key.endswith(" | n 48")
-    first = [tile for n, tile in ran if n == 40]
+    first = [tile for n, tile, _ in ran if n == 40]
     assert first == list(candidates) * (1 + tiles.TRIALS)  # an untimed round, then TRIALS
-    finalists = {tile for n, tile in ran if n == 48}
+    finalists = {tile for n, tile, _ in ran if n == 48}
     assert len(finalists) == 2 and choice in finalists
     assert len(ran) == len(first) + 2 * (1 + tiles.FINAL_TRIALS)
 
@@ -305,7 +311,7 @@ def test_the_finalists_run_again_at_the_calls_length(
     q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=40, n_k=40)
     cpu.forward(q, k, v)
     assert tiny_tuning["measured"][1][0].endswith(" | n 40")
-    assert {n for n, _ in ran} == {40}
+    assert {n for n, *_ in ran} == {40}
     assert len(ran) == len(candidates) * (1 + tiles.TRIALS) + 2 * tiles.FINAL_TRIALS
 
 
@@ -376,18 +382,7 @@ def test_auto_measures_the_key_layout_once_with_the_chosen_tile(
     class; the faster is kept in tiles.json beside the tile ("| keys"), read by a later
     process, and is the layout the call runs (bit for bit)."""
     monkeypatch.setenv(tiles.KEYS_VARIABLE, "auto")
-    ran: list[tuple[int, tuple[int, int], bool]] = []
-    runner = tiles._runner
-
-    def recorded(kernel: Any, call: Any, kind: str, n: int) -> Any:
-        run = runner(kernel, call, kind, n)
-
-        def timed(tile: tuple[int, int], stored: bool) -> None:
-            ran.append((n, tile, stored))
-            run(tile, stored)
-        return timed
-
-    monkeypatch.setattr(tiles, "_runner", recorded)
+    ran = recorded_runs(monkeypatch)
     cpu = kernels["alibi"][0]
     q, k, v, extra = H.make_inputs(H.load_spec("alibi"), np.float32, n_q=50, n_k=70, seed=5)
     out = cpu.forward(q, k, v, **extra)

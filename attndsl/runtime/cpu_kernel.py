@@ -258,8 +258,9 @@ class CpuKernel(Kernel):
 
     def stored_keys(self, call: Call, kind: str) -> bool:
         """Whether the "forward" or "backward" kernel's GEMMs read their key operands as
-        stored for this call (else transposed first)."""
-        return bool(self.plan.gemms) and tiles.choose_keys(self, call, kind)
+        stored for this call (else transposed first; the linear path has no key tiles)."""
+        return (bool(self.plan.gemms) and not self.plan.linear_path
+                and tiles.choose_keys(self, call, kind))
 
     def _run_forward(self, call: Call, common: tuple[dict[str, Any], list[np.ndarray]] | None
                      = None, tile: tuple[int, int] | None = None, stored: bool | None = None
@@ -337,7 +338,7 @@ class CpuKernel(Kernel):
         norm = self.spec.normalize.kind
         softmax = norm is NormKind.SOFTMAX
         if stored is None:
-            stored = not self.plan.linear_path and self.stored_keys(call, "backward")
+            stored = self.stored_keys(call, "backward")
         # one rows pass and one finiteness check, shared with a recomputed forward (which
         # then reads the keys in the backward's layout)
         t, args = self._common(call, dout, stored=stored)

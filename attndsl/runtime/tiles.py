@@ -81,6 +81,7 @@ KINDS = ("forward", "backward")
 VARIABLE = "ATTNDSL_CPU_TILES"
 KEYS_VARIABLE = "ATTNDSL_CPU_KEYS"
 LAYOUTS = ("transposed", "stored")  # the key operands' layouts (tiles.json spells them so)
+Trial = tuple[tuple[int, int], bool]  # a tile, and whether the keys are read as stored
 
 _lock = threading.RLock()  # the backward's measurement may choose the forward's tile
 _chosen: dict[str, tuple[int, int]] = {}
@@ -155,16 +156,11 @@ def _measured_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, in
 def measure_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, int]) -> bool:
     """Whether reading the keys as stored ran faster than transposing them: both with `tile`,
     FINAL_TRIALS rounds at `final_length(call)` after an untimed run of each."""
-    run = _runner(kernel, call, kind, final_length(call))
-    seconds = dict.fromkeys((False, True), float("inf"))
-    for stored in seconds:
-        run(tile, stored)
-    for _ in range(FINAL_TRIALS):
-        for stored in seconds:
-            start = time.perf_counter()
-            run(tile, stored)
-            seconds[stored] = min(seconds[stored], time.perf_counter() - start)
-    return seconds[True] < seconds[False]
+    trials = ((tile, False), (tile, True))
+    seconds = dict.fromkeys(trials, float("inf"))
+    _rounds(_runner(kernel, call, kind, final_length(call)), trials, FINAL_TRIALS, seconds,
+            warm=True)
+    return seconds[tile, True] < seconds[tile, False]
 
 
 def configured_keys() -> bool | None:
@@ -244,29 +240,30 @@ def final_length(call: Call) -> int:
 def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     """The fastest candidate on problems shaped like `call`: all of them at TUNE_N, then the
     FINALISTS at `final_length(call)`."""
-    seconds = dict.fromkeys(CANDIDATES, float("inf"))
+    trials = tuple((tile, False) for tile in CANDIDATES)  # the keys transposed
+    seconds = dict.fromkeys(trials, float("inf"))
     run = _runner(kernel, call, kind, TUNE_N)
-    _rounds(run, CANDIDATES, TRIALS, seconds, warm=True)  # the keys transposed
-    finalists = tuple(sorted(CANDIDATES, key=lambda t: seconds[t])[:FINALISTS])
+    _rounds(run, trials, TRIALS, seconds, warm=True)
+    finalists = tuple(sorted(trials, key=lambda t: seconds[t])[:FINALISTS])
     n = final_length(call)
     if n != TUNE_N:  # another problem: the first rounds' times do not count
         run = _runner(kernel, call, kind, n)
         seconds = dict.fromkeys(finalists, float("inf"))
     _rounds(run, finalists, FINAL_TRIALS, seconds, warm=n != TUNE_N)
-    return min(finalists, key=lambda t: seconds[t])
+    return min(finalists, key=lambda t: seconds[t])[0]
 
 
-def _rounds(run: Callable[[tuple[int, int], bool], None], tiles: tuple[tuple[int, int], ...],
-            count: int, seconds: dict[tuple[int, int], float], warm: bool) -> None:
-    """`count` timed rounds, after an untimed run of each tile if `warm` (compiled, memory
-    touched); `seconds[tile]`: the fastest run so far."""
-    for tile in tiles if warm else ():
-        run(tile, False)
+def _rounds(run: Callable[[tuple[int, int], bool], None], trials: tuple[Trial, ...],
+            count: int, seconds: dict[Trial, float], warm: bool) -> None:
+    """`count` timed rounds, after an untimed run of each trial if `warm` (compiled, memory
+    touched); `seconds[trial]`: the fastest run so far."""
+    for trial in trials if warm else ():
+        run(*trial)
     for _ in range(count):  # round by round, so a slow spell of the machine hits them all
-        for tile in tiles:
+        for trial in trials:
             start = time.perf_counter()
-            run(tile, False)
-            seconds[tile] = min(seconds[tile], time.perf_counter() - start)
+            run(*trial)
+            seconds[trial] = min(seconds[trial], time.perf_counter() - start)
 
 
 def _runner(kernel: CpuKernel, call: Call, kind: str, n: int
