@@ -688,3 +688,23 @@ def test_round_of_opaque_functions_of_numbers_evaluates_and_the_proof_runs() -> 
     assert report.ok, str(report)
     assert [c.what for c in report.checks if c.what.startswith("proof")] == [
         "proof dq", "proof dk", "proof dv", "proof dsb", "proof dtable", "proof dkr"]
+
+
+# ---- fuzz seed 11300: the sign of a float expression that holds integer positions -----------
+
+# abs(u)'s derivative is sign(u), which SymPy calls an integer for any real u; cpu printed the
+# whole sign(...) as integer math, so `max(j - i, 0.5)` inside it met an uncast int64
+# (Numba TypingError: maximum(float64, int64) while compiling the backward)
+SIGN_OF_A_FLOAT_OF_POSITIONS = """attention fuzz {
+    param kr[n]
+    param pos[n_k]
+    softcap (d + 1)
+    normalize sum
+    scale (1 + sigmoid(abs(pos[j])))
+    score (abs(log(max((kr[n_k - 1 - j] / max((j - i), 0.5)), 0.5))) + 0.5)
+}"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_fuzz_sign_of_a_float_of_positions_matches_the_ir_evaluator(target: str) -> None:
+    _check_against_oracle(SIGN_OF_A_FLOAT_OF_POSITIONS, target, 0)

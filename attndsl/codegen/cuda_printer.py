@@ -81,8 +81,6 @@ class CudaPrinter:
             return self.const(e)
         if type(e) in ROUNDING:
             return self._rounded(e)
-        if isinstance(e, sp.sign) and not integer_valued(e.args[0]):  # SymPy calls it an
-            return self._inline(e)  # integer, but the sign of a float NaN is NaN
         if integer_valued(e) and not isinstance(e, sp.Symbol) and not (
                 isinstance(e, (sp.Add, sp.Mul)) and e.has(*ROUNDING)):
             return f"F({self.int_(e)})"

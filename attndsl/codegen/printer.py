@@ -25,8 +25,13 @@ RELATIONS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equ
 
 def integer_valued(e: sp.Basic) -> bool:
     """Integer-valued in the spec's sense. SymPy cannot tell for i % (n_k - 4) or z // w (is
-    the divisor 0?), but the checker lets `//` and `%` take integers only."""
-    if e.is_integer or isinstance(e, (sp.floor, sp.ceiling, fn.Round)):
+    the divisor 0?), but the checker lets `//` and `%` take integers only. SymPy calls sign(x)
+    an integer for any real x, but the sign of a float NaN is NaN: only an integer's is."""
+    if isinstance(e, (sp.floor, sp.ceiling, fn.Round)):
+        return True
+    if isinstance(e, sp.sign):
+        return integer_valued(e.args[0])
+    if e.is_integer and not e.has(sp.sign):
         return True
     if isinstance(e, (sp.Mod, sp.Add, sp.Mul, sp.Max, sp.Min, sp.Abs)):
         return all(integer_valued(a) for a in e.args)

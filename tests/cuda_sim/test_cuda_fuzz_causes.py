@@ -161,6 +161,15 @@ def test_cuda_abs_gradient_sign(text):
     assert_cuda_agrees(text, moved=("pos",))
 
 
+def test_cuda_sign_of_a_float_of_positions():
+    """sign(log(max(kr[..] / max(j - i, 0.5), 0.5))): a float of integer positions under a sign
+    SymPy calls an integer (fuzz seed 11300 broke the cpu target on it)."""
+    assert_cuda_agrees("param kr[n_k]\n    param pos[n_k]\n    softcap (d + 1)\n"
+                       "    normalize sum\n    scale (1 + sigmoid(abs(pos[j])))\n"
+                       "    score (abs(log(max((kr[n_k - 1 - j] / max((j - i), 0.5)), 0.5)))"
+                       " + 0.5)", moved=("kr", "pos"))
+
+
 # ---- param_only_vectors: a projection of a vector of params alone ---------------------------
 
 
