@@ -32,6 +32,7 @@ from spec_gen import Case, arrays
 import attndsl
 from attndsl import check as _check
 from attndsl.runtime import tiles as _tiles
+from attndsl.runtime.cpu_intrinsics import PANEL
 
 OUT_RTOL = 1e-9
 GRAD_RTOL = 1e-8
@@ -219,7 +220,8 @@ def tier_target(case: Case, target: str, kernel: Any = None, tiled: bool = True)
         if target == "cpu":  # again, on tiles drawn for the case (the failure names them)
             rng = np.random.default_rng(case.seed)
             forward, backward = (CPU_TILES[i] for i in rng.integers(0, len(CPU_TILES), 2))
-            keys = _tiles.LAYOUTS[int(rng.integers(0, 2))]
+            fit = forward[1] % PANEL == 0 and backward[1] % PANEL == 0  # packed needs it
+            keys = _tiles.LAYOUTS[int(rng.integers(0, 3 if fit else 2))]
             label = f"tiles {forward[0]}x{forward[1]},{backward[0]}x{backward[1]}, keys {keys}"
             with cpu_tiles(forward, backward, keys):
                 targets_agree(spec, kernel, reference, big, target, oracle=False, tiled=label)

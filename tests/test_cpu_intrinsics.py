@@ -178,6 +178,78 @@ def test_transposed_rows_copies_and_checks_finiteness(dtype) -> None:
             np.testing.assert_array_equal(yt, np.swapaxes(y, 2, 3))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)
+def test_key_and_value_panels_copy_pad_and_check(dtype) -> None:
+    """key_panels: panel p holds keys p*16 .. p*16+15 as columns, zeros past the last key, and
+    its finiteness flag catches a NaN or inf in any key; value_panels: panel p holds columns
+    p*16 .. p*16+15 of every row."""
+    rng = np.random.default_rng(1)
+    for n in (1, 15, 16, 17, 131):
+        x = rng.standard_normal((2, 3, n, 5)).astype(dtype)
+        panels = -(-n // ci.PANEL)
+        out = np.full((2, 3, panels, 5, ci.PANEL), np.nan, dtype)
+        assert ci.key_panels(x, out)
+        padded = np.zeros((2, 3, panels * ci.PANEL, 5), dtype)
+        padded[:, :, :n] = x
+        want = padded.reshape(2, 3, panels, ci.PANEL, 5).transpose(0, 1, 2, 4, 3)
+        np.testing.assert_array_equal(out, want)
+        for where, value in (((0, 0, 0, 0), np.nan), ((1, 2, n - 1, 4), -np.inf)):
+            y = x.copy()
+            y[where] = value
+            assert not ci.key_panels(y, np.empty_like(out))
+    v = rng.standard_normal((2, 3, 37, 32)).astype(dtype)
+    vp = np.empty((2, 3, 2, 37, ci.PANEL), dtype)
+    ci.value_panels(v, vp)
+    np.testing.assert_array_equal(vp, v.reshape(2, 3, 37, 2, ci.PANEL).transpose(0, 1, 3, 2, 4))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_micro_gemm_every_row_count_panel_and_offset(dtype, accumulate: bool) -> None:
+    """C (+)= alpha A @ B by the micro-kernel: every row count 0..14 (whole 6-row blocks and
+    each tail of 1..5 rows), column counts within, at and past a panel (the last panel is
+    written whole, from B's zero padding), k = 0, 1 and 70, tiles at offsets inside bigger
+    buffers, nothing written outside the tile; A as stored and transposed (a_step); B as
+    packed keys (key_panels) and as a row-major matrix read in place."""
+    rng = np.random.default_rng(2)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+
+    def run(m: int, wide: int, args: tuple, b_tile: np.ndarray, alpha: float) -> None:
+        ldc, c_off = wide + 5, 3
+        c0 = rng.standard_normal(c_off + m * ldc + 4).astype(dtype)
+        for a, a_off, lda, a_step, A in operands:
+            c = c0.copy()
+            ci.micro_gemm(m, *args[:1], k, alpha, a, a_off, lda, a_step, *args[1:], accumulate,
+                          c, c_off, ldc)
+            want = c0.copy()
+            tile = _tile(want, c_off, m, wide, ldc)
+            tile[:] = tile * accumulate + alpha * A @ b_tile
+            np.testing.assert_allclose(c, want, rtol=tol, atol=tol)  # outside: untouched
+
+    for m in range(15):
+        for n, k in ((1, 70), (16, 1), (17, 0), (40, 70)):
+            # A as stored (rows k + 3 apart) and transposed (A^T stored, rows m + 2 apart)
+            lda, a_off, ldt = k + 3, 7, m + 2
+            a = rng.standard_normal(a_off + m * lda + 2).astype(dtype)
+            at = rng.standard_normal(a_off + k * ldt + 2).astype(dtype)
+            operands = [(a, a_off, lda, 1, _tile(a, a_off, m, k, lda)),
+                        (at, a_off, 1, ldt, _tile(at, a_off, k, m, ldt).T)]
+            # the keys of the second of two heads, packed: C = alpha A @ keys^T, zero-padded
+            keys = rng.standard_normal((1, 2, n, k)).astype(dtype)
+            panels = -(-n // ci.PANEL)
+            kp = np.empty((1, 2, panels, k, ci.PANEL), dtype)
+            ci.key_panels(keys, kp)
+            padded = np.zeros((panels * ci.PANEL, k), dtype)
+            padded[:n] = keys[0, 1]
+            run(m, panels * ci.PANEL, (n, kp, panels * k * ci.PANEL, ci.PANEL, k * ci.PANEL),
+                padded.T, 0.5)
+            # a row-major B (row stride 2 PANEL + 1) read in place, PANEL columns at a time
+            ldb = 2 * ci.PANEL + 1
+            b = rng.standard_normal(2 + k * ldb).astype(dtype)
+            run(m, 2 * ci.PANEL, (2 * ci.PANEL, b, 2, ldb, ci.PANEL),
+                _tile(b, 2, k, 2 * ci.PANEL, ldb), 1.0)
+
+
 def test_single_threaded_blas_restores_thread_count() -> None:
     before = ci.blas_num_threads()
     if before is None:

@@ -35,15 +35,15 @@ def kernels() -> dict[str, tuple[Any, Any]]:
             for name in ("alibi", "causal", "document")}
 
 
-def both(kernels: dict[str, tuple[Any, Any]], name: str, **call: Any
+def both(kernels: dict[str, tuple[Any, Any]], name: str, d: int = 5, dv: int = 3, **call: Any
          ) -> tuple[dict[str, Any], dict[str, Any]]:
     cpu, ref = kernels[name]
     spec = H.load_spec(name)
     call = dict(call)  # the parameters' dict is shared by every tile
     qk_scale = call.pop("qk_scale", 1.0)
     q, k, v, extra = H.make_inputs(spec, np.float64, B=2, heads=4, kv_heads=2, n_q=67, n_k=131,
-                                   d=5, dv=3, qk_scale=qk_scale, seed=3)
-    G = np.random.default_rng(4).standard_normal((2, q.shape[1], 67, 3))
+                                   d=d, dv=dv, qk_scale=qk_scale, seed=3)
+    G = np.random.default_rng(4).standard_normal((2, q.shape[1], 67, dv))
     extra = {**extra, **call}
     return H.run(ref, q, k, v, extra, G), H.run(cpu, q, k, v, extra, G)
 
@@ -73,35 +73,44 @@ def stored_kernels() -> dict[str, tuple[Any, Any]]:
             for name in ("latent_rope", "sliding_window")}
 
 
-@pytest.mark.parametrize("tile", ["5x7", "64x128", "128x256,33x17"])
+@pytest.mark.parametrize(("layout", "tile", "d", "dv"), [
+    ("stored", "5x7", 5, 3), ("stored", "64x128", 5, 3), ("stored", "128x256,33x17", 5, 3),
+    ("packed", "64x128", 32, 16), ("packed", "128x256,35x16", 16, 32),
+    ("packed", "16x32", 5, 3)])
 @pytest.mark.parametrize(("name", "call"), [
     ("alibi", {}), ("causal", {"k_offset": 20}), ("causal", {"qk_scale": 100.0}),
     ("document", {}), ("latent_rope", {}), ("sliding_window", {})])
-def test_keys_read_as_stored_match_the_reference(
+def test_key_layouts_match_the_reference(
         kernels: dict[str, tuple[Any, Any]], stored_kernels: dict[str, tuple[Any, Any]],
-        tile: str, name: str, call: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """ATTNDSL_CPU_KEYS=stored: every GEMM reads its key operand as stored (NT), the raw k
+        layout: str, tile: str, d: int, dv: int, name: str, call: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ATTNDSL_CPU_KEYS=stored: every GEMM reads its key operand as stored (NT); packed: in
+    panels, by micro_gemm, with the other products whose columns fill whole panels (P @ v, dV
+    for dv = 16, 32; dQ, dK for d = 16, 32; BLAS's for d = 5, dv = 3). The raw k
     under GQA (alibi: 8 query heads on 2), a key-side input of its own width (latent_rope's
-    rk[j], r = 4); rows no key reaches, huge logits, a band; the forward and the backward."""
+    rk[j], r = 4); rows no key reaches, huge logits, a band; the forward and the backward; 67
+    query rows and 131 keys: partial tiles, row blocks and panels."""
     monkeypatch.setenv(tiles.VARIABLE, tile)
-    monkeypatch.setenv(tiles.KEYS_VARIABLE, "stored")
-    want, got = both({**kernels, **stored_kernels}, name, **call)
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, layout)
+    want, got = both({**kernels, **stored_kernels}, name, d=d, dv=dv, **call)
     errors = H.errors(want, got)
     assert max(errors.values()) < F64_TOL, (tile, errors)
     cpu = {**kernels, **stored_kernels}[name][0]
     q, k, v, extra = H.make_inputs(H.load_spec(name), n_q=9, n_k=9)
     call_ = cpu.validate(q, k, v, extra, 0, 0)
-    assert cpu.stored_keys(call_, "forward") and cpu.stored_keys(call_, "backward")
+    index = tiles.LAYOUTS.index(layout)
+    assert cpu.key_layout(call_, "forward") == cpu.key_layout(call_, "backward") == index
 
 
+@pytest.mark.parametrize("layout", ["stored", "packed"])
 @pytest.mark.parametrize("case", nan_cases.CAUSAL_CASES, ids=lambda c: c.__name__)
-def test_keys_read_as_stored_keep_the_nan_policy(case: Any,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Read as stored, the keys are checked for NaN and inf with the other operands (the
-    transposition checked them before): NaN exactly where the reference has it, masked
-    poison harmless (200 x 200 causal, GQA, 64 x 128 tiles)."""
+def test_key_layouts_keep_the_nan_policy(case: Any, layout: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read as stored, the keys are checked for NaN and inf with the other operands (packed,
+    while packed, as the transposition checks them): NaN exactly where the reference has it,
+    masked poison harmless (200 x 200 causal, GQA, 64 x 128 tiles)."""
     monkeypatch.setenv(tiles.VARIABLE, "64x128")
-    monkeypatch.setenv(tiles.KEYS_VARIABLE, "stored")
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, layout)
     cpu, ref = (attndsl.compile(nan_cases.CAUSAL, target) for target in ("cpu", "numpy"))
     clean = nan_cases.make(nan_cases.CAUSAL, 200, 200)
     poisoned = clean.copy()
@@ -114,10 +123,24 @@ def test_keys_read_as_stored_keep_the_nan_policy(case: Any,
 
 
 @pytest.mark.parametrize(("value", "want"), [
-    ("auto", None), ("", None), ("stored", True), (" Transposed ", False)])
+    ("auto", None), ("", None), ("stored", tiles.STORED), (" Transposed ", tiles.TRANSPOSED),
+    ("PACKED", tiles.PACKED)])
 def test_key_layout_settings(value: str, want: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tiles.KEYS_VARIABLE, value)
     assert tiles.configured_keys() == want
+
+
+def test_packed_keys_need_tiles_of_whole_panels(kernels: dict[str, tuple[Any, Any]],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key tile that does not start on a panel (BK = 17, the backward's) is refused, both
+    variables named, before anything runs."""
+    monkeypatch.setenv(tiles.VARIABLE, "64x128,64x17")
+    monkeypatch.setenv(tiles.KEYS_VARIABLE, "packed")
+    q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=9, n_k=9)
+    with pytest.raises(ValueError, match=r"ATTNDSL_CPU_KEYS=packed reads the keys 16 at a "
+                                         r"time: it needs key tiles \(BK\) that are multiples "
+                                         r"of 16, not ATTNDSL_CPU_TILES='64x128,64x17'"):
+        kernels["causal"][0].forward(q, k, v)
 
 
 def test_a_bad_key_layout_is_named(kernels: dict[str, tuple[Any, Any]],
@@ -126,7 +149,7 @@ def test_a_bad_key_layout_is_named(kernels: dict[str, tuple[Any, Any]],
     monkeypatch.setenv(tiles.KEYS_VARIABLE, "nt")
     q, k, v, _ = H.make_inputs(H.load_spec("causal"), n_q=9, n_k=9)
     with pytest.raises(ValueError, match="ATTNDSL_CPU_KEYS='nt': expected 'auto', "
-                                         "'transposed' or 'stored'"):
+                                         "'transposed', 'stored' or 'packed'"):
         kernels["causal"][0].forward(q, k, v)
 
 
@@ -268,17 +291,17 @@ def test_auto_measures_once_and_a_later_process_reads_the_choice(
     assert np.array_equal(fixed, out)  # bit for bit: the chosen tile is the one that ran
 
 
-def recorded_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple[int, int], bool]]:
-    """Every run of the measurements from here on, in order: (length, tile, keys stored)."""
-    ran: list[tuple[int, tuple[int, int], bool]] = []
+def recorded_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple[int, int], int]]:
+    """Every run of the measurements from here on, in order: (length, tile, key layout)."""
+    ran: list[tuple[int, tuple[int, int], int]] = []
     runner = tiles._runner
 
     def recorded(kernel: Any, call: Any, kind: str, n: int) -> Any:
         run = runner(kernel, call, kind, n)
 
-        def timed(tile: tuple[int, int], stored: bool) -> None:
-            ran.append((n, tile, stored))
-            run(tile, stored)
+        def timed(tile: tuple[int, int], keys: int) -> None:
+            ran.append((n, tile, keys))
+            run(tile, keys)
         return timed
 
     monkeypatch.setattr(tiles, "_runner", recorded)
@@ -375,27 +398,34 @@ def test_a_failed_measurement_warns_and_runs_the_default(
     assert not tiny_tuning["file"].exists()  # nothing stored: the next process tries again
 
 
+@pytest.mark.parametrize(("candidates", "layouts"), [
+    (((5, 7), (16, 32)), (tiles.TRANSPOSED, tiles.STORED)),  # BK = 7: no panels
+    (((16, 32), (32, 16)), (tiles.TRANSPOSED, tiles.STORED, tiles.PACKED))])
 def test_auto_measures_the_key_layout_once_with_the_chosen_tile(
         kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
+        candidates: tuple[tuple[int, int], ...], layouts: tuple[int, ...],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """After the tile, both layouts run with it, FINAL_TRIALS rounds at the call's length
-    class; the faster is kept in tiles.json beside the tile ("| keys"), read by a later
-    process, and is the layout the call runs (bit for bit)."""
+    """After the tile, every layout runs with it (packed only if every candidate tile fits
+    panels), FINAL_TRIALS rounds at the call's length class; the fastest is kept in
+    tiles.json beside the tile ("| keys"), read by a later process, and is the layout the call
+    runs (bit for bit)."""
+    monkeypatch.setattr(tiles, "CANDIDATES", candidates)
     monkeypatch.setenv(tiles.KEYS_VARIABLE, "auto")
     ran = recorded_runs(monkeypatch)
     cpu = kernels["alibi"][0]
-    q, k, v, extra = H.make_inputs(H.load_spec("alibi"), np.float32, n_q=50, n_k=70, seed=5)
+    q, k, v, extra = H.make_inputs(H.load_spec("alibi"), np.float32, n_q=50, n_k=70, dv=16,
+                                   seed=5)
     out = cpu.forward(q, k, v, **extra)
     (key, tile), = tiny_tuning["measured"]
-    layouts = ran[-2 * (1 + tiles.FINAL_TRIALS):]  # an untimed run of each, then rounds
-    assert layouts == [(tiles.TUNE_N, tile, False), (tiles.TUNE_N, tile, True)] * (
+    runs = ran[-len(layouts) * (1 + tiles.FINAL_TRIALS):]  # an untimed run of each, rounds
+    assert runs == [(tiles.TUNE_N, tile, layout) for layout in layouts] * (
         1 + tiles.FINAL_TRIALS)
-    assert not any(stored for *_, stored in ran[:-len(layouts)])  # the tiles: transposed
+    assert all(keys == tiles.TRANSPOSED for *_, keys in ran[:-len(runs)])  # the tiles' runs
     stored = json.loads(tiny_tuning["file"].read_text())
     assert stored[key] == list(tile) and stored[key + " | keys"] in tiles.LAYOUTS
     call = cpu.validate(q, k, v, extra, 0, 0)
-    chosen = cpu.stored_keys(call, "forward")
-    assert chosen == (stored[key + " | keys"] == "stored")
+    chosen = cpu.key_layout(call, "forward")
+    assert tiles.LAYOUTS[chosen] == stored[key + " | keys"]
 
     ran.clear()
     tiles.forget()  # as a new process: both choices come from tiles.json

@@ -357,9 +357,9 @@ class CpuEmitter:
         w()
         # exp2_f32/_f64 directly: the generic `exp2` overload, inlined at two call sites of one
         # function, trips Numba's SSA check (NumbaIRAssumptionWarning)
-        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, NoAliasCompiler, all_finite, "
-          "exp2_shift_sum, gemm_skip_zero, gemm_unchecked, row_max, rows_dot_keys, "
-          "rows_mix_values")
+        w("from attndsl.runtime.cpu_intrinsics import FASTMATH, PANEL, NoAliasCompiler, "
+          "all_finite, exp2_shift_sum, gemm_skip_zero, gemm_unchecked, micro_gemm, row_max, "
+          "rows_dot_keys, rows_mix_values")
         w(f"from attndsl.runtime.cpu_intrinsics import exp2_f{self.dtype[-2:]} as exp2")
         w("from attndsl.runtime import numba_funcs as fx")
         w()
@@ -401,9 +401,11 @@ class CpuEmitter:
     def signature(self, name: str, outputs: list[str], tiled: bool = True) -> str:
         inputs = [input_name(i) for i in self.plan.inputs if not (i.is_raw_query
                                                                      or i.is_raw_key)]
-        if tiled:  # each GEMM's key-side operand transposed, [B, H', F, n_k], or (sz[12]) the
-            # operand itself, unread (see gemm_tiles)
+        if tiled:  # each GEMM's key-side operand in the layout sz[12] names (see gemm_tiles):
+            # transposed [B, H', F, n_k], the operand itself (unread), or packed in panels
             inputs += [f"kt{n}" for n in range(len(self.plan.gemms))]
+            if self.plan.gemms:  # with the keys in panels: v too, [B, H', dv / PANEL, n_k,
+                inputs.append("vp")  # PANEL] (else empty; see forward)
         args = ["lo", "hi", "sz", "qoff", "koff", "q", "k", "v", *inputs,
                 *(f"p_{n}" for n in self.params), *(f"x_{n}" for n in self.indices), *outputs]
         return f"def {name}({', '.join(args)}):"
@@ -417,16 +419,22 @@ class CpuEmitter:
         self.w("BQ, BK = sz[9], sz[10]  # the query x key tile, chosen per machine "
                "(runtime/tiles.py); BK <= BKS")
         if self.plan.gemms:
-            self.w("stored = sz[12] != 0  # the GEMMs read their key operands as stored (NT), "
-                   "not kt<n> (runtime/tiles.py)")
+            self.w("keys = sz[12]  # the key operands' layout (runtime/tiles.py): 0 kt<n> "
+                   "transposed, 1 as stored (NT), 2 kt<n> packed in panels (micro_gemm)")
 
-    def mixing_gemm(self, args: str) -> None:
+    def mixing_gemm(self, args: str, micro: tuple[str, str] | None = None) -> None:
         """A GEMM summing over pairs, the pair tile (weights or adjoints, 0 where masked or
         where `where` took the other branch) as A: with a NaN or inf among the row operands
-        (sz[8], set by the launcher) it skips the zero terms, so 0 * NaN never spreads."""
+        (sz[8], set by the launcher) it skips the zero terms, so 0 * NaN never spreads.
+        `micro`: (the product's columns, micro_gemm's arguments for it): run with the keys in
+        panels when the columns fill whole panels."""
         w = self.w
         with w.block("if sz[8]:"):
             w(f"gemm_skip_zero({args})")
+        if micro is not None and self.plan.gemms:  # else no key layout to choose
+            columns, micro_args = micro
+            with w.block(f"elif keys == 2 and {columns} % PANEL == 0:"):
+                w(f"micro_gemm({micro_args})")
         with w.block("else:"):
             w(f"gemm_unchecked({args})")
 
@@ -596,16 +604,23 @@ class CpuEmitter:
             target, alpha = f"s{n}", "F(1)"
             if self.fold is not None and self.fold[0] == n:
                 target, alpha = folded, "alpha_fold"
-            # The key operand as stored (an NT sgemm) or transposed by the launcher
-            # (kt<n>[b, h', f, j]: an NN sgemm with k = d short), whichever ran faster on this
-            # machine: NN 1.3x faster on an AVX-512 Xeon, NT as fast and no copy on an EPYC.
+            # The key operand as stored (an NT sgemm), transposed by the launcher
+            # (kt<n>[b, h', f, j]: an NN sgemm with k = d short) or packed by it in panels
+            # (kt<n>[b, h', j // PANEL, f, j % PANEL], for micro_gemm: j0 is a multiple of
+            # PANEL, as BK and STRIP are), whichever ran fastest on this machine: NN 1.3x faster
+            # than NT on an AVX-512 Xeon, NT as fast and no copy on an EPYC, micro_gemm ahead
+            # of both there.
             head = "hk" if bvec.is_raw_key else "h"
             rows = (f"mq, nk, {input_name(a)}.shape[3], {alpha}, {input_name(a)}, "
                     f"{self.row_offset(a, 'i0')}, {input_name(a)}.shape[3]")
-            with w.block("if stored:"):
+            with w.block("if keys == 1:"):
                 w(f"gemm_unchecked(False, True, {rows}, {input_name(bvec)}, "
                   f"{self.row_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3], F(0), "
                   f"{target}, 0, BKS)")
+            with w.block("elif keys == 2:"):
+                w(f"micro_gemm({rows}, 1, kt{n}, ((b * kt{n}.shape[1] + {head}) * kt{n}.shape[2] "
+                  f"+ j0 // PANEL) * kt{n}.shape[3] * PANEL, PANEL, kt{n}.shape[3] * PANEL, "
+                  f"False, {target}, 0, BKS)")
             with w.block("else:"):
                 w(f"gemm_unchecked(False, False, {rows}, kt{n}, "
                   f"(b * kt{n}.shape[1] + {head}) * kt{n}.shape[2] * kt{n}.shape[3] + j0, "
@@ -674,9 +689,15 @@ class CpuEmitter:
                     self.logits_tile("bad")
                     self.normalize_tile()
                     w("# acc += P @ v[b, hk, j0:j0 + nk]")
-                    self.mixing_gemm("False, False, mq, dv, nk, F(1), x, 0, BKS, v, "
-                                     "((b * kv_heads + hk) * n_k + j0) * dv, dv, F(1), acc, 0, "
-                                     "dv")
+                    values = "v, ((b * kv_heads + hk) * n_k + j0) * dv, dv"
+                    # v packed in panels of PANEL columns (each a contiguous n_k x PANEL block,
+                    # streamed in order: read as stored, 256 bytes apart, the same product ran
+                    # 10% slower than OpenBLAS's)
+                    micro = ("mq, dv, nk, F(1), x, 0, BKS, 1, vp, ((b * kv_heads + hk) * "
+                             "(dv // PANEL) * n_k + j0) * PANEL, PANEL, n_k * PANEL, True, acc, "
+                             "0, dv")
+                    self.mixing_gemm(f"False, False, mq, dv, nk, F(1), x, 0, BKS, {values}, "
+                                     "F(1), acc, 0, dv", micro=("dv", micro))
                 w("err[task] = bad")
                 self.finish_rows()
         w()
@@ -1074,7 +1095,12 @@ class CpuEmitter:
         w, plan = self.w, self.plan
         keys_first = [i for i in plan.inputs if i.side is Side.KEY] + \
             [i for i in plan.inputs if i.side is not Side.KEY]
-        outputs = ["dout", "D", "state", *(adjoint_name(i) for i in keys_first), "dv_h"]
+        # with the keys in panels (sz[12] == 2; else empty): dO and each GEMM's query-side
+        # operand packed in panels of PANEL columns (value_panels), v in panels of keys
+        # (key_panels), for micro_gemm
+        packed = ["dop", "vk", *(f"qp{n}" for n in range(len(plan.gemms)))] if plan.gemms else []
+        outputs = ["dout", *packed, "D", "state", *(adjoint_name(i) for i in keys_first),
+                   "dv_h"]
         outputs += [f"dp_{x.array}" for x in plan.param_lookups
                     if x == self._first_lookup(x.array)]
         outputs += ["err"]
@@ -1126,14 +1152,27 @@ class CpuEmitter:
                         fold_n = self.fold[0] if self.fold is not None else 0
                         self.gemm_tiles(f"s{fold_n}")
                         w("# dP = dO @ V^T")
-                        w("gemm_unchecked(False, True, mq, nk, dv, F(1), dout, "
-                          "((b * heads + h) * n_q + i0) * dv, dv, v, ((b * kv_heads + hk) * n_k "
-                          "+ j0) * dv, dv, F(0), dp, 0, BKS)")
+                        blas = ("gemm_unchecked(False, True, mq, nk, dv, F(1), dout, "
+                                "((b * heads + h) * n_q + i0) * dv, dv, v, ((b * kv_heads + hk) "
+                                "* n_k + j0) * dv, dv, F(0), dp, 0, BKS)")
+                        if plan.gemms:
+                            with w.block("if keys == 2:  # v in panels of keys"):
+                                w("micro_gemm(mq, nk, dv, F(1), dout, ((b * heads + h) * n_q + "
+                                  "i0) * dv, dv, 1, vk, ((b * kv_heads + hk) * vk.shape[2] + j0 "
+                                  "// PANEL) * dv * PANEL, PANEL, dv * PANEL, False, dp, 0, BKS)")
+                            with w.block("else:"):
+                                w(blas)
+                        else:
+                            w(blas)
                         self.dscores()
                         w("# dV += P^T @ dO")
+                        dv_rows = "dv_h, ((b * heads + h) * n_k + j0) * dv, dv"
+                        micro = ("nk, dv, mq, F(1), x, 0, 1, BKS, dop, ((b * heads + h) * (dv "
+                                 f"// PANEL) * n_q + i0) * PANEL, PANEL, n_q * PANEL, True, "
+                                 f"{dv_rows}")
                         self.mixing_gemm("True, False, nk, dv, mq, F(1), x, 0, BKS, dout, "
-                                         "((b * heads + h) * n_q + i0) * dv, dv, F(1), dv_h, "
-                                         "((b * heads + h) * n_k + j0) * dv, dv")
+                                         f"((b * heads + h) * n_q + i0) * dv, dv, F(1), {dv_rows}",
+                                         micro=("dv", micro))
                         self.gemm_adjoints(True)
                         self.gemm_adjoints(False)
                 w("err[task] = bad")
@@ -1312,16 +1351,27 @@ class CpuEmitter:
                 g, alpha = "dp", "c_fold"
             if keys:
                 w(f"# d{bvec.node.name} += {g}^T @ {a.node.name}")
-                self.mixing_gemm(f"True, False, nk, {input_name(a)}.shape[3], mq, {alpha}, {g}, "
-                                 f"0, BKS, {input_name(a)}, {self.row_offset(a, 'i0')}, "
-                                 f"{input_name(a)}.shape[3], F(1), {adjoint_name(bvec)}, "
-                                 f"{self.adjoint_offset(bvec, 'j0')}, {input_name(bvec)}.shape[3]")
+                width = f"{input_name(a)}.shape[3]"
+                adjoint = (f"{adjoint_name(bvec)}, {self.adjoint_offset(bvec, 'j0')}, "
+                           f"{input_name(bvec)}.shape[3]")
+                # micro_gemm reads the query rows from qp<n>, their panels of PANEL features
+                panels = (f"qp{n}, ((b * qp{n}.shape[1] + h) * qp{n}.shape[2] * qp{n}.shape[3] "
+                          f"+ i0) * PANEL, PANEL, qp{n}.shape[3] * PANEL")
+                micro = f"nk, {width}, mq, {alpha}, {g}, 0, 1, BKS, {panels}, True, {adjoint}"
+                self.mixing_gemm(f"True, False, nk, {width}, mq, {alpha}, {g}, 0, BKS, "
+                                 f"{input_name(a)}, {self.row_offset(a, 'i0')}, {width}, F(1), "
+                                 f"{adjoint}", micro=(width, micro))
             else:
                 w(f"# d{a.node.name} += {g} @ {bvec.node.name}")
-                self.mixing_gemm(f"False, False, mq, {input_name(bvec)}.shape[3], nk, {alpha}, "
-                                 f"{g}, 0, BKS, {input_name(bvec)}, {self.row_offset(bvec, 'j0')}, "
-                                 f"{input_name(bvec)}.shape[3], F(1), {adjoint_name(a)}, "
-                                 f"{self.adjoint_offset(a, 'i0', 'pb')}, {input_name(a)}.shape[3]")
+                width = f"{input_name(bvec)}.shape[3]"
+                key_rows = f"{input_name(bvec)}, {self.row_offset(bvec, 'j0')}, {width}"
+                adjoint = (f"{adjoint_name(a)}, {self.adjoint_offset(a, 'i0', 'pb')}, "
+                           f"{input_name(a)}.shape[3]")
+                # micro_gemm reads the key rows as stored, PANEL features at a time (1.18x
+                # OpenBLAS's rate for a 256 x 64 x 256 tile on an AVX2 EPYC)
+                micro = f"mq, {width}, nk, {alpha}, {g}, 0, BKS, 1, {key_rows}, PANEL, True, "
+                self.mixing_gemm(f"False, False, mq, {width}, nk, {alpha}, {g}, 0, BKS, "
+                                 f"{key_rows}, F(1), {adjoint}", micro=(width, micro + adjoint))
 
     def adjoint_offset(self, item: PairInput, start: str, batch: str = "b") -> str:
         """Adjoints are per query head: [B, heads, n, F] ([parts * B, ...] query-side)."""

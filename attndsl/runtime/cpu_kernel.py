@@ -141,10 +141,10 @@ class CpuKernel(Kernel):
 
     # ---- arguments ----
     def _common(self, call: Call, dout: np.ndarray | None = None, tiled: bool = True,
-                stored: bool = False) -> tuple[dict[str, Any], list[np.ndarray]]:
+                keys: int = tiles.TRANSPOSED) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The rows prologue and the kernels' arguments; `tiled`: with each GEMM's key operand
-        transposed (unless `stored`: the GEMMs then read it as stored, sz[12]) and the
-        finiteness check of the careful path (decoding needs neither)."""
+        in the layout `keys` (tiles.LAYOUTS: transposed, read as stored, or packed in panels;
+        sz[12]) and the finiteness check of the careful path (decoding needs neither)."""
         linear = self.plan.linear
         check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
         hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
@@ -152,12 +152,13 @@ class CpuKernel(Kernel):
         # sz[7]: parts (the backward sets it); sz[8]: a NaN or inf among the row operands (set
         # below); sz[9], sz[10]: the query x key tile (each kernel's launcher sets its own);
         # sz[11]: every position, offset and size below numba_cpu.NARROW_LIMIT (int32 math);
-        # sz[12]: the GEMMs read their key operands as stored, not transposed (`stored`)
+        # sz[12]: the layout of the GEMMs' key operands (`keys`)
         largest = max(int(call.q_offset.max()) + s["n_q"], int(call.k_offset.max()) + s["n_k"],
                       *s.values())
         narrow = largest < numba_cpu.NARROW_LIMIT
         sz = np.array([s["B"], s["heads"], s["kv_heads"], s["n_q"], s["n_k"], s["d"], s["dv"],
-                       1, 0, *tiles.DEFAULT, narrow, tiled and stored], dtype=np.int64)
+                       1, 0, *tiles.DEFAULT, narrow, keys if tiled else tiles.TRANSPOSED],
+                      dtype=np.int64)
         t: dict[str, Any] = {}
         maps_finite = True
         if self.plan.feature_maps:  # one fused pass (_maps_fwd) instead of the rows
@@ -178,21 +179,36 @@ class CpuKernel(Kernel):
                     *(inputs if not self.plan.feature_maps else []), *params, dout]
         keys_finite, transposed = True, []  # checked while transposed: not checked again
         if tiled and not self.plan.linear_path:  # each GEMM's key operand: [B, H', F, n_k]
-            from .cpu_intrinsics import transposed_rows
+            from .cpu_intrinsics import PANEL, key_panels, transposed_rows, value_panels
 
             by_node = {id(i.node): a for i, a in zip(
                 [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)], inputs)}
             for r in self.plan.gemms:
                 key = self.plan.inputs_of_gemm(r)[1]
                 value = call.k if key.is_raw_key else by_node[id(key.node)]
-                if stored:  # read as it is (kt<n> unread): checked with the other operands
-                    inputs.append(value)
+                if keys == tiles.STORED:  # read as it is (kt<n> unread): checked with the
+                    inputs.append(value)  # other operands
                     continue
-                value_t = buffers.empty(value.shape[:2] + value.shape[:1:-1], value.dtype)
-                with _PARALLEL:
-                    finite = transposed_rows(value, value_t)
+                if keys == tiles.PACKED:  # [B, H', panels, F, PANEL]
+                    value_t = buffers.empty((*value.shape[:2], -(-value.shape[2] // PANEL),
+                                             value.shape[3], PANEL), value.dtype)
+                    with _PARALLEL:
+                        finite = key_panels(value, value_t)
+                else:
+                    value_t = buffers.empty(value.shape[:2] + value.shape[:1:-1], value.dtype)
+                    with _PARALLEL:
+                        finite = transposed_rows(value, value_t)
                 inputs.append(value_t)
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
+            if self.plan.gemms:  # v in panels for P @ v (checked with the other operands)
+                dv = s["dv"]
+                v_panels = (np.empty((0,) * 5, call.dtype) if keys != tiles.PACKED or dv % PANEL
+                            else buffers.empty((s["B"], s["kv_heads"], dv // PANEL, s["n_k"],
+                                                PANEL), call.dtype))
+                if v_panels.size:
+                    with _PARALLEL:
+                        value_panels(call.v, v_panels)
+                inputs.append(v_panels)
         rest = [a for a in operands if not any(a is t for t in transposed)]
         sz[8] = tiled and not (maps_finite and keys_finite and _all_finite(rest))
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
@@ -256,17 +272,18 @@ class CpuKernel(Kernel):
         """The (query, key) tile of the "forward" or "backward" kernel for this call."""
         return tiles.choose(self, call, kind)
 
-    def stored_keys(self, call: Call, kind: str) -> bool:
-        """Whether the "forward" or "backward" kernel's GEMMs read their key operands as
-        stored for this call (else transposed first; the linear path has no key tiles)."""
-        return (bool(self.plan.gemms) and not self.plan.linear_path
-                and tiles.choose_keys(self, call, kind))
+    def key_layout(self, call: Call, kind: str) -> int:
+        """The layout of the "forward" or "backward" kernel's GEMM key operands for this call
+        (an index into tiles.LAYOUTS; transposed, unused, without GEMMs or key tiles)."""
+        if not self.plan.gemms or self.plan.linear_path:
+            return tiles.TRANSPOSED
+        return tiles.choose_keys(self, call, kind)
 
     def _run_forward(self, call: Call, common: tuple[dict[str, Any], list[np.ndarray]] | None
-                     = None, tile: tuple[int, int] | None = None, stored: bool | None = None
+                     = None, tile: tuple[int, int] | None = None, keys: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """`common`: `_common`'s result when the caller already has it (the backward);
-        `tile`, `stored`: the tile and key layout to run (the tuner's trials), else the ones
+        `tile`, `keys`: the tile and key layout to run (the tuner's trials), else the ones
         chosen for this call."""
         from .cpu_intrinsics import single_threaded_blas
 
@@ -274,9 +291,9 @@ class CpuKernel(Kernel):
         if common is None and self._decoding(s):
             return self._run_decode(call)
         if common is None:
-            if stored is None:
-                stored = self.stored_keys(call, "forward")
-            common = self._common(call, stored=stored)
+            if keys is None:
+                keys = self.key_layout(call, "forward")
+            common = self._common(call, keys=keys)
         t, args = common
         # the tiled forward writes every row of out (finish_rows); the linear one adds to it
         out = (buffers.zeros if self.plan.linear_path else buffers.empty)(
@@ -329,19 +346,19 @@ class CpuKernel(Kernel):
         return out, state if self.spec.normalize.kind is NormKind.SOFTMAX else None
 
     def _backward_impl(self, call: Call, dout: np.ndarray, out: Any, lse: Any, dlse: Any,
-                       tile: tuple[int, int] | None = None, stored: bool | None = None
+                       tile: tuple[int, int] | None = None, keys: int | None = None
                        ) -> dict[str, np.ndarray]:
-        """`tile`, `stored`: the backward kernel's tile and key layout (the tuner's trials),
+        """`tile`, `keys`: the backward kernel's tile and key layout (the tuner's trials),
         else the ones chosen."""
         from .cpu_intrinsics import single_threaded_blas
 
         norm = self.spec.normalize.kind
         softmax = norm is NormKind.SOFTMAX
-        if stored is None:
-            stored = self.stored_keys(call, "backward")
+        if keys is None:
+            keys = self.key_layout(call, "backward")
         # one rows pass and one finiteness check, shared with a recomputed forward (which
         # then reads the keys in the backward's layout)
-        t, args = self._common(call, dout, stored=stored)
+        t, args = self._common(call, dout, keys=keys)
         if self.plan.linear_path:
             return self._linear_backward(call, t, args, dout, out)
         if out is None or (softmax and lse is None) or norm is NormKind.SUM:
@@ -388,8 +405,9 @@ class CpuKernel(Kernel):
         err = np.zeros(B * H * parts, np.int64)
         sz = _with_tile(args[0], bq, bk)
         sz[7] = parts
+        panels = self._backward_panels(call, args, keys, dout)
         with _PARALLEL, single_threaded_blas():
-            threads.run(module._attn_bwd, len(err), sz, *args[1:], dout, D, state,
+            threads.run(module._attn_bwd, len(err), sz, *args[1:], dout, *panels, D, state,
                         *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
                         *(parted[numpy_ref.variable(i.node)] for i in other_items),
                         dv_h, *first.values(), err)
@@ -398,6 +416,39 @@ class CpuKernel(Kernel):
             for name, value in parted.items():
                 adjoints[name] = value.reshape((parts, B) + value.shape[1:]).sum(axis=0)
         return self._finish(call, t, args[0], adjoints, dv_h, first, q_tiles, (state, D))
+
+    def _backward_panels(self, call: Call, args: list[np.ndarray], keys: int,
+                         dout: np.ndarray) -> list[np.ndarray]:
+        """The backward's operands for micro_gemm with the keys in panels (`keys` PACKED):
+        dO and each GEMM's query-side operand in panels of PANEL columns (value_panels; empty
+        unless their width is a multiple of PANEL), v in panels of keys (key_panels). Empty
+        arrays for the other layouts; none without GEMMs."""
+        if not self.plan.gemms:
+            return []
+        from .cpu_intrinsics import PANEL, key_panels, value_panels
+
+        empty = np.empty((0,) * 5, call.dtype)
+        if keys != tiles.PACKED:
+            return [empty] * (2 + len(self.plan.gemms))
+
+        def in_panels(x: np.ndarray) -> np.ndarray:  # [B, H, n, F] -> [B, H, F / PANEL, n, PANEL]
+            if x.shape[3] % PANEL:
+                return empty
+            out = buffers.empty((*x.shape[:2], x.shape[3] // PANEL, x.shape[2], PANEL), x.dtype)
+            with _PARALLEL:
+                value_panels(x, out)
+            return out
+
+        s = call.sizes
+        v_keys = buffers.empty((s["B"], s["kv_heads"], -(-s["n_k"] // PANEL), s["dv"], PANEL),
+                               call.dtype)
+        with _PARALLEL:
+            key_panels(call.v, v_keys)  # (v is checked for NaN and inf with the other operands)
+        hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
+        by_node = {id(i.node): a for i, a in zip(hoisted, args[6:])}
+        queries = [self.plan.inputs_of_gemm(r)[0] for r in self.plan.gemms]
+        return [in_panels(dout), v_keys, *(in_panels(call.q if a.is_raw_query
+                                                     else by_node[id(a.node)]) for a in queries)]
 
     def _linear_backward(self, call: Call, t: dict[str, Any], args: list[np.ndarray],
                          dout: np.ndarray, out: Any) -> dict[str, np.ndarray]:

@@ -25,11 +25,14 @@ backward ran 1.5x slower).
 The key operands' layout is chosen the same way, after the tile: the launcher transposes each
 GEMM's key operand ([B, H, n_k, F] -> [B, H, F, n_k], an NN product with the short k = F: 1.3x
 faster than NT on an AVX-512 Xeon), or the GEMMs read it as stored (NT: as fast on an AVX2
-EPYC, where the copy cost 0.5 ms of a 9.5 ms sliding window forward at N = 2048).
+EPYC, where the copy cost 0.5 ms of a 9.5 ms sliding window forward at N = 2048), or the
+launcher packs it, and v, in panels of PANEL columns for micro_gemm, attndsl's own
+register-blocked GEMM (the full softmax forward at N = 2048 ran 1.10x faster so on an AVX2
+EPYC than with the keys as stored; packed needs key tiles that are multiples of PANEL).
 With `ATTNDSL_CPU_KEYS` unset or `auto`, calls of at least TUNE_PAIRS pairs per head use the
-layout that ran faster with the chosen tile (both run FINAL_TRIALS rounds at the call's length
-class, kept in tiles.json beside the tile); smaller calls, and `transposed`, transpose;
-`stored` reads the keys as stored.
+layout that ran fastest with the chosen tile (each runs FINAL_TRIALS rounds at the call's
+length class, kept in tiles.json beside the tile); smaller calls, and `transposed`, transpose;
+`stored` reads the keys as stored, `packed` packs them.
 
 Results depend on the tile only through rounding (the order of the sums); every call with the
 same key uses the same tile, in this process and the next, so they are reproducible run after
@@ -55,6 +58,7 @@ import numpy as np
 
 from ..codegen import numba_cpu
 from ..ir import NormKind
+from .cpu_intrinsics import PANEL
 
 if TYPE_CHECKING:
     from .cpu_kernel import CpuKernel
@@ -80,12 +84,14 @@ FINAL_TRIALS = 3  # length class (after an untimed run there); the fastest of th
 KINDS = ("forward", "backward")
 VARIABLE = "ATTNDSL_CPU_TILES"
 KEYS_VARIABLE = "ATTNDSL_CPU_KEYS"
-LAYOUTS = ("transposed", "stored")  # the key operands' layouts (tiles.json spells them so)
-Trial = tuple[tuple[int, int], bool]  # a tile, and whether the keys are read as stored
+LAYOUTS = ("transposed", "stored", "packed")  # the key operands' layouts (tiles.json spells
+TRANSPOSED, STORED, PACKED = range(3)  # them so); the kernels read the index (sz[12])
+Trial = tuple[tuple[int, int], int]  # a tile, and the key layout
+assert numba_cpu.STRIP % PANEL == 0  # a key tile fitted to a band starts on a panel (packed)
 
 _lock = threading.RLock()  # the backward's measurement may choose the forward's tile
 _chosen: dict[str, tuple[int, int]] = {}
-_layouts: dict[str, bool] = {}  # tune_key + " | keys": whether the keys are read as stored
+_layouts: dict[str, int] = {}  # tune_key + " | keys": the key layout
 _machine: str | None = None
 
 
@@ -117,62 +123,77 @@ def _measured(kernel: CpuKernel, call: Call, kind: str, key: str) -> tuple[int, 
     return _store(key, tile)
 
 
-def choose_keys(kernel: CpuKernel, call: Call, kind: str) -> bool:
-    """Whether the `kind` kernel's GEMMs read their key operands as stored for this call (else
-    the launcher transposes them)."""
+def choose_keys(kernel: CpuKernel, call: Call, kind: str) -> int:
+    """The layout of the `kind` kernel's GEMM key operands for this call (an index into
+    LAYOUTS): transposed by the launcher, read as stored, or packed by it in panels."""
     fixed = configured_keys()
     if fixed is not None:
         return fixed
     s = call.sizes
     if kernel.plan.linear_path or s["n_q"] * s["n_k"] < TUNE_PAIRS:
-        return False
+        return TRANSPOSED
     tile = choose(kernel, call, kind)
     key = tune_key(kernel, call, kind) + " | keys"
     with _lock:
         if key not in _layouts:
             layout = _read().get(key)
-            if layout in LAYOUTS:
-                _layouts[key] = layout == "stored"
+            if layout in LAYOUTS and (layout != "packed" or panels_fit()):
+                _layouts[key] = LAYOUTS.index(layout)
             else:
                 _layouts[key] = _measured_keys(kernel, call, kind, tile, key)
         return _layouts[key]
 
 
 def _measured_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, int],
-                   key: str) -> bool:
-    """The layout that ran faster with `tile`, stored; transposed for this process, with a
+                   key: str) -> int:
+    """The layout that ran fastest with `tile`, stored; transposed for this process, with a
     warning, if the measurement failed."""
     try:
-        stored = measure_keys(kernel, call, kind, tile)
+        layout = measure_keys(kernel, call, kind, tile)
     except Exception as err:  # noqa: BLE001 -- an optimization must not break the call
         warnings.warn(f"attndsl could not measure the cpu key layout of '{kernel.spec.name}' "
                       f"({type(err).__name__}: {err}); it transposes the keys in this process "
                       f"(set {KEYS_VARIABLE} to choose)", stacklevel=5)
-        return False
-    _store(key, LAYOUTS[stored])
-    return stored
+        return TRANSPOSED
+    _store(key, LAYOUTS[layout])
+    return layout
 
 
-def measure_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, int]) -> bool:
-    """Whether reading the keys as stored ran faster than transposing them: both with `tile`,
-    FINAL_TRIALS rounds at `final_length(call)` after an untimed run of each."""
-    trials = ((tile, False), (tile, True))
+def measure_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, int]) -> int:
+    """The fastest key layout with `tile`: each runs FINAL_TRIALS rounds at
+    `final_length(call)` after an untimed run (packed only where the tiles fit panels)."""
+    layouts = range(len(LAYOUTS)) if panels_fit() else (TRANSPOSED, STORED)
+    trials = tuple((tile, layout) for layout in layouts)
     seconds = dict.fromkeys(trials, float("inf"))
     _rounds(_runner(kernel, call, kind, final_length(call)), trials, FINAL_TRIALS, seconds,
             warm=True)
-    return seconds[tile, True] < seconds[tile, False]
+    return min(trials, key=lambda t: seconds[t])[1]
 
 
-def configured_keys() -> bool | None:
-    """Whether ATTNDSL_CPU_KEYS reads the keys as stored (True), transposes them (False), or
-    leaves it to the measurement (None: `auto`)."""
+def panels_fit() -> bool:
+    """Whether every key tile starts on a panel of packed keys: whether every tile the kernels
+    may run (ATTNDSL_CPU_TILES's, else the candidates and DEFAULT) has a BK that is a multiple
+    of PANEL. Both kinds' tiles count: a backward may run the forward again, in the
+    backward's key layout with the forward's tile."""
+    fixed = configured()
+    return all(bk % PANEL == 0 for _, bk in (fixed if fixed is not None
+                                            else (*CANDIDATES, DEFAULT)))
+
+
+def configured_keys() -> int | None:
+    """The layout ATTNDSL_CPU_KEYS fixes (an index into LAYOUTS), or None for `auto` (the
+    measurement chooses)."""
     text = os.environ.get(KEYS_VARIABLE, "auto").strip().lower()
     if text in ("", "auto"):
         return None
     if text not in LAYOUTS:
         raise ValueError(f"{KEYS_VARIABLE}={os.environ[KEYS_VARIABLE]!r}: expected 'auto', "
-                         "'transposed' or 'stored'")
-    return text == "stored"
+                         "'transposed', 'stored' or 'packed'")
+    if text == "packed" and not panels_fit():
+        raise ValueError(f"{KEYS_VARIABLE}=packed reads the keys {PANEL} at a time: it needs "
+                         f"key tiles (BK) that are multiples of {PANEL}, not "
+                         f"{VARIABLE}={os.environ[VARIABLE]!r}")
+    return LAYOUTS.index(text)
 
 
 def configured() -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -240,7 +261,7 @@ def final_length(call: Call) -> int:
 def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     """The fastest candidate on problems shaped like `call`: all of them at TUNE_N, then the
     FINALISTS at `final_length(call)`."""
-    trials = tuple((tile, False) for tile in CANDIDATES)  # the keys transposed
+    trials = tuple((tile, TRANSPOSED) for tile in CANDIDATES)
     seconds = dict.fromkeys(trials, float("inf"))
     run = _runner(kernel, call, kind, TUNE_N)
     _rounds(run, trials, TRIALS, seconds, warm=True)
@@ -253,7 +274,7 @@ def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     return min(finalists, key=lambda t: seconds[t])[0]
 
 
-def _rounds(run: Callable[[tuple[int, int], bool], None], trials: tuple[Trial, ...],
+def _rounds(run: Callable[[tuple[int, int], int], None], trials: tuple[Trial, ...],
             count: int, seconds: dict[Trial, float], warm: bool) -> None:
     """`count` timed rounds, after an untimed run of each trial if `warm` (compiled, memory
     touched); `seconds[trial]`: the fastest run so far."""
@@ -267,8 +288,8 @@ def _rounds(run: Callable[[tuple[int, int], bool], None], trials: tuple[Trial, .
 
 
 def _runner(kernel: CpuKernel, call: Call, kind: str, n: int
-            ) -> Callable[[tuple[int, int], bool], None]:
-    """Runs the `kind` kernel with a given tile and key layout (stored or not) on an n x n
+            ) -> Callable[[tuple[int, int], int], None]:
+    """Runs the `kind` kernel with a given tile and key layout on an n x n
     problem with `call`'s heads and widths (demo arrays: the caller's are not touched)."""
     from ..demo import demo_inputs
 
@@ -280,15 +301,15 @@ def _runner(kernel: CpuKernel, call: Call, kind: str, n: int
     trial = kernel.validate(q, k, v, extra, 0, 0)
     dout = np.ones((1, s["heads"], n, s["dv"]), call.dtype)
     if kind == "forward":
-        def run(tile: tuple[int, int], stored: bool) -> None:
-            kernel._run_forward(trial, tile=tile, stored=stored)
+        def run(tile: tuple[int, int], keys: int) -> None:
+            kernel._run_forward(trial, tile=tile, keys=keys)
     else:
-        out, lse, _ = kernel._run_forward(trial, tile=DEFAULT, stored=False)
+        out, lse, _ = kernel._run_forward(trial, tile=DEFAULT, keys=TRANSPOSED)
         softmax = kernel.spec.normalize.kind is NormKind.SOFTMAX
 
-        def run(tile: tuple[int, int], stored: bool) -> None:
+        def run(tile: tuple[int, int], keys: int) -> None:
             kernel._backward_impl(trial, dout, out, lse if softmax else None, None,
-                                  tile=tile, stored=stored)
+                                  tile=tile, keys=keys)
     return run
 
 
