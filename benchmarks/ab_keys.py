@@ -1,11 +1,11 @@
-"""The cpu kernels' key layout, A/B in one process: keys transposed first vs read as stored.
+"""The cpu kernels' key layout, A/B in one process: keys transposed, read as stored, packed.
 
-`attndsl/runtime/tiles.py` picks per machine whether the GEMMs read each key operand as stored
-(NT) or from a transposed copy (NN); `ATTNDSL_CPU_KEYS` fixes it. This script alternates the
-two layouts call by call on the same arrays and kernels, with the tile the tuner chose for each
-call (the same on both sides), each timed call warm on a quiet machine as in bench_cpu.py (a
-short pause, one untimed call). It prints a Markdown table: medians, and transposed / stored
-(> 1: reading the keys as stored is faster).
+`attndsl/runtime/tiles.py` picks per machine whether the GEMMs read each key operand from a
+transposed copy (NN), as stored (NT), or packed in panels for attndsl's own micro_gemm;
+`ATTNDSL_CPU_KEYS` fixes it. This script rotates the three layouts call by call on the same
+arrays and kernels, with the tile the tuner chose for each call (the same for all), each timed
+call warm on a quiet machine as in bench_cpu.py (a short pause, one untimed call). It prints a
+Markdown table: medians, and stored / packed (> 1: the packed keys and micro_gemm are faster).
 
     python benchmarks/ab_keys.py --specs sliding_window,full --sizes 2048,4096 --rounds 11
 """
@@ -36,7 +36,7 @@ FILES = {"full": "scaled_dot_product", "causal": "causal", "alibi": "alibi",
          "softcap": "softcap", "sliding_window": "sliding_window"}
 B, H, D = 1, 8, 64
 PAUSE_S = 0.01
-LAYOUTS = ("transposed", "stored")
+LAYOUTS = tiles.LAYOUTS
 
 
 def calls(name: str, n: int):  # type: ignore[no-untyped-def]
@@ -76,18 +76,18 @@ def main() -> None:
     print(f"CPU: lscpu \"{lscpu_model()}\", {vector_isa()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d %H:%M')}; float32, B={B}, H={H}, D={D}; medians of "
           f"{args.rounds} rounds, the layouts alternating (each call warm: a {PAUSE_S * 1e3:.0f}"
-          " ms pause and an untimed call first); the tile is the tuned one, the same for both\n")
-    print("| case | mode | transposed ms | stored ms | transposed / stored |")
-    print("| --- | --- | ---: | ---: | ---: |")
+          " ms pause and an untimed call first); the tile is the tuned one, the same for all\n")
+    print("| case | mode | transposed ms | stored ms | packed ms | stored / packed |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name in args.specs.split(","):
         for n in (int(s) for s in args.sizes.split(",")):
             for mode, run in calls(name, n).items():
                 times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
-                for r in range(args.rounds):
-                    for layout in LAYOUTS[:: 1 if r % 2 else -1]:
+                for r in range(args.rounds):  # each layout first in turn
+                    for layout in LAYOUTS[r % 3:] + LAYOUTS[:r % 3]:
                         times[layout].append(timed(run, layout))
-                a, b = (statistics.median(times[layout]) * 1e3 for layout in LAYOUTS)
-                print(f"| {name} N={n} | {mode} | {a:.2f} | {b:.2f} | {a / b:.3f} |",
+                a, b, c = (statistics.median(times[layout]) * 1e3 for layout in LAYOUTS)
+                print(f"| {name} N={n} | {mode} | {a:.2f} | {b:.2f} | {c:.2f} | {b / c:.3f} |",
                       flush=True)
     os.environ.pop(tiles.KEYS_VARIABLE, None)
 

@@ -108,6 +108,19 @@ def _map_blocks(sizes: dict[str, int], sides: set[str]) -> tuple[int, int]:
     return q_blocks, k_blocks
 
 
+def _in_panels(x: np.ndarray) -> np.ndarray:
+    """`x` [B, H, n, F] in panels of PANEL columns for micro_gemm, [B, H, F / PANEL, n, PANEL]
+    (value_panels); empty where F is no multiple of PANEL (the kernels then call OpenBLAS)."""
+    from .cpu_intrinsics import PANEL, value_panels
+
+    if x.shape[3] % PANEL:
+        return np.empty((0,) * 5, x.dtype)
+    out = buffers.empty((*x.shape[:2], x.shape[3] // PANEL, x.shape[2], PANEL), x.dtype)
+    with _PARALLEL:
+        value_panels(x, out)
+    return out
+
+
 def _with_tile(sz: np.ndarray, bq: int, bk: int) -> np.ndarray:
     """A copy of the kernels' sizes with the tile set (the caller's stays as it was)."""
     sz = sz.copy()
@@ -179,7 +192,7 @@ class CpuKernel(Kernel):
                     *(inputs if not self.plan.feature_maps else []), *params, dout]
         keys_finite, transposed = True, []  # checked while transposed: not checked again
         if tiled and not self.plan.linear_path:  # each GEMM's key operand: [B, H', F, n_k]
-            from .cpu_intrinsics import PANEL, key_panels, transposed_rows, value_panels
+            from .cpu_intrinsics import PANEL, key_panels, transposed_rows
 
             by_node = {id(i.node): a for i, a in zip(
                 [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)], inputs)}
@@ -201,14 +214,8 @@ class CpuKernel(Kernel):
                 inputs.append(value_t)
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
             if self.plan.gemms:  # v in panels for P @ v (checked with the other operands)
-                dv = s["dv"]
-                v_panels = (np.empty((0,) * 5, call.dtype) if keys != tiles.PACKED or dv % PANEL
-                            else buffers.empty((s["B"], s["kv_heads"], dv // PANEL, s["n_k"],
-                                                PANEL), call.dtype))
-                if v_panels.size:
-                    with _PARALLEL:
-                        value_panels(call.v, v_panels)
-                inputs.append(v_panels)
+                inputs.append(_in_panels(call.v) if keys == tiles.PACKED
+                              else np.empty((0,) * 5, call.dtype))
         rest = [a for a in operands if not any(a is t for t in transposed)]
         sz[8] = tiled and not (maps_finite and keys_finite and _all_finite(rest))
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
@@ -425,20 +432,10 @@ class CpuKernel(Kernel):
         arrays for the other layouts; none without GEMMs."""
         if not self.plan.gemms:
             return []
-        from .cpu_intrinsics import PANEL, key_panels, value_panels
+        from .cpu_intrinsics import PANEL, key_panels
 
-        empty = np.empty((0,) * 5, call.dtype)
         if keys != tiles.PACKED:
-            return [empty] * (2 + len(self.plan.gemms))
-
-        def in_panels(x: np.ndarray) -> np.ndarray:  # [B, H, n, F] -> [B, H, F / PANEL, n, PANEL]
-            if x.shape[3] % PANEL:
-                return empty
-            out = buffers.empty((*x.shape[:2], x.shape[3] // PANEL, x.shape[2], PANEL), x.dtype)
-            with _PARALLEL:
-                value_panels(x, out)
-            return out
-
+            return [np.empty((0,) * 5, call.dtype)] * (2 + len(self.plan.gemms))
         s = call.sizes
         v_keys = buffers.empty((s["B"], s["kv_heads"], -(-s["n_k"] // PANEL), s["dv"], PANEL),
                                call.dtype)
@@ -447,8 +444,8 @@ class CpuKernel(Kernel):
         hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         by_node = {id(i.node): a for i, a in zip(hoisted, args[6:])}
         queries = [self.plan.inputs_of_gemm(r)[0] for r in self.plan.gemms]
-        return [in_panels(dout), v_keys, *(in_panels(call.q if a.is_raw_query
-                                                     else by_node[id(a.node)]) for a in queries)]
+        return [_in_panels(dout), v_keys, *(_in_panels(call.q if a.is_raw_query
+                                                       else by_node[id(a.node)]) for a in queries)]
 
     def _linear_backward(self, call: Call, t: dict[str, Any], args: list[np.ndarray],
                          dout: np.ndarray, out: Any) -> dict[str, np.ndarray]:

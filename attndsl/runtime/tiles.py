@@ -192,7 +192,7 @@ def configured_keys() -> int | None:
     if text == "packed" and not panels_fit():
         raise ValueError(f"{KEYS_VARIABLE}=packed reads the keys {PANEL} at a time: it needs "
                          f"key tiles (BK) that are multiples of {PANEL}, not "
-                         f"{VARIABLE}={os.environ[VARIABLE]!r}")
+                         f"{VARIABLE}={os.environ.get(VARIABLE, 'auto')!r}")
     return LAYOUTS.index(text)
 
 
