@@ -26,9 +26,10 @@ The key operands' layout is chosen the same way, after the tile: the launcher tr
 GEMM's key operand ([B, H, n_k, F] -> [B, H, F, n_k], an NN product with the short k = F: 1.3x
 faster than NT on an AVX-512 Xeon), or the GEMMs read it as stored (NT: as fast on an AVX2
 EPYC, where the copy cost 0.5 ms of a 9.5 ms sliding window forward at N = 2048), or the
-launcher packs it, and v, in panels of PANEL columns for micro_gemm, attndsl's own
-register-blocked GEMM (the full softmax forward at N = 2048 ran 1.10x faster so on an AVX2
-EPYC than with the keys as stored; packed needs key tiles that are multiples of PANEL).
+launcher packs it, and v (dO and q too for the backward), in panels of PANEL columns for
+micro_gemm, attndsl's own register-blocked GEMM (1.04-1.29x faster than stored on an AVX2
+EPYC, forward and backward, benchmarks/results/ab_keys.md; packed needs key tiles that are
+multiples of PANEL).
 With `ATTNDSL_CPU_KEYS` unset or `auto`, calls of at least TUNE_PAIRS pairs per head use the
 layout that ran fastest with the chosen tile (each runs FINAL_TRIALS rounds at the call's
 length class, kept in tiles.json beside the tile); smaller calls, and `transposed`, transpose;
