@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU: lscpu \"{lscpu_model()}\", {vector_isa()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d %H:%M')}; float32, B={B}, H={H}, D={D}; medians of "
-          f"{args.rounds} rounds, the layouts alternating (each call warm: a {PAUSE_S * 1e3:.0f}"
+          f"{args.rounds} rounds, the layouts rotating (each call warm: a {PAUSE_S * 1e3:.0f}"
           " ms pause and an untimed call first); the tile is the tuned one, the same for all\n")
     print("| case | mode | transposed ms | stored ms | packed ms | stored / packed |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -84,7 +84,7 @@ def main() -> None:
             for mode, run in calls(name, n).items():
                 times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
                 for r in range(args.rounds):  # each layout first in turn
-                    for layout in LAYOUTS[r % 3:] + LAYOUTS[:r % 3]:
+                    for layout in LAYOUTS[r % len(LAYOUTS):] + LAYOUTS[:r % len(LAYOUTS)]:
                         times[layout].append(timed(run, layout))
                 a, b, c = (statistics.median(times[layout]) * 1e3 for layout in LAYOUTS)
                 print(f"| {name} N={n} | {mode} | {a:.2f} | {b:.2f} | {c:.2f} | {b / c:.3f} |",

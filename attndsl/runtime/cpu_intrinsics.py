@@ -8,7 +8,8 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
   single/double precision BLAS, bound by symbol name.
 * :func:`gemm_skip_zero` -- the same in plain loops, skipping terms whose A element is 0.
 * :func:`micro_gemm` -- ``C = alpha * A @ B (+ C)`` by a register-blocked micro-kernel of our
-  own, B read in PANEL-wide panels (the keys packed by :func:`key_panels`, or values as stored).
+  own, B read in PANEL-wide panels (packed by :func:`key_panels` or :func:`value_panels`, or a
+  row-major matrix as stored).
 * :func:`rows_dot_keys` / :func:`rows_mix_values` -- ``A @ B^T`` and ``C += A @ B`` in plain
   loops for a few rows (decoding), where a BLAS call costs more than its product.
 * :func:`fmax` -- ``llvm.maxnum`` with fast-math flags; unlike Numba's ``max`` it vectorizes.
@@ -370,7 +371,7 @@ def gemm_skip_zero(
 # A register-blocked GEMM of our own: MICRO_ROWS x PANEL tiles of C held in vector registers
 # while the k loop runs (the classic BLIS micro-kernel). OpenBLAS packs both operands on every
 # call; a score tile's GEMM has k = d (64), too short to pay for that: on an AVX2 EPYC a
-# 256 x 256 x 64 sgemm ran at 81 GFLOP/s per core through OpenBLAS and at 93 here, with the keys
+# 256 x 256 x 64 sgemm ran at 81 GFLOP/s per core through OpenBLAS and at 95 here, with the keys
 # packed in panels once per call (key_panels). B is read PANEL columns at a time, each row of a
 # panel contiguous; A one element at a time (broadcast).
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ MICRO_ROWS = 6  # its rows: 6 x 2 accumulators, 2 B vectors and a broadcast fill
 
 def _micro_tile(rows: int):  # type: ignore[no-untyped-def]
     """An intrinsic computing C[rows x PANEL] = alpha * A[rows x k] @ B[k x PANEL] (plus C if
-    `accumulate`): A's element (r, kk) at a[a_off + r * lda + kk], B's (kk, c) at
+    `accumulate`): A's element (r, kk) at a[a_off + r * lda + kk * a_step], B's (kk, c) at
     b[b_off + kk * ldb + c], C's (r, c) at c[c_off + r * ldc + c]; arrays of one float dtype,
     C-contiguous, any number of axes (addressed flat)."""
 
@@ -467,17 +468,19 @@ def micro_gemm(m, n, k, alpha, a, a_off, lda, a_step, b, b_off, ldb, panel_step,
     PANEL columns, by the micro-kernel above: every PANEL-th column of C is written, the columns
     past ``n`` too (from B's columns there, which must be readable: zero padding).
 
-    A is addressed as in `gemm_unchecked` (``a[a_off + r * lda + kk]``). B is read in panels
-    of PANEL columns, the p-th starting at ``b_off + p * panel_step`` with its rows ``ldb``
-    apart: the keys packed by `key_panels` (``ldb = PANEL``, ``panel_step = PANEL * k``), or a
-    row-major matrix as it is (``ldb`` its row stride, ``panel_step = PANEL``). No checks.
+    A's element (r, kk) is ``a[a_off + r * lda + kk * a_step]``: ``a_step = 1`` as stored,
+    ``lda = 1`` for a transposed one (P^T, dS^T read in place). B is read in panels of PANEL
+    columns, the p-th starting at ``b_off + p * panel_step`` with its rows ``ldb`` apart: the
+    keys packed by `key_panels` (``ldb = PANEL``, ``panel_step = PANEL * k``), rows packed by
+    `value_panels` (``ldb = PANEL``, ``panel_step = PANEL * n_rows``), or a row-major matrix as
+    it is (``ldb`` its row stride, ``panel_step = PANEL``). No checks.
     """
     panels = (n + PANEL - 1) // PANEL
     i = 0
     while i + MICRO_ROWS <= m:  # MICRO_ROWS rows of A stay in L1 for every panel
         for p in range(panels):
-            _tile6(k, alpha, a, a_off + i * lda, lda, a_step, b, b_off + p * panel_step, ldb, accumulate,
-                   c, c_off + i * ldc + p * PANEL, ldc)
+            _tile6(k, alpha, a, a_off + i * lda, lda, a_step, b, b_off + p * panel_step, ldb,
+                   accumulate, c, c_off + i * ldc + p * PANEL, ldc)
         i += MICRO_ROWS
     rest, ao = m - i, a_off + i * lda
     for p in range(panels if rest else 0):
@@ -848,7 +851,8 @@ def key_panels(x, out):  # pragma: no cover - compiled
 def value_panels(x, out):  # pragma: no cover - compiled
     """``x`` [B, H, n, F] with F a multiple of PANEL packed into ``out``, a C-contiguous
     [B, H, F / PANEL, n, PANEL]: panel p holds columns p * PANEL .. p * PANEL + PANEL - 1 of
-    every row, for `micro_gemm` (the values of ``P @ v``, read one contiguous panel at a time)."""
+    every row, for `micro_gemm` (v for ``P @ v``, dO and q in the backward: read one contiguous
+    panel at a time)."""
     B, H, n, F = x.shape
     P = F // PANEL
     for task in prange(B * H * P):

@@ -108,13 +108,30 @@ def _map_blocks(sizes: dict[str, int], sides: set[str]) -> tuple[int, int]:
     return q_blocks, k_blocks
 
 
+def _no_panels(dtype: np.dtype) -> np.ndarray:
+    """What the kernels get for an operand packed for micro_gemm when none is (their
+    signature is fixed: an empty array of the panels' rank)."""
+    return np.empty((0,) * 5, dtype)
+
+
+def _by_keys(x: np.ndarray) -> tuple[np.ndarray, bool]:
+    """`x` [B, H, n, F] in panels of PANEL keys for micro_gemm, [B, H, ceil(n / PANEL), F,
+    PANEL] (key_panels, zeros past key n), and whether `x` is finite."""
+    from .cpu_intrinsics import PANEL, key_panels
+
+    out = buffers.empty((*x.shape[:2], -(-x.shape[2] // PANEL), x.shape[3], PANEL), x.dtype)
+    with _PARALLEL:
+        finite = key_panels(x, out)
+    return out, finite
+
+
 def _in_panels(x: np.ndarray) -> np.ndarray:
     """`x` [B, H, n, F] in panels of PANEL columns for micro_gemm, [B, H, F / PANEL, n, PANEL]
     (value_panels); empty where F is no multiple of PANEL (the kernels then call OpenBLAS)."""
     from .cpu_intrinsics import PANEL, value_panels
 
     if x.shape[3] % PANEL:
-        return np.empty((0,) * 5, x.dtype)
+        return _no_panels(x.dtype)
     out = buffers.empty((*x.shape[:2], x.shape[3] // PANEL, x.shape[2], PANEL), x.dtype)
     with _PARALLEL:
         value_panels(x, out)
@@ -192,7 +209,7 @@ class CpuKernel(Kernel):
                     *(inputs if not self.plan.feature_maps else []), *params, dout]
         keys_finite, transposed = True, []  # checked while transposed: not checked again
         if tiled and not self.plan.linear_path:  # each GEMM's key operand: [B, H', F, n_k]
-            from .cpu_intrinsics import PANEL, key_panels, transposed_rows
+            from .cpu_intrinsics import transposed_rows
 
             by_node = {id(i.node): a for i, a in zip(
                 [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)], inputs)}
@@ -202,11 +219,8 @@ class CpuKernel(Kernel):
                 if keys == tiles.STORED:  # read as it is (kt<n> unread): checked with the
                     inputs.append(value)  # other operands
                     continue
-                if keys == tiles.PACKED:  # [B, H', panels, F, PANEL]
-                    value_t = buffers.empty((*value.shape[:2], -(-value.shape[2] // PANEL),
-                                             value.shape[3], PANEL), value.dtype)
-                    with _PARALLEL:
-                        finite = key_panels(value, value_t)
+                if keys == tiles.PACKED:
+                    value_t, finite = _by_keys(value)
                 else:
                     value_t = buffers.empty(value.shape[:2] + value.shape[:1:-1], value.dtype)
                     with _PARALLEL:
@@ -215,7 +229,7 @@ class CpuKernel(Kernel):
                 keys_finite, transposed = keys_finite and finite, [*transposed, value]
             if self.plan.gemms:  # v in panels for P @ v (checked with the other operands)
                 inputs.append(_in_panels(call.v) if keys == tiles.PACKED
-                              else np.empty((0,) * 5, call.dtype))
+                              else _no_panels(call.dtype))
         rest = [a for a in operands if not any(a is t for t in transposed)]
         sz[8] = tiled and not (maps_finite and keys_finite and _all_finite(rest))
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
@@ -432,15 +446,9 @@ class CpuKernel(Kernel):
         arrays for the other layouts; none without GEMMs."""
         if not self.plan.gemms:
             return []
-        from .cpu_intrinsics import PANEL, key_panels
-
         if keys != tiles.PACKED:
-            return [np.empty((0,) * 5, call.dtype)] * (2 + len(self.plan.gemms))
-        s = call.sizes
-        v_keys = buffers.empty((s["B"], s["kv_heads"], -(-s["n_k"] // PANEL), s["dv"], PANEL),
-                               call.dtype)
-        with _PARALLEL:
-            key_panels(call.v, v_keys)  # (v is checked for NaN and inf with the other operands)
+            return [_no_panels(call.dtype)] * (2 + len(self.plan.gemms))
+        v_keys, _ = _by_keys(call.v)  # v is checked for NaN and inf with the other operands
         hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         by_node = {id(i.node): a for i, a in zip(hoisted, args[6:])}
         queries = [self.plan.inputs_of_gemm(r)[0] for r in self.plan.gemms]
