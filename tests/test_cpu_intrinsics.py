@@ -130,6 +130,24 @@ def test_exp2_float32_accuracy_and_masking() -> None:
     assert _exp2_scalar(np.float32(-np.inf)) == 0.0
 
 
+def test_exp2_float32_whole_range_and_nan_payloads() -> None:
+    # vectorized under the kernels' fast-math flags ('reassoc' would fold a (y + magic) - magic
+    # rounding to y) and as a scalar: the same values over exp2's whole range
+    y = np.linspace(-126.0, 127.0, 400_001).astype(np.float32)
+    x = y.copy()
+    _exp2_shift_sum(x, np.float32(0.0))
+    ref = np.exp2(y.astype(np.float64))
+    assert np.max(np.abs(x - ref) / ref) <= 1.2e-7
+    assert all(_exp2_scalar(y[i]) == x[i] for i in range(0, y.size, 9973))
+    # a NaN whatever its payload (the payload's low bits must not move 2**n's exponent)
+    payloads = np.array([0x7FC00001, 0x7FC001FF, 0xFFC00000, 0x7F800001, 0x7FFFFFFF], np.uint32)
+    nans = payloads.view(np.float32)
+    row = np.concatenate([nans, np.zeros(11, np.float32)])  # 16: the vector loop, no tail
+    assert np.isnan(_exp2_shift_sum(row, np.float32(0.0)))
+    assert np.isnan(row[:5]).all() and (row[5:] == 1.0).all()
+    assert all(np.isnan(_exp2_scalar(v)) for v in nans)
+
+
 def _native_asm(dispatcher, sig: tuple) -> str:
     """Assembly of the compiled functions for sig, minus the CPython wrapper (boxes to double)."""
     asm = dispatcher.inspect_asm(sig)

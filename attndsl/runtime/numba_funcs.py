@@ -59,15 +59,15 @@ def _tanh(F: type) -> Callable[..., Any]:
     error ~1e-7; libm's tanhf does not vectorize here); float64: math.tanh."""
     if F is not np.float32:
         return lambda x: math.tanh(x)
-    from .cpu_intrinsics import exp2_f32_clamped, fmax, keep_nan
+    from .cpu_intrinsics import exp2_f32, fmax, keep_nan
 
     one, two, scale, cap, low = F(1), F(2), F(2 * 1.4426950408889634), F(64), F(-126)
 
     def tanh(x):  # type: ignore[no-untyped-def]
         # min(2 x log2 e, 64): 2^64 already gives 1 and keeps exp2's exponent in range;
-        # max(., -126): 2^-126 already gives -1, and the branch-free exp2 needs no test
+        # max(., -126): 2^-126 already gives -1
         y = fmax(-fmax(-(x * scale), -cap), low)
-        return keep_nan(x, one - two / (exp2_f32_clamped(y) + one))  # the clamps drop a NaN
+        return keep_nan(x, one - two / (exp2_f32(y) + one))  # the clamps drop a NaN
 
     return tanh
 
