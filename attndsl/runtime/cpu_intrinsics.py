@@ -810,14 +810,16 @@ def transposed_rows(x, out):  # pragma: no cover - compiled
     return total == 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_SUM_ONLY)
 def key_panels(x, out):  # pragma: no cover - compiled
     """``x`` [B, H, n, F] packed into ``out``, a C-contiguous [B, H, P, F, PANEL] with
     P = ceil(n / PANEL) (zeros past key n); whether every element of ``x`` is finite.
 
     The GEMMs' key operands for `micro_gemm`: panel p holds keys p * PANEL .. p * PANEL +
     PANEL - 1 as its columns, one contiguous PANEL-wide row per feature (the layout a BLAS packs
-    on every call, packed here once per call), checked for finiteness as in `transposed_rows`.
+    on every call, packed here once per call), checked for finiteness as in `transposed_rows`
+    (a pass of its own over the panel's rows, contiguous: summed in the copy, the check cost
+    more than the copy).
     """
     B, H, n, F = x.shape
     P = out.shape[2]
@@ -827,15 +829,20 @@ def key_panels(x, out):  # pragma: no cover - compiled
         b, h, p = task // (H * P), (task // P) % H, task % P
         width = min(PANEL, n - p * PANEL)
         nonfinite = zero
+        for jj in range(width):
+            for c in range(F):
+                nonfinite += x[b, h, p * PANEL + jj, c] * zero
+        total += nonfinite
+        rows, panel = x[b, h, p * PANEL:p * PANEL + width], out[b, h, p]
         for c in range(F):
             for jj in range(width):
-                e = x[b, h, p * PANEL + jj, c]
-                out[b, h, p, c, jj] = e
-                nonfinite += e * zero
+                panel[c, jj] = rows[jj, c]
             for jj in range(width, PANEL):
-                out[b, h, p, c, jj] = zero
-        total += nonfinite
+                panel[c, jj] = zero
     return total == 0
+
+
+_VALUE_ROWS = 64  # rows per task of value_panels: each task reads its rows once
 
 
 @njit(cache=True, parallel=True)
@@ -846,11 +853,13 @@ def value_panels(x, out):  # pragma: no cover - compiled
     panel at a time)."""
     B, H, n, F = x.shape
     P = F // PANEL
-    for task in prange(B * H * P):
-        b, h, p = task // (H * P), (task // P) % H, task % P
-        for j in range(n):
-            for c in range(PANEL):
-                out[b, h, p, j, c] = x[b, h, j, p * PANEL + c]
+    blocks = (n + _VALUE_ROWS - 1) // _VALUE_ROWS
+    for task in prange(B * H * blocks):
+        b, h, block = task // (H * blocks), (task // blocks) % H, task % blocks
+        for j in range(block * _VALUE_ROWS, min(n, (block + 1) * _VALUE_ROWS)):
+            for p in range(P):
+                for c in range(PANEL):
+                    out[b, h, p, j, c] = x[b, h, j, p * PANEL + c]
 
 
 _FINITE_BLOCK = 1 << 14  # elements per task
