@@ -61,13 +61,13 @@ def _tanh(F: type) -> Callable[..., Any]:
         return lambda x: math.tanh(x)
     from .cpu_intrinsics import exp2_f32, fmax, keep_nan
 
-    one, two, scale, cap, low = F(1), F(2), F(2 * 1.4426950408889634), F(64), F(-126)
+    one, two, scale, cap = F(1), F(2), F(2 * 1.4426950408889634), F(64)
 
     def tanh(x):  # type: ignore[no-untyped-def]
-        # min(2 x log2 e, 64): 2^64 already gives 1 and keeps exp2's exponent in range;
-        # max(., -126): 2^-126 already gives -1
-        y = fmax(-fmax(-(x * scale), -cap), low)
-        return keep_nan(x, one - two / (exp2_f32(y) + one))  # the clamps drop a NaN
+        # min(2 x log2 e, 64): 2^64 already gives 1 and keeps exp2's exponent in range (below
+        # -126 exp2 gives 0 itself: -1)
+        y = -fmax(-(x * scale), -cap)
+        return keep_nan(x, one - two / (exp2_f32(y) + one))  # the clamp drops a NaN
 
     return tanh
 
