@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
@@ -43,6 +44,25 @@ def test_ranges_spread_over_the_threads() -> None:
     assert len(names) == 2 and threading.current_thread().name in names
 
 
+def test_ranges_shrink_to_single_tasks_as_the_tasks_run_out() -> None:
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread")
+    ranges: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def kernel(lo: int, hi: int) -> None:
+        with lock:
+            ranges.append((lo, hi))
+
+    threads.run(kernel, 64)
+    ranges.sort()
+    sizes = [hi - lo for lo, hi in ranges]
+    assert [lo for lo, _ in ranges] == [0, *itertools.accumulate(sizes[:-1])]
+    assert sum(sizes) == 64 and sizes == sorted(sizes, reverse=True)
+    threads_now = min(numba.get_num_threads(), 64)
+    assert sizes[0] == 64 // (threads.GUIDE * threads_now) and sizes[-4:] == [1] * 4
+
+
 def test_an_error_in_a_range_reaches_the_caller_and_stops_the_rest() -> None:
     done: list[int] = []
 
@@ -53,7 +73,7 @@ def test_an_error_in_a_range_reaches_the_caller_and_stops_the_rest() -> None:
         done.append(lo)
 
     with pytest.raises(ValueError, match="range 0"):
-        threads.run(kernel, 64)  # 8 ranges on 2 threads, 4 on 1
+        threads.run(kernel, 64)  # range 0 is tasks 0..7 on 2 threads
     assert len(done) <= 1  # each thread ends its current range, then starts no other
     threads.run(lambda lo, hi: done.append(-1), 1)  # the pool still works afterwards
     assert done[-1] == -1

@@ -8,13 +8,20 @@ lo..hi-1 (one task: a batch, head and query tile, or the like), and :func:`run` 
 contiguous ranges to the threads as each finishes its last (dynamic: a causal mask makes the
 late query tiles cost more than the early ones).
 
+The ranges shrink as the tasks run out (guided scheduling): each is 1 / (GUIDE x threads) of
+the tasks still unclaimed, at least one task. Few calls early, single tasks at the end, so the
+threads finish together even when one starts late: a helper idle for a while wakes 1-3 ms
+after its range is submitted on these VMs. Fixed ranges (8 for 64 tasks on 2 threads) left
+the caller waiting ~2 ms for the helper's last range in a 70 ms forward (full softmax, N =
+2048, tile 256: 64 tasks of ~1 ms); guided ranges ran that forward 3-6% faster on a 2-core
+EPYC (same process, alternating, medians of 11-13 rounds).
+
 Tasks write disjoint outputs, so the ranges need no locks. The number of threads is Numba's
 (`numba.get_num_threads()`: NUMBA_NUM_THREADS, or `numba.set_num_threads`), as before.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -23,7 +30,7 @@ from typing import Any
 
 import numba
 
-RANGES_PER_THREAD = 4  # a few ranges each, so a thread that drew cheap tasks takes another
+GUIDE = 4  # each range: the unclaimed tasks / (GUIDE x threads); 64 tasks on 2 threads: 8, 7, ..
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -56,15 +63,23 @@ def run(kernel: Callable[..., Any], tasks: int, *args: Any) -> None:
         if tasks > 0:
             kernel(0, tasks, *args)
         return
-    count = min(tasks, threads * RANGES_PER_THREAD)
-    bounds = [tasks * n // count for n in range(count + 1)]
-    ticket = itertools.count()  # next() is atomic under the GIL: each range runs once
+    claimed = 0  # tasks 0..claimed-1 belong to a range already
+    lock = threading.Lock()  # each range is claimed once
     failed = threading.Event()  # an error (or Ctrl-C) in one range: start no more
+
+    def claim() -> tuple[int, int] | None:
+        nonlocal claimed
+        with lock:
+            lo = claimed
+            if lo >= tasks or failed.is_set():
+                return None
+            claimed = lo + max(1, (tasks - lo) // (GUIDE * threads))
+            return lo, claimed
 
     def work() -> None:
         try:
-            while not failed.is_set() and (n := next(ticket)) < count:
-                kernel(bounds[n], bounds[n + 1], *args)
+            while (task_range := claim()) is not None:
+                kernel(*task_range, *args)
         except BaseException:
             failed.set()
             raise
