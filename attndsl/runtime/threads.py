@@ -89,4 +89,7 @@ def run(kernel: Callable[..., Any], tasks: int, *args: Any) -> None:
         work()
     finally:
         for helper in helpers:  # every range has ended before the outputs are read
-            helper.result()
+            # a helper that has not started yet would find every range claimed: it is not
+            # waited for (a short launch would otherwise take as long as its wake-up)
+            if not helper.cancel():
+                helper.result()
