@@ -63,6 +63,26 @@ def test_ranges_shrink_to_single_tasks_as_the_tasks_run_out() -> None:
     assert sizes[0] == 64 // (threads.GUIDE * threads_now) and sizes[-4:] == [1] * 4
 
 
+def test_a_helper_that_never_started_is_not_waited_for() -> None:
+    """Every helper busy elsewhere (as if waking late): the caller runs every range itself
+    and returns, without waiting for a helper to start only to find nothing left."""
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread")
+    pool = threads._workers()
+    release = threading.Event()
+    blockers = [pool.submit(release.wait, 10) for _ in range(pool._max_workers)]
+    names: set[str] = set()
+    try:
+        start = time.perf_counter()
+        threads.run(lambda lo, hi: names.add(threading.current_thread().name), 4)
+        elapsed = time.perf_counter() - start
+    finally:
+        release.set()
+    for blocker in blockers:
+        blocker.result()
+    assert names == {threading.current_thread().name} and elapsed < 5
+
+
 def test_an_error_in_a_range_reaches_the_caller_and_stops_the_rest() -> None:
     done: list[int] = []
 
