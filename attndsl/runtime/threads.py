@@ -16,8 +16,9 @@ the caller waiting ~2 ms for the helper's last range in a 70 ms forward (full so
 2048, tile 256: 64 tasks of ~1 ms); guided ranges ran that forward 3-6% faster on a 2-core
 EPYC (same process, alternating, medians of 11-13 rounds).
 
-Tasks write disjoint outputs, so the ranges need no locks. The number of threads is Numba's
-(`numba.get_num_threads()`: NUMBA_NUM_THREADS, or `numba.set_num_threads`), as before.
+Tasks write disjoint outputs, so the kernels take no locks (only claiming a range does). The
+number of threads is Numba's (`numba.get_num_threads()`: NUMBA_NUM_THREADS, or
+`numba.set_num_threads`), as before.
 """
 
 from __future__ import annotations
