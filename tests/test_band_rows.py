@@ -5,11 +5,15 @@ When the mask is one linear atom or an And of them, the keys it allows a query r
 tile (a scan from the left, a binary search for its end) and computes its pairs without a mask
 test; the pairs outside it are written masked.
 
-Checked here: which plans take the scan; the generated forward has it only for them; forward
-and every gradient against the NumPy reference with masks whose runs start and end inside a
-tile, have slopes other than 1, and are empty for whole rows (in float64 and float32, GQA,
-positions offset, sizes that are not multiples of any tile, several tiles forced through
-ATTNDSL_CPU_TILES), and huge logits.
+The runs also bound the GEMMs of such a tile when the keys are packed for micro_gemm
+(`micro_gemm_band`): each strip of rows computes the panels of scores its runs reach, and sums
+the products of P (and dS) over its runs only, forward and backward.
+
+Checked here: which plans take the scan; the generated kernels have it, and the banded GEMMs,
+only for them; forward and every gradient against the NumPy reference with masks whose runs
+start and end inside a tile, have slopes other than 1, and are empty for whole rows (in float64
+and float32, GQA, positions offset, sizes that are not multiples of any tile, several tiles
+forced through ATTNDSL_CPU_TILES, the keys transposed and packed), and huge logits.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ NOT_CONVEX = {
 }
 TOL = {np.float64: 1e-10, np.float32: 3e-5}  # relative to the largest reference value
 TILES = ["off", "16x32", "64x256", "128x128"]
+KEYS = ["transposed", "packed"]  # packed: the GEMMs run by micro_gemm (banded on these tiles)
+WIDTHS = {"transposed": {}, "packed": {"d": 16, "dv": 32}}  # packed: whole panels of features,
+# so every product (P @ v and the adjoints' too) runs by micro_gemm, not only the scores
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +80,15 @@ def test_which_plans_scan_their_rows() -> None:
         source = numba_cpu.emit_source(attndsl.parse(text))
         forward = source[source.index("def _attn_fwd("):source.index("def _attn_decode(")]
         assert "j_lo = nk" in forward
-        # the backward keeps its per-pair mask test: banded, its loops ran up to 12% slower
-        assert "j_lo" not in source[source.index("def _attn_bwd("):]
-    source = numba_cpu.emit_source(attndsl.parse(NOT_CONVEX["or"]))
-    assert "j_lo" not in source
+        assert forward.count("micro_gemm_band(") == 2  # scores and P @ v
+        backward = source[source.index("def _attn_bwd("):]
+        assert backward.count("j_lo = nk") == 1  # the runs, found once per tile for its GEMMs
+        assert backward.count("micro_gemm_band(") == 5  # S, dP, dV, dk, dq
+        # ... while its pair loops keep their per-pair mask test (banded, they ran 1-12% slower)
+        assert "if not (" in backward
+    for text in NOT_CONVEX.values():
+        source = numba_cpu.emit_source(attndsl.parse(text))
+        assert "j_lo" not in source and "micro_gemm_band(" not in source
 
 
 def _compare(kernels: dict[str, tuple[Any, Any]], name: str, q: np.ndarray, k: np.ndarray,
@@ -103,10 +115,11 @@ def _compare(kernels: dict[str, tuple[Any, Any]], name: str, q: np.ndarray, k: n
                                    err_msg=f"{name} {label}")
 
 
+@pytest.mark.parametrize("keys", KEYS)
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_scanned_rows_match_reference(kernels, name: str, dtype: type, tiles: str,
+def test_scanned_rows_match_reference(kernels, name: str, dtype: type, tiles: str, keys: str,
                                       monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """GQA (4 heads on 2), n_q = 150, n_k = 301 (no tile divides them); `band` leaves its
     first rows and many tiles' rows without a key (j > 20 and 2 j <= i + 3), and its runs
@@ -115,7 +128,8 @@ def test_scanned_rows_match_reference(kernels, name: str, dtype: type, tiles: st
     status 0, which the forward once took for a tile to compute unmasked (rows 0..15 had
     output where the reference has 0)."""
     monkeypatch.setenv("ATTNDSL_CPU_TILES", tiles)
-    _compare(kernels, name, *qkv_dout(150, 301, dtype))
+    monkeypatch.setenv("ATTNDSL_CPU_KEYS", keys)
+    _compare(kernels, name, *qkv_dout(150, 301, dtype, **WIDTHS[keys]))
     if name == "band":
         out = kernels[name][0](*qkv_dout(150, 301, dtype)[:3])
         assert np.all(out[:, :, :38] == 0)  # rows i < 38: 2 j <= i + 3 leaves no j > 20
@@ -127,13 +141,18 @@ def test_scanned_rows_with_offsets_and_mqa(kernels, name: str,
     """A block of queries at positions 200.. against keys at 0..: the runs move with the
     offsets (`pi`, `pj`), not with the rows; 3 query heads on one key/value head."""
     monkeypatch.setenv("ATTNDSL_CPU_TILES", "32x64")
-    q, k, v, dout = qkv_dout(90, 330, np.float64, heads=3, kv_heads=1)
-    _compare(kernels, name, q, k, v, dout, q_offset=200, k_offset=0)
+    for keys in KEYS:
+        monkeypatch.setenv("ATTNDSL_CPU_KEYS", keys)
+        q, k, v, dout = qkv_dout(90, 330, np.float64, heads=3, kv_heads=1, **WIDTHS[keys])
+        _compare(kernels, name, q, k, v, dout, q_offset=200, k_offset=0)
 
 
 def test_scanned_rows_huge_logits(kernels, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Logits ~1e4 (inputs of size ~45): the softmax must neither overflow nor let a masked
     pair's logit in."""
     monkeypatch.setenv("ATTNDSL_CPU_TILES", "64x128")
-    for name in ("band", "band_bias"):
-        _compare(kernels, name, *qkv_dout(150, 301, np.float64, scale=45.0))
+    for keys in KEYS:
+        monkeypatch.setenv("ATTNDSL_CPU_KEYS", keys)
+        for name in ("band", "band_bias"):
+            _compare(kernels, name, *qkv_dout(150, 301, np.float64, scale=45.0,
+                                              **WIDTHS[keys]))

@@ -268,6 +268,80 @@ def test_micro_gemm_every_row_count_panel_and_offset(dtype, accumulate: bool) ->
                 _tile(b, 2, k, 2 * ci.PANEL, ldb), 1.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)
+def test_micro_gemm_band_computes_each_strips_run(dtype) -> None:
+    """micro_gemm_band on runs drawn at random (empty ones, whole rows, every row count 1..20):
+    over columns (depth False) every row's run of C matches alpha A @ B and nothing outside
+    its strip's panels is written; over the sum (depth True, A zero outside each row's run)
+    every column of C matches, accumulated or not, also with a strip whose runs are all empty
+    (its C is then 0, or left as it was when accumulating); per = PANEL: one run per panel of
+    C's rows, A read transposed (the backward's P^T @ dO). band_panels gives those runs."""
+    rng = np.random.default_rng(5)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    P = ci.PANEL
+    for m in range(1, 21):
+        n, k = int(rng.integers(1, 3 * P)), int(rng.integers(1, 40))
+        wide = -(-n // P) * P
+        a = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((k, wide)).astype(dtype)
+        lo = rng.integers(0, n + 1, m)
+        hi = np.minimum(lo + rng.integers(0, n + 1, m), n)
+        hi[rng.random(m) < 0.2] = 0  # some empty runs
+        c = np.full((m, wide), 7.0, dtype)
+        ci.micro_gemm_band(m, n, k, 0.5, a.ravel(), 0, k, 1, b.ravel(), 0, wide, P, False,
+                           c.ravel(), 0, wide, lo, hi, 1, False)
+        want = 0.5 * a @ b
+        for s0 in range(0, m, ci.MICRO_ROWS):  # a strip: its runs' union in whole panels
+            rows = range(s0, min(m, s0 + ci.MICRO_ROWS))
+            runs = [(lo[r], hi[r]) for r in rows if lo[r] < hi[r]]
+            p0 = min(r[0] for r in runs) // P * P if runs else wide
+            p1 = -(-max(r[1] for r in runs) // P) * P if runs else wide
+            np.testing.assert_allclose(c[rows.start:rows.stop, p0:p1],
+                                       want[rows.start:rows.stop, p0:p1], rtol=tol, atol=tol)
+            assert (c[rows.start:rows.stop, :p0] == 7).all()
+            assert (c[rows.start:rows.stop, p1:] == 7).all()
+        klo = rng.integers(0, k + 1, m)
+        khi = np.minimum(klo + rng.integers(0, k + 1, m), k)
+        if m % 2:  # the first strip's runs all empty
+            khi[:ci.MICRO_ROWS] = 0
+        masked = a.copy()
+        for r in range(m):
+            masked[r, :klo[r]] = 0
+            masked[r, max(khi[r], klo[r]):] = 0
+            if khi[r] <= klo[r]:
+                masked[r] = 0
+        for accumulate in (False, True):
+            c0 = rng.standard_normal((m, wide)).astype(dtype)
+            c = c0.copy()
+            ci.micro_gemm_band(m, n, k, 1.5, masked.ravel(), 0, k, 1, b.ravel(), 0, wide, P,
+                               accumulate, c.ravel(), 0, wide, klo, khi, 1, True)
+            np.testing.assert_allclose(c, 1.5 * masked @ b + c0 * accumulate, rtol=tol,
+                                       atol=tol)
+        # the transposed product: C's rows are keys, A = P^T read in place (lda 1), one run
+        # of query rows per panel of keys, from band_panels over P's rows
+        keys, queries = m + 11, k
+        q_lo = rng.integers(0, keys + 1, queries)
+        q_hi = np.minimum(q_lo + rng.integers(0, keys + 1, queries), keys)
+        p_lo = np.empty(-(-keys // P), np.int64)
+        p_hi = np.empty_like(p_lo)
+        ci.band_panels(q_lo, q_hi, queries, keys, p_lo, p_hi)
+        weights = rng.standard_normal((queries, keys)).astype(dtype)
+        for r in range(queries):
+            weights[r, :q_lo[r]] = 0
+            weights[r, q_hi[r]:] = 0
+        for p in range(len(p_lo)):
+            touched = [r for r in range(queries) if q_lo[r] < q_hi[r]
+                       and q_lo[r] < (p + 1) * P and q_hi[r] > p * P]
+            assert (p_lo[p], p_hi[p]) == ((touched[0], touched[-1] + 1) if touched
+                                          else (queries, 0))
+        bq = rng.standard_normal((queries, wide)).astype(dtype)
+        c0 = rng.standard_normal((keys, wide)).astype(dtype)
+        c = c0.copy()
+        ci.micro_gemm_band(keys, n, queries, 1.0, weights.ravel(), 0, 1, keys, bq.ravel(), 0,
+                           wide, P, True, c.ravel(), 0, wide, p_lo, p_hi, P, True)
+        np.testing.assert_allclose(c, weights.T @ bq + c0, rtol=tol, atol=tol)
+
+
 def test_single_threaded_blas_restores_thread_count() -> None:
     before = ci.blas_num_threads()
     if before is None:

@@ -9,7 +9,8 @@ functions and keeps on-disk caching possible (no ctypes pointers held in globals
 * :func:`gemm_skip_zero` -- the same in plain loops, skipping terms whose A element is 0.
 * :func:`micro_gemm` -- ``C = alpha * A @ B (+ C)`` by a register-blocked micro-kernel of our
   own, B read in PANEL-wide panels (packed by :func:`key_panels` or :func:`value_panels`, or a
-  row-major matrix as stored).
+  row-major matrix as stored). :func:`micro_gemm_band` -- the same on a partly masked tile,
+  each strip of rows over its allowed run only.
 * :func:`rows_dot_keys` / :func:`rows_mix_values` -- ``A @ B^T`` and ``C += A @ B`` in plain
   loops for a few rows (decoding), where a BLAS call costs more than its product.
 * :func:`fmax` -- ``llvm.maxnum`` with fast-math flags; unlike Numba's ``max`` it vectorizes.
@@ -65,6 +66,7 @@ __all__ = [
     "INTRINSICS_VERSION",
     "PREFER_512_ENV",
     "NoAliasCompiler",
+    "band_panels",
     "blas_num_threads",
     "cpu_features_prefer_512",
     "elu_f32",
@@ -83,6 +85,7 @@ __all__ = [
     "keep_nan",
     "key_panels",
     "micro_gemm",
+    "micro_gemm_band",
     "row_max",
     "rows_dot_keys",
     "rows_mix_values",
@@ -94,7 +97,7 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "16"
+INTRINSICS_VERSION = "17"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
@@ -494,6 +497,68 @@ def micro_gemm(m, n, k, alpha, a, a_off, lda, a_step, b, b_off, ldb, panel_step,
             _tile4(k, alpha, a, ao, lda, a_step, b, bo, ldb, accumulate, c, co, ldc)
         else:
             _tile5(k, alpha, a, ao, lda, a_step, b, bo, ldb, accumulate, c, co, ldc)
+
+
+@njit(cache=True, nogil=True)
+def micro_gemm_band(m, n, k, alpha, a, a_off, lda, a_step, b, b_off, ldb, panel_step, accumulate,
+                    c, c_off, ldc, lo, hi, per, depth):  # pragma: no cover - compiled
+    """`micro_gemm` on a partly masked tile whose row r needs only the run ``[lo[r // per],
+    hi[r // per])`` (empty where ``lo >= hi``), computed per strip of MICRO_ROWS rows over the
+    union of its rows' runs. A causal diagonal tile needs about half of its products.
+
+    ``depth`` False: the runs are C's columns (S = Q K^T, dP = dO V^T): only the panels
+    holding a strip's run are written, the others are left as they were (the caller masks
+    them). ``depth`` True: the runs are the sum's terms (P @ V, dS @ K, and with ``per =
+    PANEL`` the transposed P^T @ dO and dS^T @ Q, a run per panel of keys): A must be zero
+    outside them, every column is written (C's strip, or its zeros when the run is empty).
+    """
+    panels = (n + PANEL - 1) // PANEL
+    i = 0
+    while i < m:
+        rows = min(MICRO_ROWS, m - i)
+        start, stop = k if depth else n, 0
+        for r in range(i, i + rows):
+            if lo[r // per] < hi[r // per]:
+                start, stop = min(start, lo[r // per]), max(stop, hi[r // per])
+        p0, p1, span, ao, bo = 0, panels, k, a_off + i * lda, b_off
+        if depth:
+            span = max(stop - start, 0)
+            ao, bo = ao + start * a_step, bo + start * ldb
+        elif start < stop:
+            p0, p1 = start // PANEL, (stop + PANEL - 1) // PANEL
+        else:
+            p1 = 0  # no run: nothing of this strip is needed
+        if depth and span == 0 and accumulate:
+            p1 = 0  # nothing to add
+        for p in range(p0, p1):
+            bp, co = bo + p * panel_step, c_off + i * ldc + p * PANEL
+            if rows == MICRO_ROWS:
+                _tile6(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
+            elif rows == 1:
+                _tile1(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
+            elif rows == 2:
+                _tile2(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
+            elif rows == 3:
+                _tile3(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
+            elif rows == 4:
+                _tile4(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
+            else:
+                _tile5(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
+        i += rows
+
+
+@njit(inline="always")
+def band_panels(lo, hi, m, n, panel_lo, panel_hi):  # pragma: no cover - compiled
+    """From the runs ``[lo[r], hi[r])`` of columns of rows 0..m-1 (n columns): each panel p of
+    PANEL columns gets ``[panel_lo[p], panel_hi[p])``, the rows from the first to the last whose
+    run reaches it (empty when none does): the runs of a transposed product (``P^T @ dO``)."""
+    for p in range((n + PANEL - 1) // PANEL):
+        panel_lo[p], panel_hi[p] = m, 0
+    for r in range(m):
+        if lo[r] < hi[r]:
+            for p in range(lo[r] // PANEL, (hi[r] + PANEL - 1) // PANEL):
+                panel_lo[p] = min(panel_lo[p], r)
+                panel_hi[p] = max(panel_hi[p], r + 1)
 
 
 # Decoding's products: a few query rows (m <= 8) against a key tile. OpenBLAS packs the whole
