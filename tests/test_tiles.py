@@ -107,12 +107,14 @@ def test_key_layouts_match_the_reference(
 def test_key_layouts_keep_the_nan_policy(case: Any, layout: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Read as stored, the keys are checked for NaN and inf with the other operands (packed,
-    while packed, as the transposition checks them): NaN exactly where the reference has it,
-    masked poison harmless (200 x 200 causal, GQA, 64 x 128 tiles)."""
+    while packed, as the transposition checks them, and v with them in the backward): NaN
+    exactly where the reference has it, masked poison harmless (200 x 200 causal, GQA, 64 x 128
+    tiles), also in a backward given out and lse (which recomputes no forward: its operands
+    are checked by the backward's own prologue)."""
     monkeypatch.setenv(tiles.VARIABLE, "64x128")
     monkeypatch.setenv(tiles.KEYS_VARIABLE, layout)
     cpu, ref = (attndsl.compile(nan_cases.CAUSAL, target) for target in ("cpu", "numpy"))
-    clean = nan_cases.make(nan_cases.CAUSAL, 200, 200)
+    clean = nan_cases.make(nan_cases.CAUSAL, 200, 200, d=16, dv=16)  # whole panels
     poisoned = clean.copy()
     expect = case(poisoned)
     got, want = nan_cases.run(cpu, poisoned), nan_cases.run(ref, poisoned)
@@ -120,6 +122,13 @@ def test_key_layouts_keep_the_nan_policy(case: Any, layout: str,
         got, want = ({n: r[n] for n in ("out", "lse")} for r in (got, want))
     nan_cases.assert_same(got, want, rtol=F64_TOL, atol=F64_TOL)
     expect(got, nan_cases.run(cpu, clean))
+    if not getattr(case, "forward_only", False):
+        x = poisoned
+        with np.errstate(all="ignore"):
+            given = [k.backward(x.q, x.k, x.v, x.dout, out=r["out"], lse=r["lse"])
+                     for k, r in ((cpu, got), (ref, want))]
+        nan_cases.assert_same(*({f"d{n}": g for n, g in grads.items()} for grads in given),
+                              rtol=F64_TOL, atol=F64_TOL)
 
 
 @pytest.mark.parametrize(("value", "want"), [

@@ -171,10 +171,15 @@ class CpuKernel(Kernel):
 
     # ---- arguments ----
     def _common(self, call: Call, dout: np.ndarray | None = None, tiled: bool = True,
-                keys: int = tiles.TRANSPOSED) -> tuple[dict[str, Any], list[np.ndarray]]:
+                keys: int = tiles.TRANSPOSED, values: bool = True,
+                checked: list[tuple[np.ndarray, bool]] | None = None
+                ) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The rows prologue and the kernels' arguments; `tiled`: with each GEMM's key operand
         in the layout `keys` (tiles.LAYOUTS: transposed, read as stored, or packed in panels;
-        sz[12]) and the finiteness check of the careful path (decoding needs neither)."""
+        sz[12]) and the finiteness check of the careful path (decoding needs neither).
+        `values`: v packed for the forward's P @ v too (the backward without a forward to
+        recompute reads none); `checked`: operands the caller packed and found finite or not
+        while copying them (key_panels), not checked again."""
         linear = self.plan.linear
         check_linear_offsets(linear is not None, linear is not None and linear.causal, call)
         hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
@@ -207,7 +212,9 @@ class CpuKernel(Kernel):
         raw = self.plan.raw_inputs
         operands = [call.q if "q" in raw else None, call.k if "k" in raw else None, call.v,
                     *(inputs if not self.plan.feature_maps else []), *params, dout]
-        keys_finite, transposed = True, []  # checked while transposed: not checked again
+        # checked while copied (transposed, packed): not checked again
+        copies_finite = all(finite for _, finite in checked or [])
+        copied = [a for a, _ in checked or []]
         if tiled and not self.plan.linear_path:  # each GEMM's key operand: [B, H', F, n_k]
             from .cpu_intrinsics import transposed_rows
 
@@ -226,12 +233,12 @@ class CpuKernel(Kernel):
                     with _PARALLEL:
                         finite = transposed_rows(value, value_t)
                 inputs.append(value_t)
-                keys_finite, transposed = keys_finite and finite, [*transposed, value]
+                copies_finite, copied = copies_finite and finite, [*copied, value]
             if self.plan.gemms:  # v in panels for P @ v (checked with the other operands)
-                inputs.append(_in_panels(call.v) if keys == tiles.PACKED
+                inputs.append(_in_panels(call.v) if keys == tiles.PACKED and values
                               else _no_panels(call.dtype))
-        rest = [a for a in operands if not any(a is t for t in transposed)]
-        sz[8] = tiled and not (maps_finite and keys_finite and _all_finite(rest))
+        rest = [a for a in operands if not any(a is c for c in copied)]
+        sz[8] = tiled and not (maps_finite and copies_finite and _all_finite(rest))
         args = [sz, call.q_offset, call.k_offset, call.q, call.k, call.v, *inputs, *params,
                 *call.indices.values()]
         return t, args
@@ -377,13 +384,15 @@ class CpuKernel(Kernel):
         softmax = norm is NormKind.SOFTMAX
         if keys is None:
             keys = self.key_layout(call, "backward")
+        # what was not given is recomputed; what was is trusted as forward's (as on numpy)
+        recompute = out is None or (softmax and lse is None) or norm is NormKind.SUM
+        raw, checked = self._raw_panels(call, keys, dout)
         # one rows pass and one finiteness check, shared with a recomputed forward (which
         # then reads the keys in the backward's layout)
-        t, args = self._common(call, dout, keys=keys)
+        t, args = self._common(call, dout, keys=keys, values=recompute, checked=checked)
         if self.plan.linear_path:
             return self._linear_backward(call, t, args, dout, out)
-        if out is None or (softmax and lse is None) or norm is NormKind.SUM:
-            # what was not given is recomputed; what was is trusted as forward's (as on numpy)
+        if recompute:
             fwd_out, state, _ = self._run_forward(call, (t, args))
             out = fwd_out if out is None else out
             state = lse if softmax and lse is not None else state
@@ -426,7 +435,7 @@ class CpuKernel(Kernel):
         err = np.zeros(B * H * parts, np.int64)
         sz = _with_tile(args[0], bq, bk)
         sz[7] = parts
-        panels = self._backward_panels(call, args, keys, dout)
+        panels = self._backward_panels(call, args, keys, raw)
         with _PARALLEL, single_threaded_blas():
             threads.run(module._attn_bwd, len(err), sz, *args[1:], dout, *panels, D, state,
                         *(adjoints[numpy_ref.variable(i.node)] for i in key_items),
@@ -438,22 +447,37 @@ class CpuKernel(Kernel):
                 adjoints[name] = value.reshape((parts, B) + value.shape[1:]).sum(axis=0)
         return self._finish(call, t, args[0], adjoints, dv_h, first, q_tiles, (state, D))
 
+    def _raw_panels(self, call: Call, keys: int, dout: np.ndarray
+                    ) -> tuple[dict[str, np.ndarray], list[tuple[np.ndarray, bool]]]:
+        """The backward's raw operands for micro_gemm with the keys in panels (`keys` PACKED),
+        packed before the rows prologue: dO (and q where a GEMM reads it) in panels of PANEL
+        columns (value_panels; empty unless their width is a multiple of PANEL), v in panels of
+        keys (key_panels, which finds whether v is finite: the rows prologue then checks it no
+        more, [(v, finite)])."""
+        if not self.plan.gemms or keys != tiles.PACKED:
+            return {}, []
+        v_keys, v_finite = _by_keys(call.v)
+        packed = {"dout": _in_panels(dout), "v": v_keys}
+        if any(self.plan.inputs_of_gemm(r)[0].is_raw_query for r in self.plan.gemms):
+            packed["q"] = _in_panels(call.q)
+        return packed, [(call.v, v_finite)]
+
     def _backward_panels(self, call: Call, args: list[np.ndarray], keys: int,
-                         dout: np.ndarray) -> list[np.ndarray]:
-        """The backward's operands for micro_gemm with the keys in panels (`keys` PACKED):
-        dO and each GEMM's query-side operand in panels of PANEL columns (value_panels; empty
-        unless their width is a multiple of PANEL), v in panels of keys (key_panels). Empty
-        arrays for the other layouts; none without GEMMs."""
+                         raw: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The backward's operands for micro_gemm with the keys in panels (`keys` PACKED): dO
+        and each GEMM's query-side operand in panels of PANEL columns, v in panels of keys (the
+        raw ones from `_raw_panels`; the others, computed by the rows prologue and checked
+        there, packed here). Empty arrays for the other layouts; none without GEMMs."""
         if not self.plan.gemms:
             return []
         if keys != tiles.PACKED:
             return [_no_panels(call.dtype)] * (2 + len(self.plan.gemms))
-        v_keys, _ = _by_keys(call.v)  # v is checked for NaN and inf with the other operands
         hoisted = [i for i in self.plan.inputs if not (i.is_raw_query or i.is_raw_key)]
         by_node = {id(i.node): a for i, a in zip(hoisted, args[6:])}
         queries = [self.plan.inputs_of_gemm(r)[0] for r in self.plan.gemms]
-        return [_in_panels(dout), v_keys, *(_in_panels(call.q if a.is_raw_query
-                                                       else by_node[id(a.node)]) for a in queries)]
+        return [raw["dout"], raw["v"], *(raw["q"] if a.is_raw_query
+                                         else _in_panels(by_node[id(a.node)])
+                                         for a in queries)]
 
     def _linear_backward(self, call: Call, t: dict[str, Any], args: list[np.ndarray],
                          dout: np.ndarray, out: Any) -> dict[str, np.ndarray]:
