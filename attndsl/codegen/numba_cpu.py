@@ -474,6 +474,7 @@ class CpuEmitter:
                 w("band_panels(band_lo, band_hi, mq, nk, panel_lo, panel_hi)")
 
     def band_buffers(self, panels: bool) -> None:
+        """A task's buffers for `tile_bands` (with `panels`, the key panels' runs too)."""
         if not self.banded:
             return
         w = self.w

@@ -14,7 +14,8 @@ backward ran 1.5x slower).
   head uses the tile a short measurement chose; smaller calls use DEFAULT. The measurement runs
   once per (machine, kernel source, dtype, heads, kv_heads, d, dv, threads, candidates, length)
   on arrays made for it (`attndsl.demo.demo_inputs`, the call's heads), forward and backward
-  apart: each candidate runs once, then TRIALS timed rounds at TUNE_N rows; the FINALISTS
+  apart, with the keys packed where every candidate fits panels (`ranking_layout`), else
+  transposed: each candidate runs once, then TRIALS timed rounds at TUNE_N rows; the FINALISTS
   fastest run FINAL_TRIALS more rounds at the call's length class (TUNE_N_LONG rows for calls
   of at least TUNE_N_LONG**2 pairs per head, else TUNE_N again), which picks among them. The
   choice is kept in this process and in `<kernel cache>/tiles.json`, so a later process on the
@@ -248,8 +249,15 @@ def tune_key(kernel: CpuKernel, call: Call, kind: str) -> str:
     source = _digest(kernel.source)
     return (f"{machine()} | {kernel.spec.name} {source} | {call.dtype.name} {kind} | "
             f"heads {s['heads']}/{s['kv_heads']} d {s['d']} dv {s['dv']} | "
-            f"threads {numba.get_num_threads()} | of {_digest(repr(CANDIDATES))[:8]} | "
+            f"threads {numba.get_num_threads()} | of {_measured_as()} | "
             f"n {final_length(call)}")
+
+
+def _measured_as() -> str:
+    """The candidates and the layout they are ranked in: a choice stored from other ones (or
+    from tiles ranked transposed) is measured again."""
+    ranked = "" if ranking_layout() == TRANSPOSED else f" ranked {LAYOUTS[ranking_layout()]}"
+    return _digest(repr(CANDIDATES) + ranked)[:8]
 
 
 def final_length(call: Call) -> int:
@@ -259,10 +267,18 @@ def final_length(call: Call) -> int:
     return TUNE_N_LONG if s["n_q"] * s["n_k"] >= TUNE_N_LONG * TUNE_N_LONG else TUNE_N
 
 
+def ranking_layout() -> int:
+    """The key layout the tiles are measured in: packed where every tile fits panels (the
+    layout that ran fastest on the machines measured, and the only one whose partly masked
+    tiles skip their masked products, micro_gemm_band: ranked in another, a big tile's masked
+    share is weighed as if computed), else transposed."""
+    return PACKED if panels_fit() else TRANSPOSED
+
+
 def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     """The fastest candidate on problems shaped like `call`: all of them at TUNE_N, then the
-    FINALISTS at `final_length(call)`."""
-    trials = tuple((tile, TRANSPOSED) for tile in CANDIDATES)
+    FINALISTS at `final_length(call)`, with the keys in `ranking_layout()`."""
+    trials = tuple((tile, ranking_layout()) for tile in CANDIDATES)
     seconds = dict.fromkeys(trials, float("inf"))
     run = _runner(kernel, call, kind, TUNE_N)
     _rounds(run, trials, TRIALS, seconds, warm=True)
