@@ -175,8 +175,29 @@ def test_exp2_float64_accuracy() -> None:
     assert _exp2_scalar(-3.0) == pytest.approx(0.125, rel=1e-15)
 
 
+# The launcher's passes split their units (panels, blocks, rows) into tasks of _PASS_BYTES or
+# more: at these sizes one task, unless the test makes every unit a task of its own (run on two
+# threads, each writing its own flag)
+PASS_SPLITS = pytest.mark.parametrize("split", [False, True], ids=["one_task", "unit_tasks"])
+
+
+@pytest.fixture
+def pass_split(request, monkeypatch):  # type: ignore[no-untyped-def]
+    import numba
+
+    if request.node.callspec.params.get("split"):
+        monkeypatch.setattr(ci, "_PASS_BYTES", 1)
+        old = numba.get_num_threads()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        yield
+        numba.set_num_threads(old)
+    else:
+        yield
+
+
+@PASS_SPLITS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)
-def test_transposed_rows_copies_and_checks_finiteness(dtype) -> None:
+def test_transposed_rows_copies_and_checks_finiteness(dtype, split: bool, pass_split) -> None:
     """The launcher's key transpose: exact, for key counts around the 64-key block, and its
     finiteness flag catches a NaN, +inf or -inf anywhere (first element, last of a partial
     block), which sends the kernel down its careful path."""
@@ -196,8 +217,9 @@ def test_transposed_rows_copies_and_checks_finiteness(dtype) -> None:
             np.testing.assert_array_equal(yt, np.swapaxes(y, 2, 3))
 
 
+@PASS_SPLITS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)
-def test_key_and_value_panels_copy_pad_and_check(dtype) -> None:
+def test_key_and_value_panels_copy_pad_and_check(dtype, split: bool, pass_split) -> None:
     """key_panels: panel p holds keys p*16 .. p*16+15 as columns, zeros past the last key, and
     its finiteness flag catches a NaN or inf in any key; value_panels: panel p holds columns
     p*16 .. p*16+15 of every row."""
@@ -219,6 +241,27 @@ def test_key_and_value_panels_copy_pad_and_check(dtype) -> None:
     vp = np.empty((2, 3, 2, 37, ci.PANEL), dtype)
     ci.value_panels(v, vp)
     np.testing.assert_array_equal(vp, v.reshape(2, 3, 37, 2, ci.PANEL).transpose(0, 1, 3, 2, 4))
+
+
+@PASS_SPLITS
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)
+def test_finite_everywhere_and_row_dots(dtype, split: bool, pass_split) -> None:
+    """finite_everywhere sees a NaN, +inf or -inf at the first, a middle and the last element
+    (and nothing else: huge finite values pass); row_dots is (a * b).sum(-1) in a's dtype."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 37, 5)).astype(dtype)
+    x[0, 0, 0, 0] = np.finfo(dtype).max
+    assert ci.finite_everywhere(x)
+    for where in ((0, 0, 0, 0), (1, 1, 18, 2), (1, 2, 36, 4)):
+        for value in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[where] = value
+            assert not ci.finite_everywhere(y)
+    a, b = (rng.standard_normal((2, 3, 37, 20)).astype(dtype) for _ in range(2))
+    d = ci.row_dots(a, b)
+    assert d.dtype == dtype and d.shape == (2, 3, 37)
+    np.testing.assert_allclose(d, (a.astype(np.float64) * b).sum(-1),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda t: t.__name__)

@@ -56,10 +56,12 @@ from collections.abc import Iterator
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.core.compiler import Compiler
 from numba.extending import intrinsic, overload
+
+from . import threads
 
 __all__ = [
     "FASTMATH",
@@ -86,6 +88,7 @@ __all__ = [
     "key_panels",
     "micro_gemm",
     "micro_gemm_band",
+    "row_dots",
     "row_max",
     "rows_dot_keys",
     "rows_mix_values",
@@ -845,11 +848,52 @@ def exp2_shift_sum(x, off, n, shift):  # pragma: no cover - compiled
 # The finiteness checks below sum ``e * 0``: reassociated (vectorized, not one add after
 # another), but no other fast-math flag, so LLVM keeps the product (NaN for NaN and inf).
 _SUM_ONLY = {"reassoc"}
-_TRANSPOSE_BLOCK = 64  # keys per task: a block of rows is read once, written d columns apart
+_TRANSPOSE_BLOCK = 64  # keys per unit of transposed_rows: read once, written d columns apart
+
+# These passes run on the kernels' threads (runtime/threads.py), not as Numba parfors: a parfor
+# launch cost 0.13-0.2 ms even on an empty array (the workqueue's helper wakes late on these
+# VMs, and every chunk is waited for), and key_panels' parfor sliced a view per panel. Each
+# task takes whole units (a panel, a block of keys, a row...) worth _PASS_BYTES or more: with
+# units of a few microseconds each, the thread returning from its range waited for the GIL
+# while the other claimed range after range, and two threads ran slower than one. Each task
+# writes its own flag (a NaN or inf seen): no task waits on another. Full softmax, N = 2048,
+# 8 heads, d = 64, float32, AVX2 EPYC, 2 threads, medians of 22 calls: the forward's prologue
+# (before its kernel starts) 3.0-3.5 ms against 3.9-4.4 with parfors, the backward's 6.4-7.1
+# against 7.7-7.9; tasks of 16 MiB (one thread at this size) 3.6-3.7 and 6.8-7.5.
+_PASS_BYTES = 1 << 20
 
 
-@njit(cache=True, parallel=True)
-def transposed_rows(x, out):  # pragma: no cover - compiled
+def _pass(kernel, units: int, unit_bytes: int, *args) -> None:  # type: ignore[no-untyped-def]
+    """`kernel(lo, hi, per, *args)` on every thread, its tasks `per` units each."""
+    per = max(1, _PASS_BYTES // max(1, unit_bytes))
+    threads.run(kernel, -(-units // per), per, *args)
+
+
+def _tasks(units: int, unit_bytes: int) -> int:
+    """How many tasks `_pass` makes of `units` (for their flags)."""
+    return -(-units // max(1, _PASS_BYTES // max(1, unit_bytes)))
+
+
+@njit(cache=True, nogil=True)
+def _transposed_rows_tasks(lo, hi, per, x, out, bad):  # pragma: no cover - compiled
+    B, H, n, F = x.shape
+    blocks = (n + _TRANSPOSE_BLOCK - 1) // _TRANSPOSE_BLOCK
+    zero = x.dtype.type(0)
+    for task in range(lo, hi):
+        nonfinite = zero
+        for unit in range(task * per, min((task + 1) * per, B * H * blocks)):
+            b, h = unit // (H * blocks), (unit // blocks) % H
+            j0 = (unit % blocks) * _TRANSPOSE_BLOCK
+            j1 = min(j0 + _TRANSPOSE_BLOCK, n)
+            for c in range(F):
+                for j in range(j0, j1):
+                    e = x[b, h, j, c]
+                    out[b, h, c, j] = e
+                    nonfinite += e * zero
+        bad[task] = nonfinite != zero  # NaN from a NaN or inf
+
+
+def transposed_rows(x: np.ndarray, out: np.ndarray) -> bool:
     """``x`` [B, H, n, F] written into ``out``, a C-contiguous [B, H, F, n]; whether every
     element is finite.
 
@@ -858,25 +902,41 @@ def transposed_rows(x, out):  # pragma: no cover - compiled
     counting `not isfinite(e)` ran the pass 2.3x slower on an AVX2 EPYC).
     """
     B, H, n, F = x.shape
-    blocks = (n + _TRANSPOSE_BLOCK - 1) // _TRANSPOSE_BLOCK
+    units, size = B * H * -(-n // _TRANSPOSE_BLOCK), _TRANSPOSE_BLOCK * F * x.itemsize
+    bad = np.zeros(_tasks(units, size), np.bool_)
+    _pass(_transposed_rows_tasks, units, size, x, out, bad)
+    return not bad.any()
+
+
+@njit(cache=True, nogil=True, fastmath=_SUM_ONLY)
+def _key_panels_tasks(lo, hi, per, x, out, bad):  # pragma: no cover - compiled
+    B, H, n, F = x.shape
+    P = out.shape[2]
     zero = x.dtype.type(0)
-    total = zero
-    for task in prange(B * H * blocks):
-        b, h = task // (H * blocks), (task // blocks) % H
-        j0 = (task % blocks) * _TRANSPOSE_BLOCK
-        j1 = min(j0 + _TRANSPOSE_BLOCK, n)
+    for task in range(lo, hi):
         nonfinite = zero
-        for c in range(F):
-            for j in range(j0, j1):
-                e = x[b, h, j, c]
-                out[b, h, c, j] = e
-                nonfinite += e * zero
-        total += nonfinite
-    return total == 0
+        for unit in range(task * per, min((task + 1) * per, B * H * P)):
+            b, h, p = unit // (H * P), (unit // P) % H, unit % P
+            j0 = p * PANEL
+            width = min(PANEL, n - j0)
+            rows = x[b, h]  # unsigned indices below: they vectorize (see row_max)
+            for j in range(np.uint64(j0), np.uint64(j0 + width)):  # its own pass (key_panels)
+                for c in range(np.uint64(F)):
+                    nonfinite += rows[j, c] * zero
+            if width == PANEL:  # a constant trip count: LLVM unrolls the copy (1.6x faster)
+                for c in range(F):
+                    for jj in range(PANEL):
+                        out[b, h, p, c, jj] = x[b, h, j0 + jj, c]
+                continue
+            for c in range(F):
+                for jj in range(width):
+                    out[b, h, p, c, jj] = x[b, h, j0 + jj, c]
+                for jj in range(width, PANEL):
+                    out[b, h, p, c, jj] = zero
+        bad[task] = nonfinite != zero
 
 
-@njit(cache=True, parallel=True, fastmath=_SUM_ONLY)
-def key_panels(x, out):  # pragma: no cover - compiled
+def key_panels(x: np.ndarray, out: np.ndarray) -> bool:
     """``x`` [B, H, n, F] packed into ``out``, a C-contiguous [B, H, P, F, PANEL] with
     P = ceil(n / PANEL) (zeros past key n); whether every element of ``x`` is finite.
 
@@ -886,52 +946,45 @@ def key_panels(x, out):  # pragma: no cover - compiled
     (a pass of its own over the panel's rows, contiguous: summed in the copy, the check cost
     more than the copy).
     """
+    B, H, _, F = x.shape
+    units, size = B * H * out.shape[2], PANEL * F * x.itemsize
+    bad = np.zeros(_tasks(units, size), np.bool_)
+    _pass(_key_panels_tasks, units, size, x, out, bad)
+    return not bad.any()
+
+
+@njit(cache=True, nogil=True)
+def _value_panels_tasks(lo, hi, per, x, out):  # pragma: no cover - compiled
     B, H, n, F = x.shape
-    P = out.shape[2]
-    zero = x.dtype.type(0)
-    total = zero
-    for task in prange(B * H * P):
-        b, h, p = task // (H * P), (task // P) % H, task % P
-        width = min(PANEL, n - p * PANEL)
-        nonfinite = zero
-        for jj in range(width):
-            for c in range(F):
-                nonfinite += x[b, h, p * PANEL + jj, c] * zero
-        total += nonfinite
-        rows, panel = x[b, h, p * PANEL:p * PANEL + width], out[b, h, p]
-        for c in range(F):
-            for jj in range(width):
-                panel[c, jj] = rows[jj, c]
-            for jj in range(width, PANEL):
-                panel[c, jj] = zero
-    return total == 0
+    for task in range(lo, hi):
+        for unit in range(task * per, min((task + 1) * per, B * H * n)):
+            b, h, j = unit // (H * n), (unit // n) % H, unit % n
+            for p in range(F // PANEL):
+                for c in range(PANEL):
+                    out[b, h, p, j, c] = x[b, h, j, p * PANEL + c]
 
 
-_VALUE_ROWS = 64  # rows per task of value_panels: each task reads its rows once
-
-
-@njit(cache=True, parallel=True)
-def value_panels(x, out):  # pragma: no cover - compiled
+def value_panels(x: np.ndarray, out: np.ndarray) -> None:
     """``x`` [B, H, n, F] with F a multiple of PANEL packed into ``out``, a C-contiguous
     [B, H, F / PANEL, n, PANEL]: panel p holds columns p * PANEL .. p * PANEL + PANEL - 1 of
     every row, for `micro_gemm` (v for ``P @ v``, dO and q in the backward: read one contiguous
     panel at a time)."""
     B, H, n, F = x.shape
-    P = F // PANEL
-    blocks = (n + _VALUE_ROWS - 1) // _VALUE_ROWS
-    for task in prange(B * H * blocks):
-        b, h, block = task // (H * blocks), (task // blocks) % H, task % blocks
-        for j in range(block * _VALUE_ROWS, min(n, (block + 1) * _VALUE_ROWS)):
-            for p in range(P):
-                for c in range(PANEL):
-                    out[b, h, p, j, c] = x[b, h, j, p * PANEL + c]
+    _pass(_value_panels_tasks, B * H * n, F * x.itemsize, x, out)
 
 
-_FINITE_BLOCK = 1 << 14  # elements per task
+@njit(cache=True, nogil=True, fastmath=_SUM_ONLY)
+def _finite_tasks(lo, hi, per, flat, bad):  # pragma: no cover - compiled
+    zero = flat.dtype.type(0)
+    for task in range(lo, hi):
+        nonfinite = zero
+        # unsigned: no negative-index wraparound, so the loop vectorizes (10x, see row_max)
+        for p in range(np.uint64(task * per), np.uint64(min((task + 1) * per, flat.size))):
+            nonfinite += flat[p] * zero
+        bad[task] = nonfinite != zero
 
 
-@njit(cache=True, parallel=True, fastmath=_SUM_ONLY)
-def finite_everywhere(x):  # pragma: no cover - compiled
+def finite_everywhere(x: np.ndarray) -> bool:
     """Whether the C-contiguous ``x`` holds no NaN or inf: the careful path's check of a row
     operand, without the boolean array of ``np.isfinite(x).all()`` (a fresh N x d mapping).
 
@@ -940,16 +993,31 @@ def finite_everywhere(x):  # pragma: no cover - compiled
     product is not folded away). It vectorizes, where counting `not isfinite(e)` did not.
     """
     flat = x.reshape(x.size)
-    blocks = (flat.size + _FINITE_BLOCK - 1) // _FINITE_BLOCK
-    zero = x.dtype.type(0)
-    total = zero
-    for block in prange(blocks):
-        start = block * _FINITE_BLOCK
-        nonfinite = zero
-        for p in range(start, min(start + _FINITE_BLOCK, flat.size)):
-            nonfinite += flat[p] * zero
-        total += nonfinite
-    return total == 0
+    bad = np.zeros(_tasks(flat.size, flat.itemsize), np.bool_)
+    _pass(_finite_tasks, flat.size, flat.itemsize, flat, bad)
+    return not bad.any()
+
+
+@njit(cache=True, nogil=True, fastmath=_SUM_ONLY)
+def _row_dots_tasks(lo, hi, per, a, b, out):  # pragma: no cover - compiled
+    rows, F = out.size, a.shape[-1]
+    a2, b2, out1 = a.reshape((rows, F)), b.reshape((rows, F)), out.reshape(rows)
+    for task in range(lo, hi):
+        for r in range(task * per, min((task + 1) * per, rows)):
+            total = a.dtype.type(0)
+            for c in range(np.uint64(F)):  # unsigned: vectorizes (see row_max)
+                total += a2[r, c] * b2[r, c]
+            out1[r] = total
+
+
+def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(a * b).sum(-1)`` for C-contiguous ``a``, ``b`` [..., F] of one dtype, in that dtype:
+    the backward's D = rowsum(dO * O), one pass on every thread (NumPy's product and sum made
+    an N x F array first and ran on one thread: 1.0 ms at N = 2048, 8 heads, d = 64; 0.18 ms
+    here on one)."""
+    out = np.empty(a.shape[:-1], a.dtype)
+    _pass(_row_dots_tasks, out.size, 2 * a.shape[-1] * a.itemsize, a, b, out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ from ..plan import PairInput, make_plan
 from . import buffers, cache, numpy_ops, threads, tiles
 from .kernel import Call, Kernel, check_linear_offsets
 
-# Every launch on all threads (the kernels, on runtime/threads; the key transposes, Numba
-# parallel) holds this lock: Numba's default workqueue threading layer aborts the process when
-# two Python threads run parallel regions at once, and each launch already uses every core
-# (and sets BLAS's global thread count).
+# Every launch on all threads (the kernels and the launcher's passes, on runtime/threads) holds
+# this lock: each launch already uses every core, and sets BLAS's global thread count
+# (single_threaded_blas); two at once from two Python threads would only oversubscribe them.
 _PARALLEL = threading.Lock()
 
 
@@ -378,7 +377,7 @@ class CpuKernel(Kernel):
                        ) -> dict[str, np.ndarray]:
         """`tile`, `keys`: the backward kernel's tile and key layout (the tuner's trials),
         else the ones chosen."""
-        from .cpu_intrinsics import single_threaded_blas
+        from .cpu_intrinsics import row_dots, single_threaded_blas
 
         norm = self.spec.normalize.kind
         softmax = norm is NormKind.SOFTMAX
@@ -400,10 +399,8 @@ class CpuKernel(Kernel):
             state = lse if lse is not None else buffers.zeros(out.shape[:3], call.dtype)
         s = call.sizes
         B, H = s["B"], s["heads"]
-        products = buffers.empty(dout.shape, np.result_type(dout, out))
-        D = np.ascontiguousarray(np.multiply(dout, out, out=products).sum(axis=-1),
-                                 dtype=call.dtype)
-        del products
+        with _PARALLEL:  # dout and out: C-contiguous, of the call's dtype (Kernel.backward)
+            D = row_dots(dout, out)
         if dlse is not None:  # lse's adjoint: d lse / dx_j = P_j, so dS = P (dP - (D - dlse))
             D -= dlse
         bq, bk = tile or self.tile(call, "backward")
