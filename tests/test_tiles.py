@@ -347,6 +347,18 @@ def test_the_finalists_run_again_at_the_calls_length(
     assert len(ran) == len(candidates) * (1 + tiles.TRIALS) + 2 * tiles.FINAL_TRIALS
 
 
+def test_trials_rank_by_their_median_share_of_each_round() -> None:
+    """A slow spell hits a round, not a trial: the trial a few percent behind in most rounds
+    ranks behind, even if one lucky run of it was the fastest of all (which ranking by the
+    fastest run picked), and rounds that did not run every trial are left out."""
+    a, b, c = ((16, 32), 2), ((32, 16), 2), ((8, 8), 2)
+    rounds = [{a: 1.00, b: 1.05, c: 1.30}, {a: 2.00, b: 2.10, c: 2.40},
+              {a: 1.10, b: 0.50, c: 1.20}, {a: 0.90, b: 0.95, c: 1.00}, {b: 0.01}]
+    assert tiles._ranked((a, b, c), rounds) == (a, b, c)
+    assert tiles._ranked((b, c), rounds) == (b, c)
+    assert min((a, b, c), key=lambda t: min(r.get(t, 9.0) for r in rounds[:4])) == b
+
+
 def test_small_calls_and_the_linear_path_measure_nothing(
         kernels: dict[str, tuple[Any, Any]], tiny_tuning: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,8 +17,9 @@ backward ran 1.5x slower).
   apart, with the keys packed where every candidate fits panels (`ranking_layout`), else
   transposed: each candidate runs once, then TRIALS timed rounds at TUNE_N rows; the FINALISTS
   fastest run FINAL_TRIALS more rounds at the call's length class (TUNE_N_LONG rows for calls
-  of at least TUNE_N_LONG**2 pairs per head, else TUNE_N again), which picks among them. The
-  choice is kept in this process and in `<kernel cache>/tiles.json`, so a later process on the
+  of at least TUNE_N_LONG**2 pairs per head, else TUNE_N again), which picks among them,
+  each ranked by the median over the rounds of its time over the round's fastest (RANKING:
+  a slow spell of the machine hits a round, not a candidate). The choice is kept in this process and in `<kernel cache>/tiles.json`, so a later process on the
   same machine measures nothing.
 - `off`: DEFAULT everywhere. `BQxBK` (`128x128`): that tile for both kernels; `BQxBK,BQxBK`:
   the forward's, then the backward's.
@@ -47,6 +48,7 @@ import functools
 import hashlib
 import json
 import os
+import statistics
 import threading
 import time
 import uuid
@@ -81,8 +83,16 @@ TUNE_N = 1024  # the measurement's sequence length
 # (128 x 128 3% behind the best on 2 heads, 29% on 8: the operands no longer fit the cache).
 TUNE_N_LONG = 2048
 TRIALS = 3  # timed rounds over every candidate, after one untimed run of each
-FINALISTS = 3  # the fastest after those rounds, timed FINAL_TRIALS more rounds at the call's
-FINAL_TRIALS = 3  # length class (after an untimed run there); the fastest of them is chosen
+FINALISTS = 4  # the fastest after those rounds, timed FINAL_TRIALS more rounds at the call's
+FINAL_TRIALS = 5  # length class (after an untimed run there); the fastest of them is chosen
+# "Fastest": the smallest median over the rounds of a trial's time over the round's fastest
+# time. These machines change speed by 10-30% from one second to the next; each round runs
+# every trial back to back, so a slow spell mostly hits a round, not a trial. Ranked by
+# their fastest single run of 3 (as before), the full softmax backward at N >= 2048 kept
+# 64 x 128 on an AVX2 EPYC, which ran 7-11% slower there than 128 x 256 and 256 x 256 (same
+# process, alternating, medians of 5-9 rounds).
+RANKING = "paired medians"  # in the key of a stored choice: choices ranked otherwise are
+# measured again
 KINDS = ("forward", "backward")
 VARIABLE = "ATTNDSL_CPU_TILES"
 KEYS_VARIABLE = "ATTNDSL_CPU_KEYS"
@@ -166,10 +176,9 @@ def measure_keys(kernel: CpuKernel, call: Call, kind: str, tile: tuple[int, int]
     `final_length(call)` after an untimed run (packed only where the tiles fit panels)."""
     layouts = range(len(LAYOUTS)) if panels_fit() else (TRANSPOSED, STORED)
     trials = tuple((tile, layout) for layout in layouts)
-    seconds = dict.fromkeys(trials, float("inf"))
-    _rounds(_runner(kernel, call, kind, final_length(call)), trials, FINAL_TRIALS, seconds,
-            warm=True)
-    return min(trials, key=lambda t: seconds[t])[1]
+    rounds = _rounds(_runner(kernel, call, kind, final_length(call)), trials, FINAL_TRIALS,
+                     warm=True)
+    return _ranked(trials, rounds)[0][1]
 
 
 def panels_fit() -> bool:
@@ -254,10 +263,10 @@ def tune_key(kernel: CpuKernel, call: Call, kind: str) -> str:
 
 
 def _measured_as() -> str:
-    """The candidates and the layout they are ranked in: a choice stored from other ones (or
-    from tiles ranked transposed) is measured again."""
+    """The candidates, the layout they are ranked in and how (RANKING): a choice stored from
+    other ones (or ranked otherwise) is measured again."""
     ranked = "" if ranking_layout() == TRANSPOSED else f" ranked {LAYOUTS[ranking_layout()]}"
-    return _digest(repr(CANDIDATES) + ranked)[:8]
+    return _digest(repr(CANDIDATES) + ranked + f" by {RANKING}")[:8]
 
 
 def final_length(call: Call) -> int:
@@ -279,29 +288,44 @@ def measure(kernel: CpuKernel, call: Call, kind: str) -> tuple[int, int]:
     """The fastest candidate on problems shaped like `call`: all of them at TUNE_N, then the
     FINALISTS at `final_length(call)`, with the keys in `ranking_layout()`."""
     trials = tuple((tile, ranking_layout()) for tile in CANDIDATES)
-    seconds = dict.fromkeys(trials, float("inf"))
     run = _runner(kernel, call, kind, TUNE_N)
-    _rounds(run, trials, TRIALS, seconds, warm=True)
-    finalists = tuple(sorted(trials, key=lambda t: seconds[t])[:FINALISTS])
+    rounds = _rounds(run, trials, TRIALS, warm=True)
+    finalists = _ranked(trials, rounds)[:FINALISTS]
     n = final_length(call)
     if n != TUNE_N:  # another problem: the first rounds' times do not count
         run = _runner(kernel, call, kind, n)
-        seconds = dict.fromkeys(finalists, float("inf"))
-    _rounds(run, finalists, FINAL_TRIALS, seconds, warm=n != TUNE_N)
-    return min(finalists, key=lambda t: seconds[t])[0]
+        rounds = []
+    rounds += _rounds(run, finalists, FINAL_TRIALS, warm=n != TUNE_N)
+    return _ranked(finalists, rounds)[0][0]
 
 
 def _rounds(run: Callable[[tuple[int, int], int], None], trials: tuple[Trial, ...],
-            count: int, seconds: dict[Trial, float], warm: bool) -> None:
-    """`count` timed rounds, after an untimed run of each trial if `warm` (compiled, memory
-    touched); `seconds[trial]`: the fastest run so far."""
+            count: int, warm: bool) -> list[dict[Trial, float]]:
+    """`count` timed rounds of every trial, after an untimed run of each if `warm` (compiled,
+    memory touched): each round's seconds per trial."""
     for trial in trials if warm else ():
         run(*trial)
+    rounds = []
     for _ in range(count):  # round by round, so a slow spell of the machine hits them all
+        seconds = {}
         for trial in trials:
             start = time.perf_counter()
             run(*trial)
-            seconds[trial] = min(seconds[trial], time.perf_counter() - start)
+            seconds[trial] = time.perf_counter() - start
+        rounds.append(seconds)
+    return rounds
+
+
+def _ranked(trials: tuple[Trial, ...], rounds: list[dict[Trial, float]]) -> tuple[Trial, ...]:
+    """`trials`, fastest first: by the median over the rounds that ran them all of each one's
+    time over the round's fastest (see RANKING)."""
+    full = [r for r in rounds if all(t in r for t in trials)]
+
+    def score(trial: Trial) -> float:
+        return statistics.median(r[trial] / max(min(r[t] for t in trials), 1e-12)
+                                 for r in full)
+
+    return tuple(sorted(trials, key=score))
 
 
 def _runner(kernel: CpuKernel, call: Call, kind: str, n: int
