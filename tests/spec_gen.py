@@ -602,6 +602,13 @@ def _assemble(gen: Gen, clauses: list[str], rnd: Any) -> str:
 # ---- shapes and arrays ------------------------------------------------------------------------
 
 
+# Feature widths: mostly odd and small, and now and then whole panels of 16 (the cpu kernels'
+# micro_gemm then runs every product, P @ v and the adjoints' too, and on partly masked tiles
+# their banded forms: runtime/cpu_intrinsics.py); below 16 those fall back to OpenBLAS.
+WIDTHS_D = (1, 2, 3, 4, 5, 1, 2, 3, 16, 32)
+WIDTHS_DV = (1, 2, 3, 1, 2, 3, 16, 32)
+
+
 @dataclass(frozen=True)
 class Case:
     gen: GenSpec
@@ -641,7 +648,8 @@ def cases(draw: Any, nan_guards: bool = True, max_n: int = 9,
     n_k = n_q if g.same_n else draw(st.sampled_from(sizes))
     poisoned = draw(st.integers(0, 999)) < poison * 1000
     return Case(g, draw(st.sampled_from([1, 1, 2])), heads, kv, n_q, n_k,
-                draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 4)),
+                draw(st.sampled_from(WIDTHS_D)), draw(st.sampled_from(WIDTHS_DV)),
+                draw(st.integers(1, 4)),
                 draw(st.integers(0, 2**31 - 1)),
                 draw(st.sampled_from(["q", "k", "v"])) if poisoned else "")
 
