@@ -100,7 +100,7 @@ __all__ = [
 
 # Bump whenever generated code calling these helpers (or runtime/numba_funcs.py, whose overloads
 # are compiled into the cached kernels) must be recompiled (see module docstring).
-INTRINSICS_VERSION = "17"
+INTRINSICS_VERSION = "18"
 
 # Fast-math flags for kernels: neither 'ninf' (masked scores are -inf and must stay so) nor
 # 'nnan' (LLVM would drop the NaN checks that make a NaN logit reach out and lse). The reductions
@@ -466,6 +466,24 @@ def _micro_tile(rows: int):  # type: ignore[no-untyped-def]
 _tile1, _tile2, _tile3, _tile4, _tile5, _tile6 = (_micro_tile(r) for r in range(1, 7))
 
 
+@njit(inline="always")
+def _tile_rows(rows, k, alpha, a, a_off, lda, a_step, b, b_off, ldb, accumulate, c, c_off,
+               ldc):  # pragma: no cover - compiled
+    """The micro-kernel on a strip of 1..MICRO_ROWS rows (one intrinsic per height)."""
+    if rows == MICRO_ROWS:
+        _tile6(k, alpha, a, a_off, lda, a_step, b, b_off, ldb, accumulate, c, c_off, ldc)
+    elif rows == 1:
+        _tile1(k, alpha, a, a_off, lda, a_step, b, b_off, ldb, accumulate, c, c_off, ldc)
+    elif rows == 2:
+        _tile2(k, alpha, a, a_off, lda, a_step, b, b_off, ldb, accumulate, c, c_off, ldc)
+    elif rows == 3:
+        _tile3(k, alpha, a, a_off, lda, a_step, b, b_off, ldb, accumulate, c, c_off, ldc)
+    elif rows == 4:
+        _tile4(k, alpha, a, a_off, lda, a_step, b, b_off, ldb, accumulate, c, c_off, ldc)
+    else:
+        _tile5(k, alpha, a, a_off, lda, a_step, b, b_off, ldb, accumulate, c, c_off, ldc)
+
+
 @njit(cache=True, nogil=True)
 def micro_gemm(m, n, k, alpha, a, a_off, lda, a_step, b, b_off, ldb, panel_step, accumulate, c,
                c_off, ldc):  # pragma: no cover - compiled
@@ -489,17 +507,8 @@ def micro_gemm(m, n, k, alpha, a, a_off, lda, a_step, b, b_off, ldb, panel_step,
         i += MICRO_ROWS
     rest, ao = m - i, a_off + i * lda
     for p in range(panels if rest else 0):
-        bo, co = b_off + p * panel_step, c_off + i * ldc + p * PANEL
-        if rest == 1:
-            _tile1(k, alpha, a, ao, lda, a_step, b, bo, ldb, accumulate, c, co, ldc)
-        elif rest == 2:
-            _tile2(k, alpha, a, ao, lda, a_step, b, bo, ldb, accumulate, c, co, ldc)
-        elif rest == 3:
-            _tile3(k, alpha, a, ao, lda, a_step, b, bo, ldb, accumulate, c, co, ldc)
-        elif rest == 4:
-            _tile4(k, alpha, a, ao, lda, a_step, b, bo, ldb, accumulate, c, co, ldc)
-        else:
-            _tile5(k, alpha, a, ao, lda, a_step, b, bo, ldb, accumulate, c, co, ldc)
+        _tile_rows(rest, k, alpha, a, ao, lda, a_step, b, b_off + p * panel_step, ldb,
+                   accumulate, c, c_off + i * ldc + p * PANEL, ldc)
 
 
 @njit(cache=True, nogil=True)
@@ -534,19 +543,8 @@ def micro_gemm_band(m, n, k, alpha, a, a_off, lda, a_step, b, b_off, ldb, panel_
         if depth and span == 0 and accumulate:
             p1 = 0  # nothing to add
         for p in range(p0, p1):
-            bp, co = bo + p * panel_step, c_off + i * ldc + p * PANEL
-            if rows == MICRO_ROWS:
-                _tile6(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
-            elif rows == 1:
-                _tile1(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
-            elif rows == 2:
-                _tile2(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
-            elif rows == 3:
-                _tile3(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
-            elif rows == 4:
-                _tile4(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
-            else:
-                _tile5(span, alpha, a, ao, lda, a_step, b, bp, ldb, accumulate, c, co, ldc)
+            _tile_rows(rows, span, alpha, a, ao, lda, a_step, b, bo + p * panel_step, ldb,
+                       accumulate, c, c_off + i * ldc + p * PANEL, ldc)
         i += rows
 
 
