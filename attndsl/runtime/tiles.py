@@ -19,8 +19,9 @@ backward ran 1.5x slower).
   fastest run FINAL_TRIALS more rounds at the call's length class (TUNE_N_LONG rows for calls
   of at least TUNE_N_LONG**2 pairs per head, else TUNE_N again), which picks among them,
   each ranked by the median over the rounds of its time over the round's fastest (RANKING:
-  a slow spell of the machine hits a round, not a candidate). The choice is kept in this process and in `<kernel cache>/tiles.json`, so a later process on the
-  same machine measures nothing.
+  a slow spell of the machine hits a round, not a candidate). The choice is kept in this
+  process and in `<kernel cache>/tiles.json`, so a later process on the same machine measures
+  nothing.
 - `off`: DEFAULT everywhere. `BQxBK` (`128x128`): that tile for both kernels; `BQxBK,BQxBK`:
   the forward's, then the backward's.
 
@@ -89,7 +90,7 @@ FINAL_TRIALS = 5  # length class (after an untimed run there); the fastest of th
 # time. These machines change speed by 10-30% from one second to the next; each round runs
 # every trial back to back, so a slow spell mostly hits a round, not a trial. Ranked by
 # their fastest single run of 3 (as before), the full softmax backward at N >= 2048 kept
-# 64 x 128 on an AVX2 EPYC, which ran 7-11% slower there than 128 x 256 and 256 x 256 (same
+# 64 x 128 on an AVX2 EPYC, which ran 4-11% slower there than 128 x 256 and 256 x 256 (same
 # process, alternating, medians of 5-9 rounds).
 RANKING = "paired medians"  # in the key of a stored choice: choices ranked otherwise are
 # measured again
