@@ -68,9 +68,17 @@ def test_a_helper_that_never_started_is_not_waited_for() -> None:
     and returns, without waiting for a helper to start only to find nothing left."""
     if numba.get_num_threads() < 2:
         pytest.skip("one thread")
-    pool = threads._workers()
-    release = threading.Event()
-    blockers = [pool.submit(release.wait, 10) for _ in range(pool._max_workers)]
+    helpers = threads._workers(numba.get_num_threads() - 1)
+    release, started = threading.Event(), threading.Barrier(len(helpers) + 1, timeout=10)
+
+    def block() -> np.ndarray:
+        started.wait()
+        release.wait(10)
+        return threads._NOTHING
+
+    for helper in helpers:
+        helper.hand(block)
+    started.wait()  # every helper is inside `block`
     names: set[str] = set()
     try:
         start = time.perf_counter()
@@ -78,9 +86,69 @@ def test_a_helper_that_never_started_is_not_waited_for() -> None:
         elapsed = time.perf_counter() - start
     finally:
         release.set()
-    for blocker in blockers:
-        blocker.result()
     assert names == {threading.current_thread().name} and elapsed < 5
+    threads.run(lambda lo, hi: names.add(threading.current_thread().name), 64)
+    assert len(names) >= 1  # the helpers came back (the launch after ends, as every launch)
+
+
+def test_tasks_run_once_when_the_helpers_sleep_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ATTNDSL_SPIN_US=0: no spinning; a helper asleep is woken for each launch, and the
+    caller, its ranges done, checks for the helpers' last ranges between naps."""
+    monkeypatch.setattr(threads, "_rounds", 0)
+    for tasks in (1, 2, 9, 64):
+        seen: list[int] = []
+        lock = threading.Lock()
+
+        def kernel(lo: int, hi: int) -> None:
+            time.sleep(0.001)  # long enough for a sleeping helper to join some launches
+            with lock:
+                seen.extend(range(lo, hi))
+
+        threads.run(kernel, tasks)
+        assert sorted(seen) == list(range(tasks))
+
+
+def test_a_launch_does_not_keep_its_arrays_alive() -> None:
+    """The helpers drop a launch's job (and the arrays it holds) once it ends, run or not."""
+    import gc
+    import weakref
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread")
+    big = np.ones(1000)
+    gone = weakref.ref(big)
+    barrier = threading.Barrier(2, timeout=10)  # a helper runs one of the two ranges
+    threads.run(lambda lo, hi, a: barrier.wait(), 2, big)
+    del big
+    time.sleep(0.05)  # a helper that joined has left (it drops the job as it returns)
+    gc.collect()
+    assert gone() is None
+
+
+def test_four_threads_on_two_cores_run_every_task_once() -> None:
+    """Three helpers joining and leaving launches at once (their busy count is atomic), more
+    threads than cores; in a subprocess (NUMBA_NUM_THREADS is read once), bounded in time."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, numpy as np\n"
+        "from attndsl.runtime import threads\n"
+        "lock = threading.Lock()\n"
+        "for launch in range(300):\n"
+        "    seen = []\n"
+        "    def kernel(lo, hi):\n"
+        "        with lock: seen.extend(range(lo, hi))\n"
+        "    tasks = 1 + launch % 37\n"
+        "    threads.run(kernel, tasks)\n"
+        "    assert sorted(seen) == list(range(tasks)), (launch, seen)\n"
+        "print('ok', len(threads._helpers))\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "3"]
 
 
 def test_an_error_in_a_range_reaches_the_caller_and_stops_the_rest() -> None:
