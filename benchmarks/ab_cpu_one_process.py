@@ -4,9 +4,10 @@
 speed drifts by 20-30% between subprocesses a few seconds apart, more than the 5% a fix may
 cost. Here the "before" checkout is imported too, as a renamed copy (`attndsl_before`, its
 imports rewritten in a temporary directory), and every round calls before and after back to
-back on the same arrays, alternating which goes first, with torch's SDPA as a third column. The
-report gives, per case and mode, the best call, the 10th percentile and the median of each side,
-and the median of the per-round ratios after/before (drift cancels inside a round).
+back on the same arrays (PAUSE_S apart), alternating which goes first, with torch's SDPA as a
+third column. The report gives, per case and mode, the best call, the 10th percentile and the
+median of each side, and the median of the per-round ratios after/before (drift cancels inside
+a round).
 
     git worktree add /tmp/before <commit>
     python benchmarks/ab_cpu_one_process.py --before /tmp/before --specs full,causal --sizes 2048
@@ -73,6 +74,11 @@ def sdpa_cases(q, k, v, causal: bool):  # type: ignore[no-untyped-def]
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+# before each call: the previous side's threads go idle (attndsl's helpers spin for the next
+# launch for runtime/threads.SPIN_S after each; so do torch's OpenMP threads)
+PAUSE_S = 0.01
+
+
 def run_case(sides: dict, name: str, n: int, rounds: int) -> list[str]:  # type: ignore[type-arg]
     rng = np.random.default_rng(0)
     spec_file = str(ROOT / "examples" / f"{SPECS[name]}.attn")
@@ -95,6 +101,7 @@ def run_case(sides: dict, name: str, n: int, rounds: int) -> list[str]:  # type:
         # ran one side 17% slow over all its rounds while the same case later agreed
         for r in range(-WARM_UP, rounds):
             for s in order if r % 2 else order[::-1]:
+                time.sleep(PAUSE_S)
                 t0 = time.perf_counter()
                 calls[s][mode]()
                 if r >= 0:
@@ -136,7 +143,7 @@ def main() -> None:
              (f"CPU: {lscpu_model()}; {isa}; {os.cpu_count()} cores, {numba.get_num_threads()} "
               f"threads; {time.strftime('%Y-%m-%d %H:%M')}; load at start "
               f"{os.getloadavg()[0]:.2f}; {args.rounds} rounds, before / after / SDPA called "
-              "back to back in each; B=1, H=8, D=64, float32"), "",
+              f"in turn in each, {PAUSE_S * 1e3:.0f} ms apart; B=1, H=8, D=64, float32"), "",
              ("| case | mode | before ms best / p10 / median | after ms best / p10 / median |"
               " SDPA ms best / p10 / median | best after/before | p10 after/before |"
               " median of per-round after/before | SDPA / after (medians) |"),
