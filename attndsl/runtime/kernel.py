@@ -53,6 +53,8 @@ class Call:
 
 def _offset(name: str, value: Any, B: int) -> np.ndarray:
     """q_offset or k_offset as int64 [B]: an integer, or integers of shape [B]."""
+    if type(value) is int and 0 <= value < 2**63:  # the usual call, in 1 us instead of 14
+        return np.full(B, value, np.int64)
     a = np.asarray(value)
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected an integer or an integer array of shape [{B}], got "
