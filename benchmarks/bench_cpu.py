@@ -664,9 +664,10 @@ def load_average() -> str:
 
 
 def other_jobs() -> list[str]:
-    """Other processes using CPU when the run ends (ps), to judge the noise."""
+    """Other processes using CPU when the run ends (ps), to judge the noise: not this one,
+    and not its children (ps itself shows a high %CPU: its CPU time over a short life)."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,etimes,args", "--sort=-pcpu"],
+        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etimes,args", "--sort=-pcpu"],
                              capture_output=True, text=True, check=False
                              ).stdout.splitlines()[1:]
     except OSError:
@@ -674,10 +675,10 @@ def other_jobs() -> list[str]:
     me = os.getpid()
     busy = []
     for line in out:
-        parts = line.split(None, 3)
-        if len(parts) < 4 or int(parts[0]) == me or float(parts[1]) < 10:
+        parts = line.split(None, 4)
+        if len(parts) < 5 or me in (int(parts[0]), int(parts[1])) or float(parts[2]) < 10:
             continue
-        busy.append(f"{parts[1]}% {parts[3][:90]}")
+        busy.append(f"{parts[2]}% {parts[4][:90]}")
     return busy[:6]
 
 
